@@ -1,0 +1,1 @@
+"""lowmark: consistent block replication through Kafka (pipeline side)."""

@@ -1,0 +1,112 @@
+"""The lowmark error hierarchy.
+
+Every error a lowmark component raises on purpose derives from ``LowmarkError``.
+The message says what happened and what the operator can do about it.
+
+    LowmarkError
+     ├── ConfigError                 a setting is missing, malformed or inconsistent
+     ├── SetupError                  the machine lacks something (java, mvn, a free port, ...)
+     │    └── KafkaStartError        a broker process did not come up (carries its log tail)
+     ├── KafkaError                  talking to Kafka failed
+     │    ├── KafkaUnavailableError  no broker answered within the timeout   (retriable)
+     │    └── FencedError            a newer instance took over this transactional.id
+     ├── RecordError                 a Kafka record we cannot trust; never applied
+     │    ├── UnknownSchemaError     fingerprint / magic we do not know
+     │    ├── TruncatedRecordError   the payload ends early or has trailing bytes
+     │    ├── CorruptRecordError     decodes, but the values are impossible
+     │    └── ChecksumMismatchError  crc32c over the record does not match
+     ├── ReplicationError            a write could not be made durable in Kafka
+     ├── VolumeError                 a volume operation is invalid (range, size, name)
+     ├── ClockError                  the hybrid logical clock cannot honour its promise
+     ├── WatermarkError              the watermark would break an invariant (e.g. decrease)
+     └── ApplyError                  the applier stopped; the message says why and what to do
+          └── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
+"""
+
+from __future__ import annotations
+
+
+class LowmarkError(Exception):
+    """Root of every error lowmark raises on purpose."""
+
+    #: whether retrying the same operation later may succeed
+    retriable: bool = False
+
+
+class ConfigError(LowmarkError):
+    """A setting is missing, malformed or inconsistent. Fix the config and restart."""
+
+
+class SetupError(LowmarkError):
+    """The machine lacks something lowmark needs. The message names the package or fix."""
+
+
+class KafkaStartError(SetupError):
+    """A Kafka broker process did not start. The message carries the tail of its log."""
+
+
+class KafkaError(LowmarkError):
+    """Talking to Kafka failed."""
+
+
+class KafkaUnavailableError(KafkaError):
+    """No broker answered in time. Check bootstrap.servers and that the cluster is up."""
+
+    retriable = True
+
+
+class FencedError(KafkaError):
+    """A newer instance (or the watermark service) fenced this interceptor.
+
+    This instance can no longer add records. Restart it; its volumes rejoin with a
+    new epoch. Writes acknowledged in async mode after its last progress were not
+    replicated: resync the backup from the primary image.
+    """
+
+
+class RecordError(LowmarkError):
+    """A record we cannot trust. It is never applied."""
+
+
+class UnknownSchemaError(RecordError):
+    """The payload's magic bytes or schema fingerprint are not ones this build knows."""
+
+
+class TruncatedRecordError(RecordError):
+    """The payload ends before the record does, or has bytes after it."""
+
+
+class CorruptRecordError(RecordError):
+    """The payload decodes but its values are impossible."""
+
+
+class ChecksumMismatchError(RecordError):
+    """The record's crc32c does not match its bytes."""
+
+
+class ReplicationError(LowmarkError):
+    """A write could not be made durable in Kafka; it was not acknowledged as replicated."""
+
+
+class VolumeError(LowmarkError):
+    """A volume operation is invalid: out of range, wrong size, unknown volume."""
+
+
+class ClockError(LowmarkError):
+    """The hybrid logical clock cannot keep its promise (state file unwritable, ...)."""
+
+
+class WatermarkError(LowmarkError):
+    """Publishing or accepting this watermark would break watermark safety."""
+
+
+class ApplyError(LowmarkError):
+    """The applier stopped."""
+
+
+class ApplierHaltedError(ApplyError):
+    """A bad record halted this CG's applier.
+
+    Nothing after it is applied. Inspect the dead-letter copy, then either repair the
+    producer and restart, or skip the record explicitly with ``lowmark apply --skip``.
+    """
