@@ -1,0 +1,186 @@
+"""Sparse raw image files: the bytes of a volume, at the primary and at every backup.
+
+An ``Image`` is a file descriptor plus a size. Writes are ``os.pwrite`` (the page cache
+makes them microseconds), zeroing punches holes so images stay sparse, and ``sync`` is
+``fdatasync``. ``content_digest`` hashes what a reader sees, not how it is stored: an
+allocated all-zero region and a hole hash the same, so a primary and a backup compare
+equal whatever their allocation history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from pipeline.errors import VolumeError
+
+_CHUNK = 1 << 20
+_ZERO_CHUNK = bytes(_CHUNK)
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length) keeping the size; False when unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        res = libc.fallocate(
+            fd,
+            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+            ctypes.c_long(offset),
+            ctypes.c_long(length),
+        )
+    except (OSError, AttributeError):
+        return False
+    return res == 0
+
+
+class Image:
+    """A raw image file opened for reading and writing."""
+
+    def __init__(self, path: Path | str, *, create_size: int | None = None) -> None:
+        self.path = Path(path)
+        flags = os.O_RDWR | (os.O_CREAT if create_size is not None else 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            raise VolumeError(
+                f"image {self.path} does not exist; create the volume first"
+            ) from None
+        if create_size is not None and os.fstat(self.fd).st_size == 0 and create_size > 0:
+            os.ftruncate(self.fd, create_size)
+        self.size = os.fstat(self.fd).st_size
+
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise VolumeError(
+                f"range [{offset}, {offset + length}) is outside image {self.path.name} "
+                f"of {self.size} bytes"
+            )
+
+    def pwrite(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def pread(self, offset: int, length: int) -> bytes:
+        out = os.pread(self.fd, length, offset)
+        if len(out) < length:  # a sparse tail past EOF reads as zeroes
+            out += bytes(length - len(out))
+        return out
+
+    def zero(self, offset: int, length: int, *, punch: bool = True) -> None:
+        """Make [offset, offset+length) read as zeroes, deallocating where possible."""
+        if length == 0:
+            return
+        if punch and _punch_hole(self.fd, offset, length):
+            return
+        end = offset + length
+        while offset < end:
+            n = min(_CHUNK, end - offset)
+            self.pwrite(offset, _ZERO_CHUNK[:n])
+            offset += n
+
+    def resize(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        self.size = size
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """(offset, length) of allocated regions, via SEEK_DATA/SEEK_HOLE."""
+        return data_extents(self.fd, self.size)
+
+    def content_digest(self) -> str:
+        return content_digest_fd(self.fd, self.size)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            return [(0, size)]  # filesystem without SEEK_DATA: treat all as data
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if start >= size:
+            break
+        extents.append((start, end - start))
+        pos = end
+    return extents
+
+
+DIGEST_BLOCK = 64 << 10
+
+
+def content_digest_fd(fd: int, size: int) -> str:
+    """BLAKE2b over (size, and every non-zero 64 KiB block with its index).
+
+    All-zero blocks are skipped whether allocated or not, so the digest depends only on
+    what a reader of the image sees.
+    """
+
+    def read(offset: int, n: int) -> bytes:
+        data = os.pread(fd, n, offset)
+        return data + bytes(n - len(data)) if len(data) < n else data
+
+    return _digest(size, data_extents(fd, size), read)
+
+
+def content_digest_bytes(data: bytes | bytearray) -> str:
+    """The same digest as ``content_digest_fd`` for an image held in memory (tests, tools)."""
+    view = memoryview(data)
+    return _digest(len(data), [(0, len(data))], lambda off, n: bytes(view[off : off + n]))
+
+
+def _digest(
+    size: int, extents: Iterable[tuple[int, int]], read: Callable[[int, int], bytes]
+) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    h.update(b"lowmark-image-v1")
+    h.update(size.to_bytes(8, "little"))
+    zero_block = bytes(DIGEST_BLOCK)
+    next_block = 0  # two extents may share a block: hash each block once
+    for start, length in extents:
+        # align to the digest block grid so allocation boundaries don't matter
+        block = max(start - start % DIGEST_BLOCK, next_block)
+        end = start + length
+        while block < end:
+            data = read(block, min(DIGEST_BLOCK, size - block))
+            if data != zero_block[: len(data)]:
+                h.update(block.to_bytes(8, "little"))
+                h.update(data)
+            block += DIGEST_BLOCK
+        next_block = block
+    return h.hexdigest()
+
+
+def file_digest(path: Path | str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return content_digest_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)

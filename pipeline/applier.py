@@ -1,0 +1,538 @@
+"""The backup applier of one site: consume the log and W, apply ts <= W, checkpoint.
+
+The ordering brain is the pure ``ApplyPlanner``; this module is its I/O:
+
+1. resume from the site's checkpoint (local file first, else the compacted checkpoints
+   topic, else the beginning of the log): seek every log partition to the checkpoint's
+   replay offsets; records with ts <= checkpoint W are skipped (all were applied);
+2. read the log (read_committed) and the watermark topic in order; for each W that is
+   higher than the applied one, once the log position of every partition has reached W's
+   offsets, apply every complete op with ts <= W, per volume in ts order;
+3. every ``checkpoint_interval_s``: fdatasync touched images, then write the checkpoint (W,
+   replay offsets, per-volume digests) atomically to a local file and to Kafka, and only
+   then commit consumer offsets. A crash anywhere replays at most (W_ckpt, W_applied],
+   which re-applied in order lands on the same bytes (writes are blind overwrites);
+4. a record that fails to decode halts the applier: a raw copy goes to the dead-letter
+   topic, nothing after it is applied, and the error says how to skip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from connectors.image.image import Image
+from connectors.kafka.reading import latest
+from connectors.kafka.topics import CgTopics, ensure_topics
+from pipeline.apply_plan import ApplyOp, ApplyPlanner
+from pipeline.clock import ts_physical_us, wall_us
+from pipeline.errors import (
+    ApplierHaltedError,
+    ApplyError,
+    ConfigError,
+    KafkaUnavailableError,
+    LowmarkError,
+    RecordError,
+)
+from pipeline.fsutil import atomic_write
+from pipeline.logs import event
+from schemas import codec
+
+log = logging.getLogger("lowmark.applier")
+
+_PARTITION_EOF = -191
+LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
+
+
+@dataclass(frozen=True)
+class ApplierConfig:
+    cg: str
+    site: str
+    data_dir: Path
+    checkpoint_interval_s: float = 1.0
+    max_pending_bytes: int = 256 << 20
+    log_partitions: int = 4
+    replication_factor: int | None = None
+    #: (partition, offset) of bad records the operator chose to skip (logged, counted)
+    skip: frozenset[tuple[int, int]] = frozenset()
+    compute_digests: bool = True
+
+    def validate(self) -> ApplierConfig:
+        if not self.site or "/" in self.site:
+            raise ConfigError(f"site name {self.site!r} is invalid")
+        if self.checkpoint_interval_s <= 0:
+            raise ConfigError("checkpoint_interval_s must be positive")
+        return self
+
+
+@dataclass
+class ApplierStats:
+    applied_ops: int = 0
+    applied_bytes: int = 0
+    checkpoints: int = 0
+    skipped_bad: int = 0
+    records_read: int = 0
+    bytes_read: int = 0
+    watermarks_seen: int = 0
+    last_checkpoint_us: int = 0
+    started_mono: float = field(default_factory=time.monotonic)
+
+
+def decode_checkpoint(value: bytes) -> dict[str, Any]:
+    return codec.decode(value, "Checkpoint").record
+
+
+class Applier:
+    def __init__(self, config: ApplierConfig, kafka_conf: dict[str, Any]) -> None:
+        self.config = config.validate()
+        self.kafka_conf = dict(kafka_conf)
+        self.topics = CgTopics(config.cg)
+        self.images: dict[str, Image] = {}
+        self.catalog: dict[str, dict[str, Any]] = {}
+        self.stats = ApplierStats()
+        self.applied_w = 0
+        self.checkpoint_w = 0
+        self.halted: ApplierHaltedError | None = None
+        self.markers: list[dict[str, Any]] = []
+        self._targets: list[dict[str, Any]] = []  # watermarks not yet applied, ascending
+        self._max_seen_w = 0
+        self._positions: dict[int, int] = {}
+        self._touched: set[str] = set()
+        self._last_checkpoint = time.monotonic()
+        self._reread: dict[int, int] | None = None
+        self._blocked: tuple[int, int, ApplierHaltedError] | None = None
+        self.planner = ApplyPlanner(0, config.max_pending_bytes)
+        self._log: Consumer | None = None
+        self._wm: Consumer | None = None
+        self._producer: Producer | None = None
+
+    # ---------------------------------------------------------------- paths & state
+
+    @property
+    def image_dir(self) -> Path:
+        return self.config.data_dir / "images"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.config.data_dir / "checkpoint.avro"
+
+    def image_path(self, volume_id: str) -> Path:
+        return self.image_dir / f"{volume_id}.img"
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        if self.checkpoint_path.exists():
+            try:
+                return decode_checkpoint(self.checkpoint_path.read_bytes())
+            except RecordError as exc:
+                raise ApplyError(
+                    f"local checkpoint {self.checkpoint_path} is unreadable ({exc}); move it "
+                    "away to resume from the Kafka copy, or rebuild the site"
+                ) from None
+        site = self.config.site
+        best = latest(
+            self.kafka_conf,
+            self.topics.checkpoints,
+            lambda v: (
+                decode_checkpoint(v)
+                if codec.decode(v, "Checkpoint").record["site"] == site
+                else None
+            ),
+            lambda a, b: b is None or (a is not None and a["w"] >= b["w"]),
+        )
+        return best[0] if best and best[0] is not None else None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        ensure_topics(
+            self.kafka_conf,
+            self.config.cg,
+            log_partitions=self.config.log_partitions,
+            replication_factor=self.config.replication_factor,
+        )
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self._load_catalog()
+        ckpt = self._load_checkpoint()
+        start_offsets = {p: 0 for p in range(self.config.log_partitions)}
+        if ckpt is not None:
+            self.applied_w = self.checkpoint_w = ckpt["w"]
+            self._max_seen_w = ckpt["w"]
+            for po in ckpt["log_offsets"]:
+                start_offsets[po["partition"]] = po["offset"]
+        self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
+        for p, off in start_offsets.items():
+            self.planner.note_position(p, off)
+            self._positions[p] = off
+        base = {
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 64 << 20,
+        }
+        group = f"lowmark.{self.config.cg}.apply.{self.config.site}"
+        self._log = Consumer({**self.kafka_conf, **base, "group.id": group})
+        self._log.assign([TopicPartition(self.topics.log, p, o) for p, o in start_offsets.items()])
+        self._wm = Consumer({**self.kafka_conf, **base, "group.id": group + ".wm"})
+        self._wm.assign([TopicPartition(self.topics.watermark, 0, 0)])
+        self._producer = Producer({**self.kafka_conf, "enable.idempotence": True, "acks": "all"})
+        event(
+            log,
+            "applier started",
+            cg=self.config.cg,
+            site=self.config.site,
+            w=self.applied_w,
+            offsets=start_offsets,
+        )
+
+    def close(self, checkpoint: bool = True) -> None:
+        if checkpoint and self.halted is None and self._log is not None:
+            self.checkpoint()
+        for c in (self._log, self._wm):
+            if c is not None:
+                c.close()
+        if self._producer is not None:
+            self._producer.flush(5)
+        self._log = self._wm = self._producer = None
+        for img in self.images.values():
+            img.close()
+        self.images.clear()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.step()
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self, poll_timeout_s: float = 0.02) -> None:
+        if self.halted is not None:
+            raise self.halted
+        self._read_watermarks()
+        self._read_log(poll_timeout_s)
+        self._apply_ready()
+        if self.planner.over_budget():
+            self._spill()
+        if (
+            self.applied_w > self.checkpoint_w
+            and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+        ):
+            self.checkpoint()
+
+    def _read_watermarks(self) -> None:
+        assert self._wm is not None
+        for msg in self._wm.consume(100, 0):
+            if msg.error():
+                continue
+            try:
+                rec = codec.decode(msg.value(), "Watermark").record
+            except RecordError as exc:
+                # a bad W can only hold the backup back; never apply on it
+                event(
+                    log,
+                    "unreadable watermark skipped",
+                    level=logging.ERROR,
+                    offset=msg.offset(),
+                    error=str(exc),
+                )
+                continue
+            self.stats.watermarks_seen += 1
+            bound = {po["partition"]: po["offset"] for po in rec["log_offsets"]}
+            for m in rec["members"]:
+                self.planner.note_epoch(m["interceptor_id"], m["epoch"], bound)
+            if rec["w"] > self._max_seen_w:  # consumers ignore a lower W
+                self._max_seen_w = rec["w"]
+                self._targets.append(rec)
+
+    def _read_log(self, timeout_s: float) -> None:
+        assert self._log is not None
+        for msg in self._log.consume(2000, timeout_s):
+            p = msg.partition()
+            if msg.error():
+                if msg.error().code() == _PARTITION_EOF:
+                    # at the end: everything committed below this offset has been read
+                    self._note_position(p, msg.offset())
+                    continue
+                if msg.error().retriable():
+                    continue
+                raise KafkaUnavailableError(f"reading {self.topics.log}: {msg.error()}")
+            off = msg.offset()
+            value = msg.value() or b""
+            self.stats.records_read += 1
+            self.stats.bytes_read += len(value)
+            try:
+                dec = codec.decode(value, LOG_TYPES)
+            except RecordError as exc:
+                if (p, off) in self.config.skip:
+                    event(
+                        log,
+                        "bad record skipped by operator",
+                        level=logging.WARNING,
+                        partition=p,
+                        offset=off,
+                        error=str(exc),
+                    )
+                    self.stats.skipped_bad += 1
+                    self._note_position(p, off + 1)
+                    continue
+                self._block(msg, exc)
+                continue
+            self.planner.add(dec.type, dec.record, p, off)
+            self._note_position(p, off + 1)
+
+    def _note_position(self, partition: int, next_offset: int) -> None:
+        if next_offset > self._positions.get(partition, -1):
+            self._positions[partition] = next_offset
+            self.planner.note_position(partition, next_offset)
+
+    def _apply_ready(self) -> None:
+        while self._targets:
+            target = self._targets[0]
+            required = {po["partition"]: po["offset"] for po in target["log_offsets"]}
+            if not self.planner.ready(target["w"], required):
+                if self._blocked is not None and self._blocked_needed(required):
+                    self._halt()
+                return
+            self._targets.pop(0)
+            if target["w"] <= self.applied_w:
+                continue
+            for op in self.planner.take(target["w"]):
+                self._apply(op)
+            self.applied_w = target["w"]
+
+    def _spill(self) -> None:
+        """Bounded memory: forget pending records and re-read them from Kafka later."""
+        offsets = self.planner.drop_pending()
+        assert self._log is not None
+        for p, off in offsets.items():
+            self._log.seek(TopicPartition(self.topics.log, p, off))
+            self._positions[p] = off
+        event(
+            log,
+            "pending records exceeded the memory budget; re-reading from Kafka",
+            level=logging.WARNING,
+            offsets=offsets,
+        )
+
+    # ---------------------------------------------------------------- applying
+
+    def _apply(self, op: ApplyOp) -> None:
+        if op.kind == "volume_change":
+            self._volume_change(op.record or {})
+            return
+        if op.kind in ("marker", "snapshot"):
+            self.markers.append({"kind": op.kind, "ts": op.ts, **(op.record or {})})
+            return
+        img = self._image(op.volume_id)
+        if op.offset + op.length > img.size:
+            raise self._halt_op(op, f"extends past the volume's {img.size} bytes")
+        if op.kind == "write":
+            assert op.data is not None
+            img.pwrite(op.offset, op.data)
+        else:  # zero / trim: both read as zeroes afterwards, at primary and backup
+            img.zero(op.offset, op.length)
+        self._touched.add(op.volume_id or "")
+        self.stats.applied_ops += 1
+        self.stats.applied_bytes += op.length
+
+    def _image(self, volume_id: str | None) -> Image:
+        img = self.images.get(volume_id or "")
+        if img is None:
+            raise ApplyError(
+                f"record for unknown volume {volume_id!r} (no CREATE seen); the log does not "
+                "start at this volume's creation: bootstrap this site from a checkpoint"
+            )
+        return img
+
+    def _volume_change(self, rec: dict[str, Any]) -> None:
+        vid, op = rec["volume_id"], rec["op"]
+        if op == "DELETE":
+            img = self.images.pop(vid, None)
+            if img is not None:
+                img.close()
+                self.image_path(vid).rename(self.image_path(vid).with_suffix(".deleted"))
+            self.catalog.pop(vid, None)
+        else:
+            img = self.images.get(vid)
+            if img is None:
+                img = Image(self.image_path(vid), create_size=rec["size"])
+                self.images[vid] = img
+            if img.size != rec["size"]:
+                img.resize(rec["size"])
+            self.catalog[vid] = {
+                "volume_id": vid,
+                "name": rec["name"],
+                "size": rec["size"],
+                "metadata": dict(rec.get("metadata") or {}),
+            }
+        self._touched.add(vid)
+        self._save_catalog()
+        event(log, "volume change applied", volume=vid, op=op, size=rec.get("size"))
+
+    def _catalog_path(self) -> Path:
+        return self.config.data_dir / "volumes.json"
+
+    def _load_catalog(self) -> None:
+        path = self._catalog_path()
+        if path.exists():
+            self.catalog = {v["volume_id"]: v for v in orjson.loads(path.read_bytes())["volumes"]}
+        for vid in self.catalog:
+            self.images[vid] = Image(self.image_path(vid))
+
+    def _save_catalog(self) -> None:
+        body = orjson.dumps({"volumes": list(self.catalog.values())}, option=orjson.OPT_INDENT_2)
+        atomic_write(self._catalog_path(), body)
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def checkpoint(self) -> dict[str, Any]:
+        """fdatasync, then record the applied state durably, then commit offsets."""
+        for vid in self._touched:
+            img = self.images.get(vid)
+            if img is not None:
+                img.sync()
+        self._touched.clear()
+        offsets = self.planner.checkpoint_offsets()
+        rec = {
+            "site": self.config.site,
+            "cg": self.config.cg,
+            "w": self.applied_w,
+            "log_offsets": [{"partition": p, "offset": o} for p, o in sorted(offsets.items())],
+            "volumes": [
+                {
+                    "volume_id": vid,
+                    "size": img.size,
+                    "digest": img.content_digest() if self.config.compute_digests else "",
+                }
+                for vid, img in sorted(self.images.items())
+            ],
+            "written_us": wall_us(),
+        }
+        value = codec.encode("Checkpoint", rec)
+        atomic_write(self.checkpoint_path, value)
+        assert self._producer is not None and self._log is not None
+        self._producer.produce(
+            self.topics.checkpoints,
+            value,
+            self.config.site,
+            headers=codec.headers_for("Checkpoint", rec),
+        )
+        self._producer.flush(30)
+        tps = [TopicPartition(self.topics.log, p, o) for p, o in sorted(offsets.items()) if o >= 0]
+        try:
+            if tps:
+                self._log.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:  # offsets are advisory; the checkpoint is the truth
+            log.warning("offset commit failed: %s", exc)
+        self.checkpoint_w = self.applied_w
+        self._last_checkpoint = time.monotonic()
+        self.stats.checkpoints += 1
+        self.stats.last_checkpoint_us = rec["written_us"]
+        return rec
+
+    # ---------------------------------------------------------------- bad input
+
+    def _block(self, msg: Any, exc: LowmarkError) -> None:
+        """Dead-letter a bad record and read no further in its partition.
+
+        Watermarks that do not need the partition past it are still applied (their records
+        all lie before it); the first one that does halts the CG.
+        """
+        assert self._producer is not None and self._log is not None
+        p, off = msg.partition(), msg.offset()
+        if self._blocked is not None:
+            return
+        tp = TopicPartition(self.topics.log, p, off)
+        self._log.pause([tp])
+        headers = [
+            ("source.topic", self.topics.log.encode()),
+            ("source.partition", str(p).encode()),
+            ("source.offset", str(off).encode()),
+            ("error", str(exc).encode()[:1000]),
+            ("error.class", type(exc).__name__.encode()),
+            ("site", self.config.site.encode()),
+        ]
+        self._producer.produce(self.topics.deadletter, msg.value(), msg.key(), headers=headers)
+        self._producer.flush(30)
+        self._blocked = (
+            p,
+            off,
+            ApplierHaltedError(
+                f"CG {self.config.cg} site {self.config.site}: record {self.topics.log}[{p}]@{off} "
+                f"is bad ({type(exc).__name__}: {exc}); nothing after it is applied. A copy is in "
+                f"{self.topics.deadletter}. Fix the producer, or skip it explicitly with "
+                f"`lowmark apply --skip {p}:{off}` (logged)."
+            ),
+        )
+        event(
+            log,
+            "bad record: partition blocked, dead-letter copy written",
+            level=logging.ERROR,
+            partition=p,
+            offset=off,
+            error=str(exc),
+        )
+
+    def _blocked_needed(self, required: dict[int, int]) -> bool:
+        assert self._blocked is not None
+        p, off, _err = self._blocked
+        return required.get(p, 0) > off
+
+    def _halt(self) -> None:
+        """Checkpoint what was applied before the bad record, then stop the CG."""
+        assert self._blocked is not None
+        if self.applied_w > self.checkpoint_w:
+            self.checkpoint()
+        self.halted = self._blocked[2]
+        event(
+            log,
+            "applier halted on a bad record",
+            level=logging.ERROR,
+            partition=self._blocked[0],
+            offset=self._blocked[1],
+        )
+        raise self.halted
+
+    def _halt_op(self, op: ApplyOp, why: str) -> ApplierHaltedError:
+        self.halted = ApplierHaltedError(
+            f"CG {self.config.cg}: {op.kind} at ts {op.ts} on volume {op.volume_id} {why}; "
+            "the log does not match this site's images. Rebuild the site from a checkpoint."
+        )
+        return self.halted
+
+    # ---------------------------------------------------------------- numbers
+
+    def lag(self) -> dict[int, int]:
+        """Records between this site's position and the log's end, per partition."""
+        assert self._log is not None
+        out = {}
+        for p, pos in self._positions.items():
+            try:
+                _low, high = self._log.get_watermark_offsets(
+                    TopicPartition(self.topics.log, p), timeout=5, cached=True
+                )
+            except KafkaException:
+                continue
+            out[p] = max(0, high - pos)
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        w = self.applied_w
+        elapsed = max(1e-9, time.monotonic() - self.stats.started_mono)
+        return {
+            "applied_w": w,
+            "checkpoint_w": self.checkpoint_w,
+            "target_w": self._max_seen_w,
+            "rpo_s": (wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
+            "applied_ops": self.stats.applied_ops,
+            "applied_bytes": self.stats.applied_bytes,
+            "apply_bytes_per_s": self.stats.applied_bytes / elapsed,
+            "pending_bytes": self.planner.pending_bytes(),
+            "checkpoints": self.stats.checkpoints,
+            "halted": self.halted is not None,
+        }
