@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from confluent_kafka import KafkaException
 
 from pipeline.errors import LowmarkError
 from pipeline.logs import setup_logging
@@ -25,11 +26,12 @@ def main(log_level: str, log_format: str) -> None:
 
 
 def _register() -> None:
-    try:
-        from connectors.kafka.cli import kafka
-    except ImportError:  # the launcher is optional for a bare install of the library
-        return
+    from connectors.kafka.cli import kafka
+    from pipeline.cli_services import COMMANDS
+
     main.add_command(kafka)
+    for command in COMMANDS:
+        main.add_command(command)
 
 
 _register()
@@ -47,3 +49,9 @@ def run() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
+    except KafkaException as exc:
+        click.echo(
+            f"lowmark: error: Kafka: {exc.args[0]}; check bootstrap.servers and the brokers",
+            err=True,
+        )
+        sys.exit(2)

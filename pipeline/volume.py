@@ -86,7 +86,14 @@ class Volume:
 
     # -- non-blocking forms: local effect now, a ticket for durability (the NBD server's path)
 
-    def submit_write(self, offset: int, data: bytes | bytearray | memoryview) -> Ticket:
+    def submit_write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, commit_wait: bool = True
+    ) -> Ticket:
+        """Write locally now; the ticket tells when it is durable in Kafka.
+
+        ``commit_wait=False``: the caller waits ``clock.commit_wait_us(ticket.ts)`` itself
+        before acknowledging (the NBD server sleeps asynchronously instead of blocking).
+        """
         data = bytes(data)
         self.image.check_range(offset, len(data))
         engine = self._cg.interceptor
@@ -101,10 +108,13 @@ class Volume:
                 engine.abandon(token)
                 raise
             ticket = engine.append(token, self.volume_id, "write", ts, offset, data, len(data))
-        engine.clock.commit_wait(ts)
+        if commit_wait:
+            engine.clock.commit_wait(ts)
         return ticket
 
-    def submit_zero(self, offset: int, length: int, *, trim: bool = False) -> Ticket:
+    def submit_zero(
+        self, offset: int, length: int, *, trim: bool = False, commit_wait: bool = True
+    ) -> Ticket:
         self.image.check_range(offset, length)
         engine = self._cg.interceptor
         if length == 0:
@@ -119,7 +129,8 @@ class Volume:
                 raise
             kind = "trim" if trim else "zero"
             ticket = engine.append(token, self.volume_id, kind, ts, offset, None, length)
-        engine.clock.commit_wait(ts)
+        if commit_wait:
+            engine.clock.commit_wait(ts)
         return ticket
 
     def submit_flush(self) -> Ticket:

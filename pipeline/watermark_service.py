@@ -25,7 +25,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from connectors.kafka.reading import latest
+from connectors.kafka.reading import latest, watermark_offsets
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.clock import ts_physical_us, wall_us
 from pipeline.errors import ConfigError, KafkaUnavailableError, LowmarkError, WatermarkError
@@ -193,14 +193,7 @@ class WatermarkService:
         assert self._offsets_consumer is not None
         out = []
         for p in range(self.config.log_partitions):
-            try:
-                _low, high = self._offsets_consumer.get_watermark_offsets(
-                    TopicPartition(self.topics.log, p), timeout=10, cached=False
-                )
-            except KafkaException as exc:
-                raise KafkaUnavailableError(
-                    f"cannot read end offsets of {self.topics.log}: {exc}"
-                ) from None
+            _low, high = watermark_offsets(self._offsets_consumer, self.topics.log, p)
             out.append({"partition": p, "offset": high})
         return out
 

@@ -29,6 +29,25 @@ def _consumer(conf: dict[str, Any]) -> Consumer:
     return Consumer(c)
 
 
+def watermark_offsets(
+    c: Consumer, topic: str, partition: int, timeout_s: float = 10.0
+) -> tuple[int, int]:
+    """(low, high) of a partition, retrying while a new topic's leader is being elected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return c.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout_s, cached=False
+            )
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() > deadline:
+                raise KafkaUnavailableError(
+                    f"cannot read the offsets of {topic}[{partition}]: {exc.args[0].str()}; "
+                    "check that the brokers are up"
+                ) from None
+            time.sleep(0.1)
+
+
 def end_offsets(conf: dict[str, Any], topic: str, timeout_s: float = 10.0) -> dict[int, int]:
     """Per-partition read_committed end offset (the last stable offset)."""
     c = _consumer(conf)
@@ -37,8 +56,7 @@ def end_offsets(conf: dict[str, Any], topic: str, timeout_s: float = 10.0) -> di
         parts = sorted(md.topics[topic].partitions) if topic in md.topics else []
         out = {}
         for p in parts:
-            _low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
-            out[p] = high
+            out[p] = watermark_offsets(c, topic, p, timeout_s)[1]
         return out
     except KafkaException as exc:
         raise KafkaUnavailableError(f"cannot read offsets of {topic}: {exc}") from None
@@ -61,7 +79,7 @@ def iter_range(
     c = _consumer(conf)
     try:
         if end is None:
-            _low, end = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout_s)
+            end = watermark_offsets(c, topic, partition, timeout_s)[1]
         c.assign([TopicPartition(topic, partition, start)])
         deadline = time.monotonic() + timeout_s
         pos = start if start >= 0 else 0

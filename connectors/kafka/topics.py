@@ -91,7 +91,8 @@ def ensure_topics(
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise KafkaError(f"creating topic {name} failed: {exc}") from None
-        _wait_for_topics(admin, [t.topic for t in missing], timeout_s)
+    # another process may have created them a moment ago: wait for leaders either way
+    _wait_for_topics(admin, [t.topic for t in wanted], timeout_s)
     return topics
 
 

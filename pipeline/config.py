@@ -1,0 +1,234 @@
+"""One configuration file for every lowmark service, with env and flag overrides.
+
+    [kafka]                      # or LOWMARK_BOOTSTRAP_SERVERS / LOWMARK_KAFKA_* / embedded
+    bootstrap_servers = "127.0.0.1:9092"
+
+    [cg]
+    name = "demo"
+    log_partitions = 4
+
+    [serve]                      # the interceptor + NBD server of a primary
+    interceptor_id = "primary-a"
+    data_dir = "/var/lib/lowmark/primary"
+    listen = "127.0.0.1:10809"   # "" to disable TCP
+    unix_socket = ""             # a path to also listen on a unix socket
+    metrics = "127.0.0.1:9464"
+    [[serve.volumes]]
+    name = "vol1"
+    size = "1GiB"
+    mode = "async"               # or "sync"
+
+    [watermark]
+    liveness_timeout_s = 10
+    metrics = "127.0.0.1:9465"
+
+    [apply]
+    site = "dr1"
+    data_dir = "/var/lib/lowmark/dr1"
+    metrics = "127.0.0.1:9466"
+
+Precedence: command-line flag > environment (``LOWMARK_<SECTION>_<KEY>``, e.g.
+``LOWMARK_APPLY_SITE``) > file > default. Unknown keys are errors, not silently ignored:
+a typo in a DR config must not go unnoticed until the disaster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from connectors.kafka.config import KafkaConnection, resolve
+from pipeline.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """``4096``, ``"64KiB"``, ``"1G"``, ``"2 GiB"`` -> bytes (binary units)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what} {value!r} is not a size (examples: 4096, 64KiB, 1GiB)")
+    unit = (m.group(2) or "").upper()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int] | None:
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{what} {value!r} must be host:port (e.g. 127.0.0.1:10809)")
+    return host or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    name: str
+    size: int
+    mode: str = "async"
+
+
+@dataclass(frozen=True)
+class CgSection:
+    name: str = "demo"
+    log_partitions: int = 4
+    replication_factor: int = 0  # 0: min(3, brokers)
+
+
+@dataclass(frozen=True)
+class ServeSection:
+    interceptor_id: str = "primary"
+    data_dir: str = "./.lowmark/primary"
+    listen: str = "127.0.0.1:10809"
+    unix_socket: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_required: bool = False
+    metrics: str = ""
+    tick_interval_ms: float = 10.0
+    max_clock_skew_us: int = 0
+    max_unreplicated_bytes: str = "256MiB"
+    replication_timeout_s: float = 30.0
+    volumes: tuple[VolumeSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class WatermarkSection:
+    liveness_timeout_s: float = 10.0
+    metrics: str = ""
+
+
+@dataclass(frozen=True)
+class ApplySection:
+    site: str = "backup"
+    data_dir: str = "./.lowmark/backup"
+    checkpoint_interval_s: float = 1.0
+    max_pending_bytes: str = "256MiB"
+    metrics: str = ""
+
+
+@dataclass(frozen=True)
+class LowmarkConfig:
+    kafka: KafkaConnection
+    cg: CgSection = field(default_factory=CgSection)
+    serve: ServeSection = field(default_factory=ServeSection)
+    watermark: WatermarkSection = field(default_factory=WatermarkSection)
+    apply: ApplySection = field(default_factory=ApplySection)
+    source: str = "defaults"
+
+    def kafka_conf(self) -> dict[str, str]:
+        return self.kafka.librdkafka()
+
+    @property
+    def replication_factor(self) -> int | None:
+        return self.cg.replication_factor or None
+
+
+_SECTIONS = {
+    "cg": CgSection,
+    "serve": ServeSection,
+    "watermark": WatermarkSection,
+    "apply": ApplySection,
+}
+
+
+def _coerce(cls: type, section: str, raw: Mapping[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(
+            f"[{section}] has unknown keys {sorted(unknown)}; known keys: {sorted(known)}"
+        )
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = known[name].default
+        if name == "volumes":
+            values[name] = tuple(_volume(v) for v in value)
+            continue
+        try:
+            if isinstance(default, bool):
+                if isinstance(value, str):
+                    value = value.strip().lower() in ("1", "true", "yes", "on")
+                values[name] = bool(value)
+            elif isinstance(default, int):
+                values[name] = int(value)
+            elif isinstance(default, float):
+                values[name] = float(value)
+            else:
+                values[name] = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"[{section}] {name} = {value!r} is not a {type(default).__name__}"
+            ) from None
+    return cls(**values)
+
+
+def _volume(raw: Any) -> VolumeSpec:
+    if isinstance(raw, str):  # "name:size[:mode]" from env or flags
+        parts = raw.split(":")
+        raw = {
+            "name": parts[0],
+            "size": parts[1] if len(parts) > 1 else "",
+            "mode": (parts[2:] or ["async"])[0],
+        }
+    if not isinstance(raw, Mapping) or "name" not in raw or "size" not in raw:
+        raise ConfigError(f"volume {raw!r} needs name and size (e.g. name = 'vol1', size = '1GiB')")
+    mode = str(raw.get("mode", "async"))
+    if mode not in ("async", "sync"):
+        raise ConfigError(f"volume {raw['name']}: mode {mode!r} must be 'async' or 'sync'")
+    return VolumeSpec(str(raw["name"]), parse_size(raw["size"], f"volume {raw['name']} size"), mode)
+
+
+def load_config(
+    path: Path | str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> LowmarkConfig:
+    """File, then ``LOWMARK_<SECTION>_<KEY>`` env, then ``overrides`` (from flags)."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is None and env.get("LOWMARK_CONFIG"):
+        path = env["LOWMARK_CONFIG"]
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = set(data) - set(_SECTIONS) - {"kafka"}
+    if unknown:
+        raise ConfigError(f"config has unknown sections {sorted(unknown)}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        raw = dict(data.get(name, {}))
+        for f in fields(cls):
+            key = f"LOWMARK_{name.upper()}_{f.name.upper()}"
+            if key in env and env[key] != "":
+                raw[f.name] = env[key].split(",") if f.name == "volumes" else env[key]
+        for k, v in (overrides or {}).get(name, {}).items():
+            if v is not None and v != ():
+                raw[k] = v
+        sections[name] = _coerce(cls, name, raw)
+    kafka = _kafka(dict(data.get("kafka", {})), (overrides or {}).get("kafka", {}), env)
+    return LowmarkConfig(kafka=kafka, source=str(path or "defaults"), **sections)
+
+
+def _kafka(
+    raw: dict[str, Any], flags: Mapping[str, Any], env: Mapping[str, str]
+) -> KafkaConnection:
+    """bootstrap: flag > env > file > the embedded cluster; security: env > file."""
+    bootstrap = flags.get("bootstrap_servers") or raw.pop("bootstrap_servers", None)
+    merged = {f"LOWMARK_KAFKA_{k.upper()}": str(v) for k, v in raw.items()}
+    merged.update(env)
+    if env.get("LOWMARK_BOOTSTRAP_SERVERS") and not flags.get("bootstrap_servers"):
+        bootstrap = None  # the environment beats the file
+    return resolve(bootstrap, environ=merged)
