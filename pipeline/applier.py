@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from connectors.image.image import Image
 from connectors.kafka.reading import latest
 from connectors.kafka.topics import CgTopics, ensure_topics
+from pipeline import snapshot_store
 from pipeline.apply_plan import ApplyOp, ApplyPlanner
 from pipeline.clock import ts_physical_us, wall_us
 from pipeline.errors import (
@@ -63,6 +64,10 @@ class ApplierConfig:
     #: (partition, offset) of bad records the operator chose to skip (logged, counted)
     skip: frozenset[tuple[int, int]] = frozenset()
     compute_digests: bool = True
+    #: copy the images into the site's snapshot store at a checkpoint this often (0: never);
+    #: restore and replay start from the newest snapshot at or below the wanted cut
+    snapshot_interval_s: float = 0.0
+    snapshots_kept: int = 4
 
     def validate(self) -> ApplierConfig:
         if not self.site or "/" in self.site:
@@ -108,6 +113,7 @@ class Applier:
         self._last_checkpoint = time.monotonic()
         self._reread: dict[int, int] | None = None
         self._blocked: tuple[int, int, ApplierHaltedError] | None = None
+        self._last_snapshot = 0.0
         self.planner = ApplyPlanner(0, config.max_pending_bytes)
         self._log: Consumer | None = None
         self._wm: Consumer | None = None
@@ -432,6 +438,11 @@ class Applier:
         self.checkpoint_w = self.applied_w
         self._last_checkpoint = time.monotonic()
         self.stats.checkpoints += 1
+        interval = self.config.snapshot_interval_s
+        if interval > 0 and time.monotonic() - self._last_snapshot >= interval and self.applied_w:
+            snapshot_store.save(self.config.data_dir, value, self.images, self.catalog)
+            snapshot_store.prune(self.config.data_dir, self.config.snapshots_kept)
+            self._last_snapshot = time.monotonic()
         self.stats.last_checkpoint_us = rec["written_us"]
         return rec
 

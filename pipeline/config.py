@@ -112,6 +112,8 @@ class ApplySection:
     data_dir: str = "./.lowmark/backup"
     checkpoint_interval_s: float = 1.0
     max_pending_bytes: str = "256MiB"
+    snapshot_interval_s: float = 0.0
+    snapshots_kept: int = 4
     metrics: str = ""
 
 
