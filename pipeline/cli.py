@@ -55,3 +55,7 @@ def run() -> None:
             err=True,
         )
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

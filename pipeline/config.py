@@ -217,7 +217,7 @@ def load_config(
             if key in env and env[key] != "":
                 raw[f.name] = env[key].split(",") if f.name == "volumes" else env[key]
         for k, v in (overrides or {}).get(name, {}).items():
-            if v is not None and v != ():
+            if v is not None and v != () and v != []:
                 raw[k] = v
         sections[name] = _coerce(cls, name, raw)
     kafka = _kafka(dict(data.get("kafka", {})), (overrides or {}).get("kafka", {}), env)

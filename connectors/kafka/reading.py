@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.errors import KafkaUnavailableError
 
@@ -29,6 +29,17 @@ def _consumer(conf: dict[str, Any]) -> Consumer:
     return Consumer(c)
 
 
+# a new topic's partitions answer these for a moment after creation, whatever metadata says
+_TRANSIENT = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._UNKNOWN_PARTITION,
+}
+
+
 def watermark_offsets(
     c: Consumer, topic: str, partition: int, timeout_s: float = 10.0
 ) -> tuple[int, int]:
@@ -40,7 +51,9 @@ def watermark_offsets(
                 TopicPartition(topic, partition), timeout=timeout_s, cached=False
             )
         except KafkaException as exc:
-            if not exc.args[0].retriable() or time.monotonic() > deadline:
+            err = exc.args[0]
+            transient = err.retriable() or err.code() in _TRANSIENT
+            if not transient or time.monotonic() > deadline:
                 raise KafkaUnavailableError(
                     f"cannot read the offsets of {topic}[{partition}]: {exc.args[0].str()}; "
                     "check that the brokers are up"
