@@ -63,6 +63,11 @@ class ApplierConfig:
     replication_factor: int | None = None
     #: (partition, offset) of bad records the operator chose to skip (logged, counted)
     skip: frozenset[tuple[int, int]] = frozenset()
+    #: per-volume content digests cost a read of every allocated byte, so a checkpoint
+    #: carries them at most this often (and always at close / explicit checkpoints);
+    #: in between its digests are "" (not computed). 0: at every checkpoint.
+    digest_interval_s: float = 30.0
+    #: False: never compute digests (tests that compare the images themselves)
     compute_digests: bool = True
     #: copy the images into the site's snapshot store at a checkpoint this often (0: never);
     #: restore and replay start from the newest snapshot at or below the wanted cut
@@ -114,6 +119,7 @@ class Applier:
         self._reread: dict[int, int] | None = None
         self._blocked: tuple[int, int, ApplierHaltedError] | None = None
         self._last_snapshot = 0.0
+        self._last_digest = 0.0
         self.planner = ApplyPlanner(0, config.max_pending_bytes)
         self._log: Consumer | None = None
         self._wm: Consumer | None = None
@@ -228,7 +234,7 @@ class Applier:
             self.applied_w > self.checkpoint_w
             and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
         ):
-            self.checkpoint()
+            self.checkpoint(digests=None)
 
     def _read_watermarks(self) -> None:
         assert self._wm is not None
@@ -396,8 +402,16 @@ class Applier:
 
     # ---------------------------------------------------------------- checkpoint
 
-    def checkpoint(self) -> dict[str, Any]:
-        """fdatasync, then record the applied state durably, then commit offsets."""
+    def checkpoint(self, digests: bool | None = True) -> dict[str, Any]:
+        """fdatasync, then record the applied state durably, then commit offsets.
+
+        ``digests=None``: include per-volume digests only if ``digest_interval_s`` passed.
+        """
+        if digests is None:
+            digests = time.monotonic() - self._last_digest >= self.config.digest_interval_s
+        digests = digests and self.config.compute_digests
+        if digests:
+            self._last_digest = time.monotonic()
         for vid in self._touched:
             img = self.images.get(vid)
             if img is not None:
@@ -413,7 +427,7 @@ class Applier:
                 {
                     "volume_id": vid,
                     "size": img.size,
-                    "digest": img.content_digest() if self.config.compute_digests else "",
+                    "digest": img.content_digest() if digests else "",
                 }
                 for vid, img in sorted(self.images.items())
             ],

@@ -182,4 +182,39 @@ def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval) ->
         click.echo(show(fetch()))
 
 
-COMMANDS = [serve, watermark, apply, status]
+@click.command()
+@click.option("--duration", type=float, default=20.0, show_default=True, help="seconds of workload")
+@click.option(
+    "--rate", type=float, default=20.0, show_default=True, help="fio write rate on vol1, MB/s"
+)
+@click.option("--volume-size", default="256MiB", show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".lowmark/demo"),
+    show_default=True,
+)
+@click.option(
+    "--bootstrap-servers", default=None, help="use this Kafka instead of the embedded one"
+)
+@click.option("--keep-kafka", is_flag=True, help="leave a Kafka this demo started running")
+def demo(duration, rate, volume_size, workdir, bootstrap_servers, keep_kafka) -> None:
+    """Run the whole pipeline with real NBD clients, live, then verify the backup."""
+    from pipeline.demo import DemoOptions, run_demo
+
+    code = run_demo(
+        DemoOptions(
+            duration_s=duration,
+            rate_mb_s=rate,
+            volume_size=volume_size,
+            workdir=workdir,
+            keep_kafka=keep_kafka,
+            bootstrap=bootstrap_servers,
+        ),
+        out=lambda line: click.echo(line),
+    )
+    if code:
+        raise SystemExit(code)
+
+
+COMMANDS = [serve, watermark, apply, status, demo]

@@ -84,7 +84,11 @@ def test_watermark_never_decreases_and_checkpoints_are_cuts(kafka_conf, unique_n
         for name, size in sizes.items():
             cg.create_volume(name, size)
         with running_backup(
-            kafka_conf, unique_name, tmp_path / "backup", checkpoint_interval_s=0.2
+            kafka_conf,
+            unique_name,
+            tmp_path / "backup",
+            checkpoint_interval_s=0.2,
+            digest_interval_s=0,
         ) as (_wm, ap):
             _workload(cg, 2.0, 7)
             cg.flush()
