@@ -27,10 +27,11 @@ def main(log_level: str, log_format: str) -> None:
 
 def _register() -> None:
     from connectors.kafka.cli import kafka
-    from pipeline.cli_services import COMMANDS
+    from pipeline.cli_ops import COMMANDS as OPS
+    from pipeline.cli_services import COMMANDS as SERVICES
 
     main.add_command(kafka)
-    for command in COMMANDS:
+    for command in [*SERVICES, *OPS]:
         main.add_command(command)
 
 

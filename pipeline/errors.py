@@ -19,8 +19,9 @@ The message says what happened and what the operator can do about it.
      ├── VolumeError                 a volume operation is invalid (range, size, name)
      ├── ClockError                  the hybrid logical clock cannot honour its promise
      ├── WatermarkError              the watermark would break an invariant (e.g. decrease)
-     └── ApplyError                  the applier stopped; the message says why and what to do
-          └── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
+     ├── ApplyError                  the applier stopped; the message says why and what to do
+     │    └── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
+     └── RestoreError                a cut cannot be restored/replayed (above W, out of retention)
 """
 
 from __future__ import annotations
@@ -109,4 +110,12 @@ class ApplierHaltedError(ApplyError):
 
     Nothing after it is applied. Inspect the dead-letter copy, then either repair the
     producer and restart, or skip the record explicitly with ``lowmark apply --skip``.
+    """
+
+
+class RestoreError(LowmarkError):
+    """A point in time cannot be restored or replayed from what Kafka and the site hold.
+
+    Above the published W (not known to be complete), older than the log's retention and
+    every snapshot, or an unknown marker. The message names the restorable range.
     """

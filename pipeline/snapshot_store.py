@@ -30,7 +30,7 @@ def store_dir(data_dir: Path) -> Path:
     return data_dir / "snapshots"
 
 
-def _copy_sparse(src: Path, dst: Path) -> None:
+def copy_sparse(src: Path, dst: Path) -> None:
     # GNU cp keeps holes and reflinks when it can; fall back to a plain copy elsewhere
     try:
         subprocess.run(
@@ -57,7 +57,7 @@ def save(
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     for vid, img in images.items():
-        _copy_sparse(img.path, tmp / "images" / f"{vid}.img")
+        copy_sparse(img.path, tmp / "images" / f"{vid}.img")
         fd = os.open(tmp / "images" / f"{vid}.img", os.O_RDONLY)
         try:
             os.fsync(fd)
