@@ -65,6 +65,9 @@ class InterceptorConfig:
     #: a Write record coalesces one volume's writes of a tick up to this size
     max_record_bytes: int = 900 * 1024
     max_unreplicated_bytes: int = 256 * MiB
+    #: one tick's transaction carries at most this much; the rest goes in the next one at
+    #: once, so S keeps moving and sync writes don't wait behind one huge commit
+    max_transaction_bytes: int = 16 * MiB
     replication_timeout_s: float = 30.0
     log_partitions: int = 4
     replication_factor: int | None = None
@@ -119,6 +122,10 @@ class _Entry:
     extra: dict[str, Any] | None = None
 
 
+def _entry_bytes(e: _Entry) -> int:
+    return (len(e.data) if e.data is not None else 0) + 64
+
+
 class Interceptor:
     """One interceptor of a consistency group: clock, outbox, tick thread, producer."""
 
@@ -134,6 +141,9 @@ class Interceptor:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock or HybridClock(
             state_path=config.state_dir / f"clock.{config.interceptor_id}",
+            # a restarted clock starts at the reserved bound and commit wait sleeps until
+            # the wall clock reaches it: keep the reservation short (4 fsyncs/s)
+            reserve_us=250_000,
             max_clock_skew_us=config.max_clock_skew_us,
         )
         self.epoch = -1
@@ -321,7 +331,7 @@ class Interceptor:
             seq = self._next_seq
             self._next_seq += 1
             self._outbox.append(_Entry(seq, volume_id, kind, ts, offset, data, length, extra))
-            self._outbox_bytes += nbytes + 64
+            self._outbox_bytes += nbytes + 64  # == _entry_bytes of the new entry
             self._unreplicated_bytes += nbytes + 64
             big = self._outbox_bytes >= self.config.max_record_bytes * 4
         if big:
@@ -422,15 +432,20 @@ class Interceptor:
             s = self.clock.now()
             if self._inflight:
                 s = min(s, min(self._inflight.values()) - 1)
+            batch, rest = self._split(self._outbox)
+            if rest:
+                # what stays behind must stay above S; it goes out in the next transaction
+                s = min(s, min(e.ts for e in rest) - 1)
+                self._wake.set()
             s = max(s, self.last_s)
-            batch, self._outbox = self._outbox, []
-            self._outbox_bytes = 0
-            last_seq = self._next_seq - 1  # every appended entry is in this batch
+            self._outbox = rest
+            self._outbox_bytes = sum(_entry_bytes(e) for e in rest)
+            last_seq = batch[-1].seq if batch else self.durable_seq
         records = self._encode(batch)
         t0 = time.perf_counter()
         self._transaction(records, self._progress("PROGRESS", s))
         commit_ms = (time.perf_counter() - t0) * 1000
-        nbytes = sum(len(e.data) + 64 if e.data is not None else 64 for e in batch)
+        nbytes = sum(_entry_bytes(e) for e in batch)
         with self._lock:
             self.last_s = s
             self.durable_seq = max(self.durable_seq, last_seq)
@@ -446,6 +461,16 @@ class Interceptor:
         self.stats["last_commit_ms"] = commit_ms
         for fn in fire:
             fn(None)
+
+    def _split(self, outbox: list[_Entry]) -> tuple[list[_Entry], list[_Entry]]:
+        """The prefix of the outbox (in seq order) that fits one transaction."""
+        cap = self.config.max_transaction_bytes
+        total = 0
+        for i, e in enumerate(outbox):
+            total += _entry_bytes(e)
+            if total > cap and i > 0:
+                return outbox[:i], outbox[i:]
+        return outbox, []
 
     def _fail(self, exc: LowmarkError) -> None:
         with self._lock:
