@@ -1,0 +1,80 @@
+# lowmark: every target installs what it needs first and is fast when that is done.
+#
+#   make run      the embedded Kafka cluster (and the demo, once deploy/run-demo.sh exists)
+#   make test     everything but the torture runs
+#   make torture / bench / lint / clean
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: help venv tools kafka-jars deps test torture lint bench run clean distclean
+
+help:
+	@echo "make run        start the embedded Kafka cluster (and the demo when there is one)"
+	@echo "make test       install what is missing, then run every test but the torture runs"
+	@echo "make torture    long randomized runs (pytest -m torture)"
+	@echo "make bench      run every benchmark in bench/ with its default arguments"
+	@echo "make lint       ruff check ."
+	@echo "make deps       venv + Debian tools + Kafka jars (what test and run need)"
+	@echo "make clean      stop the default cluster, delete its data and build caches"
+
+# The virtualenv, reinstalled whenever pyproject.toml changes.
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "lowmark needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1)." \
+	       "Run: make PYTHON=python3.11 ..." >&2; exit 1; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Debian packages: java, mvn, fio, qemu-utils, libnbd-bin, nbdkit, kcat (apt-get as root).
+tools:
+	@bash deploy/install-tools.sh
+
+# Kafka's jars from Maven Central into ~/.cache/lowmark (or $$LOWMARK_CACHE), once.
+kafka-jars: venv tools
+	@$(PY) -m connectors.kafka.cli fetch
+
+deps: venv tools kafka-jars
+
+test: deps
+	$(VENV)/bin/pytest -m "not torture"
+
+torture: deps
+	$(VENV)/bin/pytest -m torture
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# Every bench/*.py that runs as a script (has a __main__ block), as `python -m bench.x`.
+bench: deps
+	@benches=$$(grep -l '^if __name__ == "__main__"' bench/*.py 2>/dev/null || true); \
+	if [ -z "$$benches" ]; then echo "nothing is benchmarked yet"; exit 0; fi; \
+	for file in $$benches; do \
+	  module=$${file%.py}; module=$${module//\//.}; \
+	  echo "== $(PY) -m $$module"; $(PY) -m $$module; \
+	done
+
+run: deps
+	@if [ -x deploy/run-demo.sh ]; then exec deploy/run-demo.sh; fi; \
+	$(VENV)/bin/lowmark kafka up; \
+	echo; \
+	echo "lowmark: the embedded Kafka cluster runs in the background (logs: .lowmark/kafka/default/)."; \
+	echo "  status:  $(VENV)/bin/lowmark kafka status"; \
+	echo "  stop:    $(VENV)/bin/lowmark kafka down"
+
+clean:
+	@if [ -x $(VENV)/bin/lowmark ] && [ -d .lowmark/kafka/default ]; then \
+	  $(VENV)/bin/lowmark kafka down --wipe; fi
+	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
