@@ -29,7 +29,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from connectors.image.image import Image
-from connectors.kafka.reading import latest
+from connectors.kafka.reading import latest, watermark_offsets
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline import snapshot_store
 from pipeline.apply_plan import ApplyOp, ApplyPlanner
@@ -120,6 +120,9 @@ class Applier:
         self._blocked: tuple[int, int, ApplierHaltedError] | None = None
         self._last_snapshot = 0.0
         self._last_digest = 0.0
+        self._wm_end_at_start = 0
+        self._wm_read_to = 0
+        self._restart_floor = 0
         self.planner = ApplyPlanner(0, config.max_pending_bytes)
         self._log: Consumer | None = None
         self._wm: Consumer | None = None
@@ -193,6 +196,12 @@ class Applier:
         self._log.assign([TopicPartition(self.topics.log, p, o) for p, o in start_offsets.items()])
         self._wm = Consumer({**self.kafka_conf, **base, "group.id": group + ".wm"})
         self._wm.assign([TopicPartition(self.topics.watermark, 0, 0)])
+        # Before a crash this site may have applied up to any W published so far, beyond its
+        # checkpoint; replaying from the checkpoint then re-applies onto those bytes. Until it
+        # has passed every W published before this start, its images are not a cut of any
+        # W, so it must not checkpoint (or snapshot) them.
+        self._wm_end_at_start = watermark_offsets(self._wm, self.topics.watermark, 0)[1]
+        self._restart_floor = self.applied_w
         self._producer = Producer({**self.kafka_conf, "enable.idempotence": True, "acks": "all"})
         event(
             log,
@@ -204,7 +213,7 @@ class Applier:
         )
 
     def close(self, checkpoint: bool = True) -> None:
-        if checkpoint and self.halted is None and self._log is not None:
+        if checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
             self.checkpoint()
         for c in (self._log, self._wm):
             if c is not None:
@@ -233,14 +242,22 @@ class Applier:
         if (
             self.applied_w > self.checkpoint_w
             and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+            and self.may_checkpoint()
         ):
             self.checkpoint(digests=None)
+
+    def may_checkpoint(self) -> bool:
+        """Whether the images are a cut: every W published before start has been passed."""
+        return self._wm_read_to >= self._wm_end_at_start and self.applied_w >= self._restart_floor
 
     def _read_watermarks(self) -> None:
         assert self._wm is not None
         for msg in self._wm.consume(100, 0):
             if msg.error():
+                if msg.error().code() == _PARTITION_EOF:
+                    self._wm_read_to = max(self._wm_read_to, msg.offset())
                 continue
+            self._wm_read_to = max(self._wm_read_to, msg.offset() + 1)
             try:
                 rec = codec.decode(msg.value(), "Watermark").record
             except RecordError as exc:
@@ -254,6 +271,8 @@ class Applier:
                 )
                 continue
             self.stats.watermarks_seen += 1
+            if msg.offset() < self._wm_end_at_start:
+                self._restart_floor = max(self._restart_floor, rec["w"])
             bound = {po["partition"]: po["offset"] for po in rec["log_offsets"]}
             for m in rec["members"]:
                 self.planner.note_epoch(m["interceptor_id"], m["epoch"], bound)
@@ -407,6 +426,11 @@ class Applier:
 
         ``digests=None``: include per-volume digests only if ``digest_interval_s`` passed.
         """
+        if not self.may_checkpoint():
+            raise ApplyError(
+                f"site {self.config.site} has not yet re-applied up to W={self._restart_floor} "
+                "(published before it restarted): its images are not a cut yet"
+            )
         if digests is None:
             digests = time.monotonic() - self._last_digest >= self.config.digest_interval_s
         digests = digests and self.config.compute_digests
@@ -511,7 +535,7 @@ class Applier:
     def _halt(self) -> None:
         """Checkpoint what was applied before the bad record, then stop the CG."""
         assert self._blocked is not None
-        if self.applied_w > self.checkpoint_w:
+        if self.applied_w > self.checkpoint_w and self.may_checkpoint():
             self.checkpoint()
         self.halted = self._blocked[2]
         event(

@@ -5,7 +5,7 @@ gives the same W on every instance). This module is the I/O around it:
 
 - resume from the latest published Watermark record (it carries the member table and the
   progress offset it was computed through), then read the progress topic from there;
-- after folding, when W moved, read the log's read_committed end offsets and publish
+- after folding, when W moved, read the log's high watermarks and publish
   ``Watermark(w, log_offsets, ...)``. Every record with ts <= W was committed together with
   (or before) the progress that raised W, so it lies below those offsets;
 - fence members that are silent for ``liveness_timeout_s``: first through Kafka
@@ -111,8 +111,17 @@ class WatermarkService:
         self._consumer.assign(
             [TopicPartition(self.topics.progress, 0, self.state.progress_offset + 1)]
         )
+        # W's log offsets are high watermarks, not last stable offsets: Kafka writes a
+        # transaction's commit markers partition by partition, so the progress record can be
+        # visible while a log partition's LSO still stops below the same transaction's
+        # records. Every record of a committed transaction is below the high watermark.
         self._offsets_consumer = Consumer(
-            {**self.kafka_conf, **base, "group.id": f"lowmark.{self.config.cg}.watermark-offsets"}
+            {
+                **self.kafka_conf,
+                **base,
+                "isolation.level": "read_uncommitted",
+                "group.id": f"lowmark.{self.config.cg}.watermark-offsets",
+            }
         )
         self._producer = Producer(
             {**self.kafka_conf, "enable.idempotence": True, "acks": "all", "linger.ms": 0}
