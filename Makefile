@@ -1,6 +1,6 @@
 # lowmark: every target installs what it needs first and is fast when that is done.
 #
-#   make run      the embedded Kafka cluster (and the demo, once deploy/run-demo.sh exists)
+#   make run      the whole pipeline live, then a verified verdict (ARGS="--duration 60 ...")
 #   make test     everything but the torture runs
 #   make torture / bench / lint / clean
 
@@ -16,7 +16,7 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: help venv tools kafka-jars deps test torture lint bench run clean distclean
 
 help:
-	@echo "make run        start the embedded Kafka cluster (and the demo when there is one)"
+	@echo "make run        run lowmark end to end, live, then verify the backup (ARGS=\"--duration 60\")"
 	@echo "make test       install what is missing, then run every test but the torture runs"
 	@echo "make torture    long randomized runs (pytest -m torture)"
 	@echo "make bench      run every benchmark in bench/ with its default arguments"
@@ -63,7 +63,7 @@ bench: deps
 	done
 
 run: deps
-	@if [ -x deploy/run-demo.sh ]; then exec deploy/run-demo.sh; fi; \
+	@if [ -x deploy/run-demo.sh ]; then exec deploy/run-demo.sh $(ARGS); fi; \
 	$(VENV)/bin/lowmark kafka up; \
 	echo; \
 	echo "lowmark: the embedded Kafka cluster runs in the background (logs: .lowmark/kafka/default/)."; \
