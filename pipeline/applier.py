@@ -63,10 +63,11 @@ class ApplierConfig:
     replication_factor: int | None = None
     #: (partition, offset) of bad records the operator chose to skip (logged, counted)
     skip: frozenset[tuple[int, int]] = frozenset()
-    #: per-volume content digests cost a read of every allocated byte, so a checkpoint
-    #: carries them at most this often (and always at close / explicit checkpoints);
-    #: in between its digests are "" (not computed). 0: at every checkpoint.
-    digest_interval_s: float = 30.0
+    #: per-volume content digests cost a read of every allocated byte (seconds per GiB),
+    #: during which nothing is applied: a checkpoint carries them only this often (None:
+    #: only at explicit checkpoints, e.g. ``lowmark verify``; 0: at every checkpoint).
+    #: Without them a checkpoint's digests are "".
+    digest_interval_s: float | None = None
     #: False: never compute digests (tests that compare the images themselves)
     compute_digests: bool = True
     #: copy the images into the site's snapshot store at a checkpoint this often (0: never);
@@ -120,6 +121,7 @@ class Applier:
         self._blocked: tuple[int, int, ApplierHaltedError] | None = None
         self._last_snapshot = 0.0
         self._last_digest = 0.0
+        self._bg: tuple[threading.Thread, dict[str, Any]] | None = None
         self._wm_end_at_start = 0
         self._wm_read_to = 0
         self._restart_floor = 0
@@ -213,6 +215,7 @@ class Applier:
         )
 
     def close(self, checkpoint: bool = True) -> None:
+        self._finish_background_checkpoint(wait=True)
         if checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
             self.checkpoint()
         for c in (self._log, self._wm):
@@ -234,9 +237,9 @@ class Applier:
     def step(self, poll_timeout_s: float = 0.02) -> None:
         if self.halted is not None:
             raise self.halted
-        self._read_watermarks()
-        self._read_log(poll_timeout_s)
-        self._apply_ready()
+        self._finish_background_checkpoint()
+        got = self._read_log(0) + self._read_watermarks(0)
+        applied = self._apply_ready()
         if self.planner.over_budget():
             self._spill()
         if (
@@ -244,15 +247,26 @@ class Applier:
             and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
             and self.may_checkpoint()
         ):
-            self.checkpoint(digests=None)
+            self._checkpoint_due()
+        if not got and not applied:
+            # idle: wait for what unblocks us next (log records for a known W, else a new W)
+            # without a fixed sleep; a consume(n, timeout) would wait the whole timeout
+            if self._targets:
+                self._read_log(poll_timeout_s)
+            else:
+                self._read_watermarks(poll_timeout_s)
 
     def may_checkpoint(self) -> bool:
         """Whether the images are a cut: every W published before start has been passed."""
         return self._wm_read_to >= self._wm_end_at_start and self.applied_w >= self._restart_floor
 
-    def _read_watermarks(self) -> None:
+    def _read_watermarks(self, timeout_s: float = 0) -> int:
         assert self._wm is not None
-        for msg in self._wm.consume(100, 0):
+        msgs = self._wm.consume(100, 0)
+        if not msgs and timeout_s > 0:
+            first = self._wm.poll(timeout_s)
+            msgs = [first] if first is not None else []
+        for msg in msgs:
             if msg.error():
                 if msg.error().code() == _PARTITION_EOF:
                     self._wm_read_to = max(self._wm_read_to, msg.offset())
@@ -279,10 +293,15 @@ class Applier:
             if rec["w"] > self._max_seen_w:  # consumers ignore a lower W
                 self._max_seen_w = rec["w"]
                 self._targets.append(rec)
+        return len(msgs)
 
-    def _read_log(self, timeout_s: float) -> None:
+    def _read_log(self, timeout_s: float) -> int:
         assert self._log is not None
-        for msg in self._log.consume(2000, timeout_s):
+        msgs = self._log.consume(2000, 0)
+        if not msgs and timeout_s > 0:
+            first = self._log.poll(timeout_s)
+            msgs = [first] if first is not None else []
+        for msg in msgs:
             p = msg.partition()
             if msg.error():
                 if msg.error().code() == _PARTITION_EOF:
@@ -315,26 +334,30 @@ class Applier:
                 continue
             self.planner.add(dec.type, dec.record, p, off)
             self._note_position(p, off + 1)
+        return len(msgs)
 
     def _note_position(self, partition: int, next_offset: int) -> None:
         if next_offset > self._positions.get(partition, -1):
             self._positions[partition] = next_offset
             self.planner.note_position(partition, next_offset)
 
-    def _apply_ready(self) -> None:
+    def _apply_ready(self) -> bool:
+        applied = False
         while self._targets:
             target = self._targets[0]
             required = {po["partition"]: po["offset"] for po in target["log_offsets"]}
             if not self.planner.ready(target["w"], required):
                 if self._blocked is not None and self._blocked_needed(required):
                     self._halt()
-                return
+                return applied
             self._targets.pop(0)
             if target["w"] <= self.applied_w:
                 continue
             for op in self.planner.take(target["w"]):
                 self._apply(op)
             self.applied_w = target["w"]
+            applied = True
+        return applied
 
     def _spill(self) -> None:
         """Bounded memory: forget pending records and re-read them from Kafka later."""
@@ -421,6 +444,68 @@ class Applier:
 
     # ---------------------------------------------------------------- checkpoint
 
+    def _checkpoint_due(self) -> None:
+        """A periodic checkpoint: in the background unless it needs stable images."""
+        interval = self.config.digest_interval_s
+        wants_digests = (
+            self.config.compute_digests
+            and interval is not None
+            and time.monotonic() - self._last_digest >= interval
+        )
+        wants_snapshot = (
+            self.config.snapshot_interval_s > 0
+            and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s
+        )
+        if wants_digests or wants_snapshot:
+            self.checkpoint(digests=None)  # both read the images: they must not move
+        elif self._bg is None:
+            self._checkpoint_background()
+
+    def _checkpoint_background(self) -> None:
+        """fdatasync + write the checkpoint off the apply loop (it took 30-160 ms a second).
+
+        The record is captured now, at ``applied_w``; the images may move on while the
+        worker syncs them, which only makes them hold more than the checkpoint says, the
+        case a restart already handles (it re-applies from the checkpoint and does not
+        checkpoint again below what was published before it started).
+        """
+        rec = self._checkpoint_record(digests=False)
+        images = [img for vid in self._touched if (img := self.images.get(vid)) is not None]
+        self._touched.clear()
+        self._last_checkpoint = time.monotonic()
+        result: dict[str, Any] = {"rec": rec}
+
+        def work() -> None:
+            try:
+                for img in images:
+                    img.sync()
+                result["value"] = self._persist_checkpoint(rec)
+            except BaseException as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=work, name="lowmark-checkpoint", daemon=True)
+        self._bg = (thread, result)
+        thread.start()
+
+    def _finish_background_checkpoint(self, wait: bool = False) -> None:
+        if self._bg is None:
+            return
+        thread, result = self._bg
+        if wait:
+            thread.join()
+        if thread.is_alive():
+            return
+        self._bg = None
+        if "error" in result:
+            event(
+                log,
+                "background checkpoint failed; will retry",
+                level=logging.ERROR,
+                error=repr(result["error"]),
+            )
+            return
+        self._checkpoint_written(result["rec"])
+
     def checkpoint(self, digests: bool | None = True) -> dict[str, Any]:
         """fdatasync, then record the applied state durably, then commit offsets.
 
@@ -431,8 +516,10 @@ class Applier:
                 f"site {self.config.site} has not yet re-applied up to W={self._restart_floor} "
                 "(published before it restarted): its images are not a cut yet"
             )
+        self._finish_background_checkpoint(wait=True)
         if digests is None:
-            digests = time.monotonic() - self._last_digest >= self.config.digest_interval_s
+            interval = self.config.digest_interval_s
+            digests = interval is not None and time.monotonic() - self._last_digest >= interval
         digests = digests and self.config.compute_digests
         if digests:
             self._last_digest = time.monotonic()
@@ -441,8 +528,20 @@ class Applier:
             if img is not None:
                 img.sync()
         self._touched.clear()
+        rec = self._checkpoint_record(digests)
+        value = self._persist_checkpoint(rec)
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_written(rec)
+        interval = self.config.snapshot_interval_s
+        if interval > 0 and time.monotonic() - self._last_snapshot >= interval and self.applied_w:
+            snapshot_store.save(self.config.data_dir, value, self.images, self.catalog)
+            snapshot_store.prune(self.config.data_dir, self.config.snapshots_kept)
+            self._last_snapshot = time.monotonic()
+        return rec
+
+    def _checkpoint_record(self, digests: bool) -> dict[str, Any]:
         offsets = self.planner.checkpoint_offsets()
-        rec = {
+        return {
             "site": self.config.site,
             "cg": self.config.cg,
             "w": self.applied_w,
@@ -457,9 +556,12 @@ class Applier:
             ],
             "written_us": wall_us(),
         }
+
+    def _persist_checkpoint(self, rec: dict[str, Any]) -> bytes:
+        """Local file first (atomically), then the compacted topic. Images already synced."""
         value = codec.encode("Checkpoint", rec)
         atomic_write(self.checkpoint_path, value)
-        assert self._producer is not None and self._log is not None
+        assert self._producer is not None
         self._producer.produce(
             self.topics.checkpoints,
             value,
@@ -467,22 +569,24 @@ class Applier:
             headers=codec.headers_for("Checkpoint", rec),
         )
         self._producer.flush(30)
-        tps = [TopicPartition(self.topics.log, p, o) for p, o in sorted(offsets.items()) if o >= 0]
+        return value
+
+    def _checkpoint_written(self, rec: dict[str, Any]) -> None:
+        """Only now are consumer offsets committed (advisory: the checkpoint is the truth)."""
+        assert self._log is not None
+        tps = [
+            TopicPartition(self.topics.log, po["partition"], po["offset"])
+            for po in rec["log_offsets"]
+            if po["offset"] >= 0
+        ]
         try:
             if tps:
-                self._log.commit(offsets=tps, asynchronous=False)
-        except KafkaException as exc:  # offsets are advisory; the checkpoint is the truth
+                self._log.commit(offsets=tps, asynchronous=True)
+        except KafkaException as exc:
             log.warning("offset commit failed: %s", exc)
-        self.checkpoint_w = self.applied_w
-        self._last_checkpoint = time.monotonic()
+        self.checkpoint_w = max(self.checkpoint_w, rec["w"])
         self.stats.checkpoints += 1
-        interval = self.config.snapshot_interval_s
-        if interval > 0 and time.monotonic() - self._last_snapshot >= interval and self.applied_w:
-            snapshot_store.save(self.config.data_dir, value, self.images, self.catalog)
-            snapshot_store.prune(self.config.data_dir, self.config.snapshots_kept)
-            self._last_snapshot = time.monotonic()
         self.stats.last_checkpoint_us = rec["written_us"]
-        return rec
 
     # ---------------------------------------------------------------- bad input
 

@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, IsolationLevel, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from connectors.kafka.reading import latest, watermark_offsets
+from connectors.kafka.reading import latest
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.clock import ts_physical_us, wall_us
 from pipeline.errors import ConfigError, KafkaUnavailableError, LowmarkError, WatermarkError
@@ -82,7 +83,7 @@ class WatermarkService:
         self._last_seen: dict[str, float] = {}  # interceptor -> monotonic time of last event
         self._fencing: set[tuple[str, int]] = set()
         self._consumer: Consumer | None = None
-        self._offsets_consumer: Consumer | None = None
+        self._admin: AdminClient | None = None
         self._producer: Producer | None = None
         self._dirty_since: float | None = None
         self._last_publish = 0.0
@@ -115,14 +116,7 @@ class WatermarkService:
         # transaction's commit markers partition by partition, so the progress record can be
         # visible while a log partition's LSO still stops below the same transaction's
         # records. Every record of a committed transaction is below the high watermark.
-        self._offsets_consumer = Consumer(
-            {
-                **self.kafka_conf,
-                **base,
-                "isolation.level": "read_uncommitted",
-                "group.id": f"lowmark.{self.config.cg}.watermark-offsets",
-            }
-        )
+        self._admin = AdminClient(dict(self.kafka_conf))
         self._producer = Producer(
             {**self.kafka_conf, "enable.idempotence": True, "acks": "all", "linger.ms": 0}
         )
@@ -136,12 +130,11 @@ class WatermarkService:
         )
 
     def close(self) -> None:
-        for c in (self._consumer, self._offsets_consumer):
-            if c is not None:
-                c.close()
+        if self._consumer is not None:
+            self._consumer.close()
         if self._producer is not None:
             self._producer.flush(5)
-        self._consumer = self._offsets_consumer = self._producer = None
+        self._consumer = self._producer = self._admin = None
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -152,7 +145,10 @@ class WatermarkService:
     def step(self, poll_timeout_s: float = 0.05) -> None:
         """Fold what the progress log has, publish W if it moved, fence the silent."""
         assert self._consumer is not None
-        msgs = self._consumer.consume(1000, poll_timeout_s)
+        # block only until the first record: consume(n, timeout) waits the whole timeout
+        # unless n records arrive, which put ~50 ms between S and W
+        first = self._consumer.poll(poll_timeout_s)
+        msgs = [] if first is None else [first, *self._consumer.consume(1000, 0)]
         now = time.monotonic()
         for msg in msgs:
             if msg.error():
@@ -199,12 +195,28 @@ class WatermarkService:
             self._last_seen.pop(ev["interceptor_id"], None)
 
     def _log_end_offsets(self) -> list[dict[str, int]]:
-        assert self._offsets_consumer is not None
-        out = []
-        for p in range(self.config.log_partitions):
-            _low, high = watermark_offsets(self._offsets_consumer, self.topics.log, p)
-            out.append({"partition": p, "offset": high})
-        return out
+        """Every log partition's high watermark, in one ListOffsets request."""
+        assert self._admin is not None
+        request = {
+            TopicPartition(self.topics.log, p): OffsetSpec.latest()
+            for p in range(self.config.log_partitions)
+        }
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                futures = self._admin.list_offsets(
+                    request, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=10
+                )
+                return [
+                    {"partition": tp.partition, "offset": fut.result().offset}
+                    for tp, fut in sorted(futures.items(), key=lambda kv: kv[0].partition)
+                ]
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise KafkaUnavailableError(
+                        f"cannot read the end offsets of {self.topics.log}: {exc.args[0]}"
+                    ) from None
+                time.sleep(0.05)
 
     def _publish(self) -> None:
         assert self._producer is not None
