@@ -1,0 +1,310 @@
+"""fio through NBD: lowmark's asyncio server against ``nbdkit file``, on the same image.
+
+    .venv/bin/python -m bench.nbd              # ~1.5 min, writes bench/results/nbd.json
+    .venv/bin/python -m bench.nbd --quick      # ~20 s smoke run
+    .venv/bin/python -m bench.nbd --export-factory pkg.mod:make_export   # + replication on
+
+Targets, each a separate server process on a Unix socket (client and server never share
+a GIL), each job run against each target back to back:
+
+- ``nbdkit``: ``nbdkit file`` (C, multi-threaded): the baseline every ratio is against.
+- ``lowmark-file``: our server with ``FileExport``, i.e. replication off: what the NBD
+  layer costs on its own.
+- ``lowmark-factory``: our server with the export built by ``--export-factory
+  module:callable``, called as ``callable(image_path: str, name: str)`` and returning an
+  ``Export`` (or an awaitable of one), e.g. the replicating volume adapter. Optional
+  ``close()``/``aclose()`` on the export is called at shutdown. Two factories here
+  measure the server's own async paths: ``bench.nbd:eager_export`` (coroutines that never
+  suspend: the eager path, no task) and ``bench.nbd:yielding_export`` (each call yields
+  once: a task per request).
+
+Jobs (fio ``--ioengine=nbd``, ``--time_based``): 4 KiB randwrite at QD1 and QD16, 64 KiB
+and 1 MiB sequential write at QD16. Reported: MB/s, IOPS, p50/p99 completion latency,
+the server process's CPU time per I/O (user+sys; steadier than MB/s when other work
+shares the machine) and the ratio of MB/s to nbdkit's. The image lives in /dev/shm when
+there is one, so the numbers are about the NBD path, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import print_table, process_cpu_s, write_results
+from pipeline.errors import ConfigError, SetupError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+
+
+JOBS = (
+    Job("4k-randwrite-qd1", "randwrite", "4k", 1),
+    Job("4k-randwrite-qd16", "randwrite", "4k", 16),
+    Job("64k-write-qd16", "write", "64k", 16),
+    Job("1m-write-qd16", "write", "1m", 16),
+)
+
+
+# --- the server side: `python -m bench.nbd serve ...` ---------------------------------------
+
+
+def load_factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--export-factory {spec!r}: expected module:callable")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--export-factory {spec!r}: {exc}") from exc
+
+
+async def serve(image: str, socket_path: str, factory: str | None) -> None:
+    from connectors.nbd.file_export import FileExport
+    from connectors.nbd.server import NbdServer, NbdServerConfig
+
+    if factory:
+        export = load_factory(factory)(image, "")
+        if inspect.isawaitable(export):
+            export = await export
+    else:
+        export = FileExport(image, "")
+    server = NbdServer({"": export}, NbdServerConfig(host=None, port=None, unix_path=socket_path))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.close()
+    print(json.dumps(server.stats.snapshot()), flush=True)
+    if hasattr(export, "aclose"):
+        await export.aclose()
+    elif hasattr(export, "close"):
+        export.close()
+
+
+class _AsyncFile:
+    """FileExport behind coroutines; ``yields`` makes every call suspend once."""
+
+    def __init__(self, image: str, name: str, yields: bool) -> None:
+        from connectors.nbd.file_export import FileExport
+
+        self.inner = FileExport(image, name)
+        self.name, self.size, self.description = name, self.inner.size, self.inner.description
+        self.read_only, self.can_multi_conn = False, True
+        self.yields = yields
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.inner.pread(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool) -> None:
+        if self.yields:
+            await asyncio.sleep(0)
+        self.inner.write(offset, data, fua)
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        if self.yields:
+            await asyncio.sleep(0)
+        self.inner.write_zeroes(offset, length, fua, may_trim)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        if self.yields:
+            await asyncio.sleep(0)
+        self.inner.trim(offset, length, fua)
+
+    async def flush(self) -> None:
+        if self.yields:
+            await asyncio.sleep(0)
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def eager_export(image: str, name: str) -> _AsyncFile:
+    return _AsyncFile(image, name, yields=False)
+
+
+def yielding_export(image: str, name: str) -> _AsyncFile:
+    return _AsyncFile(image, name, yields=True)
+
+
+# --- the client side --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], socket_path: Path, log_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """Run a server process until the block ends; wait until it accepts connections.
+    Its output goes to ``log_path`` (a pipe nobody reads could block it)."""
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=log_file, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text()[-2000:]
+                raise SetupError(f"{' '.join(cmd)} did not start:\n{tail}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_fio(uri: str, job: Job, size: str, runtime_s: float, out: Path) -> dict[str, Any]:
+    cmd = [
+        "fio",
+        f"--name={job.name}",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--rw={job.rw}",
+        f"--bs={job.bs}",
+        f"--iodepth={job.iodepth}",
+        f"--size={size}",
+        f"--runtime={runtime_s:g}",
+        "--time_based",
+        "--output-format=json",
+        f"--output={out}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime_s + 60)
+    if proc.returncode != 0:
+        raise SetupError(f"fio failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    w = json.loads(out.read_text())["jobs"][0]["write"]
+    pct = w["clat_ns"].get("percentile", {})
+    return {
+        "ios": w["total_ios"],
+        "mb_s": w["bw_bytes"] / 1e6,
+        "iops": w["iops"],
+        "p50_us": pct.get("50.000000", 0) / 1e3,
+        "p99_us": pct.get("99.000000", 0) / 1e3,
+    }
+
+
+def scratch_dir() -> Path:
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="lowmark-bench-nbd-", dir=base))
+
+
+def bench(args: argparse.Namespace) -> int:
+    for tool in ("fio", "nbdkit"):
+        if shutil.which(tool) is None:
+            raise SetupError(f"{tool} is not installed (apt-get install {tool})")
+    runtime = 2.0 if args.quick else args.runtime
+    work = scratch_dir()
+    targets: list[tuple[str, list[str]]] = [
+        ("nbdkit", ["nbdkit", "-f", "-U", "{sock}", "file", "{img}"]),
+        ("lowmark-file", [sys.executable, "-m", "bench.nbd", "serve", "{img}", "{sock}"]),
+    ]
+    if args.export_factory:
+        load_factory(args.export_factory)  # fail here, not in the child
+        cmd = [sys.executable, "-m", "bench.nbd", "serve", "{img}", "{sock}", args.export_factory]
+        targets.append(("lowmark-factory", cmd))
+    rows: list[dict[str, Any]] = []
+    try:
+        for job in JOBS:
+            for target, template in targets:
+                img = work / f"{target}.img"
+                sock = work / f"{target}.sock"
+                with img.open("wb") as f:
+                    f.truncate(args.size_mib << 20)
+                with contextlib.suppress(FileNotFoundError):
+                    sock.unlink()
+                cmd = [part.format(img=img, sock=sock) for part in template]
+                with started(cmd, sock, work / f"{target}.log") as proc:
+                    cpu0 = process_cpu_s(proc.pid) or 0.0
+                    result = run_fio(
+                        f"nbd+unix:///?socket={sock}",
+                        job,
+                        f"{args.size_mib}M",
+                        runtime,
+                        work / "fio.json",
+                    )
+                    # Server CPU per I/O: steadier than MB/s on a machine shared with
+                    # other work, and what a second core would buy back.
+                    cpu = (process_cpu_s(proc.pid) or 0.0) - cpu0
+                    result["server_cpu_us_per_io"] = cpu * 1e6 / max(1, result["ios"])
+                img.unlink()
+                rows.append({"target": target, "job": job.name, **result})
+                print(f"  {job.name:18s} {target:16s} {result['mb_s']:9.1f} MB/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = {r["job"]: r["mb_s"] for r in rows if r["target"] == "nbdkit"}
+    for r in rows:
+        r["ratio"] = r["mb_s"] / base[r["job"]] if base.get(r["job"]) else None
+    print()
+    print_table(
+        ["job", "target", "MB/s", "IOPS", "p50 us", "p99 us", "cpu us/io", "vs nbdkit"],
+        [
+            [
+                r["job"],
+                r["target"],
+                r["mb_s"],
+                r["iops"],
+                r["p50_us"],
+                r["p99_us"],
+                r["server_cpu_us_per_io"],
+                r["ratio"],
+            ]
+            for r in rows
+        ],
+    )
+    path = write_results(
+        "nbd",
+        {
+            "config": {
+                "runtime_s": runtime,
+                "image_mib": args.size_mib,
+                "export_factory": args.export_factory,
+                "transport": "unix socket",
+            },
+            "results": rows,
+        },
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":
+        image, socket_path, *factory = argv[1:]
+        asyncio.run(serve(image, socket_path, factory[0] if factory else None))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m bench.nbd", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 s per job (~20 s total)")
+    parser.add_argument("--runtime", type=float, default=5.0, help="seconds per job")
+    parser.add_argument("--size-mib", type=int, default=1024, help="image size")
+    parser.add_argument("--export-factory", help="module:callable building the replicating export")
+    return bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
