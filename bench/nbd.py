@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import print_table, process_cpu_s, write_results
+from bench.common import kafka_bootstrap, print_table, process_cpu_s, write_results
 from pipeline.errors import ConfigError, SetupError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,8 @@ class Job:
     bs: str
     iodepth: int
 
+
+REPLICATING = "bench.nbd:replicating_export"
 
 JOBS = (
     Job("4k-randwrite-qd1", "randwrite", "4k", 1),
@@ -213,7 +215,47 @@ def scratch_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="lowmark-bench-nbd-", dir=base))
 
 
+class ReplicatingExport:
+    """A lowmark volume (VolumeExport) in a fresh CG of its own: replication on."""
+
+    def __init__(self, image: str, name: str) -> None:
+        import uuid
+
+        from connectors.nbd.volume_export import VolumeExport
+        from pipeline.volume import ConsistencyGroup
+
+        bootstrap = os.environ["LOWMARK_BOOTSTRAP_SERVERS"]
+        size = Path(image).stat().st_size
+        self.cg = ConsistencyGroup.open(
+            f"bench-nbd-{uuid.uuid4().hex[:8]}",
+            Path(image).with_suffix(".cg"),
+            {"bootstrap.servers": bootstrap},
+        )
+        self.inner = VolumeExport(self.cg.create_volume("bench", size))
+        self.name, self.size, self.description = name, size, self.inner.description
+        self.read_only, self.can_multi_conn = False, True
+        for attr in ("pread", "write", "write_zeroes", "trim", "flush"):
+            setattr(self, attr, getattr(self.inner, attr))
+
+    def close(self) -> None:
+        self.cg.close()
+
+
+def replicating_export(image: str, name: str) -> ReplicatingExport:
+    return ReplicatingExport(image, name)
+
+
 def bench(args: argparse.Namespace) -> int:
+    if args.export_factory == REPLICATING and not args.no_replication:
+        with kafka_bootstrap("bench-nbd") as broker:
+            os.environ["LOWMARK_BOOTSTRAP_SERVERS"] = broker.bootstrap
+            return _bench(args)
+    if args.no_replication:
+        args.export_factory = None
+    return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     for tool in ("fio", "nbdkit"):
         if shutil.which(tool) is None:
             raise SetupError(f"{tool} is not installed (apt-get install {tool})")
@@ -226,7 +268,8 @@ def bench(args: argparse.Namespace) -> int:
     if args.export_factory:
         load_factory(args.export_factory)  # fail here, not in the child
         cmd = [sys.executable, "-m", "bench.nbd", "serve", "{img}", "{sock}", args.export_factory]
-        targets.append(("lowmark-factory", cmd))
+        label = "lowmark-repl" if args.export_factory == REPLICATING else "lowmark-factory"
+        targets.append((label, cmd))
     rows: list[dict[str, Any]] = []
     try:
         for job in JOBS:
@@ -302,7 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 s per job (~20 s total)")
     parser.add_argument("--runtime", type=float, default=5.0, help="seconds per job")
     parser.add_argument("--size-mib", type=int, default=1024, help="image size")
-    parser.add_argument("--export-factory", help="module:callable building the replicating export")
+    parser.add_argument(
+        "--export-factory",
+        default=REPLICATING,
+        help="module:callable building the replicating export (default: a lowmark volume "
+        "replicating to an embedded Kafka, or LOWMARK_BOOTSTRAP_SERVERS)",
+    )
+    parser.add_argument(
+        "--no-replication", action="store_true", help="only nbdkit and lowmark without Kafka"
+    )
     return bench(parser.parse_args(argv))
 
 
