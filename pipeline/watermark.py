@@ -1,0 +1,293 @@
+"""Pure watermark computation: fold the progress log of a consistency group into W.
+
+The progress topic has one partition, so its events arrive in one total order; folding
+them with ``WatermarkState.apply`` gives the same W in every process that reads them
+(the watermark service, a restarted service resuming from a published snapshot, a test).
+No I/O here: the service keeps wall-clock times and talks to Kafka.
+
+Rules (DESIGN invariant 2, "watermark safety"):
+
+- ``JOIN(id, e, s)``: a new instance of interceptor ``id``. Its epoch is ``e``, or the
+  JOIN's own offset when ``e == JOIN_EPOCH_FROM_OFFSET`` (ARCHITECTURE: "the JOIN's offset
+  is the interceptor's epoch"; the interceptor cannot know that offset before writing
+  the JOIN, so it writes the sentinel and learns its epoch from the delivery report).
+  An older instance still in the table was fenced by the new one's init_transactions:
+  it is removed exactly as by a FENCE (with the clamp). The new member starts at
+  ``s = effective_s = max(s, W)``. A JOIN whose epoch is not newer is stale.
+- ``PROGRESS(id, e, s)``: accepted only from the current instance (same epoch) and only
+  when S does not go back; it lifts any clamp (fresh evidence the member is alive).
+- ``LEAVE(id, e, s)``: graceful exit after flushing everything; removed, no clamp.
+- ``FENCE(id, e)``: the service fenced the instance through Kafka. Removes the member if
+  its epoch <= e and clamps every other member's effective S to the fenced member's S,
+  until that member reports again: the fenced one may have acknowledged async writes
+  above its S that are lost, so W passes its S only on fresh evidence from the living.
+- ``W = max(W, min(effective_s))`` over the members; unchanged when there are none.
+  Folding keeps ``W <= effective_s <= s`` for every member, so the min never lies below
+  W; if it ever did, W would already have covered a live member's future writes, and
+  ``_set_w`` raises instead of hiding it.
+
+``max_s`` is the largest S in any JOIN/PROGRESS/LEAVE folded, accepted or not (a zombie's
+S only raises the clock floor of later joiners, which is always safe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pipeline.errors import CorruptRecordError, WatermarkError
+
+KINDS = ("JOIN", "PROGRESS", "LEAVE", "FENCE")
+
+#: the ``epoch`` a JOIN carries to say "my epoch is this record's offset"
+JOIN_EPOCH_FROM_OFFSET = -1
+
+
+class Reason(StrEnum):
+    """Why an event was folded the way it was (also the keys of ``WatermarkState.counts``)."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE_OFFSET = "duplicate offset"  # offset <= progress_offset: already folded
+    STALE_EPOCH = "stale epoch"  # not the member's current epoch: a zombie or a late event
+    UNKNOWN_MEMBER = "unknown member"  # no such member (left, fenced, never joined)
+    S_REGRESSED = "s regressed"  # PROGRESS with S below the member's S
+
+
+@dataclass(frozen=True, slots=True)
+class EventOutcome:
+    accepted: bool
+    reason: Reason
+
+
+@dataclass(slots=True)
+class Member:
+    interceptor_id: str
+    epoch: int
+    s: int  # latest S the member promised
+    effective_s: int  # s, or lower while clamped by a fence since its last report
+    last_progress_offset: int  # offset of its JOIN or latest accepted PROGRESS
+
+
+_MEMBER_FIELDS = tuple(f.name for f in dataclasses.fields(Member))
+
+
+class WatermarkState:
+    """The fold of a progress log up to ``progress_offset``."""
+
+    def __init__(
+        self,
+        w: int = 0,
+        max_s: int = 0,
+        members: Iterable[Member] = (),
+        progress_offset: int = -1,
+    ) -> None:
+        self._w = w
+        self.max_s = max_s
+        self.progress_offset = progress_offset
+        self.members: dict[str, Member] = {}
+        for m in members:
+            if m.interceptor_id in self.members:
+                raise WatermarkError(
+                    f"member {m.interceptor_id!r} listed twice in a watermark state; "
+                    "the snapshot is corrupt: rebuild it by folding the progress topic"
+                )
+            self.members[m.interceptor_id] = dataclasses.replace(m)
+        # diagnostics only: not part of the snapshot, not compared for determinism
+        self.counts: Counter[Reason] = Counter()
+        self._validate()
+
+    @property
+    def w(self) -> int:
+        return self._w
+
+    def apply(self, event: Mapping[str, Any], offset: int) -> EventOutcome:
+        """Fold one progress event read at ``offset``."""
+        if offset <= self.progress_offset:
+            # replay of something already folded (a restart re-reading its tail)
+            self.counts[Reason.DUPLICATE_OFFSET] += 1
+            return EventOutcome(False, Reason.DUPLICATE_OFFSET)
+        iid, epoch, kind, s = _parse(event, offset)
+        self.progress_offset = offset
+        if kind != "FENCE":
+            self.max_s = max(self.max_s, s)
+        if kind == "JOIN":
+            join_epoch = offset if epoch == JOIN_EPOCH_FROM_OFFSET else epoch
+            reason = self._join(iid, join_epoch, s, offset)
+        elif kind == "PROGRESS":
+            reason = self._progress(iid, epoch, s, offset)
+        elif kind == "LEAVE":
+            reason = self._leave(iid, epoch)
+        else:
+            reason = self._fence(iid, epoch)
+        self.counts[reason] += 1
+        if reason is Reason.ACCEPTED and self.members:
+            self._set_w(min(m.effective_s for m in self.members.values()))
+        return EventOutcome(reason is Reason.ACCEPTED, reason)
+
+    def _join(self, iid: str, epoch: int, s: int, offset: int) -> Reason:
+        old = self.members.get(iid)
+        if old is not None:
+            if epoch <= old.epoch:
+                return Reason.STALE_EPOCH
+            self._remove_and_clamp(old)
+        start = max(s, self._w)
+        self.members[iid] = Member(iid, epoch, start, start, offset)
+        return Reason.ACCEPTED
+
+    def _progress(self, iid: str, epoch: int, s: int, offset: int) -> Reason:
+        m = self.members.get(iid)
+        if m is None:
+            return Reason.UNKNOWN_MEMBER
+        if epoch != m.epoch:
+            return Reason.STALE_EPOCH
+        if s < m.s:
+            return Reason.S_REGRESSED
+        m.s = m.effective_s = s
+        m.last_progress_offset = offset
+        return Reason.ACCEPTED
+
+    def _leave(self, iid: str, epoch: int) -> Reason:
+        m = self.members.get(iid)
+        if m is None:
+            return Reason.UNKNOWN_MEMBER
+        if epoch != m.epoch:
+            return Reason.STALE_EPOCH
+        # every record it acked is durable and it will not write again: no clamp
+        del self.members[iid]
+        return Reason.ACCEPTED
+
+    def _fence(self, iid: str, epoch: int) -> Reason:
+        m = self.members.get(iid)
+        if m is None:
+            return Reason.UNKNOWN_MEMBER
+        if m.epoch > epoch:
+            # the service decided to fence an instance that has since been replaced
+            return Reason.STALE_EPOCH
+        self._remove_and_clamp(m)
+        return Reason.ACCEPTED
+
+    def _remove_and_clamp(self, fenced: Member) -> None:
+        del self.members[fenced.interceptor_id]
+        for m in self.members.values():
+            m.effective_s = min(m.effective_s, fenced.s)
+
+    def _set_w(self, w: int) -> None:
+        # checked where it is written: a lower W would mean a published cut was unsafe
+        if w < self._w:
+            raise WatermarkError(
+                f"watermark would decrease from {self._w} to {w} at progress offset "
+                f"{self.progress_offset}; a member's effective S fell below W, so an "
+                "earlier W may not have been a safe cut. Halt the service and report a bug"
+            )
+        self._w = w
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as the fields of a Watermark record (members sorted by id)."""
+        return {
+            "w": self._w,
+            "max_s": self.max_s,
+            "progress_offset": self.progress_offset,
+            "members": [dataclasses.asdict(self.members[k]) for k in sorted(self.members)],
+        }
+
+    @classmethod
+    def from_snapshot(cls, d: Mapping[str, Any]) -> WatermarkState:
+        """Resume from ``snapshot()`` output or a decoded Watermark record (extra keys ignored)."""
+        try:
+            members = [Member(**{k: m[k] for k in _MEMBER_FIELDS}) for m in d["members"]]
+            return cls(
+                w=d["w"],
+                max_s=d["max_s"],
+                members=members,
+                progress_offset=d["progress_offset"],
+            )
+        except (KeyError, TypeError) as e:
+            raise WatermarkError(
+                f"watermark snapshot lacks a field ({e!r}); rebuild the state by folding "
+                "the progress topic from offset 0"
+            ) from None
+
+    def silent_members(
+        self, last_seen_wall_us: Mapping[str, int], now_us: int, liveness_timeout_us: int
+    ) -> list[Member]:
+        """Members not heard from for longer than the timeout, sorted by id (copies).
+
+        A member missing from ``last_seen_wall_us`` is not reported: the service must
+        seed the map (e.g. with its own start time) for members it loaded from a
+        snapshot, otherwise a restart would fence every live interceptor at once.
+        """
+        out = []
+        for iid in sorted(self.members):
+            seen = last_seen_wall_us.get(iid)
+            if seen is not None and now_us - seen > liveness_timeout_us:
+                out.append(dataclasses.replace(self.members[iid]))
+        return out
+
+    def _validate(self) -> None:
+        ints = [self._w, self.max_s, self.progress_offset]
+        if any(type(v) is not int for v in ints) or self.progress_offset < -1 or self._w < 0:
+            raise WatermarkError(
+                f"watermark state has impossible values w={self._w!r} max_s={self.max_s!r} "
+                f"progress_offset={self.progress_offset!r}; rebuild it from the progress topic"
+            )
+        if self._w > self.max_s:
+            raise WatermarkError(
+                f"watermark state has w={self._w} above max_s={self.max_s}; no member ever "
+                "reported that much. Rebuild the state from the progress topic"
+            )
+        for m in self.members.values():
+            if not (self._w <= m.effective_s <= m.s <= self.max_s) or (
+                m.last_progress_offset > self.progress_offset
+            ):
+                raise WatermarkError(
+                    f"watermark state member {m!r} breaks w <= effective_s <= s <= max_s "
+                    f"(w={self._w}, max_s={self.max_s}) or lies beyond progress_offset "
+                    f"{self.progress_offset}; rebuild the state from the progress topic"
+                )
+
+
+def join_clock_floor(
+    watermark_max_s: int, progress_events_after: Iterable[Mapping[str, Any]]
+) -> int:
+    """The value a joining interceptor must raise its clock above before emitting records.
+
+    ``progress_events_after``: the events after the latest Watermark's ``progress_offset``
+    up to the interceptor's own JOIN (including the JOIN is harmless). Every S counts,
+    whatever its kind or whether the fold accepts it: a higher floor is always safe.
+    """
+    floor = watermark_max_s
+    for ev in progress_events_after:
+        s = ev.get("s")
+        if type(s) is int and s > floor:
+            floor = s
+    return floor
+
+
+def _parse(event: Mapping[str, Any], offset: int) -> tuple[str, int, str, int]:
+    try:
+        iid, epoch, kind = event["interceptor_id"], event["epoch"], event["kind"]
+        s = event.get("s", 0) if kind == "FENCE" else event["s"]
+    except KeyError as e:
+        raise CorruptRecordError(
+            f"progress event at offset {offset} lacks field {e}; the progress topic holds a "
+            "record lowmark did not write. Inspect it with kcat"
+        ) from None
+    bad = (
+        kind not in KINDS
+        or type(iid) is not str
+        or type(epoch) is not int
+        or type(s) is not int
+        or s < 0
+        or (epoch < 0 and not (kind == "JOIN" and epoch == JOIN_EPOCH_FROM_OFFSET))
+    )
+    if bad:
+        raise CorruptRecordError(
+            f"progress event at offset {offset} has impossible values "
+            f"(interceptor_id={iid!r}, epoch={epoch!r}, kind={kind!r}, s={s!r}); "
+            "the progress topic holds a record lowmark did not write. Inspect it with kcat"
+        )
+    return iid, epoch, kind, s
