@@ -131,3 +131,218 @@ def rebuild_from_log(
             continue
         images[vid][off : off + len(data)] = data
     return images
+
+
+# ---- disaster and kill tests (test_disasters.py, test_service_kills.py) --------------------
+# Imports stay inside the functions: this block is appended to a module other tests share.
+
+
+def fence_interceptor(
+    kafka_conf: dict[str, Any], cg: str, interceptor_id: str, timeout_s: float = 30.0
+) -> None:
+    """Do what a restarted instance does first: ``init_transactions`` with the interceptor's
+    transactional.id. Its open transaction is aborted (or its commit completed), so nothing
+    of it can still become visible; no FENCE record is written."""
+    from confluent_kafka import Producer
+
+    p = Producer({**kafka_conf, "transactional.id": CgTopics(cg).transactional_id(interceptor_id)})
+    p.init_transactions(timeout_s)
+    p.flush(1)
+
+
+def last_committed_offset(
+    kafka_conf: dict[str, Any], topic: str, partition: int = 0, lookback: int = 256
+) -> int:
+    """Offset of the last record a read_committed consumer sees (-1: none in the tail).
+
+    Reads only the last ``lookback`` offsets; transaction markers and aborted records take
+    offsets too, so keep it well above the number of producers that may have died mid-txn.
+    """
+    from connectors.kafka.reading import end_offsets, iter_range
+
+    end = end_offsets(kafka_conf, topic).get(partition, 0)
+    last = -1
+    for msg in iter_range(kafka_conf, topic, partition, max(0, end - lookback), end):
+        last = msg.offset()
+    if last < 0 and end > lookback:
+        for msg in iter_range(kafka_conf, topic, partition, 0, end):
+            last = msg.offset()
+    return last
+
+
+def read_log_from(
+    kafka_conf: dict[str, Any], cg: str, start: dict[int, int] | None = None, partitions: int = 4
+) -> tuple[list[tuple[str, dict[str, Any], int, int]], dict[int, int]]:
+    """Committed log records from ``start`` (per partition; default 0) to the end as of now.
+
+    Returns the records as ``read_log`` does, and the end offsets to start the next read at.
+    """
+    topic = CgTopics(cg).log
+    start = {p: (start or {}).get(p, 0) for p in range(partitions)}
+    c = Consumer(
+        {
+            **kafka_conf,
+            "group.id": f"reader-{time.time_ns()}",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        ends = {
+            p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
+            for p in range(partitions)
+        }
+        c.assign([TopicPartition(topic, p, start[p]) for p in range(partitions)])
+        done = {p for p in range(partitions) if start[p] >= ends[p]}
+        out = []
+        deadline = time.monotonic() + 60
+        while len(done) < partitions:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reading {topic} {start}..{ends} took over 60 s")
+            for msg in c.consume(1000, 0.2):
+                p = msg.partition()
+                if msg.error():
+                    # EOF can come below the end offset when the tail is transaction markers
+                    if msg.error().code() == -191:
+                        done.add(p)
+                    continue
+                if msg.offset() >= ends[p]:
+                    done.add(p)
+                    continue
+                dec = codec.decode(msg.value())
+                out.append((dec.type, dec.record, p, msg.offset()))
+                if msg.offset() + 1 >= ends[p]:
+                    done.add(p)
+        return out, ends
+    finally:
+        c.close()
+
+
+def watermark_history(kafka_conf: dict[str, Any], cg: str) -> list[tuple[int, dict[str, Any]]]:
+    """(offset, Watermark record) of every record of the CG's watermark topic, in order."""
+    from connectors.kafka.reading import iter_range
+
+    return [
+        (m.offset(), codec.decode(m.value(), "Watermark").record)
+        for m in iter_range(kafka_conf, CgTopics(cg).watermark)
+    ]
+
+
+def record_ts_index(
+    records: list[tuple[str, dict[str, Any], int, int]],
+) -> list[tuple[int, int, int]]:
+    """(partition, offset, smallest ts) of each log record, for ``watermark_bound_violations``."""
+    out = []
+    for rtype, rec, p, o in records:
+        ts = min(x["ts"] for x in rec["extents"]) if rtype == "Write" else rec["ts"]
+        out.append((p, o, ts))
+    return out
+
+
+def watermark_bound_violations(
+    record_ts: list[tuple[int, int, int]], watermarks: list[tuple[int, dict[str, Any]]]
+) -> list[str]:
+    """Watermark safety, checked after the fact: every log record with ts <= W must lie
+    below that Watermark's ``log_offsets``. ``record_ts`` must cover the log from offset 0
+    to at least the largest of those offsets."""
+    import bisect
+
+    by_part: dict[int, list[tuple[int, int]]] = {}
+    for p, o, ts in sorted(record_ts):
+        by_part.setdefault(p, []).append((o, ts))
+    suffix_min: dict[int, list[int]] = {}
+    for p, recs in by_part.items():
+        mins = [0] * len(recs)
+        low = 2**63
+        for i in range(len(recs) - 1, -1, -1):
+            low = min(low, recs[i][1])
+            mins[i] = low
+        suffix_min[p] = mins
+    out = []
+    for wm_offset, rec in watermarks:
+        w = rec["w"]
+        for po in rec["log_offsets"]:
+            p, end = po["partition"], po["offset"]
+            recs = by_part.get(p, [])
+            i = bisect.bisect_left(recs, (end, -1))
+            if i < len(recs) and suffix_min[p][i] <= w:
+                bad = next(r for r in recs[i:] if r[1] <= w)
+                out.append(
+                    f"watermark record {wm_offset} publishes W={w} with log_offsets[{p}]={end}, "
+                    f"but the record at partition {p} offset {bad[0]} has ts {bad[1]} <= W"
+                )
+    return out
+
+
+def replay_digests(
+    records: list[tuple[str, dict[str, Any], int, int]], sizes: dict[str, int], ws: list[int]
+) -> dict[int, dict[str, str]]:
+    """Content digest of every volume after replaying the log to each W in ``ws``.
+
+    One pass in ts order (``rebuild_from_log`` per W would be quadratic). A volume whose
+    CREATE has ts > W is absent from that W's map, as from a checkpoint taken then.
+    """
+    from connectors.image.image import content_digest_bytes
+
+    ops: list[tuple[int, str, int, bytes | None]] = []  # data None: the volume's CREATE
+    frags: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for rtype, rec, _p, _o in records:
+        if rtype == "Write":
+            for ext in rec["extents"]:
+                key = (rec["volume_id"], ext["ts"])
+                frags.setdefault(key, {})[ext["fragment_index"]] = ext
+                if len(frags[key]) == ext["fragment_count"]:
+                    parts = [frags[key][i] for i in range(ext["fragment_count"])]
+                    data = b"".join(x["data"] for x in parts)
+                    ops.append((ext["ts"], rec["volume_id"], parts[0]["offset"], data))
+        elif rtype == "Zero":
+            ops.append((rec["ts"], rec["volume_id"], rec["offset"], bytes(rec["length"])))
+        elif rtype == "VolumeChange" and rec["op"] == "CREATE":
+            ops.append((rec["ts"], rec["volume_id"], 0, None))
+    ops.sort(key=lambda o: o[0])
+    images = {v: bytearray(n) for v, n in sizes.items()}
+    created: set[str] = set()
+    out: dict[int, dict[str, str]] = {}
+    i = 0
+    for w in sorted(set(ws)):
+        while i < len(ops) and ops[i][0] <= w:
+            _ts, vid, off, data = ops[i]
+            if data is None:
+                created.add(vid)
+            else:
+                images[vid][off : off + len(data)] = data
+            i += 1
+        out[w] = {vid: content_digest_bytes(images[vid]) for vid in sorted(created)}
+    return out
+
+
+def create_cg_topics(kafka_conf: dict[str, Any], cg: str, timeout_s: float = 30.0) -> None:
+    """Create the CG's topics and wait until every partition answers offset requests.
+
+    A just-created partition can answer NOT_LEADER for a moment after the metadata shows a
+    leader; tests that start several services at once wait here rather than race it.
+    """
+    from confluent_kafka import KafkaException
+
+    from connectors.kafka.topics import ensure_topics
+
+    topics = CgTopics(cg)
+    ensure_topics(kafka_conf, cg)
+    c = Consumer({**kafka_conf, "group.id": f"probe-{time.time_ns()}"})
+    try:
+        wanted = [(topics.log, p) for p in range(4)] + [
+            (t, 0) for t in (topics.progress, topics.watermark, topics.checkpoints)
+        ]
+
+        def ready() -> bool:
+            try:
+                for t, p in wanted:
+                    c.get_watermark_offsets(TopicPartition(t, p), timeout=5, cached=False)
+            except KafkaException:
+                return False
+            return True
+
+        wait_until(ready, timeout_s, f"the topics of CG {cg} to serve", interval_s=0.1)
+    finally:
+        c.close()
