@@ -290,6 +290,8 @@ class Applier:
             bound = {po["partition"]: po["offset"] for po in rec["log_offsets"]}
             for m in rec["members"]:
                 self.planner.note_epoch(m["interceptor_id"], m["epoch"], bound)
+            for d in rec["departed"]:
+                self.planner.note_departed(d["interceptor_id"], d["epoch"], d["s"])
             if rec["w"] > self._max_seen_w:  # consumers ignore a lower W
                 self._max_seen_w = rec["w"]
                 self._targets.append(rec)

@@ -130,6 +130,7 @@ class ApplyPlanner:
         # what ready() verified: take(w) needs every record with ts <= w to have been read
         self._ready_w = applied_w
         self._bound: tuple[int, dict[int, int]] | None = None  # (w, log_offsets)
+        self._departed: dict[tuple[str, int], int] = {}  # (interceptor, epoch) -> final S
         for iid, epoch, partition, offset in epoch_evidence:
             self._note(iid, epoch, partition, offset)
 
@@ -166,7 +167,9 @@ class ApplyPlanner:
             raise _halt(where, f"has extents out of ts order {tss}")
 
         self._note(iid, epoch, partition, offset)
-        if self._is_stale(iid, epoch, partition, offset):
+        if self._is_stale(iid, epoch, partition, offset) or self._after_departure(
+            iid, epoch, tss[-1]
+        ):
             self.stats.rejected_stale_epoch += 1
             return AddOutcome.REJECTED_STALE_EPOCH
         self._check_bound(where, tss[0])
@@ -193,6 +196,14 @@ class ApplyPlanner:
         """
         for partition, offset in log_offsets.items():
             self._note(interceptor_id, epoch, partition, offset)
+
+    def note_departed(self, interceptor_id: str, epoch: int, final_s: int) -> None:
+        """A watermark says this instance left or was fenced with final S ``final_s``.
+
+        Its committed records all have ts <= final_s (each committed with a progress S at
+        or below it), so one above it is from a zombie Kafka's fencing did not stop.
+        """
+        self._departed[(interceptor_id, epoch)] = final_s
 
     # ---- output ------------------------------------------------------------------------
 
@@ -498,6 +509,10 @@ class ApplyPlanner:
             epochs[epoch] = offset
         key = (iid, partition)
         self._max_epoch[key] = max(self._max_epoch.get(key, epoch), epoch)
+
+    def _after_departure(self, iid: str, epoch: int, max_ts: int) -> bool:
+        final_s = self._departed.get((iid, epoch))
+        return final_s is not None and max_ts > final_s
 
     def _is_stale(self, iid: str, epoch: int, partition: int, offset: int) -> bool:
         if epoch >= self._max_epoch.get((iid, partition), epoch):

@@ -84,8 +84,13 @@ class WatermarkState:
         max_s: int = 0,
         members: Iterable[Member] = (),
         progress_offset: int = -1,
+        departed: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         self._w = w
+        # interceptor id -> (epoch, final S) of its last instance that left or was fenced;
+        # an applier rejects that instance's records above it (a zombie that Kafka's
+        # fencing did not stop must still never reach a backup)
+        self.departed: dict[str, tuple[int, int]] = dict(departed or {})
         self.max_s = max_s
         self.progress_offset = progress_offset
         self.members: dict[str, Member] = {}
@@ -158,6 +163,7 @@ class WatermarkState:
             return Reason.STALE_EPOCH
         # every record it acked is durable and it will not write again: no clamp
         del self.members[iid]
+        self.departed[iid] = (m.epoch, m.s)
         return Reason.ACCEPTED
 
     def _fence(self, iid: str, epoch: int) -> Reason:
@@ -172,6 +178,7 @@ class WatermarkState:
 
     def _remove_and_clamp(self, fenced: Member) -> None:
         del self.members[fenced.interceptor_id]
+        self.departed[fenced.interceptor_id] = (fenced.epoch, fenced.s)
         for m in self.members.values():
             m.effective_s = min(m.effective_s, fenced.s)
 
@@ -192,6 +199,10 @@ class WatermarkState:
             "max_s": self.max_s,
             "progress_offset": self.progress_offset,
             "members": [dataclasses.asdict(self.members[k]) for k in sorted(self.members)],
+            "departed": [
+                {"interceptor_id": k, "epoch": e, "s": s}
+                for k, (e, s) in sorted(self.departed.items())
+            ],
         }
 
     @classmethod
@@ -204,6 +215,7 @@ class WatermarkState:
                 max_s=d["max_s"],
                 members=members,
                 progress_offset=d["progress_offset"],
+                departed={x["interceptor_id"]: (x["epoch"], x["s"]) for x in d.get("departed", [])},
             )
         except (KeyError, TypeError) as e:
             raise WatermarkError(

@@ -231,6 +231,7 @@ class WatermarkService:
             "progress_offset": snap["progress_offset"],
             "max_s": snap["max_s"],
             "members": snap["members"],
+            "departed": snap["departed"],
             "published_us": wall_us(),
         }
         value = codec.encode("Watermark", rec)

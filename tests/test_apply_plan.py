@@ -708,3 +708,34 @@ def test_budget_drop_and_reread() -> None:
 def test_bad_records_halt(rtype: str, record: dict[str, Any]) -> None:
     with pytest.raises(ApplierHaltedError, match="partition 0 offset 0"):
         ApplyPlanner().add(rtype, record, 0, 0)
+
+
+def test_departed_instance_records_above_its_final_s_are_rejected():
+    """A zombie that Kafka's fencing missed: its epoch is not stale (nobody replaced it),
+    but it left (or was fenced) with final S, so a record above S cannot be legitimate."""
+    planner = ApplyPlanner()
+
+    def write(ts: int, off: int) -> dict[str, Any]:
+        return {
+            "volume_id": "v",
+            "interceptor_id": "x",
+            "epoch": 7,
+            "extents": [
+                {
+                    "ts": ts,
+                    "offset": off,
+                    "write_length": 1,
+                    "fragment_index": 0,
+                    "fragment_count": 1,
+                    "data": b"z",
+                }
+            ],
+        }
+
+    planner.note_departed("x", 7, 100)
+    assert planner.add("Write", write(100, 0), 0, 0) == AddOutcome.ACCEPTED
+    assert planner.add("Write", write(101, 1), 0, 1) == AddOutcome.REJECTED_STALE_EPOCH
+    planner.note_position(0, 2)
+    assert planner.ready(200, {0: 2})
+    assert [op.ts for op in planner.take(200)] == [100]
+    assert planner.stats.rejected_stale_epoch == 1

@@ -92,7 +92,8 @@ STRATEGIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "Write": writes(),
     "Zero": st.fixed_dictionaries({
         "volume_id": NAME, "interceptor_id": NAME, "epoch": SMALL, "ts": LONG,
-        "offset": st.integers(0, 2**62), "length": st.integers(1, 2**62),
+        # offset + length must fit in an int64 (the decoder refuses an overflowing range)
+        "offset": st.integers(0, 2**62 - 1), "length": st.integers(1, 2**62),
         "kind": st.sampled_from(["ZERO", "TRIM"]),
     }),
     "Marker": st.fixed_dictionaries({
@@ -121,6 +122,9 @@ STRATEGIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
             "last_progress_offset": SMALL,
         }), unique_by=lambda m: m["interceptor_id"], max_size=4),
         "published_us": LONG,
+        "departed": st.lists(st.fixed_dictionaries({
+            "interceptor_id": NAME, "epoch": SMALL, "s": LONG,
+        }), unique_by=lambda m: m["interceptor_id"], max_size=3),
     }),
     "Checkpoint": st.fixed_dictionaries({
         "site": NAME, "cg": NAME, "w": LONG, "log_offsets": _po(),
@@ -303,7 +307,8 @@ SAMPLES: list[tuple[str, dict[str, Any]]] = [
                                 "last_progress_offset": 1200},
                                {"interceptor_id": "b", "epoch": 4, "s": 11, "effective_s": 11,
                                 "last_progress_offset": 1234}],
-                   "published_us": 1_700_000_000_000_001}),
+                   "published_us": 1_700_000_000_000_001,
+                   "departed": [{"interceptor_id": "c", "epoch": 2, "s": 8}]}),
     ("Checkpoint", {"site": "dr", "cg": "cg1", "w": 2**58, "log_offsets": [],
                     "volumes": [{"volume_id": "v1", "size": 1 << 30, "digest": "blake2b:00ff"}],
                     "written_us": 7}),

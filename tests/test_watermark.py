@@ -550,3 +550,16 @@ def test_member_dataclass_round_trips() -> None:
     m.s = 0  # the state keeps its own copy
     assert state.members["a"].s == 10
     assert WatermarkState.from_snapshot(state.snapshot()).members["a"] == Member("a", 3, 10, 8, 4)
+
+
+def test_fenced_and_left_instances_are_remembered_with_their_final_s():
+    st_ = WatermarkState()
+    st_.apply({"interceptor_id": "a", "epoch": -1, "kind": "JOIN", "s": 10}, 0)
+    st_.apply({"interceptor_id": "b", "epoch": -1, "kind": "JOIN", "s": 10}, 1)
+    st_.apply({"interceptor_id": "a", "epoch": 0, "kind": "PROGRESS", "s": 50}, 2)
+    st_.apply({"interceptor_id": "b", "epoch": 1, "kind": "PROGRESS", "s": 60}, 3)
+    st_.apply({"interceptor_id": "a", "epoch": 0, "kind": "FENCE", "s": 0}, 4)
+    st_.apply({"interceptor_id": "b", "epoch": 1, "kind": "LEAVE", "s": 70}, 5)
+    assert st_.departed == {"a": (0, 50), "b": (1, 60)}
+    again = WatermarkState.from_snapshot(st_.snapshot())
+    assert again.departed == st_.departed and again.w == st_.w
