@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from connectors.image.image import Image
@@ -44,6 +43,7 @@ from pipeline.errors import (
 )
 from pipeline.fsutil import atomic_write
 from pipeline.logs import event
+from pipeline.replay import ImageSet
 from schemas import codec
 
 log = logging.getLogger("lowmark.applier")
@@ -105,8 +105,7 @@ class Applier:
         self.config = config.validate()
         self.kafka_conf = dict(kafka_conf)
         self.topics = CgTopics(config.cg)
-        self.images: dict[str, Image] = {}
-        self.catalog: dict[str, dict[str, Any]] = {}
+        self.site: ImageSet = None  # type: ignore[assignment]  # opened by start()
         self.stats = ApplierStats()
         self.applied_w = 0
         self.checkpoint_w = 0
@@ -115,7 +114,6 @@ class Applier:
         self._targets: list[dict[str, Any]] = []  # watermarks not yet applied, ascending
         self._max_seen_w = 0
         self._positions: dict[int, int] = {}
-        self._touched: set[str] = set()
         self._last_checkpoint = time.monotonic()
         self._reread: dict[int, int] | None = None
         self._blocked: tuple[int, int, ApplierHaltedError] | None = None
@@ -133,15 +131,11 @@ class Applier:
     # ---------------------------------------------------------------- paths & state
 
     @property
-    def image_dir(self) -> Path:
-        return self.config.data_dir / "images"
-
-    @property
     def checkpoint_path(self) -> Path:
         return self.config.data_dir / "checkpoint.avro"
 
     def image_path(self, volume_id: str) -> Path:
-        return self.image_dir / f"{volume_id}.img"
+        return self.config.data_dir / "images" / f"{volume_id}.img"
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         if self.checkpoint_path.exists():
@@ -174,8 +168,7 @@ class Applier:
             log_partitions=self.config.log_partitions,
             replication_factor=self.config.replication_factor,
         )
-        self.image_dir.mkdir(parents=True, exist_ok=True)
-        self._load_catalog()
+        self.site = ImageSet(self.config.data_dir, keep_deleted=True)
         ckpt = self._load_checkpoint()
         start_offsets = {p: 0 for p in range(self.config.log_partitions)}
         if ckpt is not None:
@@ -224,9 +217,8 @@ class Applier:
         if self._producer is not None:
             self._producer.flush(5)
         self._log = self._wm = self._producer = None
-        for img in self.images.values():
-            img.close()
-        self.images.clear()
+        if self.site is not None:
+            self.site.close()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -378,71 +370,37 @@ class Applier:
     # ---------------------------------------------------------------- applying
 
     def _apply(self, op: ApplyOp) -> None:
-        if op.kind == "volume_change":
-            self._volume_change(op.record or {})
-            return
         if op.kind in ("marker", "snapshot"):
             self.markers.append({"kind": op.kind, "ts": op.ts, **(op.record or {})})
             return
-        img = self._image(op.volume_id)
-        if op.offset + op.length > img.size:
-            raise self._halt_op(op, f"extends past the volume's {img.size} bytes")
-        if op.kind == "write":
-            assert op.data is not None
-            img.pwrite(op.offset, op.data)
-        else:  # zero / trim: both read as zeroes afterwards, at primary and backup
-            img.zero(op.offset, op.length)
-        self._touched.add(op.volume_id or "")
+        try:
+            self.site.apply(op)  # the same rules restore and replay use
+        except ApplyError as exc:
+            self.halted = ApplierHaltedError(
+                f"CG {self.config.cg} site {self.config.site}: {exc}. The log does not match "
+                "this site's images: rebuild the site from a checkpoint (replacement backup)"
+            )
+            raise self.halted from None
+        if op.kind == "volume_change":
+            rec = op.record or {}
+            event(
+                log,
+                "volume change applied",
+                volume=op.volume_id,
+                op=rec.get("op"),
+                size=rec.get("size"),
+            )
+            return
         self.stats.applied_ops += 1
         self.stats.applied_bytes += op.length
 
-    def _image(self, volume_id: str | None) -> Image:
-        img = self.images.get(volume_id or "")
-        if img is None:
-            raise ApplyError(
-                f"record for unknown volume {volume_id!r} (no CREATE seen); the log does not "
-                "start at this volume's creation: bootstrap this site from a checkpoint"
-            )
-        return img
+    @property
+    def images(self) -> dict[str, Image]:
+        return self.site.images
 
-    def _volume_change(self, rec: dict[str, Any]) -> None:
-        vid, op = rec["volume_id"], rec["op"]
-        if op == "DELETE":
-            img = self.images.pop(vid, None)
-            if img is not None:
-                img.close()
-                self.image_path(vid).rename(self.image_path(vid).with_suffix(".deleted"))
-            self.catalog.pop(vid, None)
-        else:
-            img = self.images.get(vid)
-            if img is None:
-                img = Image(self.image_path(vid), create_size=rec["size"])
-                self.images[vid] = img
-            if img.size != rec["size"]:
-                img.resize(rec["size"])
-            self.catalog[vid] = {
-                "volume_id": vid,
-                "name": rec["name"],
-                "size": rec["size"],
-                "metadata": dict(rec.get("metadata") or {}),
-            }
-        self._touched.add(vid)
-        self._save_catalog()
-        event(log, "volume change applied", volume=vid, op=op, size=rec.get("size"))
-
-    def _catalog_path(self) -> Path:
-        return self.config.data_dir / "volumes.json"
-
-    def _load_catalog(self) -> None:
-        path = self._catalog_path()
-        if path.exists():
-            self.catalog = {v["volume_id"]: v for v in orjson.loads(path.read_bytes())["volumes"]}
-        for vid in self.catalog:
-            self.images[vid] = Image(self.image_path(vid))
-
-    def _save_catalog(self) -> None:
-        body = orjson.dumps({"volumes": list(self.catalog.values())}, option=orjson.OPT_INDENT_2)
-        atomic_write(self._catalog_path(), body)
+    @property
+    def catalog(self) -> dict[str, dict[str, Any]]:
+        return self.site.catalog
 
     # ---------------------------------------------------------------- checkpoint
 
@@ -472,8 +430,7 @@ class Applier:
         checkpoint again below what was published before it started).
         """
         rec = self._checkpoint_record(digests=False)
-        images = [img for vid in self._touched if (img := self.images.get(vid)) is not None]
-        self._touched.clear()
+        images = self.site.take_touched()
         self._last_checkpoint = time.monotonic()
         result: dict[str, Any] = {"rec": rec}
 
@@ -525,11 +482,7 @@ class Applier:
         digests = digests and self.config.compute_digests
         if digests:
             self._last_digest = time.monotonic()
-        for vid in self._touched:
-            img = self.images.get(vid)
-            if img is not None:
-                img.sync()
-        self._touched.clear()
+        self.site.sync()
         rec = self._checkpoint_record(digests)
         value = self._persist_checkpoint(rec)
         self._last_checkpoint = time.monotonic()
@@ -652,13 +605,6 @@ class Applier:
             offset=self._blocked[1],
         )
         raise self.halted
-
-    def _halt_op(self, op: ApplyOp, why: str) -> ApplierHaltedError:
-        self.halted = ApplierHaltedError(
-            f"CG {self.config.cg}: {op.kind} at ts {op.ts} on volume {op.volume_id} {why}; "
-            "the log does not match this site's images. Rebuild the site from a checkpoint."
-        )
-        return self.halted
 
     # ---------------------------------------------------------------- numbers
 

@@ -159,8 +159,10 @@ class ReplayPlan:
 class ImageSet:
     """The images of a CG in one directory, changed only through ``apply``."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, keep_deleted: bool = False) -> None:
         self.root = Path(root)
+        # a backup site keeps a deleted volume's bytes as <id>.deleted for the operator
+        self.keep_deleted = keep_deleted
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.catalog: dict[str, dict[str, Any]] = {}
         self.images: dict[str, Image] = {}
@@ -219,7 +221,11 @@ class ImageSet:
             img = self.images.pop(vid, None)
             if img is not None:
                 img.close()
-                self.image_path(vid).unlink(missing_ok=True)
+                path = self.image_path(vid)
+                if self.keep_deleted:
+                    path.rename(path.with_suffix(".deleted"))
+                else:
+                    path.unlink(missing_ok=True)
             self.catalog.pop(vid, None)
             self._touched.discard(vid)
         else:
@@ -241,12 +247,15 @@ class ImageSet:
         body = orjson.dumps({"volumes": list(self.catalog.values())}, option=orjson.OPT_INDENT_2)
         atomic_write(self.catalog_path, body)
 
-    def sync(self) -> None:
-        for vid in self._touched:
-            img = self.images.get(vid)
-            if img is not None:
-                img.sync()
+    def take_touched(self) -> list[Image]:
+        """The images changed since the last call (to fdatasync before a checkpoint)."""
+        touched = [img for vid in self._touched if (img := self.images.get(vid)) is not None]
         self._touched.clear()
+        return touched
+
+    def sync(self) -> None:
+        for img in self.take_touched():
+            img.sync()
 
     def volumes(self) -> list[dict[str, Any]]:
         """id, name, size and content digest of every volume, sorted by id."""
