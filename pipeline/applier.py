@@ -185,6 +185,8 @@ class Applier:
             "isolation.level": "read_committed",
             "enable.partition.eof": True,
             "fetch.max.bytes": 64 << 20,
+            # see the watermark service: without it a committed record can wait 500 ms
+            "fetch.wait.max.ms": 5,
         }
         group = f"lowmark.{self.config.cg}.apply.{self.config.site}"
         self._log = Consumer({**self.kafka_conf, **base, "group.id": group})

@@ -105,7 +105,13 @@ class WatermarkService:
         now = time.monotonic()
         for member in self.state.members:
             self._last_seen[member] = now  # a resumed service gives everyone a full timeout
-        base = {"enable.auto.commit": False, "isolation.level": "read_committed"}
+        base = {
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            # a read_committed fetch may wait out fetch.wait.max.ms (500 ms) although the
+            # transaction committed; progress is tiny, so ask often: this bounds W's lag
+            "fetch.wait.max.ms": 5,
+        }
         self._consumer = Consumer(
             {**self.kafka_conf, **base, "group.id": f"lowmark.{self.config.cg}.watermark"}
         )
