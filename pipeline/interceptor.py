@@ -251,10 +251,14 @@ class Interceptor:
                 "compression.type": self.config.compression,
                 "linger.ms": 2,  # a tick produces in a burst; commit flushes anyway
                 "batch.size": 1_000_000,
-                "message.timeout.ms": int(self.config.replication_timeout_s * 1000),
-                "transaction.timeout.ms": max(
-                    60_000, int(self.config.replication_timeout_s * 2000)
-                ),
+                # records never time out locally while Kafka is away: a timed-out record
+                # makes the transaction abortable mid-commit, and aborting a commit already
+                # in progress is a fatal INVALID_TXN_STATE. Sync writes still fail after
+                # replication_timeout_s (they wait on their ticket); the rest waits, bounded
+                # by max_unreplicated_bytes. A dead interceptor's open transaction is aborted
+                # sooner than this by the watermark service's fencing.
+                "message.timeout.ms": 300_000,
+                "transaction.timeout.ms": 300_000,
             }
         )
         return c
@@ -586,46 +590,47 @@ class Interceptor:
         progress: tuple[str, bytes, list[tuple[str, bytes]]],
         progress_cb: Callable[[Any, Any], None] | None = None,
     ) -> None:
-        """Commit ``records`` + ``progress`` atomically, retrying what Kafka lets us retry."""
+        """Commit ``records`` + ``progress`` atomically, retrying what Kafka lets us retry.
+
+        librdkafka's rules: a commit that fails retriably (e.g. timed out while brokers are
+        down) is still in progress and must be *called again*, not begun anew; one that
+        requires an abort is aborted, then the same records go out in a new transaction
+        (an aborted transaction is invisible to read_committed readers); a fatal error
+        (fenced, ...) ends this interceptor.
+        """
         p = self._producer
         assert p is not None
         backoff = 0.05
         deadline = time.monotonic() + max(self.config.replication_timeout_s, 1.0) * 4
+        begun = False
         while True:
             try:
-                p.begin_transaction()
-                for key, value, headers in records:
+                if not begun:
+                    p.begin_transaction()
+                    begun = True
+                    for key, value, headers in records:
+                        p.produce(
+                            self.topics.log,
+                            value,
+                            key,
+                            headers=headers,
+                            on_delivery=self._on_delivery,
+                        )
+                    key, value, headers = progress
                     p.produce(
-                        self.topics.log, value, key, headers=headers, on_delivery=self._on_delivery
+                        self.topics.progress, value, key, headers=headers, on_delivery=progress_cb
                     )
-                key, value, headers = progress
-                p.produce(
-                    self.topics.progress, value, key, headers=headers, on_delivery=progress_cb
-                )
                 p.commit_transaction(self.config.replication_timeout_s)
                 p.poll(0)
                 self.stats["transactions"] += 1
                 return
             except KafkaException as exc:
                 err = exc.args[0]
-                self._delivery_error = err
-                if err.code() in (CKafkaError._FENCED, CKafkaError.PRODUCER_FENCED) or (
-                    err.fatal() and "fenc" in err.str().lower()
-                ):
-                    raise FencedError(
-                        f"interceptor {self.config.interceptor_id} (epoch {self.epoch}) was "
-                        "fenced by a newer instance or the watermark service; it can add no "
-                        "records. Restart it; resync its volumes' backups if it acknowledged "
-                        "async writes after its last progress."
-                    ) from None
-                if err.fatal():
-                    raise ReplicationError(f"Kafka producer failed fatally: {err.str()}") from None
+                self._raise_if_fatal(err)
                 self.stats["txn_retries"] += 1
                 if err.txn_requires_abort():
-                    try:
-                        p.abort_transaction(self.config.replication_timeout_s)
-                    except KafkaException as abort_exc:
-                        log.warning("abort_transaction failed: %s", abort_exc)
+                    self._abort(p)
+                    begun = False
                 if self._stop.is_set() and time.monotonic() > deadline:
                     raise ReplicationError(
                         f"could not commit to Kafka before shutdown: {err.str()}"
@@ -640,6 +645,41 @@ class Interceptor:
                 )
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    def _abort(self, p: Producer) -> None:
+        """Abort the open transaction, retrying while the coordinator is unreachable."""
+        backoff = 0.05
+        while True:
+            try:
+                p.abort_transaction(self.config.replication_timeout_s)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                self._raise_if_fatal(err)
+                if self._stop.is_set() and not err.retriable():
+                    raise ReplicationError(f"could not abort a transaction: {err.str()}") from None
+                event(
+                    log,
+                    "abort_transaction failed; retrying",
+                    level=logging.WARNING,
+                    error=err.str(),
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _raise_if_fatal(self, err: CKafkaError) -> None:
+        self._delivery_error = err
+        if err.code() in (CKafkaError._FENCED, CKafkaError.PRODUCER_FENCED) or (
+            err.fatal() and "fenc" in err.str().lower()
+        ):
+            raise FencedError(
+                f"interceptor {self.config.interceptor_id} (epoch {self.epoch}) was "
+                "fenced by a newer instance or the watermark service; it can add no "
+                "records. Restart it; resync its volumes' backups if it acknowledged "
+                "async writes after its last progress."
+            ) from None
+        if err.fatal():
+            raise ReplicationError(f"Kafka producer failed fatally: {err.str()}") from None
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         # never raises: latch the error, keep the offsets (quix-streams' shape)

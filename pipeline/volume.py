@@ -274,10 +274,11 @@ class ConsistencyGroup:
             ticket = engine.append(token, vol.volume_id, "volume_change", ts, 0, None, 0, extra)
         ticket.wait()
 
-    def flush(self) -> None:
+    def flush(self, timeout_s: float | None = None) -> None:
+        """fdatasync every image; wait until every record so far is durable in Kafka."""
         for vol in self.volumes.values():
             vol.image.sync()
-        self.interceptor.barrier().wait()
+        self.interceptor.barrier().wait(timeout_s)
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:

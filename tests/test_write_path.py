@@ -204,3 +204,56 @@ def test_sync_write_fails_clearly_when_durability_is_impossible(
             for node in stopped:
                 kafka3.start_node(node)
             cg.interceptor.crash()
+
+
+@pytest.mark.kafka3
+def test_async_writes_block_at_the_backpressure_bound_and_lose_nothing(
+    kafka3, kafka3_conf, unique_name, tmp_path, caplog
+):
+    """Kafka stops taking records: async writes go on locally up to the bound, then block
+    with a clear log line; once Kafka is back every acknowledged write reaches the log."""
+    opts = {
+        **FAST,
+        "replication_timeout_s": 3.0,
+        "replication_factor": 3,
+        "max_unreplicated_bytes": 4 << 20,
+    }
+    size = 16 << 20
+    cg = ConsistencyGroup.open(unique_name, tmp_path / "p", kafka3_conf, **opts)
+    try:
+        vol = cg.create_volume("bp", size)
+        leader = kafka3.controller_leader()
+        stopped = [n for n in kafka3.node_ids if n != leader][:2]
+        for node in stopped:
+            kafka3.kill_node(node)
+        acked: list[int] = []
+        stop = threading.Event()
+
+        def writer() -> None:
+            i = 0
+            while not stop.is_set() and i < 200:
+                vol.write((i * 65536) % size, bytes([i % 251 + 1]) * 65536)
+                acked.append(i)
+                i += 1
+
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        time.sleep(4)
+        blocked_at = len(acked)
+        time.sleep(1.5)
+        # the bound holds: about 4 MiB of 64 KiB writes, and no more while Kafka is down
+        assert 0 < blocked_at <= 70, blocked_at
+        assert len(acked) == blocked_at, "writes went on past the backpressure bound"
+        assert any("writes blocked" in r.getMessage() for r in caplog.records)
+        for node in stopped:
+            kafka3.start_node(node)
+        t.join(120)
+        assert not t.is_alive(), "writes did not resume once Kafka was back"
+        assert len(acked) == 200
+        cg.flush(timeout_s=60)
+        primary = vol.pread(0, size)
+    finally:
+        stop.set()
+        cg.close()
+    rebuilt = rebuild_from_log(read_log(kafka3_conf, unique_name), {"bp": size})
+    assert bytes(rebuilt["bp"]) == primary, "an acknowledged write is missing from the log"
