@@ -195,6 +195,8 @@ def encode(record_type: str, record: dict[str, Any]) -> bytes:
     field is missing, mistyped or impossible (the same checks ``decode`` applies).
     """
     entry = _entry(record_type)
+    if record_type == "Write":
+        return _encode_write(entry.header, record)
     try:
         _VALIDATORS[record_type](record)
         buf = io.BytesIO()
@@ -215,6 +217,67 @@ def encode(record_type: str, record: dict[str, Any]) -> bytes:
         crc = _crc32c(view)
     buf.write(_crc_varint(crc))
     return buf.getvalue()
+
+
+def _zz(n: int) -> bytes:
+    """Avro long/int: zigzag varint."""
+    z = (n << 1) ^ (n >> 63)
+    if z < 0x80:
+        return _SMALL_VARINTS[z]
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes([i]) for i in range(0x80)]
+
+
+def _encode_write(header: bytes, record: dict[str, Any]) -> bytes:
+    """The Write record, byte for byte what fastavro writes, with one copy of the data.
+
+    Writes carry the block data, so they are most of what the interceptor encodes: going
+    through a BytesIO costs two extra copies of every byte (measured: 64 KiB writes spent
+    a fifth of the tick thread there). test_codec checks the bytes equal fastavro's.
+    """
+    try:
+        _VALIDATORS["Write"](record)
+        vid = record["volume_id"].encode()
+        iid = record["interceptor_id"].encode()
+        extents = record["extents"]
+        parts: list[bytes | memoryview] = [
+            header,
+            _zz(len(vid)) + vid + _zz(len(iid)) + iid + _zz(record["epoch"]) + _zz(len(extents)),
+        ]
+        for x in extents:
+            data = x["data"]
+            parts.append(
+                _zz(x["ts"])
+                + _zz(x["offset"])
+                + _zz(x["write_length"])
+                + _zz(x["fragment_index"])
+                + _zz(x["fragment_count"])
+                + _zz(len(data))
+            )
+            parts.append(data)
+        parts.append(b"\x00")  # end of the extents array
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise CorruptRecordError(
+            f"cannot encode Write: {type(exc).__name__}: {exc}. "
+            "The caller built a record that does not match schemas/write.avsc."
+        ) from exc
+    try:
+        crc = 0
+        for part in parts:
+            crc = _crc32c_gil(part, crc, gil_release_mode=0)
+        parts.append(_crc_varint(crc))
+        return b"".join(parts)
+    except TypeError as exc:  # data that is not bytes-like
+        raise CorruptRecordError(f"cannot encode Write: {exc}; data must be bytes") from exc
 
 
 # ---------------------------------------------------------------- decode

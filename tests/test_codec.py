@@ -553,3 +553,15 @@ def test_micro_timing() -> None:
         print(f"\n4 KiB Write, {n_extents:2d} extent(s): encode {(t1 - t0) / rounds * 1e6:.1f} µs,"
               f" decode {(t2 - t1) / rounds * 1e6:.1f} µs, {len(payload)} bytes")
         assert codec.decode(payload).record == record
+
+
+@given(STRATEGIES["Write"])
+@settings(max_examples=300, deadline=None)
+def test_write_fast_path_is_byte_identical_to_fastavro(record):
+    """Write records skip fastavro on the hot path; their bytes must not differ by one."""
+    buf = io.BytesIO()
+    buf.write(b"\xc3\x01" + codec.fingerprint("Write").to_bytes(8, "little"))
+    fastavro.schemaless_writer(buf, codec.schema_of("Write"), {**record, "crc32c": 0})
+    body = buf.getvalue()[:-1]
+    expected = body + codec._crc_varint(crc32c(body))
+    assert codec.encode("Write", record) == expected
