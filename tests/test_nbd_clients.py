@@ -21,8 +21,7 @@ import socket
 import struct
 import subprocess
 import tempfile
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import pytest
 
 from connectors.nbd import protocol as p
 from connectors.nbd.file_export import FileExport
-from connectors.nbd.server import Export, NbdServer, NbdServerConfig
+from tests.nbd_helpers import ServerThread as BaseServerThread
 
 pytestmark = pytest.mark.tools
 
@@ -123,44 +122,12 @@ class CallLog:
         return self._maybe_later(self.inner.flush)
 
 
-class ServerThread:
-    """An NbdServer on its own event loop thread (the clients are other processes)."""
-
-    def __init__(self, exports: Mapping[str, Export], **config: Any) -> None:
-        self.config = NbdServerConfig(**{"host": "127.0.0.1", "port": 0, **config})
-        self.loop = asyncio.new_event_loop()
-        self.loop_errors: list[str] = []
-        self.server = NbdServer(exports, self.config)
-
-    def __enter__(self) -> ServerThread:
-        started = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.set_exception_handler(
-                lambda _loop, ctx: self.loop_errors.append(str(ctx.get("exception") or ctx))
-            )
-            self.loop.run_until_complete(self.server.start())
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=serve, name="nbd-server", daemon=True)
-        self.thread.start()
-        assert started.wait(10), "NBD server did not start"
-        return self
+class ServerThread(BaseServerThread):
+    """The shared server thread; here no loop-level error may happen at all."""
 
     def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().__exit__(*exc)
         assert not self.loop_errors, self.loop_errors
-
-    def uri(self, name: str = "") -> str:
-        return f"nbd://127.0.0.1:{self.server.port}/{name}"
-
-    def unix_uri(self, name: str = "") -> str:
-        return f"nbd+unix:///{name}?socket={self.config.unix_path}"
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ import pytest
 
 from connectors.nbd import protocol as p
 from connectors.nbd.file_export import FileExport
-from connectors.nbd.server import Export, NbdServer, NbdServerConfig
+from connectors.nbd.server import NbdServer, NbdServerConfig
+from tests.nbd_helpers import ServerThread
 
 EXPORT_SIZE = 4 << 20
 BLOCK = 4096
@@ -123,54 +124,6 @@ class RecordingExport:
 
 
 # --- the server, on a loop in a thread -----------------------------------------------------
-
-
-class ServerThread:
-    """Runs an NbdServer on its own event loop thread; records loop-level errors."""
-
-    def __init__(self, exports: Mapping[str, Export], **config: Any) -> None:
-        self.exports = exports
-        self.config = NbdServerConfig(**{"host": "127.0.0.1", "port": 0, **config})
-        self.loop_errors: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.server = NbdServer(exports, self.config)
-
-    def __enter__(self) -> ServerThread:
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.set_exception_handler(
-                lambda _loop, ctx: self.loop_errors.append(str(ctx.get("exception") or ctx))
-            )
-            self.loop.run_until_complete(self.server.start())
-            started.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, name="nbd-server", daemon=True)
-        self.thread.start()
-        assert started.wait(10), "NBD server did not start"
-        return self
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the server's loop thread and return its result."""
-
-        async def run() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-    @property
-    def port(self) -> int:
-        port = self.server.port
-        assert port is not None
-        return port
 
 
 # --- a tiny, strict client -------------------------------------------------------------
