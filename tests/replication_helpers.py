@@ -105,13 +105,12 @@ def read_log(
     return out
 
 
-def rebuild_from_log(
+def log_ops(
     records: list[tuple[str, dict[str, Any], int, int]],
-    sizes: dict[str, int],
-    upto_ts: int | None = None,
-) -> dict[str, bytearray]:
-    """Reference images: every write / zero with ts <= upto_ts applied in ts order."""
-    ops = []
+) -> list[tuple[int, str, int, bytes | None]]:
+    """(ts, volume, offset, data) of every whole write / zero, in ts order; data None marks
+    a volume's CREATE. Written independently of the planner: the tests' reference."""
+    ops: list[tuple[int, str, int, bytes | None]] = []
     frags: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for rtype, rec, _p, _o in records:
         if rtype == "Write":
@@ -124,7 +123,19 @@ def rebuild_from_log(
                     ops.append((ext["ts"], rec["volume_id"], parts[0]["offset"], data))
         elif rtype == "Zero":
             ops.append((rec["ts"], rec["volume_id"], rec["offset"], bytes(rec["length"])))
-    ops.sort(key=lambda o: o[0])
+        elif rtype == "VolumeChange" and rec["op"] == "CREATE":
+            ops.append((rec["ts"], rec["volume_id"], 0, None))
+    ops.sort(key=lambda o: o[0])  # stable: a CREATE stays before writes of its ts
+    return ops
+
+
+def rebuild_from_log(
+    records: list[tuple[str, dict[str, Any], int, int]],
+    sizes: dict[str, int],
+    upto_ts: int | None = None,
+) -> dict[str, bytearray]:
+    """Reference images: every write / zero with ts <= upto_ts applied in ts order."""
+    ops = [o for o in log_ops(records) if o[3] is not None]
     images = {v: bytearray(n) for v, n in sizes.items()}
     for ts, vid, off, data in ops:
         if upto_ts is not None and ts > upto_ts:
@@ -285,22 +296,7 @@ def replay_digests(
     """
     from connectors.image.image import content_digest_bytes
 
-    ops: list[tuple[int, str, int, bytes | None]] = []  # data None: the volume's CREATE
-    frags: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
-    for rtype, rec, _p, _o in records:
-        if rtype == "Write":
-            for ext in rec["extents"]:
-                key = (rec["volume_id"], ext["ts"])
-                frags.setdefault(key, {})[ext["fragment_index"]] = ext
-                if len(frags[key]) == ext["fragment_count"]:
-                    parts = [frags[key][i] for i in range(ext["fragment_count"])]
-                    data = b"".join(x["data"] for x in parts)
-                    ops.append((ext["ts"], rec["volume_id"], parts[0]["offset"], data))
-        elif rtype == "Zero":
-            ops.append((rec["ts"], rec["volume_id"], rec["offset"], bytes(rec["length"])))
-        elif rtype == "VolumeChange" and rec["op"] == "CREATE":
-            ops.append((rec["ts"], rec["volume_id"], 0, None))
-    ops.sort(key=lambda o: o[0])
+    ops = log_ops(records)
     images = {v: bytearray(n) for v, n in sizes.items()}
     created: set[str] = set()
     out: dict[int, dict[str, str]] = {}
