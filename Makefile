@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-# Debian packages: java, mvn, fio, qemu-utils, libnbd-bin, nbdkit, kcat (apt-get as root).
+# Debian packages: java, mvn, fio, qemu-utils, libnbd-bin, python3-libnbd, nbdkit, kcat (apt-get as root).
 tools:
 	@bash deploy/install-tools.sh
 

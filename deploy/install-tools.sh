@@ -4,8 +4,8 @@
 # every `make test`).
 #
 #   java >= 17 (default-jre-headless) + mvn (maven): run Kafka from Maven Central jars
-#   fio, qemu-img/qemu-io (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), nbdkit, kcat:
-#   the clients the tests and benches drive lowmark with
+#   fio, qemu-img/qemu-io (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), nbdsh
+#   (python3-libnbd), nbdkit, kcat: the clients the tests and benches drive lowmark with
 set -euo pipefail
 
 # command -> package providing it
@@ -17,6 +17,7 @@ tools=(
   "qemu-io:qemu-utils"
   "nbdinfo:libnbd-bin"
   "nbdcopy:libnbd-bin"
+  "nbdsh:python3-libnbd"
   "nbdkit:nbdkit"
   "kcat:kcat"
 )

@@ -211,8 +211,8 @@ class ImageSet:
         if op.kind == "write":
             assert op.data is not None
             img.pwrite(op.offset, op.data)
-        else:  # zero / trim read as zeroes afterwards, at the primary and every backup
-            img.zero(op.offset, op.length)
+        else:  # zero / trim read as zeroes; a zero stays allocated, as at the primary
+            img.zero(op.offset, op.length, punch=op.kind == "trim")
         self._touched.add(op.volume_id or "")
 
     def _volume_change(self, rec: Mapping[str, Any]) -> None:

@@ -16,6 +16,8 @@ Promises, per mode (``flush`` is the same in both):
 - failure to replicate: async, later writes block at the backpressure bound and ``flush``
   raises; sync, the call itself raises ``ReplicationError`` (never a silent ack).
 - flush returns (both): the image is fdatasynced and every earlier record is durable.
+- write_zeroes keeps the range allocated (FALLOC_FL_ZERO_RANGE); trim may deallocate it
+  (punches a hole). Both read back as zeroes, at the primary and at every backup.
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ class Volume:
     def submit_zero(
         self, offset: int, length: int, *, trim: bool = False, commit_wait: bool = True
     ) -> Ticket:
+        """Make the range read as zeroes now; the ticket tells when it is durable in Kafka.
+
+        ``trim``: it may be deallocated (a TRIM record; NBD TRIM, or WRITE_ZEROES without
+        NO_HOLE). Otherwise it stays allocated (a ZERO record), here and at every backup.
+        """
         self.image.check_range(offset, length)
         engine = self._cg.interceptor
         if length == 0:
@@ -122,8 +129,8 @@ class Volume:
         with self._lock:
             token, ts = engine.stamp()
             try:
-                # both punch a hole, so primary and backup read zeroes after either
-                self.image.zero(offset, length)
+                # the record below carries the same choice, so the backups allocate alike
+                self.image.zero(offset, length, punch=trim)
             except OSError:
                 engine.abandon(token)
                 raise

@@ -1,7 +1,9 @@
 """Sparse raw image files: the bytes of a volume, at the primary and at every backup.
 
 An ``Image`` is a file descriptor plus a size. Writes are ``os.pwrite`` (the page cache
-makes them microseconds), zeroing punches holes so images stay sparse, and ``sync`` is
+makes them microseconds), ``zero`` either punches a hole (a TRIM, or an NBD WRITE_ZEROES
+that may trim) or keeps the range allocated (a ZERO: NBD_CMD_FLAG_NO_HOLE, or the volume
+API's ``write_zeroes``), the same choice at the primary and at every backup, and ``sync`` is
 ``fdatasync``. ``content_digest`` hashes what a reader sees, not how it is stored: an
 allocated all-zero region and a hole hash the same, so a primary and a backup compare
 equal whatever their allocation history.
@@ -10,6 +12,7 @@ equal whatever their allocation history.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -22,23 +25,36 @@ _CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+PUNCH_HOLE = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+ZERO_RANGE = _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate [offset, offset+length) keeping the size; False when unsupported."""
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
     try:
-        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):  # not glibc/Linux: every zero writes zero bytes
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]  # a ctypes function pointer
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        res = libc.fallocate(
-            fd,
-            _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-            ctypes.c_long(offset),
-            ctypes.c_long(length),
-        )
-    except (OSError, AttributeError):
+
+_fallocate = _load_fallocate()
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) with a mode (os.posix_fallocate takes none). False when the filesystem
+    does not support the mode, so the caller writes zero bytes instead; any other failure
+    (ENOSPC for a ZERO_RANGE, EIO) raises, as a failed pwrite would."""
+    if _fallocate is None:
         return False
-    return res == 0
+    if _fallocate(fd, mode, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, f"fallocate(mode={mode:#x}, {offset}, {length}): {os.strerror(err)}")
 
 
 class Image:
@@ -77,11 +93,18 @@ class Image:
             out += bytes(length - len(out))
         return out
 
-    def zero(self, offset: int, length: int, *, punch: bool = True) -> None:
-        """Make [offset, offset+length) read as zeroes, deallocating where possible."""
+    def zero(self, offset: int, length: int, *, punch: bool) -> None:
+        """Make [offset, offset+length) read as zeroes.
+
+        ``punch``: deallocate it where the filesystem can (a TRIM record). Without it the
+        range stays allocated (a ZERO record: the client asked for no hole, so a later
+        write there must not fail for space): FALLOC_FL_ZERO_RANGE, which allocates a
+        hole too. Either way, falls back to writing zero bytes. No default: every caller
+        states the choice its record carries, so the primary and the backups agree.
+        """
         if length == 0:
             return
-        if punch and _punch_hole(self.fd, offset, length):
+        if fallocate(self.fd, PUNCH_HOLE if punch else ZERO_RANGE, offset, length):
             return
         end = offset + length
         while offset < end:

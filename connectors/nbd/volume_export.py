@@ -10,6 +10,9 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
 - FLUSH: the primary image is fdatasynced and every record of this interceptor written
   before the flush is durable in Kafka. Because that covers all connections, the export
   advertises CAN_MULTI_CONN.
+- WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE keeps the range allocated (a ZERO record);
+  without it, and TRIM, it is deallocated (a TRIM record). Both read back as zeroes, at the
+  primary and at every backup.
 - a write never blocks the event loop on Kafka: when too many bytes wait for Kafka
   (backpressure), the write waits in a worker thread and the connection stops reading.
 """
@@ -55,8 +58,9 @@ class VolumeExport:
     def write_zeroes(
         self, offset: int, length: int, fua: bool, may_trim: bool
     ) -> Awaitable[None] | None:
-        # both punch a hole: zero and trim read back as zeroes at primary and backup
-        ticket = self.volume.submit_zero(offset, length, commit_wait=False)
+        # NO_HOLE (may_trim False) keeps the range allocated; the record carries the choice
+        # (ZERO or TRIM), so the backup allocates or deallocates it the same way
+        ticket = self.volume.submit_zero(offset, length, trim=may_trim, commit_wait=False)
         return self._finish(ticket, fua)
 
     def trim(self, offset: int, length: int, fua: bool) -> Awaitable[None] | None:
