@@ -113,10 +113,10 @@ class Applier:
         self.markers: list[dict[str, Any]] = []
         self._targets: list[dict[str, Any]] = []  # watermarks not yet applied, ascending
         self._max_seen_w = 0
-        self._positions: dict[int, int] = {}
         self._last_checkpoint = time.monotonic()
         self._reread: dict[int, int] | None = None
-        self._blocked: tuple[int, int, ApplierHaltedError] | None = None
+        #: partition -> (offset of its bad record, the error a halt raises)
+        self._blocked: dict[int, tuple[int, ApplierHaltedError]] = {}
         self._last_snapshot = 0.0
         self._last_digest = 0.0
         self._bg: tuple[threading.Thread, dict[str, Any]] | None = None
@@ -179,7 +179,6 @@ class Applier:
         self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
         for p, off in start_offsets.items():
             self.planner.note_position(p, off)
-            self._positions[p] = off
         base = {
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
@@ -308,6 +307,12 @@ class Applier:
                     continue
                 raise KafkaUnavailableError(f"reading {self.topics.log}: {msg.error()}")
             off = msg.offset()
+            if self.planner.is_blocked(p, off):
+                # at or behind a bad record (same fetch batch, or re-read after a spill): not
+                # consumed, not counted. It does prove everything before it was read, and the
+                # position stops at the bad record (note_position clamps there)
+                self._note_position(p, off)
+                continue
             value = msg.value() or b""
             self.stats.records_read += 1
             self.stats.bytes_read += len(value)
@@ -333,9 +338,7 @@ class Applier:
         return len(msgs)
 
     def _note_position(self, partition: int, next_offset: int) -> None:
-        if next_offset > self._positions.get(partition, -1):
-            self._positions[partition] = next_offset
-            self.planner.note_position(partition, next_offset)
+        self.planner.note_position(partition, next_offset)  # never past a blocked record
 
     def _apply_ready(self) -> bool:
         applied = False
@@ -343,8 +346,9 @@ class Applier:
             target = self._targets[0]
             required = {po["partition"]: po["offset"] for po in target["log_offsets"]}
             if not self.planner.ready(target["w"], required):
-                if self._blocked is not None and self._blocked_needed(required):
-                    self._halt()
+                blocker = self.planner.blocked_by(required)
+                if blocker is not None:
+                    self._halt(blocker[0])
                 return applied
             self._targets.pop(0)
             if target["w"] <= self.applied_w:
@@ -361,7 +365,11 @@ class Applier:
         assert self._log is not None
         for p, off in offsets.items():
             self._log.seek(TopicPartition(self.topics.log, p, off))
-            self._positions[p] = off
+        # a paused partition would never re-read what lies before its bad record; reading
+        # on reaches the bad record again, and _block pauses it again
+        blocked = [TopicPartition(self.topics.log, p) for p in self._blocked if p in offsets]
+        if blocked:
+            self._log.resume(blocked)
         event(
             log,
             "pending records exceeded the memory budget; re-reading from Kafka",
@@ -548,17 +556,18 @@ class Applier:
     # ---------------------------------------------------------------- bad input
 
     def _block(self, msg: Any, exc: LowmarkError) -> None:
-        """Dead-letter a bad record and read no further in its partition.
+        """Dead-letter a bad record and consume nothing at or after it in its partition.
 
         Watermarks that do not need the partition past it are still applied (their records
-        all lie before it); the first one that does halts the CG.
+        all lie before it); the first one that does halts the CG. Other partitions go on.
         """
         assert self._producer is not None and self._log is not None
         p, off = msg.partition(), msg.offset()
-        if self._blocked is not None:
-            return
         tp = TopicPartition(self.topics.log, p, off)
-        self._log.pause([tp])
+        self._log.pause([tp])  # saves fetching; what is already fetched is dropped by offset
+        if p in self._blocked:
+            return  # met again after a re-read: already dead-lettered
+        self.planner.block(p, off)
         headers = [
             ("source.topic", self.topics.log.encode()),
             ("source.partition", str(p).encode()),
@@ -569,14 +578,13 @@ class Applier:
         ]
         self._producer.produce(self.topics.deadletter, msg.value(), msg.key(), headers=headers)
         self._producer.flush(30)
-        self._blocked = (
-            p,
+        self._blocked[p] = (
             off,
             ApplierHaltedError(
                 f"CG {self.config.cg} site {self.config.site}: record {self.topics.log}[{p}]@{off} "
-                f"is bad ({type(exc).__name__}: {exc}); nothing after it is applied. A copy is in "
-                f"{self.topics.deadletter}. Fix the producer, or skip it explicitly with "
-                f"`lowmark apply --skip {p}:{off}` (logged)."
+                f"is bad ({type(exc).__name__}: {exc}); nothing at or after it is applied. A "
+                f"copy is in {self.topics.deadletter}. Fix the producer, or skip it explicitly "
+                f"with `lowmark apply --skip {p}:{off}` (logged)."
             ),
         )
         event(
@@ -588,23 +596,22 @@ class Applier:
             error=str(exc),
         )
 
-    def _blocked_needed(self, required: dict[int, int]) -> bool:
-        assert self._blocked is not None
-        p, off, _err = self._blocked
-        return required.get(p, 0) > off
+    def _halt(self, partition: int) -> None:
+        """Checkpoint what was applied before the bad record, then stop the CG.
 
-    def _halt(self) -> None:
-        """Checkpoint what was applied before the bad record, then stop the CG."""
-        assert self._blocked is not None
+        The checkpoint's offsets stop at the bad record (the planner never moves past
+        it), so a restart without ``--skip`` reads it again and halts again.
+        """
+        off, error = self._blocked[partition]
         if self.applied_w > self.checkpoint_w and self.may_checkpoint():
             self.checkpoint()
-        self.halted = self._blocked[2]
+        self.halted = error
         event(
             log,
             "applier halted on a bad record",
             level=logging.ERROR,
-            partition=self._blocked[0],
-            offset=self._blocked[1],
+            partition=partition,
+            offset=off,
         )
         raise self.halted
 
@@ -614,7 +621,7 @@ class Applier:
         """Records between this site's position and the log's end, per partition."""
         assert self._log is not None
         out = {}
-        for p, pos in self._positions.items():
+        for p, pos in self.planner.positions().items():
             try:
                 _low, high = self._log.get_watermark_offsets(
                     TopicPartition(self.topics.log, p), timeout=5, cached=True

@@ -51,6 +51,7 @@ class AddOutcome(StrEnum):
     ACCEPTED = "accepted"  # something of the record is pending
     SKIPPED_APPLIED = "skipped_applied"  # every ts <= applied_w: already in the images
     REJECTED_STALE_EPOCH = "rejected_stale_epoch"  # from a fenced instance; never applied
+    BLOCKED = "blocked"  # at or after a bad record of its partition: not even looked at
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,9 @@ class ApplyPlanner:
         self._ready_w = applied_w
         self._bound: tuple[int, dict[int, int]] | None = None  # (w, log_offsets)
         self._departed: dict[tuple[str, int], int] = {}  # (interceptor, epoch) -> final S
+        # partition -> offset of a record that could not be decoded: nothing at or after it
+        # is taken in, and the position never passes it (invariant 5)
+        self._blocked: dict[int, int] = {}
         for iid, epoch, partition, offset in epoch_evidence:
             self._note(iid, epoch, partition, offset)
 
@@ -140,6 +144,8 @@ class ApplyPlanner:
         self, record_type: str, record: Mapping[str, Any], partition: int, offset: int
     ) -> AddOutcome:
         """Take in one decoded log record read at (partition, offset)."""
+        if self.is_blocked(partition, offset):
+            return AddOutcome.BLOCKED
         last = self._last_added.get(partition)
         if last is not None and offset <= last:
             raise ApplyError(
@@ -184,8 +190,49 @@ class ApplyPlanner:
         return AddOutcome.ACCEPTED
 
     def note_position(self, partition: int, next_offset: int) -> None:
-        """The consumer's position: the offset of the next record it will read."""
+        """The consumer's position: the offset of the next record it will read.
+
+        Never past a blocked record: what lies after it was not consumed.
+        """
+        next_offset = min(next_offset, self._blocked.get(partition, next_offset))
         self._positions[partition] = max(self._positions.get(partition, 0), next_offset)
+
+    def block(self, partition: int, offset: int) -> None:
+        """The record at (partition, offset) is bad, and was read in order: consume nothing
+        at or after it, and count everything before it as read.
+
+        Records of the partition already taken in lie before it (a consumer reads in
+        order), so what is pending stays valid. A W whose log_offsets need the partition
+        past ``offset`` is never ``ready``; ``blocked_by`` names the block so the applier
+        can halt. Lifted only by a new planner, i.e. a restart with an explicit skip.
+        """
+        refs = self._refs.get(partition, {})
+        if any(off >= offset for off in refs):
+            raise ApplyError(
+                f"block({partition}, {offset}) behind records already taken in; the consumer "
+                "read out of order. Restart the applier from its checkpoint"
+            )
+        self._blocked[partition] = min(offset, self._blocked.get(partition, offset))
+        # the consumer delivered it, so it read everything before it: a gap just below is
+        # a transaction marker, and no partition-EOF comes while the partition is paused
+        self._positions[partition] = self._blocked[partition]
+
+    def positions(self) -> dict[int, int]:
+        """Per partition, the offset of the next record the consumer will read."""
+        return dict(self._positions)
+
+    def is_blocked(self, partition: int, offset: int) -> bool:
+        """Whether (partition, offset) lies at or after a blocked record."""
+        at = self._blocked.get(partition)
+        return at is not None and offset >= at
+
+    def blocked_by(self, required_offsets: Mapping[int, int]) -> tuple[int, int] | None:
+        """The (partition, offset) of a block that keeps a W with these log_offsets from
+        ever being ready, or None."""
+        for partition, offset in sorted(self._blocked.items()):
+            if required_offsets.get(partition, 0) > offset:
+                return partition, offset
+        return None
 
     def note_epoch(self, interceptor_id: str, epoch: int, log_offsets: Mapping[int, int]) -> None:
         """A watermark's member table says ``interceptor_id`` is at ``epoch``.
