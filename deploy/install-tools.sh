@@ -5,7 +5,8 @@
 #
 #   java >= 17 (default-jre-headless) + mvn (maven): run Kafka from Maven Central jars
 #   fio, qemu-img/qemu-io (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), nbdsh
-#   (python3-libnbd), nbdkit, kcat: the clients the tests and benches drive lowmark with
+#   (python3-libnbd), nbdkit, kcat: the clients the tests and benches drive lowmark with;
+#   openssl: the TLS tests make their certificates with it
 set -euo pipefail
 
 # command -> package providing it
@@ -20,6 +21,7 @@ tools=(
   "nbdsh:python3-libnbd"
   "nbdkit:nbdkit"
   "kcat:kcat"
+  "openssl:openssl"
 )
 
 missing=()

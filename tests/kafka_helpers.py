@@ -7,16 +7,13 @@ on sys.path).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import pytest
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
@@ -26,6 +23,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
+
+# the tool checks live in prereqs.py (one helper for every test file); kept importable here
+from prereqs import require_tool, require_tools, strict_mode, unavailable  # noqa: F401
 
 from connectors.kafka.launcher import KafkaCluster
 
@@ -54,18 +54,6 @@ def unique(prefix: str = "t") -> str:
     """A name unique to this call, valid as a Kafka topic and as a lowmark CG name."""
     clean = re.sub(r"[^A-Za-z0-9_-]+", "-", prefix).strip("-_")[:40] or "t"
     return f"{clean}-{uuid.uuid4().hex[:10]}"
-
-
-def require_tool(name: str, package: str) -> str:
-    """Path of a Debian client tool; skips the test without it, but fails under CI, where
-    `make test` installs it and a skip would hide a broken install."""
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} is not installed: apt-get install {package} (or `make tools` as root)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def wait_for(predicate: Callable[[], T], timeout_s: float, what: str, every_s: float = 0.2) -> T:

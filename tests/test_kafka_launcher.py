@@ -233,7 +233,7 @@ def test_connection_rejects_inconsistent_settings(kwargs, message):
 
 
 def test_ten_thousand_messages_through_confluent_kafka_and_kcat(kafka, topic):
-    kcat = require_tool("kcat", "kcat")
+    kcat = require_tool("kcat")
     create_topic(kafka.bootstrap_servers, topic, partitions=3)
     sent = {f"k{i}": f"v{i}-{'x' * (i % 97)}" for i in range(10_000)}
     acked = produce_many(kafka.bootstrap_servers, topic, sent.items())

@@ -8,7 +8,6 @@ that do not move while the workload runs, a service that does not stop on SIGTER
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from connectors.image.image import file_digest
 from pipeline.status import scrape
+from tests.prereqs import require_tools
 from tests.replication_helpers import read_log, rebuild_from_log, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
@@ -28,12 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"missing {missing}: run `make tools`")
 
 
 class Services:
@@ -122,7 +116,7 @@ metrics = "127.0.0.1:{self.ports["apply"]}"
 
 
 def test_services_replicate_nbd_clients_and_expose_metrics(kafka_conf, unique_name, tmp_path):
-    _need("qemu-io", "fio")
+    require_tools("qemu-io", "fio")
     svc = Services(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
     try:
         for name in ("serve", "watermark", "apply"):

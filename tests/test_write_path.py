@@ -9,7 +9,6 @@ durability.
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from connectors.kafka.topics import CgTopics
 from pipeline.errors import FencedError, ReplicationError
 from pipeline.volume import ConsistencyGroup
 from schemas import codec
+from tests.prereqs import require_tool
 from tests.replication_helpers import read_log, rebuild_from_log
 
 pytestmark = pytest.mark.kafka
@@ -75,8 +75,7 @@ def test_every_write_kind_lands_in_the_log(kafka_conf, unique_name, tmp_path):
 
 @pytest.mark.tools
 def test_kcat_shows_keys_and_headers_as_text(kafka_conf, unique_name, tmp_path):
-    if shutil.which("kcat") is None:
-        pytest.skip("kcat is not installed (make tools)")
+    require_tool("kcat")
     with ConsistencyGroup.open(unique_name, tmp_path / "p", kafka_conf, **FAST) as cg:
         vol = cg.create_volume("vol1", 1 << 20)
         vol.write(0, b"hello")

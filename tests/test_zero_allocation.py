@@ -13,7 +13,6 @@ write, no fragmentation) yet SEEK_DATA reports as holes on ext4 and xfs.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline.apply_plan import ApplyOp, OpKind
 from pipeline.replay import ImageSet
 from pipeline.volume import ConsistencyGroup
 from tests.nbd_helpers import ServerThread
+from tests.prereqs import require_tool, unavailable
 from tests.replication_helpers import read_log, running_backup, wait_until
 
 K64 = 64 << 10
@@ -49,7 +49,7 @@ def _supports_punch(path: Path) -> bool:
 @pytest.fixture
 def punching_fs(tmp_path: Path) -> Path:
     if not _supports_punch(tmp_path / "probe.img"):
-        pytest.skip(f"{tmp_path} does not deallocate punched holes")
+        unavailable(f"{tmp_path} does not deallocate punched holes")
     return tmp_path
 
 
@@ -114,15 +114,14 @@ KEPT = 2 * K64  # the two NO_HOLE ranges
 def nbdsh_env() -> dict[str, str]:
     """An environment whose ``python3`` imports libnbd's module: nbdsh runs ``python3 -mnbd``
     from PATH, and a pyenv or venv python3 ahead of the system one does not have it."""
-    if shutil.which("nbdsh") is None:
-        pytest.skip("nbdsh is not installed (apt-get install python3-libnbd)")
+    require_tool("nbdsh")
     path = os.environ.get("PATH", "")
     for candidate in (path, f"/usr/bin:{path}"):
         env = {**os.environ, "PATH": candidate}
         probe = subprocess.run(["python3", "-c", "import nbd"], env=env, capture_output=True)
         if probe.returncode == 0:
             return env
-    pytest.skip("no python3 on PATH imports nbd (apt-get install python3-libnbd)")
+    unavailable("no python3 on PATH imports nbd (apt-get install python3-libnbd)")
 
 
 @pytest.mark.tools
