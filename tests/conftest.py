@@ -3,15 +3,20 @@
 - ``kafka``: a 1-node KRaft cluster started from deploy/kafka (own name and directory per
   session, brokers die with the session). ``LOWMARK_TEST_BOOTSTRAP=host:port`` uses an
   existing cluster instead; ``LOWMARK_KAFKA=testcontainers`` uses testcontainers' Kafka
-  when the package and a Docker engine are there (else the tests skip, saying why).
+  when the package and a Docker engine are there (else the tests skip, saying why; under
+  CI or LOWMARK_STRICT=1 they fail).
 - ``kafka3``: a 3-node cluster, started only when a test asks for it; every node is
   running again at the start of each test that uses it.
 - ``kafka_conf`` / ``kafka3_conf``: a fresh librdkafka dict for the cluster.
 - ``unique_name`` / ``topic``: names no other test (or earlier run) uses.
 
 Tests using ``kafka``/``kafka3`` get the ``kafka``/``kafka3`` marker automatically, so
-``pytest -m "not kafka"`` runs the pure tests alone. The summary reports how long each
-cluster took to start.
+``pytest -m "not kafka"`` runs the pure tests alone. ``torture`` tests run only when
+``-m`` names them (`make torture`); otherwise they are deselected, not skipped. The summary
+reports how long each cluster took to start.
+
+Under CI or LOWMARK_STRICT=1, outcome_gate.py fails the session on any skip, xfail or xpass
+that tests/allowed_skips.txt does not list with its reason.
 """
 
 from __future__ import annotations
@@ -33,14 +38,30 @@ for _path in (str(_TESTS.parent), str(_TESTS)):
         sys.path.insert(0, _path)
 
 from kafka_helpers import ExternalKafka, unique  # noqa: E402
+from outcome_gate import from_config  # noqa: E402
+from prereqs import strict_mode, unavailable  # noqa: E402
 
 from connectors.kafka.config import KafkaConnection  # noqa: E402
 from connectors.kafka.launcher import KafkaCluster, cluster_dir  # noqa: E402
 
+# pytester: tests/test_outcome_gate.py runs the gate plugin on generated test files
+pytest_plugins = ["pytester"]
+
 _STARTUP_S: dict[str, float] = {}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(from_config(strict_mode()), "lowmark-outcome-gate")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # a torture run takes minutes to hours: a plain `pytest` leaves it out by deselecting
+    # it (visible in the counts), rather than collecting it and letting it skip itself
+    if "torture" not in (config.getoption("-m") or ""):
+        torture = [item for item in items if item.get_closest_marker("torture")]
+        if torture:
+            config.hook.pytest_deselected(items=torture)
+            items[:] = [item for item in items if not item.get_closest_marker("torture")]
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & {"kafka", "kafka_conf", "topic"}:
@@ -92,14 +113,14 @@ def _testcontainers_kafka() -> Iterator[ExternalKafka]:
     try:
         from testcontainers.kafka import KafkaContainer  # type: ignore[import-not-found]
     except ImportError:
-        pytest.skip("LOWMARK_KAFKA=testcontainers, but testcontainers is not installed "
+        unavailable("LOWMARK_KAFKA=testcontainers, but testcontainers is not installed "
                     "(pip install -e '.[testcontainers]')")
     try:
         import docker  # type: ignore[import-not-found]
 
         docker.from_env().ping()
     except Exception as exc:  # any failure means: no usable Docker engine
-        pytest.skip(f"LOWMARK_KAFKA=testcontainers, but no Docker engine answers: {exc}")
+        unavailable(f"LOWMARK_KAFKA=testcontainers, but no Docker engine answers: {exc}")
     container = KafkaContainer()
     if hasattr(container, "with_kraft"):
         container = container.with_kraft()
