@@ -101,6 +101,33 @@ def delete_topics(bootstrap: str, names: Sequence[str], timeout_s: float = 30) -
             log.warning("could not delete bench topic %s: %s", name, exc)
 
 
+def log_writes(
+    conf: dict[str, Any], topic: str, since: dict[int, int], volume_id: str,
+    timeout_s: float = 120,
+) -> dict[str, int]:
+    """What a lowmark log topic holds for ``volume_id`` after the offsets ``since``
+    (``end_offsets`` taken before the writes), read back committed and decoded: records,
+    writes (first fragments) and data bytes. The bench's durability evidence comes from
+    Kafka, not from the engine's counters of what it sent."""
+    from connectors.kafka.reading import end_offsets, iter_range  # late: bench-only reads
+    from schemas import codec
+
+    out = {"records": 0, "writes": 0, "data_bytes": 0}
+    for partition, end in end_offsets(conf, topic).items():
+        start = since.get(partition, 0)
+        if end <= start:
+            continue
+        for msg in iter_range(conf, topic, partition, start, end, timeout_s):
+            rec = codec.decode(msg.value())
+            if rec.type != "Write" or rec.record["volume_id"] != volume_id:
+                continue
+            out["records"] += 1
+            for extent in rec.record["extents"]:
+                out["writes"] += extent["fragment_index"] == 0
+                out["data_bytes"] += len(extent["data"])
+    return out
+
+
 def run_id() -> str:
     """A short unique name part, so runs against a shared broker never share topics."""
     return f"{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -15,8 +15,8 @@ Rows, all against one broker in one run (see bench/README.md for how to read the
 - ``sync``: the same on a sync volume, where each ``write`` waits for its transaction.
 
 Every row checks its own bytes: the raw rows by the partition's end offset, the lowmark
-rows by the interceptor's ``durable_seq`` and byte counter. A row that fails its check
-makes the exit status 1.
+rows by reading the row's records back from the CG's log topic (read_committed) and
+counting its writes and data bytes there. A row that fails its check makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ from bench.common import (
     CpuMeter,
     delete_topics,
     kafka_bootstrap,
+    log_writes,
     print_table,
     run_id,
     summarize_ns,
     write_results,
 )
+from connectors.kafka.reading import end_offsets
 from connectors.kafka.topics import CgTopics
 from pipeline.volume import ConsistencyGroup, Volume
 
@@ -327,6 +329,7 @@ def run_volume(
     warnings.take()
     seq0 = engine.barrier().seq
     stats0 = engine.metrics()
+    log0 = end_offsets(broker.conf, engine.topics.log)  # the row's records start here
     profilers = [cProfile.Profile() if profile else None for _ in range(threads)]
     tick_prof = cProfile.Profile() if profile else None
     restore = _profile_tick(engine, tick_prof) if tick_prof else None
@@ -361,6 +364,7 @@ def run_volume(
     if restore:
         restore()
     stats1 = engine.metrics()
+    in_kafka = log_writes(broker.conf, engine.topics.log, log0, vol.volume_id)
 
     errors = [repr(r.error) for r in results if r.error is not None]
     writes = sum(r.writes for r in results)
@@ -370,13 +374,14 @@ def run_volume(
     d = {k: stats1[k] - stats0[k] for k in ("ticks", "transactions", "records", "bytes")}
     expected_bytes = writes * (size + ENTRY_OVERHEAD)
     blocked_s = stats1["blocked_s"] - stats0["blocked_s"]
-    # each write is one outbox entry: one seq, and its bytes + a fixed overhead in "bytes"
+    # each write is one seq; the log topic, read back, holds every write and every byte
     verified = (
         not errors
         and not stats1["failed"]
         and last.seq - seq0 == writes
         and stats1["durable_seq"] >= last.seq
-        and d["bytes"] == expected_bytes
+        and in_kafka["writes"] == writes
+        and in_kafka["data_bytes"] == nbytes
     )
     row: dict[str, Any] = {
         "row": vol.mode,
@@ -401,11 +406,14 @@ def run_volume(
             "txn_retries": stats1["txn_retries"] - stats0["txn_retries"],
         },
         "warnings": warnings.take(),
+        "in_kafka": in_kafka,
         "verified": verified,
         "check": (
-            f"{writes} writes, seqs {seq0 + 1}..{last.seq}, durable_seq "
-            f"{stats1['durable_seq']}, engine bytes {d['bytes']} (expected {expected_bytes})"
-            + ("; errors: " + "; ".join(errors) if errors else "")
+            f"{writes} writes ({nbytes} bytes), seqs {seq0 + 1}..{last.seq}, durable_seq "
+            f"{stats1['durable_seq']}; read back from {engine.topics.log}: "
+            f"{in_kafka['writes']} writes, {in_kafka['data_bytes']} bytes in "
+            f"{in_kafka['records']} records; engine bytes {d['bytes']} (expected "
+            f"{expected_bytes})" + ("; errors: " + "; ".join(errors) if errors else "")
         ),
         "cpu": cpu,
     }
