@@ -18,10 +18,16 @@ from schemas import codec
 
 
 class ServiceThread:
-    """Runs a service's ``step`` in a thread; ``stop`` joins it and reports its failure."""
+    """Runs a service's ``run`` in a thread; ``stop`` joins it and raises its failure.
+
+    A service that fails in its thread must fail the test that runs it, even when the
+    test only looked at the images: ``stop`` (and ``check``) raise an AssertionError
+    chained to the service's exception, and a thread that does not stop is an error too.
+    """
 
     def __init__(self, service: Any, name: str) -> None:
         self.service = service
+        self.name = name
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -37,11 +43,40 @@ class ServiceThread:
         self.thread.start()
         return self
 
-    def stop(self, close: bool = True) -> None:
+    def check(self) -> None:
+        """Raise if the service's thread failed (at any time, not only at ``stop``)."""
+        if self.error is not None:
+            raise AssertionError(f"service {self.name} failed: {self.error!r}") from self.error
+
+    def stop(self, close: bool = True, check: bool = True, join_timeout_s: float = 30.0) -> None:
+        """Stop the thread, close the service, then raise what the service raised.
+
+        ``check=False``: the caller has already reported the failure (or expects one and
+        reads ``error`` itself).
+        """
         self.stop_event.set()
-        self.thread.join(30)
+        self.thread.join(join_timeout_s)
+        if self.thread.is_alive():
+            # closing under a running step would race it; leave the daemon thread be
+            raise AssertionError(f"service {self.name} did not stop within {join_timeout_s} s")
         if close:
             self.service.close()
+        if check:
+            self.check()
+
+
+def stop_all(*threads: ServiceThread | None, close: bool = True) -> None:
+    """Stop every thread given, even when an earlier one raises; then raise the first."""
+    first: BaseException | None = None
+    for st in threads:
+        if st is None:
+            continue
+        try:
+            st.stop(close=close)
+        except BaseException as exc:
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 @contextlib.contextmanager
@@ -59,8 +94,7 @@ def running_backup(
     try:
         yield wm, ap
     finally:
-        ap.stop()
-        wm.stop()
+        stop_all(ap, wm)
 
 
 def wait_until(pred: Any, timeout_s: float, what: str, interval_s: float = 0.02) -> None:
@@ -73,36 +107,11 @@ def wait_until(pred: Any, timeout_s: float, what: str, interval_s: float = 0.02)
 
 
 def read_log(
-    kafka_conf: dict[str, Any], cg: str, partitions: int = 4
+    kafka_conf: dict[str, Any], cg: str, partitions: int = 4, timeout_s: float = 60.0
 ) -> list[tuple[str, dict[str, Any], int, int]]:
-    """Every committed log record as (type, record, partition, offset)."""
-    topic = CgTopics(cg).log
-    c = Consumer(
-        {
-            **kafka_conf,
-            "group.id": f"reader-{time.time_ns()}",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    ends = {}
-    for p in range(partitions):
-        ends[p] = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1]
-    done: set[int] = {p for p, e in ends.items() if e == 0}
-    out = []
-    deadline = time.monotonic() + 60
-    while len(done) < partitions and time.monotonic() < deadline:
-        for msg in c.consume(1000, 0.2):
-            if msg.error():
-                if msg.error().code() == -191:
-                    done.add(msg.partition())
-                continue
-            dec = codec.decode(msg.value())
-            out.append((dec.type, dec.record, msg.partition(), msg.offset()))
-    c.close()
-    return out
+    """Every committed log record as (type, record, partition, offset); fails (never
+    returns a partial log) when the end is not reached within ``timeout_s``."""
+    return read_log_from(kafka_conf, cg, None, partitions, timeout_s)[0]
 
 
 def log_ops(
@@ -182,11 +191,17 @@ def last_committed_offset(
 
 
 def read_log_from(
-    kafka_conf: dict[str, Any], cg: str, start: dict[int, int] | None = None, partitions: int = 4
+    kafka_conf: dict[str, Any],
+    cg: str,
+    start: dict[int, int] | None = None,
+    partitions: int = 4,
+    timeout_s: float = 60.0,
 ) -> tuple[list[tuple[str, dict[str, Any], int, int]], dict[int, int]]:
     """Committed log records from ``start`` (per partition; default 0) to the end as of now.
 
-    Returns the records as ``read_log`` does, and the end offsets to start the next read at.
+    Returns the records as ``read_log`` does, and the end offsets to start the next read
+    at. Raises AssertionError, saying how far it got, when the end is not reached within
+    ``timeout_s``: a check over a partial log would pass on what it never saw.
     """
     topic = CgTopics(cg).log
     start = {p: (start or {}).get(p, 0) for p in range(partitions)}
@@ -206,11 +221,16 @@ def read_log_from(
         }
         c.assign([TopicPartition(topic, p, start[p]) for p in range(partitions)])
         done = {p for p in range(partitions) if start[p] >= ends[p]}
-        out = []
-        deadline = time.monotonic() + 60
+        out: list[tuple[str, dict[str, Any], int, int]] = []
+        reached = dict(start)
+        deadline = time.monotonic() + timeout_s
         while len(done) < partitions:
             if time.monotonic() > deadline:
-                raise AssertionError(f"reading {topic} {start}..{ends} took over 60 s")
+                raise AssertionError(
+                    f"reading {topic} from {start} to {ends}: after {timeout_s} s only "
+                    f"{len(out)} records read, up to offsets {reached}; partitions "
+                    f"{sorted(set(range(partitions)) - done)} not at their end"
+                )
             for msg in c.consume(1000, 0.2):
                 p = msg.partition()
                 if msg.error():
@@ -223,6 +243,7 @@ def read_log_from(
                     continue
                 dec = codec.decode(msg.value())
                 out.append((dec.type, dec.record, p, msg.offset()))
+                reached[p] = msg.offset() + 1
                 if msg.offset() + 1 >= ends[p]:
                     done.add(p)
         return out, ends
@@ -289,12 +310,14 @@ def watermark_bound_violations(
 def replay_digests(
     records: list[tuple[str, dict[str, Any], int, int]], sizes: dict[str, int], ws: list[int]
 ) -> dict[int, dict[str, str]]:
-    """Content digest of every volume after replaying the log to each W in ``ws``.
+    """The digest a checkpoint at each W in ``ws`` must claim for each volume: the
+    documented digest format (``oracles.claimed_digest``, not the product's code) over the
+    log replayed to W.
 
     One pass in ts order (``rebuild_from_log`` per W would be quadratic). A volume whose
     CREATE has ts > W is absent from that W's map, as from a checkpoint taken then.
     """
-    from connectors.image.image import content_digest_bytes
+    from tests.oracles import claimed_digest
 
     ops = log_ops(records)
     images = {v: bytearray(n) for v, n in sizes.items()}
@@ -309,7 +332,7 @@ def replay_digests(
             else:
                 images[vid][off : off + len(data)] = data
             i += 1
-        out[w] = {vid: content_digest_bytes(images[vid]) for vid in sorted(created)}
+        out[w] = {vid: claimed_digest(images[vid]) for vid in sorted(created)}
     return out
 
 
@@ -342,3 +365,55 @@ def create_cg_topics(kafka_conf: dict[str, Any], cg: str, timeout_s: float = 30.
         wait_until(ready, timeout_s, f"the topics of CG {cg} to serve", interval_s=0.1)
     finally:
         c.close()
+
+
+def produce_stale_write(
+    kafka_conf: dict[str, Any],
+    cg: str,
+    interceptor_id: str,
+    epoch: int,
+    volume_id: str,
+    offset: int,
+    data: bytes,
+    ts: int,
+) -> tuple[int, int]:
+    """A validly encoded Write of ``interceptor_id`` at ``epoch``, produced by a plain
+    (non-transactional) producer into the volume's partition: what a fenced instance's
+    record looks like when it surfaces past Kafka's fencing (Jepsen saw fenced producers'
+    writes land). Returns its (partition, offset)."""
+    from confluent_kafka import Producer
+
+    records, _ends = read_log_from(kafka_conf, cg)
+    partition = next(p for _t, rec, p, _o in records if rec.get("volume_id") == volume_id)
+    rec = {
+        "volume_id": volume_id,
+        "interceptor_id": interceptor_id,
+        "epoch": epoch,
+        "extents": [
+            {
+                "ts": ts,
+                "offset": offset,
+                "write_length": len(data),
+                "fragment_index": 0,
+                "fragment_count": 1,
+                "data": data,
+            }
+        ],
+    }
+    delivered: list[tuple[int, int]] = []
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        assert err is None, f"the stale write was not delivered: {err}"
+        delivered.append((msg.partition(), msg.offset()))
+
+    p = Producer(kafka_conf)
+    p.produce(
+        CgTopics(cg).log,
+        codec.encode("Write", rec),
+        volume_id,
+        partition=partition,
+        headers=codec.headers_for("Write", rec),
+        on_delivery=on_delivery,
+    )
+    assert p.flush(10) == 0 and delivered, "the stale write was not delivered"
+    return delivered[0]
