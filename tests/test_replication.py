@@ -2,8 +2,12 @@
 
 Tries to break: backup images that differ from the primary after quiescing, a checkpoint
 that is not a cut of the log, W going backwards, an idle interceptor holding W back, a
-stalled one letting W skip its data, a dead one's late records being applied, a corrupt
-record being applied instead of halting the CG.
+stalled one letting W skip its data, a fenced one's late record being applied, the FENCE
+progress record being written before (or without) the Kafka fencing it stands for, a
+corrupt record being applied instead of halting the CG.
+
+Images are compared by their bytes and checkpoint digests against ``tests.oracles``,
+never through the product's digest code.
 """
 
 from __future__ import annotations
@@ -11,23 +15,28 @@ from __future__ import annotations
 import random
 import threading
 import time
+from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from connectors.image.image import content_digest_bytes, file_digest
+import pipeline.watermark_service as watermark_service
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.applier import Applier, ApplierConfig
+from pipeline.clock import make_ts, wall_us
 from pipeline.errors import ApplierHaltedError
 from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from tests.oracles import claimed_digest, first_difference, read_image
 from tests.replication_helpers import (
     ServiceThread,
+    produce_stale_write,
     read_log,
     rebuild_from_log,
     running_backup,
+    stop_all,
     wait_until,
 )
 
@@ -69,13 +78,17 @@ def test_backup_converges_byte_identical(kafka_conf, unique_name, tmp_path):
             cg.flush()
             target = cg.interceptor.last_s
             wait_until(lambda: ap.service.applied_w >= target or ap.error, 30, "backup reaches W")
-            assert ap.error is None and wm.error is None
+            wm.check()
+            ap.stop(close=False)  # checkpoint from this thread only once the applier's stopped
             ckpt = ap.service.checkpoint()
-        primary = {v.volume_id: v.image.content_digest() for v in cg.volumes.values()}
-    backup = {v["volume_id"]: v["digest"] for v in ckpt["volumes"]}
-    assert backup == primary
-    for vid in primary:
-        assert file_digest(tmp_path / "backup" / "images" / f"{vid}.img") == primary[vid]
+        primary = {v.volume_id: v.pread(0, v.size) for v in cg.volumes.values()}
+    for vid, data in primary.items():
+        backup = read_image(tmp_path / "backup" / "images" / f"{vid}.img", len(data))
+        assert backup == data, f"backup {vid}: {first_difference(backup, data)}"
+    claimed = {v["volume_id"]: v["digest"] for v in ckpt["volumes"]}
+    assert claimed == {vid: claimed_digest(data) for vid, data in primary.items()}, (
+        "the checkpoint's digests are not those of the primary's bytes"
+    )
 
 
 def test_watermark_never_decreases_and_checkpoints_are_cuts(kafka_conf, unique_name, tmp_path):
@@ -109,7 +122,7 @@ def test_watermark_never_decreases_and_checkpoints_are_cuts(kafka_conf, unique_n
     for ck in ckpts:
         ref = rebuild_from_log(log_records, sizes, upto_ts=ck["w"])
         for v in ck["volumes"]:
-            assert v["digest"] == content_digest_bytes(ref[v["volume_id"]]), (
+            assert v["digest"] == claimed_digest(ref[v["volume_id"]]), (
                 f"checkpoint at W={ck['w']} is not the cut of the log at W"
             )
 
@@ -136,45 +149,192 @@ def test_idle_interceptor_does_not_hold_w_back(kafka_conf, unique_name, tmp_path
         idle.close()
 
 
-def test_stalled_interceptor_freezes_w_then_fenced_and_late_records_rejected(
+LATE_BYTES = b"LATE-RECORD-OF-A-FENCED-EPOCH!" * 34
+
+
+def test_stalled_interceptor_freezes_w_then_is_fenced_and_its_late_record_is_rejected(
     kafka_conf, unique_name, tmp_path
 ):
+    """A stalled interceptor holds W at its S while the living write on; past the liveness
+    timeout it is fenced and W moves on; a record of its epoch that surfaces after the
+    fence (a plain producer, past Kafka's fencing) never reaches the backup, while the
+    living's later writes do."""
     live = ConsistencyGroup.open(
         unique_name, tmp_path / "live", kafka_conf, interceptor_id="live", **FAST
     )
     stalled = ConsistencyGroup.open(
         unique_name, tmp_path / "stall", kafka_conf, interceptor_id="stall", **FAST
     )
-    wm = ServiceThread(
-        WatermarkService(
-            WatermarkServiceConfig(cg=unique_name, liveness_timeout_s=2.0), kafka_conf
-        ),
-        "wm",
-    ).start()
+    wm = ap = None
     try:
         lv = live.create_volume("lv", 1 << 20)
-        stalled.create_volume("sv", 1 << 20)
+        sv = stalled.create_volume("sv", 1 << 20)
+        sv.write(0, b"before-the-stall" * 64)
         stalled.flush()
-        time.sleep(0.3)
+        wm = ServiceThread(
+            WatermarkService(
+                WatermarkServiceConfig(cg=unique_name, liveness_timeout_s=2.0), kafka_conf
+            ),
+            "wm",
+        ).start()
+        ap = ServiceThread(
+            Applier(
+                ApplierConfig(cg=unique_name, site="backup", data_dir=tmp_path / "backup"),
+                kafka_conf,
+            ),
+            "applier",
+        ).start()
+        svc = wm.service
         # the stalled interceptor stops ticking but is not dead: W must freeze at its S
         stalled.interceptor.crash()
         frozen_at = stalled.interceptor.last_s
-        time.sleep(0.3)
-        w_before = wm.service.state.w
-        assert w_before <= frozen_at
-        lv.write(0, b"after-stall")
+        ts_after = lv.write(0, b"after-stall")
         live.flush()
-        time.sleep(0.8)  # still inside the liveness timeout
-        assert wm.service.state.w <= frozen_at, "W skipped a stalled interceptor"
+        # positive event: the service folded a progress of the living past ts_after (it
+        # lies after the stalled one's last progress in the progress log)
+        wait_until(
+            lambda: (
+                wm.error is not None
+                or ("live" in svc.state.members and svc.state.members["live"].s >= ts_after)
+            ),
+            10,
+            "the service folding the living interceptor's progress past its write",
+        )
+        wm.check()
+        w_frozen = svc.state.w
+        assert svc.stats.fenced == 0 and "stall" in svc.state.members, (
+            "fenced before the liveness timeout: nothing shows W froze"
+        )
+        assert w_frozen == frozen_at < ts_after, (
+            f"W={w_frozen} while the stalled interceptor's S is {frozen_at} and the living "
+            f"wrote at {ts_after}: W skipped a stalled interceptor"
+        )
         # after the timeout it is fenced, and W moves on with fresh progress from the living
-        wait_until(lambda: wm.service.stats.fenced >= 1, 10, "the stalled interceptor is fenced")
-        ts = lv.write(4096, b"moves-on")
+        wait_until(
+            lambda: wm.error is not None or "stall" not in svc.state.members,
+            10,
+            "the stalled interceptor fenced and its FENCE folded",
+        )
+        wm.check()
+        assert svc.stats.fenced == 1
+        # its late record: the fenced epoch, stamped by its clock when it resumes (now)
+        late_ts = make_ts(wall_us())
+        late_at = produce_stale_write(
+            kafka_conf,
+            unique_name,
+            "stall",
+            stalled.interceptor.epoch,
+            "sv",
+            65536,
+            LATE_BYTES,
+            late_ts,
+        )
+        # positive event: the applier applied a later write of the living, so it read the
+        # late record's partition position and W moved past the late record's ts
+        ts_on = lv.write(4096, b"moves-on")
         live.flush()
-        wait_until(lambda: wm.service.state.w >= ts, 10, "W moves past the fenced interceptor")
-        assert wm.error is None
+        assert ts_on > late_ts
+        wait_until(
+            lambda: ap.error is not None or ap.service.applied_w >= ts_on,
+            20,
+            "the applier applying the living's write after the late record",
+        )
+        ap.check()
+        backup = tmp_path / "backup" / "images"
+        assert read_image(backup / "lv.img")[4096:4104] == b"moves-on"
+        stale = read_image(backup / "sv.img")
+        assert stale.startswith(b"before-the-stall"), "the stalled interceptor's data is lost"
+        assert LATE_BYTES not in stale, (
+            f"the late record of fenced interceptor 'stall' (epoch {stalled.interceptor.epoch}, "
+            f"ts {late_ts}, at {late_at}) reached the backup"
+        )
+        assert ap.service.planner.stats.rejected_stale_epoch >= 1, ap.service.planner.stats
     finally:
-        wm.stop()
+        stop_all(ap, wm)
         live.close()
+        stalled.close()
+
+
+def _fence_records(kafka_conf: dict[str, Any], cg: str, interceptor_id: str) -> int:
+    """How many FENCE progress records of ``interceptor_id`` a read_committed reader sees."""
+    return sum(
+        1
+        for m in iter_range(kafka_conf, CgTopics(cg).progress)
+        if (rec := codec.decode(m.value(), "Progress").record)["kind"] == "FENCE"
+        and rec["interceptor_id"] == interceptor_id
+    )
+
+
+def test_fence_record_only_after_fencing_succeeded_and_fencing_is_retried(
+    kafka_conf, unique_name, tmp_path, monkeypatch
+):
+    """The service fences a silent interceptor through Kafka (init_transactions with its
+    transactional.id) and only then writes the FENCE progress record the fold acts on. The
+    first fencing attempt fails (injected into the service's Producer): no FENCE may be
+    written, and the service must try again; after the retry succeeds the FENCE follows.
+
+    Seam: ``pipeline.watermark_service.Producer``, wrapped for the silent interceptor's
+    transactional.id only; every other producer of the service is the real one."""
+    fenced_tid = CgTopics(unique_name).transactional_id("stall")
+    real_producer = watermark_service.Producer
+    attempts: list[dict[str, Any]] = []
+
+    class FlakyFencer(real_producer):  # type: ignore[misc, valid-type]
+        def init_transactions(self, *args: Any) -> None:
+            seen = {
+                "fence_records_before": _fence_records(kafka_conf, unique_name, "stall"),
+                "still_a_member": "stall" in svc.state.members,
+            }
+            attempts.append(seen)
+            if len(attempts) == 1:
+                seen["outcome"] = "failed"
+                raise KafkaException(
+                    KafkaError(KafkaError._TIMED_OUT, "injected: transaction coordinator down")
+                )
+            super().init_transactions(*args)
+            seen["outcome"] = "fenced"
+            seen["fence_records_after"] = _fence_records(kafka_conf, unique_name, "stall")
+
+    def producer(conf: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if conf.get("transactional.id") == fenced_tid:
+            return FlakyFencer(conf, *args, **kwargs)
+        return real_producer(conf, *args, **kwargs)
+
+    monkeypatch.setattr(watermark_service, "Producer", producer)
+    stalled = ConsistencyGroup.open(
+        unique_name, tmp_path / "stall", kafka_conf, interceptor_id="stall", **FAST
+    )
+    wm = None
+    try:
+        stalled.create_volume("sv", 1 << 20)
+        stalled.flush()
+        svc = WatermarkService(
+            WatermarkServiceConfig(cg=unique_name, liveness_timeout_s=1.0), kafka_conf
+        )
+        wm = ServiceThread(svc, "wm").start()
+        stalled.interceptor.crash()
+        wait_until(
+            lambda: wm.error is not None or "stall" not in svc.state.members,
+            30,
+            "the service fencing the silent interceptor (after one failed attempt)",
+        )
+        wm.check()
+        assert [a["outcome"] for a in attempts] == ["failed", "fenced"], attempts
+        assert attempts[1]["still_a_member"], "the failed fencing dropped the member anyway"
+        assert attempts[0]["fence_records_before"] == 0, "a FENCE came before any fencing"
+        assert attempts[1]["fence_records_before"] == 0, (
+            "a FENCE record was written although fencing through Kafka had failed"
+        )
+        assert attempts[1]["fence_records_after"] == 0, (
+            "the FENCE record was written before fencing through Kafka returned"
+        )
+        assert _fence_records(kafka_conf, unique_name, "stall") == 1, (
+            "after fencing succeeded, exactly one FENCE record must follow"
+        )
+        assert svc.stats.fenced == 1
+    finally:
+        stop_all(wm)
+        stalled.close()
 
 
 def test_corrupt_record_halts_the_applier_with_a_dead_letter_copy(
