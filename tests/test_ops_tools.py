@@ -6,13 +6,16 @@ snapshot base one step too new or too old), a restore that quietly succeeds when
 head was deleted or TS is above W, a replay that does not continue a restored copy to the
 same bytes, a tail that drops, reorders or misreports records or dies on a bad one, and a
 verify that says OK for a checkpoint or a snapshot copy that is wrong.
+
+Restored images are compared by their bytes with the log replayed independently
+(``rebuild_from_log``), and the digests a manifest claims against ``tests.oracles``: no
+check goes through the product's digest code.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,6 @@ from confluent_kafka.admin import AdminClient
 from crc32c import crc32c
 from kafka_helpers import unique
 
-from connectors.image.image import content_digest_bytes, file_digest
 from connectors.kafka.config import KafkaConnection
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline import restore as rs
@@ -37,6 +39,7 @@ from pipeline.status import latest_checkpoints
 from pipeline.verify import verify_site
 from pipeline.volume import ConsistencyGroup
 from schemas import codec
+from tests.oracles import claimed_digest, first_difference, read_image
 from tests.replication_helpers import read_log, rebuild_from_log, running_backup, wait_until
 
 CMD = {c.name: c for c in COMMANDS}
@@ -84,19 +87,39 @@ def _workload(cg: ConsistencyGroup, rng: random.Random, n: int, write_ts: list[i
             write_ts.append(vol.write(off, rng.randbytes(length)))
 
 
-def _expect(records: list, ts: int) -> dict[str, str]:
-    """Digests of the reference images at ts: volumes created at or before ts only."""
+def _reference(records: list, ts: int) -> dict[str, bytes]:
+    """The reference images at ts: volumes created at or before ts only."""
     created = {
         rec["volume_id"]: rec["ts"]
         for t, rec, _p, _o in records
         if t == "VolumeChange" and rec["op"] == "CREATE"
     }
     ref = rebuild_from_log(records, SIZES, upto_ts=ts)
-    return {v: content_digest_bytes(ref[v]) for v, c in created.items() if c <= ts}
+    return {v: bytes(ref[v]) for v, c in created.items() if c <= ts}
+
+
+def _expect(records: list, ts: int) -> dict[str, str]:
+    """The digests a manifest of the cut at ts must claim (the documented format over the
+    reference images, ``oracles.claimed_digest``)."""
+    return {v: claimed_digest(data) for v, data in _reference(records, ts).items()}
 
 
 def _digests(manifest: dict[str, Any]) -> dict[str, str]:
     return {v["volume_id"]: v["digest"] for v in manifest["volumes"]}
+
+
+def _assert_images(images_dir: Path, want: dict[str, bytes], what: str) -> None:
+    """The restored images hold exactly the reference bytes, and no other volume."""
+    got = sorted(p.stem for p in images_dir.glob("*.img"))
+    assert got == sorted(want), f"{what}: images {got}, wanted {sorted(want)}"
+    for vid, data in want.items():
+        disk = read_image(images_dir / f"{vid}.img", len(data))
+        assert disk == data, f"{what}: volume {vid}: {first_difference(disk, data)}"
+
+
+def _newest_snapshot_w(site_dir: Path) -> int:
+    snaps = snapshot_store.list_snapshots(site_dir)
+    return snaps[-1][0] if snaps else -1
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +151,26 @@ def cg_run(kafka, tmp_path_factory) -> dict[str, Any]:
                 if round_ == 4:
                     marker_ts = _marker(cg, "before-upgrade")
                 cg.flush()
-                time.sleep(0.2)
-            target = cg.interceptor.last_s
-            wait_until(lambda: ap.service.applied_w >= target or ap.error, 30, "backup at W")
-            # one last checkpoint that is also a snapshot, for verify --at-checkpoint
+                # snapshots between the rounds, for the snapshot-base cut points
+                last = cg.interceptor.last_s
+                wait_until(
+                    lambda last=last: ap.error is not None or _newest_snapshot_w(site_dir) >= last,
+                    30,
+                    f"a snapshot of round {round_}",
+                )
+                ap.check()
+            # one last checkpoint that is also a snapshot, for verify --at-checkpoint: the
+            # applier stopped, checkpoint until one is due for a snapshot (its interval)
             ap.stop(close=False)
-            time.sleep(0.2)
-            last_ckpt = ap.service.checkpoint()
-            assert ap.error is None and wm.error is None
+            checkpoints: list[dict[str, Any]] = []
+
+            def snapshot_at_checkpoint() -> bool:
+                checkpoints.append(ap.service.checkpoint())
+                return _newest_snapshot_w(site_dir) == checkpoints[-1]["w"]
+
+            wait_until(snapshot_at_checkpoint, 10, "a checkpoint that is a snapshot", 0.05)
+            last_ckpt = checkpoints[-1]
+            wm.check()
     records = read_log(conf, name)
     w = rs.latest_watermark(conf, name)["w"]
     snaps = snapshot_store.list_snapshots(site_dir)
@@ -186,10 +221,10 @@ def test_restore_at_equals_the_log_applied_to_ts(cg_run, tmp_path, use_snapshots
         if use_snapshots and ts >= run["snaps"][0]:
             # the newest snapshot at or below ts, not any older one
             assert m["base"]["w"] == max(s for s in run["snaps"] if s <= ts)
-        assert _digests(m) == _expect(run["records"], ts), f"restore at {ts} is not the cut"
-        for v in m["volumes"]:
-            disk = file_digest(tmp_path / f"r{i}" / "images" / f"{v['volume_id']}.img")
-            assert disk == v["digest"]
+        _assert_images(
+            tmp_path / f"r{i}" / "images", _reference(run["records"], ts), f"restore at {ts}"
+        )
+        assert _digests(m) == _expect(run["records"], ts), f"restore at {ts}: wrong digests"
         shutil.rmtree(tmp_path / f"r{i}")
     assert bases == ({"snapshot", "log-start"} if use_snapshots else {"log-start"})
 
@@ -214,6 +249,7 @@ def test_restore_cli_by_iso_time_and_marker_then_replay_continues(cg_run, tmp_pa
     assert res.exit_code == 0, res.output
     assert f"at W {mid} " in res.stdout
     manifest = orjson.loads((tmp_path / "iso" / "restore.json").read_bytes())
+    _assert_images(tmp_path / "iso" / "images", _reference(recs, mid), "restore --at")
     assert _digests(manifest) == _expect(recs, mid)
     for digest in _expect(recs, mid).values():
         assert digest in res.stdout
@@ -231,6 +267,7 @@ def test_restore_cli_by_iso_time_and_marker_then_replay_continues(cg_run, tmp_pa
     assert res.exit_code == 0, res.output
     m = orjson.loads((tmp_path / "mk" / "restore.json").read_bytes())
     assert m["w"] == run["marker_ts"] and m["marker"] == "before-upgrade"
+    _assert_images(tmp_path / "mk" / "images", _reference(recs, run["marker_ts"]), "--marker")
     assert _digests(m) == _expect(recs, run["marker_ts"])
 
     # replay the restored copy from its cut to W: the same bytes as a restore at W
@@ -248,6 +285,7 @@ def test_restore_cli_by_iso_time_and_marker_then_replay_continues(cg_run, tmp_pa
     assert res.exit_code == 0, res.output
     m = orjson.loads((tmp_path / "iso" / "restore.json").read_bytes())
     assert m["exact"] and m["w"] == run["w"]
+    _assert_images(tmp_path / "iso" / "images", _reference(recs, run["w"]), "replay to W")
     assert _digests(m) == _expect(recs, run["w"])
     # a range that leaves a gap after the copy's cut is a drill, and says so
     later = min(t for t in run["write_ts"] if t > run["marker_ts"])
@@ -292,12 +330,19 @@ def test_restore_outside_retention_fails_naming_the_oldest_point(kafka_conf, uni
             checkpoint_interval_s=0.05,
             snapshot_interval_s=0.1,
         ) as (_wm, ap):
-            for _ in range(5):
+            for round_ in range(5):
                 _workload(cg, rng, 15, write_ts)
                 cg.flush()
-                time.sleep(0.15)
+                last = cg.interceptor.last_s
+                wait_until(
+                    lambda last=last: ap.error is not None or _newest_snapshot_w(site_dir) >= last,
+                    30,
+                    f"a snapshot of round {round_}",
+                )
+                ap.check()
             target = cg.interceptor.last_s
-            wait_until(lambda: ap.service.applied_w >= target, 30, "backup at W")
+            wait_until(lambda: ap.error is not None or ap.service.applied_w >= target, 30, "W")
+            ap.check()
     records = read_log(kafka_conf, unique_name)
     w = rs.latest_watermark(kafka_conf, unique_name)["w"]
     snaps = rs.site_snapshots(site_dir, SITE)
@@ -326,9 +371,9 @@ def test_restore_outside_retention_fails_naming_the_oldest_point(kafka_conf, uni
     for ts in (keep.w, (keep.w + w) // 2, w):
         out = rs.restore(kafka_conf, unique_name, ts, tmp_path / f"ok{ts}", site_dir=site_dir)
         assert out.manifest["base"]["w"] >= keep.w
-        assert _digests(out.manifest) == {
-            "a": content_digest_bytes(rebuild_from_log(records, {"a": SIZES["a"]}, ts)["a"])
-        }
+        want = {"a": bytes(rebuild_from_log(records, {"a": SIZES["a"]}, ts)["a"])}
+        _assert_images(tmp_path / f"ok{ts}" / "images", want, f"restore at {ts}")
+        assert _digests(out.manifest) == {"a": claimed_digest(want["a"])}
     # retention past every record: only the last snapshot (at the log's end) is left
     ends = rs.log_bounds(kafka_conf, unique_name)
     everything = [TopicPartition(topic, p, hi) for p, (_lo, hi) in ends.items() if hi > 0]
