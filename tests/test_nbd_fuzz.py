@@ -12,21 +12,19 @@ Every WRITE payload is self-describing, and the export wrapper records any write
 bytes do not match what a client sent whole. At the end: no violation, no unexpected
 server error, files equal to the models, and no connection left open.
 
-``LOWMARK_FUZZ_SEED`` replays a seed; the torture variant runs much longer.
+``LOWMARK_FUZZ_SEED`` replays a seed; the torture variant runs much longer. Targeted
+raw-socket cases (error mapping, back-pressure, shutdown) are in ``test_nbd_raw_cases.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
-import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,8 @@ import pytest
 
 from connectors.nbd import protocol as p
 from connectors.nbd.file_export import FileExport
-from connectors.nbd.server import NbdServer, NbdServerConfig
 from tests.nbd_helpers import ServerThread
+from tests.nbd_raw_client import Client, Closed, collect_errors, wait_for
 
 EXPORT_SIZE = 4 << 20
 BLOCK = 4096
@@ -121,112 +119,6 @@ class RecordingExport:
 
     def flush(self) -> Any:
         return self._done(self.inner.flush)
-
-
-# --- the server, on a loop in a thread -----------------------------------------------------
-
-
-# --- a tiny, strict client -------------------------------------------------------------
-
-
-class Closed(Exception):
-    """The server closed the connection."""
-
-
-class Client:
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pending: dict[bytes, tuple[int, int]] = {}  # cookie -> (cmd, length)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise Closed(str(exc)) from None
-
-    def recvn(self, n: int) -> bytes:
-        chunks = []
-        while n:
-            try:
-                chunk = self.sock.recv(min(n, 1 << 20))
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                raise Closed(f"EOF with {n} bytes still expected")
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    def expect_closed(self) -> None:
-        """The server must close without sending anything more."""
-        try:
-            extra = self.sock.recv(1 << 16)
-        except ConnectionResetError:
-            return
-        except TimeoutError:
-            raise AssertionError("server kept the connection open") from None
-        assert extra == b"", f"server sent {extra[:40]!r} instead of closing"
-
-    # handshake
-
-    def greet(self, flags: int = p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES) -> None:
-        greeting = self.recvn(18)
-        assert greeting == p.GREETING, greeting
-        self.send(struct.pack(">I", flags))
-
-    def option(self, option: int, data: bytes = b"") -> None:
-        self.send(p.OPTION_HEADER.pack(p.IHAVEOPT, option, len(data)) + data)
-
-    def option_reply(self) -> tuple[int, int, bytes]:
-        magic, option, rtype, length = p.OPTION_REPLY_HEADER.unpack(self.recvn(20))
-        assert magic == p.OPTION_REPLY_MAGIC, hex(magic)
-        return option, rtype, self.recvn(length)
-
-    def go(self, name: str, option: int = p.OPT_GO) -> tuple[int, int]:
-        raw = name.encode()
-        self.option(option, struct.pack(">I", len(raw)) + raw + struct.pack(">HH", 1, 3))
-        size = tflags = -1
-        while True:
-            opt, rtype, data = self.option_reply()
-            assert opt == option
-            if rtype == p.REP_ACK:
-                return size, tflags
-            assert rtype == p.REP_INFO, f"GO {name!r} answered {rtype:#x} {data!r}"
-            (info,) = struct.unpack_from(">H", data)
-            if info == p.INFO_EXPORT:
-                _, size, tflags = struct.unpack(">HQH", data)
-
-    # transmission
-
-    def request(
-        self, cmd: int, offset: int, length: int, flags: int = 0, payload: bytes = b""
-    ) -> bytes:
-        cookie = os.urandom(8)
-        self.pending[cookie] = (cmd, length)
-        self.send(
-            struct.pack(">IHH8sQI", p.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + payload
-        )
-        return cookie
-
-    def reply(self) -> tuple[bytes, int, bytes]:
-        magic, err, cookie = p.SIMPLE_REPLY.unpack(self.recvn(16))
-        assert magic == p.SIMPLE_REPLY_MAGIC, hex(magic)
-        assert cookie in self.pending, f"reply for unknown cookie {cookie.hex()}"
-        cmd, length = self.pending.pop(cookie)
-        data = self.recvn(length) if cmd == p.CMD_READ and err == 0 else b""
-        return cookie, err, data
-
-    def call(
-        self, cmd: int, offset: int, length: int, flags: int = 0, payload: bytes = b""
-    ) -> tuple[int, bytes]:
-        cookie = self.request(cmd, offset, length, flags, payload)
-        got, err, data = self.reply()
-        assert got == cookie
-        return err, data
 
 
 # --- fuzz scenarios ----------------------------------------------------------------------
@@ -616,23 +508,6 @@ def good_client(
 # --- the test ---------------------------------------------------------------------------
 
 
-@contextmanager
-def collect_errors(logger: str) -> Iterator[list[logging.LogRecord]]:
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep(logging.ERROR)
-    log = logging.getLogger(logger)
-    log.addHandler(handler)
-    try:
-        yield records
-    finally:
-        log.removeHandler(handler)
-
-
 def run_fuzz(tmp_path: Path, seed: int, connections: int, threads: int = 2) -> dict[str, Any]:
     names = [f"fuzz{i}" for i in range(threads)]
     exports: dict[str, Any] = {}
@@ -678,9 +553,11 @@ def run_fuzz(tmp_path: Path, seed: int, connections: int, threads: int = 2) -> d
         if failures:
             raise AssertionError(f"seed {seed}: {failures[0]}") from failures[0]
         # Connections the fuzzers dropped must all be gone from the server.
-        deadline = time.monotonic() + 10
-        while srv.call(lambda: srv.server.stats.connections_open) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(
+            lambda: srv.call(lambda: srv.server.stats.connections_open) == 0,
+            10,
+            "the server to close every connection the fuzzers dropped",
+        )
         stats = srv.call(srv.server.stats.snapshot)
         loop_errors = list(srv.loop_errors)
     assert not good_errors, good_errors[:5]
@@ -727,198 +604,3 @@ def test_fuzz_torture(tmp_path: Path, request: pytest.FixtureRequest) -> None:
         connections=int(os.environ.get("LOWMARK_FUZZ_CONNECTIONS", "40000")),
         threads=4,
     )
-
-
-# --- targeted raw-socket cases: error mapping, back-pressure, shutdown ----------------------
-
-
-class Scripted:
-    """An export whose calls do what the test says: raise, suspend, wait on a gate."""
-
-    def __init__(self, size: int = 1 << 20) -> None:
-        self.name = "s"
-        self.size = size
-        self.description = ""
-        self.read_only = False
-        self.can_multi_conn = False
-        self.raise_: BaseException | None = None
-        self.mode = "sync"  # sync | eager (coroutine, no suspension) | suspend | gate
-        self.gate: asyncio.Event | None = None
-        self.calls: list[tuple[int, int]] = []
-        self.read_result: bytes | None = None
-
-    def pread(self, offset: int, length: int) -> bytes:
-        if self.raise_ is not None:
-            raise self.raise_
-        return self.read_result if self.read_result is not None else bytes(length)
-
-    def write(self, offset: int, data: bytes, fua: bool) -> Any:
-        self.calls.append((offset, len(data)))
-        if self.mode == "sync":
-            if self.raise_ is not None:
-                raise self.raise_
-            return None
-
-        async def run() -> None:
-            if self.mode == "suspend":
-                await asyncio.sleep(0)
-            elif self.mode == "gate":
-                assert self.gate is not None
-                await self.gate.wait()
-            if self.raise_ is not None:
-                raise self.raise_
-
-        return run()
-
-    def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> Any:
-        return self.write(offset, bytes(length), fua)
-
-    def trim(self, offset: int, length: int, fua: bool) -> Any:
-        return self.write(offset, bytes(length), fua)
-
-    def flush(self) -> Any:
-        return self.write(0, b"", False)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
-
-
-def connected(srv: ServerThread, name: str = "s") -> Client:
-    c = Client(srv.port)
-    c.greet()
-    c.go(name)
-    return c
-
-
-@pytest.mark.parametrize("mode", ["sync", "eager", "suspend"])
-def test_export_errors_become_nbd_errors(mode: str) -> None:
-    from pipeline.errors import ReplicationError, VolumeError
-
-    export = Scripted()
-    export.mode = mode
-    cases = [
-        (VolumeError("offset out of range"), p.EINVAL),
-        (ReplicationError("Kafka did not take it"), p.EIO),
-        (OSError(28, "No space left on device"), p.ENOSPC),
-        (OSError(122, "Disk quota exceeded"), p.ENOSPC),
-        (OSError(5, "Input/output error"), p.EIO),
-        (RuntimeError("a bug in the export"), p.EIO),
-        (None, 0),
-    ]
-    with collect_errors("connectors.nbd") as logged, ServerThread({"s": export}) as srv:
-        c = connected(srv)
-        for exc, code in cases:
-            export.raise_ = exc
-            assert c.call(p.CMD_WRITE, 0, 16, payload=b"x" * 16)[0] == code, exc
-            assert c.call(p.CMD_FLUSH, 0, 0)[0] == code, exc
-        export.mode = "sync"
-        export.raise_ = OSError(5, "bad sector")
-        assert c.call(p.CMD_READ, 0, 512) == (p.EIO, b"")
-        export.raise_ = None
-        export.read_result = b"short"
-        assert c.call(p.CMD_READ, 0, 512) == (p.EIO, b"")  # never a short read on the wire
-        export.read_result = None
-        assert c.call(p.CMD_READ, 0, 512) == (0, bytes(512))  # still serving
-        stats = srv.call(srv.server.stats.snapshot)
-        c.close()
-    # Only the unexpected exception is logged as an error (with its traceback).
-    assert [r.exc_info is not None for r in logged] == [True, True]
-    assert stats["async_completions"] == (14 if mode == "suspend" else 0)
-
-
-def test_slow_reader_pauses_the_server() -> None:
-    """A client that sends reads but does not read replies must not make the server
-    buffer every reply: it stops reading requests until the client catches up."""
-    with ServerThread({"s": Scripted(size=256 << 20)}) as srv:
-        c = connected(srv)
-        n = 200
-        for i in range(n):
-            c.request(p.CMD_READ, i << 20, 1 << 20)
-        wait_for(lambda: srv.call(lambda: srv.server.stats.read_pauses) > 0)
-        time.sleep(0.3)  # a server that did not really stop would serve on
-        served_early = srv.call(lambda: srv.server.stats.requests[p.CMD_READ])
-        assert served_early < n // 2, f"served {served_early} of {n} reads nobody read"
-        for _ in range(n):
-            _, err, data = c.reply()
-            assert err == 0 and len(data) == 1 << 20
-        stats = srv.call(srv.server.stats.snapshot)
-        c.close()
-    assert stats["requests"]["read"] == n and stats["read_pauses"] > 0
-
-
-def test_inflight_limit_stops_reading_until_requests_complete() -> None:
-    export = Scripted()
-    export.mode = "gate"
-    with ServerThread({"s": export}, max_inflight_per_conn=4) as srv:
-        export.gate = srv.call(asyncio.Event)
-        c = connected(srv)
-        for i in range(10):
-            c.request(p.CMD_WRITE, i * 16, 16, payload=b"y" * 16)
-        wait_for(lambda: len(export.calls) >= 4)
-        time.sleep(0.3)  # a server ignoring the limit would pass on the rest meanwhile
-        assert len(export.calls) == 4  # the rest waits in the socket
-        srv.loop.call_soon_threadsafe(export.gate.set)
-        for _ in range(10):
-            assert c.reply()[1] == 0
-        assert len(export.calls) == 10
-        c.close()
-
-
-def test_close_answers_inflight_requests_then_disconnects() -> None:
-    export = Scripted()
-    export.mode = "gate"
-    srv = ServerThread({"s": export})
-    with srv:
-        export.gate = srv.call(asyncio.Event)
-        c = connected(srv)
-        port = srv.port
-        cookie = c.request(p.CMD_WRITE, 0, 16, payload=b"z" * 16)
-        wait_for(lambda: bool(export.calls))
-        closing = asyncio.run_coroutine_threadsafe(srv.server.close(), srv.loop)
-        time.sleep(0.2)
-        assert not closing.done(), "close() did not wait for the in-flight write"
-        with pytest.raises(ConnectionRefusedError):  # no longer listening
-            Client(port)
-        srv.loop.call_soon_threadsafe(export.gate.set)
-        assert c.reply()[:2] == (cookie, 0)
-        c.expect_closed()
-        closing.result(10)
-        c.close()
-
-
-def test_handshake_timeout_drops_silent_clients() -> None:
-    with ServerThread({"s": Scripted()}, handshake_timeout_s=0.2) as srv:
-        c = Client(srv.port)
-        assert c.recvn(18) == p.GREETING
-        start = time.monotonic()
-        c.expect_closed()
-        assert time.monotonic() - start < 5
-        c.close()
-        busy = connected(srv)  # a client in transmission is never timed out
-        time.sleep(0.4)
-        assert busy.call(p.CMD_FLUSH, 0, 0)[0] == 0
-        busy.close()
-        wait_for(lambda: srv.call(lambda: srv.server.stats.connections_open) == 0)
-        stats = srv.call(srv.server.stats.snapshot)
-    assert stats["handshakes_failed"] == 1 and stats["connections_open"] == 0
-
-
-def test_config_is_validated() -> None:
-    from pipeline.errors import ConfigError, SetupError
-
-    with pytest.raises(ConfigError, match="nowhere to listen"):
-        NbdServerConfig(host=None, unix_path=None)
-    with pytest.raises(ConfigError, match="tls_cert"):
-        NbdServerConfig(tls_cert="x.pem")
-    with pytest.raises(ConfigError, match="tls_required"):
-        NbdServerConfig(tls_required=True)
-    with pytest.raises(ConfigError, match="max_inflight"):
-        NbdServerConfig(max_inflight_per_conn=0)
-    with ServerThread({"s": Scripted()}) as srv:
-        taken = NbdServer({"s": Scripted()}, NbdServerConfig(port=srv.port))
-        with pytest.raises(SetupError, match="cannot listen"):
-            asyncio.run(taken.start())
