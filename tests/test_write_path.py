@@ -21,7 +21,7 @@ from pipeline.errors import FencedError, ReplicationError
 from pipeline.volume import ConsistencyGroup
 from schemas import codec
 from tests.prereqs import require_tool
-from tests.replication_helpers import read_log, rebuild_from_log
+from tests.replication_helpers import read_log, rebuild_from_log, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -237,13 +237,27 @@ def test_async_writes_block_at_the_backpressure_bound_and_lose_nothing(
 
         t = threading.Thread(target=writer, daemon=True)
         t.start()
-        time.sleep(4)
+        # a write blocks at the bound: it logs before it waits, so from here on `acked`
+        # can only grow if space is freed (or the bound is broken)
+        wait_until(
+            lambda: any("writes blocked" in r.getMessage() for r in caplog.records)
+            or not t.is_alive(),
+            30,
+            "a write blocking at the backpressure bound",
+        )
         blocked_at = len(acked)
-        time.sleep(1.5)
+        # proof that the system moved past the point where space would have been freed:
+        # the tick thread ended a commit attempt after the block, and it failed
+        retries = cg.interceptor.stats["txn_retries"]
+        wait_until(
+            lambda: cg.interceptor.stats["txn_retries"] > retries or not t.is_alive(),
+            30,
+            "a failed commit attempt while the writer is blocked",
+        )
         # the bound holds: about 4 MiB of 64 KiB writes, and no more while Kafka is down
+        assert t.is_alive(), "every write went through: no backpressure at all"
         assert 0 < blocked_at <= 70, blocked_at
         assert len(acked) == blocked_at, "writes went on past the backpressure bound"
-        assert any("writes blocked" in r.getMessage() for r in caplog.records)
         for node in stopped:
             kafka3.start_node(node)
         t.join(120)
