@@ -9,9 +9,14 @@ primary (one async and one sync volume) writes, zeroes and trims. Checked:
   fact every published W bounds the log: no record with ts <= W lies at or above that
   W's log_offsets;
 - once the workload stops, the restarted services converge: backup images byte-identical
-  to the primary's, and the final checkpoint's digests equal the primary's;
-- every checkpoint ever written is a cut: its digests equal the log replayed to its W
-  (a restarted applier must not checkpoint images that still hold data of a later W).
+  to the primary's, and the final checkpoint's digests are those of the primary's bytes;
+- every checkpoint ever written is a cut: every volume's digest equals that of the log
+  replayed to its W (a restarted applier must not checkpoint images that still hold data
+  of a later W), and none is missing;
+- no service exits on its own between kills (a halted applier, a crashed service): each
+  victim must still be running when its kill comes, and each stops cleanly at the end.
+
+Images are compared by their bytes; checkpoint digests against ``tests.oracles``.
 
 The scenario runs once per module; each test asserts one of the properties. Replay a run
 with ``LOWMARK_KILL_SEED=<seed>`` (printed; the kill instants follow it, the scheduling
@@ -31,7 +36,6 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from connectors.image.image import file_digest
 from connectors.kafka.config import KafkaConnection
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
@@ -41,6 +45,7 @@ from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from tests.kafka_helpers import unique
+from tests.oracles import claimed_digest, first_difference, reader_bytes
 from tests.replication_helpers import (
     ServiceThread,
     create_cg_topics,
@@ -72,10 +77,11 @@ class KillRun:
     history: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     records: list[tuple[str, dict[str, Any], int, int]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
-    primary: dict[str, str] = field(default_factory=dict)  # volume -> content digest
-    backup: dict[str, str] = field(default_factory=dict)
+    primary: dict[str, bytes] = field(default_factory=dict)  # volume -> what a reader sees
+    backup: dict[str, bytes | None] = field(default_factory=dict)  # None: no image
     final_checkpoint: dict[str, Any] | None = None
     converge_error: str = ""
+    stop_problems: list[str] = field(default_factory=list)
     target_ts: int = 0
     applier_starts_us: list[int] = field(default_factory=list)
 
@@ -115,14 +121,32 @@ class Services:
         return proc
 
     def kill(self, name: str) -> None:
-        self.procs[name].kill()
+        """SIGKILL the victim, which must still be running: one that already exited did so
+        on its own (it failed or halted), and restarting it would hide that."""
+        proc = self.procs[name]
+        if not proc.alive():
+            proc.reap()
+            raise AssertionError(
+                f"{name} (pid {proc.pid}) exited on its own with exit code "
+                f"{proc.proc.returncode} before its kill; its log ends with:\n{proc.log_tail()}"
+            )
+        proc.kill()
 
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.alive():
-                proc.stop()
-            else:
+    def stop(self) -> list[str]:
+        """Stop both gracefully; what went wrong (exited before, or not cleanly)."""
+        problems = []
+        for name, proc in self.procs.items():
+            if not proc.alive():
                 proc.reap()
+                problems.append(
+                    f"{name} had exited on its own with {proc.proc.returncode} before the "
+                    f"end: {proc.log_tail()}"
+                )
+                continue
+            rc = proc.stop()
+            if rc != 0:
+                problems.append(f"{name} stopped with exit code {rc}: {proc.log_tail()}")
+        return problems
 
     def died_on_its_own(self) -> str:
         """A service that exited without being killed (it failed): name and log tail."""
@@ -207,7 +231,7 @@ def run_kills(kafka_conf: dict[str, Any], cg: str, root: Path, kills: int, seed:
         writer.start()
         run.kills = dict.fromkeys(("watermark", "applier"), 0)
         for _ in range(kills):
-            time.sleep(rng.uniform(0.1, 1.5))
+            time.sleep(rng.uniform(0.1, 1.5))  # the kill instant: random on purpose
             r = rng.random()
             victims = (
                 ["watermark"] if r < 0.45 else ["applier"] if r < 0.9 else ["watermark", "applier"]
@@ -233,15 +257,14 @@ def run_kills(kafka_conf: dict[str, Any], cg: str, root: Path, kills: int, seed:
         except AssertionError as exc:
             run.converge_error = f"{exc}; applier log: {services.procs['applier'].log_tail()}"
         run.final_checkpoint = _read_checkpoint(ckpt_path)
-        run.primary = {v.volume_id: v.image.content_digest() for v in primary.volumes.values()}
-        for vid in SIZES:
-            img = root / SITE / "images" / f"{vid}.img"
-            run.backup[vid] = file_digest(img) if img.exists() else "(no image)"
+        run.primary = {v.volume_id: v.pread(0, v.size) for v in primary.volumes.values()}
+        for vid, size in SIZES.items():
+            run.backup[vid] = reader_bytes(root / SITE / "images" / f"{vid}.img", size)
     finally:
         stop_writes.set()
         if writer is not None:
             writer.join(60)
-        services.stop()
+        run.stop_problems = services.stop()
         observer.stop_event.set()
         observer.join(30)
         primary.close()
@@ -280,11 +303,17 @@ def check_w_monotonic(run: KillRun) -> None:
 
 def check_converged(run: KillRun) -> None:
     assert not run.converge_error, run.converge_error
+    assert not run.stop_problems, "\n".join(run.stop_problems)
     assert run.kills["watermark"] > 0 and run.kills["applier"] > 0
-    assert run.backup == run.primary, "backup images differ from the primary's"
+    for vid, data in run.primary.items():
+        backup = run.backup.get(vid)
+        assert backup is not None, f"the backup has no image of {vid}"
+        assert backup == data, f"backup image {vid} differs: {first_difference(backup, data)}"
     ck = run.final_checkpoint
     assert ck is not None and ck["w"] >= run.target_ts
-    assert {v["volume_id"]: v["digest"] for v in ck["volumes"]} == run.primary
+    assert {v["volume_id"]: v["digest"] for v in ck["volumes"]} == {
+        vid: claimed_digest(data) for vid, data in run.primary.items()
+    }, "the final checkpoint's digests are not those of the primary's bytes"
 
 
 def check_checkpoints_are_cuts(run: KillRun) -> None:
@@ -292,10 +321,12 @@ def check_checkpoints_are_cuts(run: KillRun) -> None:
     replayed = replay_digests(run.records, SIZES, [ck["w"] for ck in run.checkpoints])
     bad = []
     for i, ck in enumerate(run.checkpoints):
-        got = {v["volume_id"]: v["digest"] for v in ck["volumes"] if v["digest"]}
-        want = {v: d for v, d in replayed[ck["w"]].items() if v in got}
-        if got != want or set(replayed[ck["w"]]) != {v["volume_id"] for v in ck["volumes"]}:
-            wrong = sorted(v for v in got if got[v] != replayed[ck["w"]].get(v))
+        # every checkpoint carries digests (digest_interval_s=0): one without is no cut
+        # anybody could check, so it counts as wrong, not as skipped
+        got = {v["volume_id"]: v["digest"] for v in ck["volumes"]}
+        want = replayed[ck["w"]]
+        if got != want:
+            wrong = sorted(set(got) ^ set(want) | {v for v in got if got[v] != want.get(v)})
             since = [ck["written_us"] - t for t in run.applier_starts_us if t <= ck["written_us"]]
             bad.append(
                 f"checkpoint #{i} at W={ck['w']}: volumes {wrong} are not the log at W "
@@ -413,3 +444,25 @@ def test_restarted_applier_checkpoints_only_cuts(kafka_conf, unique_name, tmp_pa
         + ("exactly" if got == replayed[applied_w] else "not even")
         + f" the log at the pre-crash W={applied_w}"
     )
+
+
+# ---------------------------------------------------------------- the harness itself
+
+
+def test_a_victim_that_exited_on_its_own_is_reported_not_restarted(tmp_path):
+    """The kill loop restarts every victim; one that had already died on its own (here:
+    an applier whose configuration it refuses) must fail the run with its exit code and
+    log, not be silently restarted."""
+
+    class BrokenApplier(Services):
+        def spec(self, name: str) -> dict[str, Any]:
+            spec = super().spec(name)
+            spec["config"]["site"] = "no/such/site"  # ApplierConfig.validate refuses it
+            return spec
+
+    services = BrokenApplier({"bootstrap.servers": "127.0.0.1:9"}, "never", tmp_path)
+    proc = services.start("applier")
+    proc.proc.wait(60)  # it fails before READY, before touching Kafka
+    with pytest.raises(AssertionError, match=r"exited on its own with exit code 1"):
+        services.kill("applier")
+    assert "site name" in proc.log_tail()
