@@ -82,6 +82,9 @@ def fenced_zombie(kafka_conf, unique_name, tmp_path) -> Iterator[ZombieSetup]:
             "applier",
         ).start()
         old_epoch = stalled.interceptor.epoch
+        # the service must know the member before it goes silent, or "not a member" below
+        # would hold from the start
+        wait_until(lambda: "stall" in wm.service.state.members, 20, "the JOIN folded")
         stalled.interceptor.crash()  # the tick thread stops: a stalled process
         wait_until(
             lambda: "stall" not in wm.service.state.members,
