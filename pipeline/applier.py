@@ -33,11 +33,11 @@ from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline import snapshot_store
 from pipeline.apply_plan import ApplyOp, ApplyPlanner
 from pipeline.clock import ts_physical_us, wall_us
+from pipeline.deadletter import deadletter_headers
 from pipeline.errors import (
     ApplierHaltedError,
     ApplyError,
     ConfigError,
-    KafkaUnavailableError,
     LowmarkError,
     RecordError,
 )
@@ -92,6 +92,7 @@ class ApplierStats:
     records_read: int = 0
     bytes_read: int = 0
     watermarks_seen: int = 0
+    consumer_errors: int = 0
     last_checkpoint_us: int = 0
     started_mono: float = field(default_factory=time.monotonic)
 
@@ -120,6 +121,7 @@ class Applier:
         self._last_snapshot = 0.0
         self._last_digest = 0.0
         self._bg: tuple[threading.Thread, dict[str, Any]] | None = None
+        self._last_error_log: dict[int, float] = {}
         self._wm_end_at_start = 0
         self._wm_read_to = 0
         self._restart_floor = 0
@@ -303,9 +305,10 @@ class Applier:
                     # at the end: everything committed below this offset has been read
                     self._note_position(p, msg.offset())
                     continue
-                if msg.error().retriable():
-                    continue
-                raise KafkaUnavailableError(f"reading {self.topics.log}: {msg.error()}")
+                # an error event carries no record: the rest of this batch is still to be
+                # read (raising here lost it, and a later EOF would have skipped it)
+                self._consumer_error(msg.error())
+                continue
             off = msg.offset()
             if self.planner.is_blocked(p, off):
                 # at or behind a bad record (same fetch batch, or re-read after a spill): not
@@ -336,6 +339,21 @@ class Applier:
             self.planner.add(dec.type, dec.record, p, off)
             self._note_position(p, off + 1)
         return len(msgs)
+
+    def _consumer_error(self, err: Any) -> None:
+        """A consumer error event (broker down, leader moving): count it, log it now and then;
+        librdkafka retries on its own, and the positions stay where the records left them."""
+        self.stats.consumer_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log.get(err.code(), -1e9) >= 10:
+            self._last_error_log[err.code()] = now
+            event(
+                log,
+                "kafka consumer error; retrying",
+                level=logging.WARNING if err.retriable() else logging.ERROR,
+                topic=self.topics.log,
+                error=str(err),
+            )
 
     def _note_position(self, partition: int, next_offset: int) -> None:
         self.planner.note_position(partition, next_offset)  # never past a blocked record
@@ -568,14 +586,7 @@ class Applier:
         if p in self._blocked:
             return  # met again after a re-read: already dead-lettered
         self.planner.block(p, off)
-        headers = [
-            ("source.topic", self.topics.log.encode()),
-            ("source.partition", str(p).encode()),
-            ("source.offset", str(off).encode()),
-            ("error", str(exc).encode()[:1000]),
-            ("error.class", type(exc).__name__.encode()),
-            ("site", self.config.site.encode()),
-        ]
+        headers = deadletter_headers(self.topics.log, p, off, exc, self.config.site)
         self._producer.produce(self.topics.deadletter, msg.value(), msg.key(), headers=headers)
         self._producer.flush(30)
         self._blocked[p] = (
@@ -645,4 +656,5 @@ class Applier:
             "pending_bytes": self.planner.pending_bytes(),
             "checkpoints": self.stats.checkpoints,
             "halted": self.halted is not None,
+            "consumer_errors": self.stats.consumer_errors,
         }

@@ -104,8 +104,20 @@ def serve(
     help="silence after which an interceptor is fenced",
 )
 @click.option("--metrics", default=None, help="host:port for the Prometheus /metrics endpoint")
-def watermark(config_path, bootstrap_servers, cg_name, liveness_timeout_s, metrics) -> None:
-    """Run the CG's watermark service: fold progress into W, fence the silent."""
+@click.option(
+    "--skip-progress",
+    "skip_progress",
+    type=click.IntRange(min=0),
+    multiple=True,
+    help="OFFSET of a bad progress record to skip (logged; repeatable)",
+)
+def watermark(
+    config_path, bootstrap_servers, cg_name, liveness_timeout_s, metrics, skip_progress
+) -> None:
+    """Run the CG's watermark service: fold progress into W, fence the silent.
+
+    Several may run for one CG: one publishes, the others stand by and take over.
+    """
     from pipeline.services import run_watermark
 
     cfg = build_config(
@@ -114,7 +126,7 @@ def watermark(config_path, bootstrap_servers, cg_name, liveness_timeout_s, metri
         cg_name,
         watermark={"liveness_timeout_s": liveness_timeout_s, "metrics": metrics},
     )
-    run_watermark(cfg)
+    run_watermark(cfg, frozenset(skip_progress))
 
 
 def _parse_skip(values: tuple[str, ...]) -> frozenset[tuple[int, int]]:

@@ -19,6 +19,7 @@ The message says what happened and what the operator can do about it.
      ├── VolumeError                 a volume operation is invalid (range, size, name)
      ├── ClockError                  the hybrid logical clock cannot honour its promise
      ├── WatermarkError              the watermark would break an invariant (e.g. decrease)
+     │    └── WatermarkHaltedError   a bad progress record froze W; operator must skip it
      ├── ApplyError                  the applier stopped; the message says why and what to do
      │    └── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
      └── RestoreError                a cut cannot be restored/replayed (above W, out of retention)
@@ -99,6 +100,11 @@ class ClockError(LowmarkError):
 
 class WatermarkError(LowmarkError):
     """Publishing or accepting this watermark would break watermark safety."""
+
+
+class WatermarkHaltedError(WatermarkError):
+    """A progress record did not decode: W is frozen below it. Fix its writer, or skip it
+    with ``lowmark watermark --skip-progress OFFSET`` (logged)."""
 
 
 class ApplyError(LowmarkError):

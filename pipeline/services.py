@@ -24,12 +24,16 @@ from connectors.nbd.server import NbdServer, NbdServerConfig
 from connectors.nbd.volume_export import VolumeExport
 from pipeline.applier import Applier, ApplierConfig
 from pipeline.config import LowmarkConfig, parse_hostport, parse_size
+from pipeline.errors import LowmarkError
 from pipeline.logs import event
 from pipeline.metrics import serve_metrics
 from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 
 log = logging.getLogger("lowmark.services")
+
+#: the longest a service waits before it tries a step again after a retriable error
+_MAX_BACKOFF_S = 5.0
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -139,20 +143,23 @@ async def _serve_async(
 # ---------------------------------------------------------------- watermark
 
 
-def make_watermark_service(cfg: LowmarkConfig) -> WatermarkService:
+def make_watermark_service(
+    cfg: LowmarkConfig, skip_progress: frozenset[int] = frozenset()
+) -> WatermarkService:
     return WatermarkService(
         WatermarkServiceConfig(
             cg=cfg.cg.name,
             liveness_timeout_s=cfg.watermark.liveness_timeout_s,
             log_partitions=cfg.cg.log_partitions,
             replication_factor=cfg.replication_factor,
+            skip_progress=skip_progress,
         ),
         cfg.kafka_conf(),
     )
 
 
-def run_watermark(cfg: LowmarkConfig) -> None:
-    svc = make_watermark_service(cfg)
+def run_watermark(cfg: LowmarkConfig, skip_progress: frozenset[int] = frozenset()) -> None:
+    svc = make_watermark_service(cfg, skip_progress)
     _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name})
 
 
@@ -183,16 +190,55 @@ def run_apply(cfg: LowmarkConfig, skip: frozenset[tuple[int, int]] = frozenset()
     _run_loop(svc, cfg.apply.metrics, "applier", {"cg": cfg.cg.name, "site": cfg.apply.site})
 
 
+def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event) -> float:
+    """Log a retriable error and wait (doubling, bounded); the new backoff."""
+    if not exc.retriable:
+        raise exc
+    backoff_s = min(_MAX_BACKOFF_S, max(0.05, backoff_s * 2))
+    event(
+        log,
+        f"{name}: passing fault, retrying",
+        level=logging.WARNING,
+        error=str(exc),
+        retry_in_s=backoff_s,
+    )
+    stop.wait(backoff_s)
+    return backoff_s
+
+
+def _start_with_retries(svc: Any, name: str, stop: threading.Event) -> None:
+    """A service started while the cluster elects (or restarts) waits for it."""
+    backoff_s = 0.0
+    while not stop.is_set():
+        try:
+            svc.start()
+            return
+        except LowmarkError as exc:
+            # half-started: drop its clients; an applier must not checkpoint here
+            with contextlib.suppress(Exception):
+                if isinstance(svc, Applier):
+                    svc.close(checkpoint=False)
+                else:
+                    svc.close()
+            backoff_s = _retry_wait(name, exc, backoff_s, stop)
+
+
 def _run_loop(svc: Any, metrics: str, name: str, labels: dict[str, str]) -> None:
     stop = threading.Event()
     _stop_on_signals(stop)
-    svc.start()
+    _start_with_retries(svc, name, stop)
     if metrics:
         serve_metrics(metrics, name, svc.metrics, labels)
     last_log = time.monotonic()
+    backoff_s = 0.0
     try:
         while not stop.is_set():
-            svc.step()
+            try:
+                svc.step()
+                backoff_s = 0.0
+            except LowmarkError as exc:
+                # a routine fault (an election, a broker restart): ride it out
+                backoff_s = _retry_wait(name, exc, backoff_s, stop)
             if time.monotonic() - last_log >= 10:
                 event(
                     log,

@@ -199,3 +199,22 @@ def kill_broker(cluster: KafkaCluster, node_id: int) -> None:
 def restart_broker(cluster: KafkaCluster, node_id: int, timeout_s: float = 60) -> None:
     """Start a killed broker again on its ports and data; returns once it serves."""
     cluster.start_node(node_id, timeout_s=timeout_s)
+
+
+def partition_leader(bootstrap: str, topic: str, partition: int) -> int:
+    """The node id leading ``topic``[``partition``] now (-1 while it has none)."""
+    md = admin(bootstrap).list_topics(topic, timeout=10).topics[topic]
+    return md.partitions[partition].leader
+
+
+def volume_partitions(conf: Mapping[str, Any], topic: str, partitions: int = 4) -> dict[str, int]:
+    """volume id -> the log partition its records are in, from the records' headers."""
+    from connectors.kafka.reading import iter_range
+
+    out: dict[str, int] = {}
+    for p in range(partitions):
+        for m in iter_range(dict(conf), topic, p):
+            vid = dict(m.headers() or []).get("volume")
+            if vid is not None:
+                out.setdefault(vid.decode(), p)
+    return out

@@ -47,9 +47,19 @@ def watermark_offsets(
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return c.get_watermark_offsets(
+            low, high = c.get_watermark_offsets(
                 TopicPartition(topic, partition), timeout=timeout_s, cached=False
             )
+            if low >= 0 and high >= 0:
+                return low, high
+            # -1001 (OFFSET_INVALID): the partition has no leader right now (an election)
+            if time.monotonic() > deadline:
+                raise KafkaUnavailableError(
+                    f"{topic}[{partition}] has no leader (offsets {low}, {high}); retry once "
+                    "the cluster has elected one (`lowmark kafka status`, or the broker logs)"
+                )
+            time.sleep(0.1)
+            continue
         except KafkaException as exc:
             err = exc.args[0]
             transient = err.retriable() or err.code() in _TRANSIENT

@@ -54,6 +54,10 @@ class CgTopics:
     def transactional_id(self, interceptor_id: str) -> str:
         return f"lowmark.{self.cg}.interceptor.{interceptor_id}"
 
+    def watermark_transactional_id(self) -> str:
+        """Shared by every watermark service instance of the CG: one publisher at a time."""
+        return f"lowmark.{self.cg}.watermark-publisher"
+
 
 def ensure_topics(
     conf: dict[str, str],

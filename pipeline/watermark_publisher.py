@@ -1,0 +1,176 @@
+"""The one writer of a CG's watermark topic: a Kafka transactional.id shared by every
+watermark service instance of the CG.
+
+Why: several instances may run at once (for availability), each folding the same progress
+log at its own speed, so a lagging or freshly restarted one computes a lower W than the one
+a faster instance already published. Taking the maximum on the consumer side hides that,
+but compaction can leave the lower one as the topic's latest value, and invariant 2 says no
+published W is below an earlier one. So exactly one instance publishes at a time:
+
+- ``acquire()``: ``init_transactions`` with the CG's watermark transactional.id. Kafka fences
+  every other instance holding it (their open transaction is aborted, their next commit
+  fails), and once it returns every transaction of theirs is decided. Only then the topic's
+  highest committed W is read: the *floor*. The new holder never publishes below it.
+- ``publish(rec)``: one transaction per Watermark message. Consumers read the topic
+  read_committed (the applier, status, restore, ``latest``), so an aborted message of a
+  fenced instance is never "published" (kcat shows it unless given
+  ``-X isolation.level=read_committed``).
+- a holder that finds itself fenced reports it (``publish`` returns False) and stands by;
+  the service decides when to take over again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from connectors.kafka.reading import latest
+from connectors.kafka.topics import CgTopics
+from pipeline.errors import KafkaUnavailableError
+from pipeline.logs import event
+from schemas import codec
+
+log = logging.getLogger("lowmark.watermark")
+
+_FENCED = {
+    KafkaError._FENCED,
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+
+
+@dataclass(frozen=True)
+class PublisherTimeouts:
+    init_transactions_s: float = 30.0
+    commit_s: float = 10.0
+    abort_s: float = 10.0
+    read_floor_s: float = 30.0
+
+
+def decode_watermark(value: bytes) -> dict[str, Any]:
+    return codec.decode(value, "Watermark").record
+
+
+def newer_watermark(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["w"], a["progress_offset"]) > (b["w"], b["progress_offset"])
+
+
+def latest_watermark(kafka_conf: dict[str, Any], cg: str, timeout_s: float = 30.0) -> Any:
+    """The highest committed Watermark record of the CG, or None (read_committed)."""
+    best = latest(kafka_conf, CgTopics(cg).watermark, decode_watermark, newer_watermark, timeout_s)
+    return None if best is None else best[0]
+
+
+class WatermarkPublisher:
+    """Holds (or tries to hold) the CG's watermark transactional.id."""
+
+    def __init__(
+        self,
+        kafka_conf: dict[str, Any],
+        cg: str,
+        timeouts: PublisherTimeouts = PublisherTimeouts(),
+        producer_factory: Callable[[dict[str, Any]], Any] = Producer,
+    ) -> None:
+        self.kafka_conf = dict(kafka_conf)
+        self.topics = CgTopics(cg)
+        self.cg = cg
+        self.timeouts = timeouts
+        self._factory = producer_factory
+        self._producer: Any = None
+        self.active = False
+        self.acquired = 0  # how often this instance took the id (metrics)
+
+    def acquire(self) -> dict[str, Any] | None:
+        """Become the only publisher; return the floor (highest committed W record).
+
+        Raises ``KafkaUnavailableError`` (retriable) when the cluster does not answer.
+        """
+        self.release()
+        producer = self._factory(
+            {
+                **self.kafka_conf,
+                # fences every other instance: one writer, so W never goes down in the topic
+                "transactional.id": self.topics.watermark_transactional_id(),
+                "enable.idempotence": True,
+                "acks": "all",
+                # a W is tiny and every microsecond of delay is RPO
+                "linger.ms": 0,
+                # a transaction of ours that hangs must not keep the LSO (and so every
+                # read_committed consumer of the topic) back for long
+                "transaction.timeout.ms": 60_000,
+            }
+        )
+        try:
+            producer.init_transactions(self.timeouts.init_transactions_s)
+        except KafkaException as exc:
+            raise KafkaUnavailableError(
+                f"cannot take the watermark transactional.id of CG {self.cg}: {exc.args[0]}; "
+                "check that the brokers (and their transaction coordinator) are up"
+            ) from None
+        # every transaction of an earlier holder is decided now: the floor is final
+        floor = latest_watermark(self.kafka_conf, self.cg, self.timeouts.read_floor_s)
+        self._producer = producer
+        self.active = True
+        self.acquired += 1
+        event(
+            log,
+            "watermark publisher acquired",
+            cg=self.cg,
+            floor_w=None if floor is None else floor["w"],
+        )
+        return floor
+
+    def publish(self, rec: dict[str, Any]) -> bool:
+        """Write one Watermark in its own transaction.
+
+        True: committed. False: another instance fenced this one (now inactive; nothing
+        of this call is visible). Raises ``KafkaUnavailableError`` on a passing fault: the
+        transaction was aborted (or its fate is decided by the next ``acquire``), so the
+        caller may retry the same W later.
+        """
+        if not self.active:
+            return False
+        p = self._producer
+        value = codec.encode("Watermark", rec)
+        try:
+            p.begin_transaction()
+            p.produce(
+                self.topics.watermark, value, self.cg, headers=codec.headers_for("Watermark", rec)
+            )
+            p.commit_transaction(self.timeouts.commit_s)
+            return True
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() in _FENCED or (err.fatal() and "fenced" in err.str().lower()):
+                self._lost(f"fenced by another watermark instance ({err.str()})")
+                return False
+            if err.txn_requires_abort():
+                try:
+                    p.abort_transaction(self.timeouts.abort_s)
+                except KafkaException:
+                    self._lost(f"abort failed after {err.str()}")
+            else:
+                # a commit that timed out may still complete; a new init_transactions
+                # decides it, and the floor read after it then covers it
+                self._lost(f"commit outcome unknown ({err.str()})")
+            raise KafkaUnavailableError(
+                f"publishing W to {self.topics.watermark} failed: {err.str()}; retrying"
+            ) from None
+
+    def _lost(self, why: str) -> None:
+        event(log, "watermark publisher standing by", level=logging.WARNING, cg=self.cg, why=why)
+        self.release()
+
+    def release(self) -> None:
+        if self._producer is not None:
+            # a fenced producer may refuse even this; it is dropped either way
+            with contextlib.suppress(KafkaException):
+                self._producer.flush(1)
+        self._producer = None
+        self.active = False
