@@ -160,7 +160,10 @@ def _check_cut(applier: Applier, site: Path, model: Model, pending: list[Bad]) -
 
 
 @pytest.mark.parametrize("paused", [True, False], ids=["applier-paused", "applier-running"])
-@pytest.mark.parametrize("seed", range(SEEDS))
+@pytest.mark.parametrize(
+    "seed",
+    [*range(SEEDS), *(pytest.param(s, marks=pytest.mark.torture) for s in range(SEEDS, 40))],
+)
 def test_nothing_after_a_bad_record_is_applied_until_it_is_skipped(
     kafka_conf, unique_name, tmp_path, caplog, seed, paused
 ):
