@@ -137,13 +137,16 @@ def test_idle_interceptor_does_not_hold_w_back(kafka_conf, unique_name, tmp_path
     try:
         vol = busy.create_volume("v", 1 << 20)
         idle.create_volume("quiet", 1 << 20)
-        with running_backup(kafka_conf, unique_name, tmp_path / "backup") as (_wm, ap):
+        with running_backup(kafka_conf, unique_name, tmp_path / "backup") as (wm, ap):
             for i in range(20):
                 vol.write(i * 4096, b"busy" * 1024)
             busy.flush()
             ts_last = vol.write(0, b"last")
             busy.flush()
             wait_until(lambda: ap.service.applied_w >= ts_last, 10, "W passes the busy writes")
+            # not vacuous: W passed them with the idle interceptor a member all along
+            assert {"busy", "idle"} <= set(wm.service.state.members)
+            assert wm.service.stats.fenced == 0
     finally:
         busy.close()
         idle.close()
@@ -366,8 +369,9 @@ def test_corrupt_record_halts_the_applier_with_a_dead_letter_copy(
         try:
             good_ts = vol.write(0, b"good" * 1024)
             cg.flush()
-            while applier.applied_w < good_ts:
-                applier.step()
+            wait_until(
+                lambda: (applier.step(), applier.applied_w >= good_ts)[1], 30, "the good write"
+            )
             # a corrupt copy of a real Write lands in the volume's partition, then more writes
             good = next(
                 m
