@@ -27,6 +27,7 @@ The machinery (drive, kill, settle, check) is in ``tests/disaster_campaign.py``.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,7 +148,8 @@ def test_killed_interceptors_leave_a_causal_prefix(campaign_run):
         "outside every cut from then on (invariant 3 says it must be present). Closing it "
         "needs sync acks to wait until W >= ts (pipeline/volume.py, interceptor.py)"
     ),
-    strict=True,
+    # a replay of a few seeds may hold no lost sync write: then a pass is no surprise
+    strict=not os.environ.get("LOWMARK_DISASTER_SEEDS", "").strip(),
 )
 def test_no_acknowledged_sync_write_is_lost(campaign_run):
     _assert_no_sync_loss(campaign_run)
