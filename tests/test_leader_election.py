@@ -8,6 +8,7 @@ after the election; an acknowledged write (sync or async) missing at the backup.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -15,11 +16,12 @@ import time
 import pytest
 from kafka_helpers import kill_broker, partition_leader, restart_broker, volume_partitions
 
+from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.applier import Applier, ApplierConfig
 from pipeline.errors import LowmarkError
 from pipeline.volume import ConsistencyGroup
-from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
+from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig, decode_watermark
 from tests.oracles import read_image
 from tests.replication_helpers import ServiceThread, stop_all, wait_until
 
@@ -136,6 +138,12 @@ def test_services_ride_out_a_log_leader_kill(kafka3, kafka3_conf, unique_name, t
             assert missing == {"sync": 0, "async": 0}, (
                 f"acknowledged writes missing at the backup: {missing}"
             )
+            # through the election, every committed W is at least the one before it
+            ws = [
+                decode_watermark(m.value())["w"]
+                for m in iter_range(kafka3_conf, topics.watermark)
+            ]
+            assert ws and all(b >= a for a, b in itertools.pairwise(ws)), "W went down"
             print(f"W resumed {resumed_s:.1f} s after the kill of node {killed}; "
                   f"{len(writer.acked)} acked, {writer.failed} failed")  # fmt: skip
         finally:
