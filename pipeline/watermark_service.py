@@ -256,10 +256,9 @@ class WatermarkService:
             self._watch = None
         if self._resumed:
             self.stats.takeovers += 1
-        if floor is not None and floor["progress_offset"] > self.state.progress_offset:
-            self._resume(floor)  # the floor's fold is ahead of ours: the same fold, later
-        elif not self._resumed:
-            self._resume(floor)
+        ahead = floor is not None and floor["progress_offset"] > self.state.progress_offset
+        if ahead or not self._resumed:
+            self._resume(floor)  # a floor ahead of our fold is the same fold, further on
         if floor is not None:
             self.published_w = max(self.published_w, floor["w"])
         self._recovered(self._now())
