@@ -14,8 +14,10 @@ progress commit atomically, a committed S never promises a record that is not co
 Promises to callers (see ``Ticket``):
 - async mode: a write returns after the local write; ``Ticket.wait`` tells when it is
   durable in Kafka;
-- sync mode and ``flush``: return only once every earlier record is durable, or raise
-  ``ReplicationError`` (never a silent ack);
+- sync mode: acknowledged once the write is inside a published cut: W >= ts (see
+  ``pipeline.cut_follower``; durable alone is not enough, another member may hold W back
+  below it forever), or ``ReplicationError`` (never a silent ack);
+- ``flush`` (and NBD FUA on async volumes): once every earlier record is durable in Kafka;
 - backpressure: at most ``max_unreplicated_bytes`` wait for Kafka; beyond that writers
   block (and say so in the log) until Kafka takes them. Nothing acknowledged is dropped.
 """
@@ -38,6 +40,7 @@ from confluent_kafka import KafkaException, Producer
 from connectors.kafka.reading import iter_range, latest
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.clock import HybridClock, wall_us
+from pipeline.cut_follower import CutFollower
 from pipeline.errors import (
     ConfigError,
     FencedError,
@@ -45,6 +48,7 @@ from pipeline.errors import (
     ReplicationError,
 )
 from pipeline.logs import event
+from pipeline.outbox_records import Entry, Message, encode_batch, entry_bytes
 from pipeline.watermark import join_clock_floor
 from schemas import codec
 
@@ -113,22 +117,6 @@ class Ticket:
         self._engine.on_durable(self.seq, fn)
 
 
-@dataclass
-class _Entry:
-    seq: int
-    volume_id: str
-    kind: str  # "write" | "zero" | "trim" | "volume_change" | "marker" | "snapshot"
-    ts: int
-    offset: int
-    data: bytes | None
-    length: int
-    extra: dict[str, Any] | None = None
-
-
-def _entry_bytes(e: _Entry) -> int:
-    return (len(e.data) if e.data is not None else 0) + 64
-
-
 class Interceptor:
     """One interceptor of a consistency group: clock, outbox, tick thread, producer."""
 
@@ -157,7 +145,7 @@ class Interceptor:
         self._lock = threading.Lock()
         self._durable_cv = threading.Condition(self._lock)
         self._space_cv = threading.Condition(self._lock)
-        self._outbox: list[_Entry] = []
+        self._outbox: list[Entry] = []
         self._outbox_bytes = 0
         self._unreplicated_bytes = 0
         self._inflight: dict[int, int] = {}  # token -> stamped ts whose entry is pending
@@ -170,6 +158,8 @@ class Interceptor:
         self._producer: Producer | None = None
         self._delivered: dict[int, int] = {}  # log partition -> next offset after ours
         self._delivery_error: CKafkaError | None = None
+        # sync acks wait for a cut; followed only once the CG has a sync volume
+        self.cuts = CutFollower(self.kafka_conf, config.cg)
         self.stats = {
             "ticks": 0,
             "transactions": 0,
@@ -227,6 +217,7 @@ class Interceptor:
                 log.warning("could not publish LEAVE: %s", exc)
         if self._producer is not None:
             self._producer.flush(5)
+        self.cuts.close()
         event(log, "interceptor closed", interceptor=self.config.interceptor_id, s=self.last_s)
 
     def crash(self) -> None:
@@ -237,6 +228,7 @@ class Interceptor:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        self.cuts.close()
 
     def _producer_conf(self) -> dict[str, Any]:
         c = dict(self.kafka_conf)
@@ -337,8 +329,8 @@ class Interceptor:
             self._inflight.pop(token, None)
             seq = self._next_seq
             self._next_seq += 1
-            self._outbox.append(_Entry(seq, volume_id, kind, ts, offset, data, length, extra))
-            self._outbox_bytes += nbytes + 64  # == _entry_bytes of the new entry
+            self._outbox.append(Entry(seq, volume_id, kind, ts, offset, data, length, extra))
+            self._outbox_bytes += nbytes + 64  # == entry_bytes of the new entry
             self._unreplicated_bytes += nbytes + 64
             big = self._outbox_bytes >= self.config.max_record_bytes * 4
         if big:
@@ -415,6 +407,18 @@ class Interceptor:
                 return
         fn(ready)
 
+    def wait_covered(self, ts: int, timeout_s: float | None = None) -> None:
+        """Block until a published W >= ts (a sync ack); ``ReplicationError`` if not in time."""
+        timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s
+        self.cuts.wait_covered(ts, timeout_s)
+
+    def on_covered(
+        self, ts: int, fn: Callable[[BaseException | None], None], timeout_s: float | None = None
+    ) -> None:
+        """``fn(None)`` once a published W >= ts, ``fn(exc)`` on timeout or failure."""
+        timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s
+        self.cuts.on_covered(ts, fn, timeout_s)
+
     # ---------------------------------------------------------------- tick thread
 
     def _run(self) -> None:
@@ -446,13 +450,19 @@ class Interceptor:
                 self._wake.set()
             s = max(s, self.last_s)
             self._outbox = rest
-            self._outbox_bytes = sum(_entry_bytes(e) for e in rest)
+            self._outbox_bytes = sum(entry_bytes(e) for e in rest)
             last_seq = batch[-1].seq if batch else self.durable_seq
-        records = self._encode(batch)
+        records = encode_batch(
+            batch,
+            interceptor_id=self.config.interceptor_id,
+            epoch=self.epoch,
+            fragment_bytes=self.config.fragment_bytes,
+            max_record_bytes=self.config.max_record_bytes,
+        )
         t0 = time.perf_counter()
         self._transaction(records, self._progress("PROGRESS", s))
         commit_ms = (time.perf_counter() - t0) * 1000
-        nbytes = sum(_entry_bytes(e) for e in batch)
+        nbytes = sum(entry_bytes(e) for e in batch)
         with self._lock:
             self.last_s = s
             self.durable_seq = max(self.durable_seq, last_seq)
@@ -469,12 +479,12 @@ class Interceptor:
         for fn in fire:
             fn(None)
 
-    def _split(self, outbox: list[_Entry]) -> tuple[list[_Entry], list[_Entry]]:
+    def _split(self, outbox: list[Entry]) -> tuple[list[Entry], list[Entry]]:
         """The prefix of the outbox (in seq order) that fits one transaction."""
         cap = self.config.max_transaction_bytes
         total = 0
         for i, e in enumerate(outbox):
-            total += _entry_bytes(e)
+            total += entry_bytes(e)
             if total > cap and i > 0:
                 return outbox[:i], outbox[i:]
         return outbox, []
@@ -490,7 +500,7 @@ class Interceptor:
         for _seq, _t, fn in waiters:
             fn(exc)
 
-    def _progress(self, kind: str, s: int) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    def _progress(self, kind: str, s: int) -> Message:
         rec = {
             "interceptor_id": self.config.interceptor_id,
             "epoch": self.epoch,
@@ -507,87 +517,12 @@ class Interceptor:
             codec.headers_for("Progress", rec),
         )
 
-    def _encode(self, batch: list[_Entry]) -> list[tuple[str, bytes, list[tuple[str, bytes]]]]:
-        """Log records in per-volume ts order; consecutive writes of a volume coalesce."""
-        out: list[tuple[str, bytes, list[tuple[str, bytes]]]] = []
-        by_volume: dict[str, list[_Entry]] = {}
-        for e in batch:
-            by_volume.setdefault(e.volume_id, []).append(e)
-        frag = self.config.fragment_bytes
-        for volume_id, entries in by_volume.items():
-            entries.sort(key=lambda e: e.ts)
-            extents: list[dict[str, Any]] = []
-            size = 0
-            for e in entries:
-                if e.kind != "write":
-                    if extents:
-                        out.append(self._write_record(volume_id, extents))
-                        extents, size = [], 0
-                    out.append(self._other_record(e))
-                    continue
-                data = e.data or b""
-                count = max(1, -(-len(data) // frag))
-                for i in range(count):
-                    piece = data[i * frag : (i + 1) * frag]
-                    if size + len(piece) + 64 > self.config.max_record_bytes and extents:
-                        out.append(self._write_record(volume_id, extents))
-                        extents, size = [], 0
-                    extents.append(
-                        {
-                            "ts": e.ts,
-                            "offset": e.offset + i * frag,
-                            "write_length": len(data),
-                            "fragment_index": i,
-                            "fragment_count": count,
-                            "data": piece,
-                        }
-                    )
-                    size += len(piece) + 64
-            if extents:
-                out.append(self._write_record(volume_id, extents))
-        return out
-
-    def _write_record(
-        self, volume_id: str, extents: list[dict[str, Any]]
-    ) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-        rec = {
-            "volume_id": volume_id,
-            "interceptor_id": self.config.interceptor_id,
-            "epoch": self.epoch,
-            "extents": extents,
-        }
-        return volume_id, codec.encode("Write", rec), codec.headers_for("Write", rec)
-
-    def _other_record(self, e: _Entry) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-        base = {"interceptor_id": self.config.interceptor_id, "epoch": self.epoch, "ts": e.ts}
-        if e.kind in ("zero", "trim"):
-            rec = {
-                **base,
-                "volume_id": e.volume_id,
-                "offset": e.offset,
-                "length": e.length,
-                "kind": "ZERO" if e.kind == "zero" else "TRIM",
-            }
-            rtype = "Zero"
-        elif e.kind == "volume_change":
-            rec = {**base, "volume_id": e.volume_id, **(e.extra or {})}
-            rtype = "VolumeChange"
-        elif e.kind == "marker":
-            rec = {**base, **(e.extra or {})}
-            rtype = "Marker"
-        elif e.kind == "snapshot":
-            rec = {**base, **(e.extra or {})}
-            rtype = "Snapshot"
-        else:  # pragma: no cover - programmer error
-            raise AssertionError(f"unknown entry kind {e.kind}")
-        return e.volume_id, codec.encode(rtype, rec), codec.headers_for(rtype, rec)
-
     # ---------------------------------------------------------------- Kafka
 
     def _transaction(
         self,
-        records: list[tuple[str, bytes, list[tuple[str, bytes]]]],
-        progress: tuple[str, bytes, list[tuple[str, bytes]]],
+        records: list[Message],
+        progress: Message,
         progress_cb: Callable[[Any, Any], None] | None = None,
     ) -> None:
         """Commit ``records`` + ``progress`` atomically, retrying what Kafka lets us retry.
@@ -702,5 +637,6 @@ class Interceptor:
             "s": self.last_s,
             "unreplicated_bytes": pending,
             "durable_seq": self.durable_seq,
+            "w_seen": self.cuts.w,
             "failed": self.failure is not None,
         }

@@ -11,11 +11,15 @@ volume, stricter than per extent; a pwrite into the page cache takes microsecond
 
 Promises, per mode (``flush`` is the same in both):
 
-- write / write_zeroes / trim return: async, after the local write; sync, once the record
-  is durable in Kafka.
+- write / write_zeroes / trim return: async, after the local write; sync, acknowledged
+  once the write is inside a published cut: W >= ts (durable in Kafka is not enough:
+  another interceptor of the CG can hold W below it, for good if it dies before it is
+  fenced; so a sync CG needs `lowmark watermark` running, see ``pipeline.cut_follower``).
 - failure to replicate: async, later writes block at the backpressure bound and ``flush``
-  raises; sync, the call itself raises ``ReplicationError`` (never a silent ack).
-- flush returns (both): the image is fdatasynced and every earlier record is durable.
+  raises; sync, the call itself raises ``ReplicationError`` (never a silent ack), also
+  when no W covers it within ``replication_timeout_s``.
+- flush returns (both): the image is fdatasynced and every earlier record is durable in
+  Kafka (not necessarily inside a cut yet).
 - write_zeroes keeps the range allocated (FALLOC_FL_ZERO_RANGE); trim may deallocate it
   (punches a hole). Both read back as zeroes, at the primary and at every backup.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -147,22 +152,23 @@ class Volume:
     # -- blocking forms (the Python API)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Write ``data`` at ``offset``; returns its ts. Sync mode waits for Kafka."""
-        ticket = self.submit_write(offset, data)
-        if self.mode == "sync":
-            ticket.wait()
-        return ticket.ts
+        """Write ``data`` at ``offset``; returns its ts. Sync mode waits for a cut (W >= ts)."""
+        return self._acknowledge(self.submit_write(offset, data))
 
     def write_zeroes(self, offset: int, length: int) -> int:
-        ticket = self.submit_zero(offset, length)
-        if self.mode == "sync":
-            ticket.wait()
-        return ticket.ts
+        return self._acknowledge(self.submit_zero(offset, length))
 
     def trim(self, offset: int, length: int) -> int:
-        ticket = self.submit_zero(offset, length, trim=True)
+        return self._acknowledge(self.submit_zero(offset, length, trim=True))
+
+    def _acknowledge(self, ticket: Ticket) -> int:
+        """Sync mode: durable in Kafka, then inside a published cut, both within one
+        ``replication_timeout_s`` (the caller's bound on an acknowledgement)."""
         if self.mode == "sync":
+            engine = self._cg.interceptor
+            deadline = time.monotonic() + engine.config.replication_timeout_s
             ticket.wait()
+            engine.wait_covered(ticket.ts, max(0.0, deadline - time.monotonic()))
         return ticket.ts
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -206,6 +212,9 @@ class ConsistencyGroup:
         for info in self._load_catalog():
             self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
         self.interceptor.start()
+        if any(v.mode == "sync" for v in self.volumes.values()):
+            # warm before the first sync write, which would otherwise pay the set-up
+            self.interceptor.cuts.start()
         return self
 
     def __enter__(self) -> ConsistencyGroup:
@@ -255,6 +264,8 @@ class ConsistencyGroup:
             vol = Volume(self, info, Image(self._image_path(info), create_size=size))
             self.volumes[name] = vol
             self._save_catalog()
+        if mode == "sync":
+            self.interceptor.cuts.start()
         self._announce(vol, "CREATE")
         return vol
 

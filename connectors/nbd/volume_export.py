@@ -4,9 +4,13 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
 
 - WRITE / WRITE_ZEROES / TRIM, async volume: replied after the local write took effect
   (and the clock's commit wait); the record reaches Kafka at the next tick.
-- same, sync volume, or with NBD_CMD_FLAG_FUA on any volume: replied only once the record
-  is durable in Kafka (FUA also fdatasyncs the primary image); a replication failure is an
-  EIO reply, never a success.
+- same, sync volume: replied only once the write is inside a published cut: W >= ts
+  (durable in Kafka, and no member of the CG holds W below it; ``pipeline.cut_follower``).
+  With NBD_CMD_FLAG_FUA the primary image is fdatasynced first.
+- same, async volume with NBD_CMD_FLAG_FUA: replied once the primary image is fdatasynced
+  and the record is durable in Kafka (not necessarily inside a cut yet).
+- a replication failure, or no W covering a sync write within ``replication_timeout_s``,
+  is an EIO reply, never a success.
 - FLUSH: the primary image is fdatasynced and every record of this interceptor written
   before the flush is durable in Kafka. Because that covers all connections, the export
   advertises CAN_MULTI_CONN.
@@ -77,22 +81,19 @@ class VolumeExport:
 
     def _finish(self, ticket: Ticket, fua: bool) -> Awaitable[None] | None:
         wait_us = self._engine.clock.commit_wait_us(ticket.ts)
-        if fua:
-            return self._fua(ticket, wait_us)
-        if self.volume.mode == "sync":
-            return self._sync(ticket, wait_us)
+        sync = self.volume.mode == "sync"
+        if fua or sync:
+            return self._acknowledge(ticket, wait_us, fua=fua, covered=sync)
         if wait_us > 0:
             return asyncio.sleep(wait_us / 1e6)
         return None
 
-    async def _sync(self, ticket: Ticket, wait_us: int) -> None:
+    async def _acknowledge(self, ticket: Ticket, wait_us: int, *, fua: bool, covered: bool) -> None:
+        if fua:
+            await self._get_loop().run_in_executor(None, self.volume.image.sync)
         if wait_us > 0:
             await asyncio.sleep(wait_us / 1e6)
-        await self._durable(ticket)
-
-    async def _fua(self, ticket: Ticket, wait_us: int) -> None:
-        await self._get_loop().run_in_executor(None, self.volume.image.sync)
-        await self._sync(ticket, wait_us)
+        await (self._covered(ticket) if covered else self._durable(ticket))
 
     async def _slow(self, submit: object, fua: bool) -> None:
         ticket = await self._get_loop().run_in_executor(None, submit)  # type: ignore[arg-type]
@@ -112,4 +113,30 @@ class VolumeExport:
                     fut.set_exception(exc)
 
         ticket.add_done_callback(lambda exc: loop.call_soon_threadsafe(settle, exc))
+        return fut
+
+    def _covered(self, ticket: Ticket) -> asyncio.Future[None]:
+        """Durable, then inside a published cut (W >= ts): chained callbacks, so no thread
+        of the executor is held per in-flight sync write."""
+        loop = self._get_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        engine = self._engine
+
+        def settle(exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+        def reply(exc: BaseException | None) -> None:
+            loop.call_soon_threadsafe(settle, exc)
+
+        def durable(exc: BaseException | None) -> None:
+            if exc is not None:
+                reply(exc)
+            else:
+                engine.on_covered(ticket.ts, reply)
+
+        ticket.add_done_callback(durable)
         return fut
