@@ -7,6 +7,8 @@
 - :func:`summarize_ns` / :func:`percentile` turn latency samples into p50/p99/max.
 - :class:`CpuMeter` reads per-thread CPU time from ``/proc`` so a result can say where the
   cores went (writers, the tick thread, librdkafka, other processes on the machine).
+- :func:`running_watermark_service` runs a CG's watermark service in a child process
+  (sync writes are acknowledged only once a published W covers them).
 - :func:`print_table` renders rows; :func:`write_results` writes
   ``bench/results/<name>.json`` with machine info, git commit and timestamp.
 """
@@ -33,6 +35,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from pipeline.errors import KafkaUnavailableError, SetupError
+from pipeline.watermark_publisher import latest_watermark
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -375,3 +378,50 @@ def write_results(name: str, payload: dict[str, Any], results_dir: Path = RESULT
     except OSError as exc:
         raise SetupError(f"cannot write bench results to {results_dir}: {exc}") from exc
     return path
+
+
+# --------------------------------------------------------------------------- services
+
+
+# the service as its own process, as deployed (`lowmark watermark`): in this process its
+# fold would compete with the measured writers for the GIL
+_WATERMARK_MAIN = """
+import json, signal, sys, threading
+from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+svc = WatermarkService(WatermarkServiceConfig(cg=sys.argv[1]), json.loads(sys.argv[2]))
+svc.start()
+try:
+    svc.run(stop)
+finally:
+    svc.close()
+"""
+
+
+@contextlib.contextmanager
+def running_watermark_service(
+    cg: str, kafka_conf: dict[str, Any], ready_timeout_s: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The CG's watermark service in a child process for as long as the block; returns
+    once it has published a W (the CG must be open), so no row pays for its start-up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WATERMARK_MAIN, cg, json.dumps(kafka_conf)], cwd=REPO
+    )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while latest_watermark(kafka_conf, cg, timeout_s=10) is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SetupError(
+                    f"the watermark service of CG {cg} published no W within "
+                    f"{ready_timeout_s} s (exit status {proc.poll()}); see its output above"
+                )
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -12,7 +12,9 @@ Rows, all against one broker in one run (see bench/README.md for how to read the
   transactions.
 - ``async``: ``Volume.write`` on an async volume from N threads, random aligned offsets in
   a sparse volume; the clock runs until every write is durable in Kafka (``drain``).
-- ``sync``: the same on a sync volume, where each ``write`` waits for its transaction.
+- ``sync``: the same on a sync volume, where each ``write`` waits until it is inside a
+  published cut (W >= ts): its transaction, then a watermark service (run in this process
+  for the CG's rows) folding that progress and publishing W, then the interceptor seeing it.
 
 Every row checks its own bytes: the raw rows by the partition's end offset, the lowmark
 rows by reading the row's records back from the CG's log topic (read_committed) and
@@ -49,6 +51,7 @@ from bench.common import (
     log_writes,
     print_table,
     run_id,
+    running_watermark_service,
     summarize_ns,
     write_results,
 )
@@ -498,7 +501,9 @@ class Session:
                                    interceptor_id="bench") as cg:
             cg.create_volume("bench-async", self.s.volume_bytes, mode="async")
             cg.create_volume("bench-sync", self.s.volume_bytes, mode="sync")
-            yield cg
+            # a sync write is acknowledged only once a published W covers it
+            with running_watermark_service(self.cg_name, self.broker.conf):
+                yield cg
 
     def rows_for(self, size: int) -> list[dict[str, Any]]:
         s, pool = self.s, self.pools[size]

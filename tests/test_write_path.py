@@ -12,6 +12,7 @@ import random
 import subprocess
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -19,13 +20,20 @@ from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import FencedError, ReplicationError
 from pipeline.volume import ConsistencyGroup
+from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from tests.prereqs import require_tool
-from tests.replication_helpers import read_log, rebuild_from_log, wait_until
+from tests.replication_helpers import ServiceThread, read_log, rebuild_from_log, wait_until
 
 pytestmark = pytest.mark.kafka
 
 FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
+
+
+def watermark_thread(kafka_conf: dict[str, str], cg: str, **opts: Any) -> ServiceThread:
+    """A sync write is acknowledged once a published W covers it: it needs the service."""
+    config = WatermarkServiceConfig(cg=cg, liveness_timeout_s=30, **opts)
+    return ServiceThread(WatermarkService(config, kafka_conf), "watermark").start()
 
 
 def test_every_write_kind_lands_in_the_log(kafka_conf, unique_name, tmp_path):
@@ -37,7 +45,11 @@ def test_every_write_kind_lands_in_the_log(kafka_conf, unique_name, tmp_path):
         a.write(4096, b"x" * 4096)
         a.write_zeroes(8192, 65536)
         a.trim(1 << 20, 1 << 20)
-        b.write(512, b"sync-write")
+        wm = watermark_thread(kafka_conf, unique_name)
+        try:
+            b.write(512, b"sync-write")
+        finally:
+            wm.stop()
         for _ in range(200):  # many small writes coalesce into few records
             a.write(rng.randrange(0, (4 << 20) - 4096), rng.randbytes(rng.choice([512, 4096])))
         cg.flush()
@@ -186,6 +198,7 @@ def test_sync_write_fails_clearly_when_durability_is_impossible(
     opts = {**FAST, "replication_timeout_s": 5.0, "replication_factor": 3}
     with ConsistencyGroup.open(unique_name, tmp_path / "p", kafka3_conf, **opts) as cg:
         vol = cg.create_volume("s", 1 << 20, mode="sync")
+        wm = watermark_thread(kafka3_conf, unique_name, replication_factor=3)
         vol.write(0, b"ok")
         # keep the quorum leader up so the cluster still answers; two brokers gone leaves
         # one in-sync replica, below min.insync.replicas=2
@@ -203,6 +216,7 @@ def test_sync_write_fails_clearly_when_durability_is_impossible(
             for node in stopped:
                 kafka3.start_node(node)
             cg.interceptor.crash()
+            wm.stop()
 
 
 @pytest.mark.kafka3
