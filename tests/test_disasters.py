@@ -27,7 +27,6 @@ The machinery (drive, kill, settle, check) is in ``tests/disaster_campaign.py``.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,17 +139,6 @@ def test_killed_interceptors_leave_a_causal_prefix(campaign_run):
     _assert_campaign(campaign_run)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "product bug found by this check: a sync write is acknowledged once its record is "
-        "durable in Kafka, but W is the minimum of every member's S; when another "
-        "interceptor dies with its S below the write's ts, the acknowledged sync write is "
-        "outside every cut from then on (invariant 3 says it must be present). Closing it "
-        "needs sync acks to wait until W >= ts (pipeline/volume.py, interceptor.py)"
-    ),
-    # a replay of a few seeds may hold no lost sync write: then a pass is no surprise
-    strict=not os.environ.get("LOWMARK_DISASTER_SEEDS", "").strip(),
-)
 def test_no_acknowledged_sync_write_is_lost(campaign_run):
     _assert_no_sync_loss(campaign_run)
 
