@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
-from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import decode_watermark
@@ -44,13 +44,34 @@ def _start(
     return proc
 
 
-def _committed_ws(kafka_conf: dict[str, Any], cg: str) -> list[int]:
-    """Every committed W in the topic, in offset order (read_committed, like consumers)."""
-    return [
-        decode_watermark(m.value())["w"]
-        for m in iter_range(kafka_conf, CgTopics(cg).watermark, 0, timeout_s=120)
-        if m.value()
-    ]
+class CommittedWs:
+    """Every committed W of the CG's topic, in offset order (read_committed, like every
+    consumer), read incrementally: the run checks the count often."""
+
+    def __init__(self, kafka_conf: dict[str, Any], cg: str) -> None:
+        self.ws: list[int] = []
+        self._c = Consumer(
+            {**kafka_conf, "group.id": f"w-race-{cg}", "enable.auto.commit": False,
+             "isolation.level": "read_committed"}
+        )  # fmt: skip
+        self._tp = TopicPartition(CgTopics(cg).watermark, 0)
+        self._c.assign([TopicPartition(CgTopics(cg).watermark, 0, 0)])
+
+    def read(self, timeout_s: float = 60.0) -> list[int]:
+        """Read up to the end as of the call (the high watermark: the transaction open then
+        commits within milliseconds); the whole list so far."""
+        _low, end = self._c.get_watermark_offsets(self._tp, timeout=10, cached=False)
+        deadline = time.monotonic() + timeout_s
+        while self._c.position([self._tp])[0].offset < end:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reading the watermark topic timed out at {len(self.ws)}")
+            for m in self._c.consume(5000, 0.2):
+                if not m.error() and m.value():
+                    self.ws.append(decode_watermark(m.value())["w"])
+        return self.ws
+
+    def close(self) -> None:
+        self._c.close()
 
 
 def _run(
@@ -58,6 +79,7 @@ def _run(
 ) -> None:
     rng = random.Random(seed)
     beat = 0.2 if messages < 10_000 else 0.02
+    committed = CommittedWs(kafka_conf, cg)
     with ConsistencyGroup.open(
         cg, tmp_path / "primary", kafka_conf, tick_interval_s=0.002
     ) as group:
@@ -81,20 +103,21 @@ def _run(
                     time.sleep(rng.uniform(1.0, 2.0))  # the other one has to take over
                 procs[victim] = _start(kafka_conf, cg, tmp_path, started, beat)
                 started += 1
-                if kills >= 6 and len(_committed_ws(kafka_conf, cg)) >= messages:
+                if kills >= 6 and len(committed.read()) >= messages:
                     break
             last = vol.write(0, b"last" * 1024)
             group.flush()
             # W still moves after all that: it passes a write made after the last kill
             wait_until(
-                lambda: max(_committed_ws(kafka_conf, cg)[-50:], default=0) >= last,
+                lambda: max(committed.read()[-50:], default=0) >= last,
                 30,
                 "W passing the last write",
             )
         finally:
             for proc in procs:
                 proc.kill()
-    ws = _committed_ws(kafka_conf, cg)
+    ws = committed.read()
+    committed.close()
     assert len(ws) >= messages, f"only {len(ws)} committed watermark messages"
     running_max, decreases = 0, []
     for i, w in enumerate(ws):
