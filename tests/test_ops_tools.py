@@ -144,6 +144,7 @@ def cg_run(kafka, tmp_path_factory) -> dict[str, Any]:
             snapshot_interval_s=0.15,
             snapshots_kept=1000,
         ) as (wm, ap):
+            newest = -1
             for round_ in range(8):
                 _workload(cg, rng, 40, write_ts)
                 if round_ == 2:
@@ -151,14 +152,15 @@ def cg_run(kafka, tmp_path_factory) -> dict[str, Any]:
                 if round_ == 4:
                     marker_ts = _marker(cg, "before-upgrade")
                 cg.flush()
-                # snapshots between the rounds, for the snapshot-base cut points
-                last = cg.interceptor.last_s
+                # snapshots spread over the log, for the snapshot-base cut points: one newer
+                # than the last round's (taken while this round was written, or just after)
                 wait_until(
-                    lambda last=last: ap.error is not None or _newest_snapshot_w(site_dir) >= last,
+                    lambda n=newest: ap.error is not None or _newest_snapshot_w(site_dir) > n,
                     30,
-                    f"a snapshot of round {round_}",
+                    f"a snapshot during round {round_}",
                 )
                 ap.check()
+                newest = _newest_snapshot_w(site_dir)
             # one last checkpoint that is also a snapshot, for verify --at-checkpoint: the
             # applier stopped, checkpoint until one is due for a snapshot (its interval)
             ap.stop(close=False)
@@ -330,16 +332,17 @@ def test_restore_outside_retention_fails_naming_the_oldest_point(kafka_conf, uni
             checkpoint_interval_s=0.05,
             snapshot_interval_s=0.1,
         ) as (_wm, ap):
+            newest = -1
             for round_ in range(5):
                 _workload(cg, rng, 15, write_ts)
                 cg.flush()
-                last = cg.interceptor.last_s
                 wait_until(
-                    lambda last=last: ap.error is not None or _newest_snapshot_w(site_dir) >= last,
+                    lambda n=newest: ap.error is not None or _newest_snapshot_w(site_dir) > n,
                     30,
-                    f"a snapshot of round {round_}",
+                    f"a snapshot during round {round_}",
                 )
                 ap.check()
+                newest = _newest_snapshot_w(site_dir)
             target = cg.interceptor.last_s
             wait_until(lambda: ap.error is not None or ap.service.applied_w >= target, 30, "W")
             ap.check()
