@@ -14,7 +14,7 @@ may be missing only when its ts is above W.
 
 Variants: ``dead``: the dead interceptors stay members (their open transactions are
 resolved as a restart would, by init_transactions), W stays at their last progress;
-``fenced``: liveness 1 s, the service fences both one after the other, which is what
+``fenced``: liveness 2.5 s, the service fences both one after the other, which is what
 the FENCE clamp of ``WatermarkState`` is for. A third of the disasters run one volume in
 sync mode. Several disasters run at once, each in its own CG ("lane"); a lane reuses its
 watermark service and applier for all its disasters, each disaster on fresh volumes.
