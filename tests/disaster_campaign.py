@@ -100,6 +100,7 @@ class Outcome:
     lost_sync: list[str] = field(default_factory=list)  # acknowledged sync writes missing
     interceptor_error: str = ""
     volume_full: bool = False  # the chain stopped before the kill
+    epochs: dict[str, int] = field(default_factory=dict)  # node -> its interceptor's epoch
     problems: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the summary
 
@@ -211,8 +212,8 @@ def run_disaster(lane: Lane, seed: int) -> Outcome:
                 },
                 lane.root / f"r{r}" / f"{node}.log",
             )
-        for d in drivers.values():
-            d.expect("READY", 90)
+        for node, d in drivers.items():
+            out.epochs[node] = int(d.expect("READY", 90).split()[1])
         t1 = time.monotonic()
         out.seconds["start"] = t1 - t0
         killer = threading.Thread(target=_kill_both, args=(drivers, plan), daemon=True)
@@ -241,11 +242,16 @@ def _settle(lane: Lane, out: Outcome) -> int:
         for node in NODES:  # what their restart would do first
             fence_interceptor(lane.kafka_conf, lane.cg, node)
     else:
-        wait_until(
-            lambda: not lane.service.state.members or lane.wm.error is not None,
-            60,
-            f"{out.where()} the service fencing both dead interceptors",
-        )
+        # this disaster's instances fenced, not merely absent: "no members" also holds
+        # before the service folded their JOINs
+        def fenced() -> bool:
+            state = lane.service.state
+            return lane.wm.error is not None or (
+                not state.members
+                and all(state.departed.get(n, (None,))[0] == e for n, e in out.epochs.items())
+            )
+
+        wait_until(fenced, 60, f"{out.where()} the service fencing both dead interceptors")
     lane.check_services()
     last = last_committed_offset(lane.kafka_conf, CgTopics(lane.cg).progress)
     svc = lane.service
