@@ -303,7 +303,7 @@ class Applier:
             if msg.error():
                 if msg.error().code() == _PARTITION_EOF:
                     # at the end: everything committed below this offset has been read
-                    self._note_position(p, msg.offset())
+                    self.planner.note_position(p, msg.offset())
                     continue
                 # an error event carries no record: the rest of this batch is still to be
                 # read (raising here lost it, and a later EOF would have skipped it)
@@ -314,7 +314,7 @@ class Applier:
                 # at or behind a bad record (same fetch batch, or re-read after a spill): not
                 # consumed, not counted. It does prove everything before it was read, and the
                 # position stops at the bad record (note_position clamps there)
-                self._note_position(p, off)
+                self.planner.note_position(p, off)
                 continue
             value = msg.value() or b""
             self.stats.records_read += 1
@@ -332,12 +332,12 @@ class Applier:
                         error=str(exc),
                     )
                     self.stats.skipped_bad += 1
-                    self._note_position(p, off + 1)
+                    self.planner.note_position(p, off + 1)
                     continue
                 self._block(msg, exc)
                 continue
             self.planner.add(dec.type, dec.record, p, off)
-            self._note_position(p, off + 1)
+            self.planner.note_position(p, off + 1)
         return len(msgs)
 
     def _consumer_error(self, err: Any) -> None:
@@ -347,16 +347,8 @@ class Applier:
         now = time.monotonic()
         if now - self._last_error_log.get(err.code(), -1e9) >= 10:
             self._last_error_log[err.code()] = now
-            event(
-                log,
-                "kafka consumer error; retrying",
-                level=logging.WARNING if err.retriable() else logging.ERROR,
-                topic=self.topics.log,
-                error=str(err),
-            )
-
-    def _note_position(self, partition: int, next_offset: int) -> None:
-        self.planner.note_position(partition, next_offset)  # never past a blocked record
+            level = logging.WARNING if err.retriable() else logging.ERROR
+            event(log, "kafka consumer error; retrying", level, error=str(err))
 
     def _apply_ready(self) -> bool:
         applied = False
@@ -608,11 +600,8 @@ class Applier:
         )
 
     def _halt(self, partition: int) -> None:
-        """Checkpoint what was applied before the bad record, then stop the CG.
-
-        The checkpoint's offsets stop at the bad record (the planner never moves past
-        it), so a restart without ``--skip`` reads it again and halts again.
-        """
+        """Checkpoint what was applied before the bad record, then stop the CG. Its offsets
+        stop at the bad record, so a restart without ``--skip`` halts at it again."""
         off, error = self._blocked[partition]
         if self.applied_w > self.checkpoint_w and self.may_checkpoint():
             self.checkpoint()
