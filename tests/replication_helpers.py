@@ -16,6 +16,9 @@ from pipeline.applier import Applier, ApplierConfig
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 
+#: interceptor options for tests: a short tick, and a sync write fails fast
+FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
+
 
 class ServiceThread:
     """Runs a service's ``run`` in a thread; ``stop`` joins it and raises its failure.

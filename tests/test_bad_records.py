@@ -30,11 +30,10 @@ from pipeline.errors import ApplierHaltedError
 from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
-from tests.replication_helpers import ServiceThread, wait_until
+from tests.replication_helpers import FAST, ServiceThread, wait_until
 
 pytestmark = pytest.mark.kafka
 
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
 SIZE = 1 << 20
 SEEDS = int(os.environ.get("LOWMARK_BAD_RECORD_SEEDS", "3"))
 

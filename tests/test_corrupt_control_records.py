@@ -27,11 +27,9 @@ from pipeline.applier import Applier, ApplierConfig
 from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
-from tests.replication_helpers import ServiceThread, stop_all, wait_until
+from tests.replication_helpers import FAST, ServiceThread, stop_all, wait_until
 
 pytestmark = pytest.mark.kafka
-
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
 
 
 def _raw(kafka_conf: dict, topic: str, key: bytes, value: bytes) -> int:

@@ -31,6 +31,7 @@ from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from tests.oracles import claimed_digest, first_difference, read_image
 from tests.replication_helpers import (
+    FAST,
     ServiceThread,
     produce_stale_write,
     read_log,
@@ -41,8 +42,6 @@ from tests.replication_helpers import (
 )
 
 pytestmark = pytest.mark.kafka
-
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
 
 
 def _workload(cg: ConsistencyGroup, seconds: float, seed: int) -> None:

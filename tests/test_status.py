@@ -13,11 +13,9 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.status import cg_status, render
 from pipeline.volume import ConsistencyGroup
-from tests.replication_helpers import running_backup, wait_until
+from tests.replication_helpers import FAST, running_backup, wait_until
 
 pytestmark = pytest.mark.kafka
-
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
 
 
 def test_status_reports_w_rpo_sites_and_lag(kafka_conf, unique_name, tmp_path):

@@ -26,10 +26,7 @@ from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from tests.oracles import read_image
-from tests.replication_helpers import ServiceThread, read_log, running_backup, wait_until
-
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
-
+from tests.replication_helpers import FAST, ServiceThread, read_log, running_backup, wait_until
 
 # ---------------------------------------------------------------- follower, no Kafka
 

@@ -23,11 +23,9 @@ from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from tests.prereqs import require_tool
-from tests.replication_helpers import ServiceThread, read_log, rebuild_from_log, wait_until
+from tests.replication_helpers import FAST, ServiceThread, read_log, rebuild_from_log, wait_until
 
 pytestmark = pytest.mark.kafka
-
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
 
 
 def watermark_thread(kafka_conf: dict[str, str], cg: str, **opts: Any) -> ServiceThread:

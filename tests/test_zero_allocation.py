@@ -25,11 +25,10 @@ from pipeline.replay import ImageSet
 from pipeline.volume import ConsistencyGroup
 from tests.nbd_helpers import ServerThread
 from tests.prereqs import require_tool, unavailable
-from tests.replication_helpers import read_log, running_backup, wait_until
+from tests.replication_helpers import FAST, read_log, running_backup, wait_until
 
 K64 = 64 << 10
 SIZE = 1 << 20
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
 
 
 def allocated(path: Path) -> int:

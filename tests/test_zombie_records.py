@@ -23,6 +23,7 @@ from pipeline.volume import ConsistencyGroup
 from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
 from tests.oracles import read_image
 from tests.replication_helpers import (
+    FAST,
     ServiceThread,
     create_cg_topics,
     produce_stale_write,
@@ -31,9 +32,6 @@ from tests.replication_helpers import (
 )
 
 pytestmark = pytest.mark.kafka
-
-
-FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
 
 
 @dataclass
