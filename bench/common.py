@@ -35,7 +35,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from pipeline.errors import KafkaUnavailableError, SetupError
-from pipeline.watermark_publisher import latest_watermark
+from pipeline.watermark.publisher import latest_watermark
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -387,7 +387,7 @@ def write_results(name: str, payload: dict[str, Any], results_dir: Path = RESULT
 # fold would compete with the measured writers for the GIL
 _WATERMARK_MAIN = """
 import json, signal, sys, threading
-from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
+from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 svc = WatermarkService(WatermarkServiceConfig(cg=sys.argv[1]), json.loads(sys.argv[2]))

@@ -221,8 +221,8 @@ class ReplicatingExport:
     def __init__(self, image: str, name: str) -> None:
         import uuid
 
-        from connectors.nbd.volume_export import VolumeExport
-        from pipeline.volume import ConsistencyGroup
+        from pipeline.primary.nbd_volume import VolumeExport
+        from pipeline.primary.volume import ConsistencyGroup
 
         bootstrap = os.environ["LOWMARK_BOOTSTRAP_SERVERS"]
         size = Path(image).stat().st_size

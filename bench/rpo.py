@@ -9,7 +9,7 @@ Processes, laid out like a deployment (one GIL each):
 - this process is the primary: a ConsistencyGroup, its interceptor (tick thread), writer
   threads calling ``Volume.write`` (async mode, random aligned writes), a sampler thread;
 - the watermark service and the applier each run in a child (``python -m bench.rpo _child``),
-  built by ``pipeline.services.make_*`` from the config the CLI uses and driven by the same
+  built by ``pipeline.app.services.make_*`` from the config the CLI uses and driven by the same
   ``step()`` loop as ``lowmark watermark`` / ``lowmark apply``. After every step a child
   writes its state (W, applied bytes, time per phase) into a small shared-memory block that
   the sampler reads: a Prometheus scrape every 5 ms would steal the applier's own GIL.
@@ -86,11 +86,11 @@ from bench.common import (
 )
 from connectors.kafka.reading import end_offsets, latest
 from connectors.kafka.topics import CgTopics
-from pipeline.applier import LOG_TYPES
-from pipeline.clock import ts_physical_us, wall_us
+from pipeline.backup.applier import LOG_TYPES
 from pipeline.errors import SetupError
-from pipeline.volume import ConsistencyGroup, Volume
-from pipeline.watermark_service import decode_watermark, newer_watermark
+from pipeline.primary.clock import ts_physical_us, wall_us
+from pipeline.primary.volume import ConsistencyGroup, Volume
+from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
 
 MiB = 1 << 20
@@ -208,7 +208,7 @@ class Timers:
 def _instrument_classes(timers: Timers) -> None:
     """Time the library calls the services make (this child process only)."""
     from connectors.image.image import Image
-    from pipeline.apply_plan import ApplyPlanner
+    from pipeline.backup.plan import ApplyPlanner
 
     codec.decode = timers.wrap("decode", codec.decode)  # type: ignore[method-assign]
     Image.pwrite = timers.wrap("pwrite", Image.pwrite)  # type: ignore[method-assign]
@@ -245,9 +245,9 @@ def child_main(argv: Sequence[str]) -> int:
     a = ap.parse_args(argv)
     _die_with_parent(a.parent)
 
-    from pipeline.config import load_config
+    from pipeline.app.config import load_config
+    from pipeline.app.services import make_applier, make_watermark_service
     from pipeline.logs import setup_logging
-    from pipeline.services import make_applier, make_watermark_service
 
     setup_logging("warning", "text")
     cfg = load_config(None, {

@@ -57,7 +57,7 @@ from bench.common import (
 )
 from connectors.kafka.reading import end_offsets
 from connectors.kafka.topics import CgTopics
-from pipeline.volume import ConsistencyGroup, Volume
+from pipeline.primary.volume import ConsistencyGroup, Volume
 
 MiB = 1 << 20
 KEY = "vol"  # lowmark keys log records by volume id; one volume -> one key -> one partition

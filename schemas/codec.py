@@ -371,11 +371,11 @@ def decode(
 def headers_for(record_type: str, record: dict[str, Any]) -> list[tuple[str, bytes]]:
     """Plain-text Kafka headers so ``kcat -f '%k %h\\n'`` shows what a record is.
 
-    ``ts`` is rendered by ``pipeline.clock.format_ts`` (``parse_ts`` reads it back
+    ``ts`` is rendered by ``pipeline.primary.clock.format_ts`` (``parse_ts`` reads it back
     exactly); for a Write it is the ts of its last (largest) extent, for Progress ``s``,
     for Watermark and Checkpoint ``w``.
     """
-    from pipeline.clock import format_ts  # late: keeps `import schemas.codec` light
+    from pipeline.primary.clock import format_ts  # late: keeps `import schemas.codec` light
 
     _entry(record_type)
     headers: list[tuple[str, bytes]] = [("type", record_type.encode())]

@@ -22,27 +22,18 @@ that tests/allowed_skips.txt does not list with its reason.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Tests import helpers both as `tests.x` and as `x`: put the repo root and tests/ on the path.
-_TESTS = Path(__file__).resolve().parent
-for _path in (str(_TESTS.parent), str(_TESTS)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from kafka_helpers import ExternalKafka, unique  # noqa: E402
-from outcome_gate import from_config  # noqa: E402
-from prereqs import strict_mode, unavailable  # noqa: E402
-
-from connectors.kafka.config import KafkaConnection  # noqa: E402
-from connectors.kafka.launcher import KafkaCluster, cluster_dir  # noqa: E402
+from connectors.kafka.config import KafkaConnection
+from connectors.kafka.launcher import KafkaCluster, cluster_dir
+from tests.kafka_helpers import ExternalKafka, unique
+from tests.outcome_gate import from_config
+from tests.prereqs import strict_mode, unavailable
 
 # pytester: tests/test_outcome_gate.py runs the gate plugin on generated test files
 pytest_plugins = ["pytester"]

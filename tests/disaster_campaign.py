@@ -1,4 +1,4 @@
-"""The machinery of the interceptor-kill disasters (``tests/test_disasters.py``): plan a
+"""The machinery of the interceptor-kill disasters (``tests/system/test_disasters.py``): plan a
 disaster from its seed, drive the causal chain through two ``tests.disaster_driver``
 processes, SIGKILL both, wait until nothing more can arrive, and check the backup.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from connectors.kafka.topics import CgTopics
-from pipeline.applier import Applier, ApplierConfig
-from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
+from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from tests.disaster_driver import payload
 from tests.oracles import first_difference, reader_bytes
 from tests.replication_helpers import (

@@ -1,6 +1,6 @@
 """A primary interceptor in a process of its own, driven line by line over stdin/stdout.
 
-``tests/test_disasters.py`` runs two of these and kills them with SIGKILL mid-workload, so
+``tests/system/test_disasters.py`` runs two of these and kills them with SIGKILL mid-workload, so
 what they acknowledged but had not yet committed to Kafka is lost exactly as on a crashed
 host (the test process keeps the backup side alive).
 
@@ -51,7 +51,7 @@ def _answer(line: str) -> None:
 def _serve(cfg: dict[str, Any]) -> None:
     # imported here so a bad first line fails fast with a readable message
     from pipeline.logs import setup_logging
-    from pipeline.volume import ConsistencyGroup
+    from pipeline.primary.volume import ConsistencyGroup
 
     setup_logging("warning")
     cg = ConsistencyGroup.open(

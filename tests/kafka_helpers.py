@@ -24,10 +24,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-# the tool checks live in prereqs.py (one helper for every test file); kept importable here
-from prereqs import require_tool, require_tools, strict_mode, unavailable  # noqa: F401
-
 from connectors.kafka.launcher import KafkaCluster
+
+# the tool checks live in prereqs.py (one helper for every test file); kept importable here
+from tests.prereqs import require_tool, require_tools, strict_mode, unavailable  # noqa: F401
 
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """A tiny, strict raw-socket NBD client and small helpers shared by the NBD fuzz and the
-targeted raw-socket tests (``tests/test_nbd_fuzz.py``, ``tests/test_nbd_raw_cases.py``).
+targeted raw-socket tests (``tests/connectors/nbd/test_nbd_fuzz.py``, ``test_nbd_raw_cases.py``).
 
 The client checks every magic and cookie itself, so a server that answers wrongly fails
 the test at the reply, not later.

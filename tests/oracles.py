@@ -4,7 +4,7 @@ of it, computed here with nothing but ``hashlib`` and plain reads.
 Every backup-vs-primary comparison in the tests goes through these, never through
 ``connectors.image.image.content_digest*``: a bug in the product's digest would otherwise
 hide itself by hashing both sides the same wrong way. The product digest has its own
-tests against these oracles (``tests/test_image_digest.py``).
+tests against these oracles (``tests/connectors/image/test_image_digest.py``).
 
 - ``read_image`` / ``reader_bytes``: the bytes a reader of a volume sees (a sparse tail
   past EOF reads as zeroes, as ``pread`` on the image does);

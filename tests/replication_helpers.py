@@ -12,8 +12,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from connectors.kafka.topics import CgTopics
-from pipeline.applier import Applier, ApplierConfig
-from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
+from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 
 #: interceptor options for tests: a short tick, and a sync write fails fast

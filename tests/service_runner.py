@@ -132,11 +132,11 @@ class ChildProcess:
 def _build(spec: dict[str, Any]) -> Any:
     kafka, config = spec["kafka"], dict(spec["config"])
     if spec["service"] == "watermark":
-        from pipeline.watermark_service import WatermarkService, WatermarkServiceConfig
+        from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 
         return WatermarkService(WatermarkServiceConfig(**config), kafka)
     if spec["service"] == "applier":
-        from pipeline.applier import Applier, ApplierConfig
+        from pipeline.backup.applier import Applier, ApplierConfig
 
         config["data_dir"] = Path(config["data_dir"])
         return Applier(ApplierConfig(**config), kafka)

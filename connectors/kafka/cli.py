@@ -1,6 +1,6 @@
 """``lowmark kafka``: run the embedded KRaft cluster on loopback (up / down / status / fetch).
 
-Registered on the ``lowmark`` command by ``pipeline/cli.py``; ``python -m
+Registered on the ``lowmark`` command by ``pipeline/app/cli.py``; ``python -m
 connectors.kafka.cli`` runs the same group alone.
 """
 
@@ -36,7 +36,7 @@ _name_option = click.option(
 
 
 class _LowmarkClickError(click.ClickException):
-    exit_code = 2  # as pipeline.cli.run does for a LowmarkError
+    exit_code = 2  # as pipeline.app.cli.run does for a LowmarkError
 
     def format_message(self) -> str:
         return f"lowmark: error: {self.message}"

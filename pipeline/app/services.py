@@ -1,0 +1,251 @@
+"""The three long-lived services, as the CLI and the systemd units run them.
+
+- ``serve``: a primary's interceptor plus its NBD server (one export per volume);
+- ``watermark``: the CG's watermark service;
+- ``apply``: one backup site's applier.
+
+Each logs structured lines, exposes ``/metrics`` when configured, stops cleanly on
+SIGINT/SIGTERM (a primary flushes and publishes its final progress before it exits), and
+turns operating errors into a one-line message that says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from connectors.nbd.server import NbdServer, NbdServerConfig
+from pipeline.app.config import LowmarkConfig, parse_hostport, parse_size
+from pipeline.app.metrics import serve_metrics
+from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.errors import LowmarkError
+from pipeline.logs import event
+from pipeline.primary.nbd_volume import VolumeExport
+from pipeline.primary.volume import ConsistencyGroup
+from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
+
+log = logging.getLogger("lowmark.services")
+
+#: the longest a service waits before it tries a step again after a retriable error
+_MAX_BACKOFF_S = 5.0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        event(log, "stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------- serve
+
+
+def open_primary(cfg: LowmarkConfig) -> ConsistencyGroup:
+    s = cfg.serve
+    cg = ConsistencyGroup.open(
+        cfg.cg.name,
+        Path(s.data_dir),
+        cfg.kafka_conf(),
+        interceptor_id=s.interceptor_id,
+        tick_interval_s=s.tick_interval_ms / 1000,
+        max_clock_skew_us=s.max_clock_skew_us,
+        max_unreplicated_bytes=parse_size(s.max_unreplicated_bytes, "max_unreplicated_bytes"),
+        replication_timeout_s=s.replication_timeout_s,
+        log_partitions=cfg.cg.log_partitions,
+        replication_factor=cfg.replication_factor,
+    )
+    for spec in s.volumes:
+        if spec.name not in cg.volumes:
+            cg.create_volume(spec.name, spec.size, mode=spec.mode)  # type: ignore[arg-type]
+    return cg
+
+
+def nbd_config(cfg: LowmarkConfig) -> NbdServerConfig:
+    s = cfg.serve
+    addr = parse_hostport(s.listen, "serve.listen")
+    return NbdServerConfig(
+        host=addr[0] if addr else None,
+        port=addr[1] if addr else None,
+        unix_path=s.unix_socket or None,
+        tls_cert=s.tls_cert or None,
+        tls_key=s.tls_key or None,
+        tls_required=s.tls_required,
+    )
+
+
+def primary_metrics(cg: ConsistencyGroup, server: NbdServer | None) -> dict[str, Any]:
+    m = dict(cg.interceptor.metrics())
+    if server is not None:
+        st = server.stats
+        m.update(
+            nbd_connections_open=st.connections_open,
+            nbd_bytes_written=st.bytes_written,
+            nbd_bytes_read=st.bytes_read,
+            nbd_protocol_errors=st.protocol_errors,
+        )
+    m["volumes"] = len(cg.volumes)
+    return m
+
+
+def run_serve(cfg: LowmarkConfig, ready: threading.Event | None = None) -> None:
+    cg = open_primary(cfg)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        asyncio.run(_serve_async(cfg, cg, stop, ready))
+    finally:
+        cg.close()  # publishes every stamped write and a final LEAVE progress
+
+
+async def _serve_async(
+    cfg: LowmarkConfig, cg: ConsistencyGroup, stop: threading.Event, ready: threading.Event | None
+) -> None:
+    exports = {name: VolumeExport(vol) for name, vol in cg.volumes.items()}
+    server = NbdServer(exports, nbd_config(cfg))
+    await server.start()
+    if cfg.serve.metrics:
+        serve_metrics(
+            cfg.serve.metrics,
+            "primary",
+            lambda: primary_metrics(cg, server),
+            {"cg": cfg.cg.name, "interceptor": cfg.serve.interceptor_id},
+        )
+    event(
+        log,
+        "serving",
+        cg=cfg.cg.name,
+        exports=sorted(exports),
+        listen=cfg.serve.listen,
+        unix_socket=cfg.serve.unix_socket,
+    )
+    if ready is not None:
+        ready.set()
+    while not stop.is_set() and cg.interceptor.failure is None:
+        await asyncio.sleep(0.1)
+    if cg.interceptor.failure is not None:
+        event(
+            log,
+            "replication failed; stopping the NBD server",
+            level=logging.ERROR,
+            error=str(cg.interceptor.failure),
+        )
+    await server.close()
+
+
+# ---------------------------------------------------------------- watermark
+
+
+def make_watermark_service(
+    cfg: LowmarkConfig, skip_progress: frozenset[int] = frozenset()
+) -> WatermarkService:
+    return WatermarkService(
+        WatermarkServiceConfig(
+            cg=cfg.cg.name,
+            liveness_timeout_s=cfg.watermark.liveness_timeout_s,
+            log_partitions=cfg.cg.log_partitions,
+            replication_factor=cfg.replication_factor,
+            skip_progress=skip_progress,
+        ),
+        cfg.kafka_conf(),
+    )
+
+
+def run_watermark(cfg: LowmarkConfig, skip_progress: frozenset[int] = frozenset()) -> None:
+    svc = make_watermark_service(cfg, skip_progress)
+    _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name})
+
+
+# ---------------------------------------------------------------- apply
+
+
+def make_applier(cfg: LowmarkConfig, skip: frozenset[tuple[int, int]] = frozenset()) -> Applier:
+    a = cfg.apply
+    return Applier(
+        ApplierConfig(
+            cg=cfg.cg.name,
+            site=a.site,
+            data_dir=Path(a.data_dir),
+            checkpoint_interval_s=a.checkpoint_interval_s,
+            max_pending_bytes=parse_size(a.max_pending_bytes, "max_pending_bytes"),
+            snapshot_interval_s=a.snapshot_interval_s,
+            snapshots_kept=a.snapshots_kept,
+            log_partitions=cfg.cg.log_partitions,
+            replication_factor=cfg.replication_factor,
+            skip=skip,
+        ),
+        cfg.kafka_conf(),
+    )
+
+
+def run_apply(cfg: LowmarkConfig, skip: frozenset[tuple[int, int]] = frozenset()) -> None:
+    svc = make_applier(cfg, skip)
+    _run_loop(svc, cfg.apply.metrics, "applier", {"cg": cfg.cg.name, "site": cfg.apply.site})
+
+
+def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event) -> float:
+    """Log a retriable error and wait (doubling, bounded); the new backoff."""
+    if not exc.retriable:
+        raise exc
+    backoff_s = min(_MAX_BACKOFF_S, max(0.05, backoff_s * 2))
+    event(
+        log,
+        f"{name}: passing fault, retrying",
+        level=logging.WARNING,
+        error=str(exc),
+        retry_in_s=backoff_s,
+    )
+    stop.wait(backoff_s)
+    return backoff_s
+
+
+def _start_with_retries(svc: Any, name: str, stop: threading.Event) -> None:
+    """A service started while the cluster elects (or restarts) waits for it."""
+    backoff_s = 0.0
+    while not stop.is_set():
+        try:
+            svc.start()
+            return
+        except LowmarkError as exc:
+            # half-started: drop its clients; an applier must not checkpoint here
+            with contextlib.suppress(Exception):
+                if isinstance(svc, Applier):
+                    svc.close(checkpoint=False)
+                else:
+                    svc.close()
+            backoff_s = _retry_wait(name, exc, backoff_s, stop)
+
+
+def _run_loop(svc: Any, metrics: str, name: str, labels: dict[str, str]) -> None:
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    _start_with_retries(svc, name, stop)
+    if metrics:
+        serve_metrics(metrics, name, svc.metrics, labels)
+    last_log = time.monotonic()
+    backoff_s = 0.0
+    try:
+        while not stop.is_set():
+            try:
+                svc.step()
+                backoff_s = 0.0
+            except LowmarkError as exc:
+                # a routine fault (an election, a broker restart): ride it out
+                backoff_s = _retry_wait(name, exc, backoff_s, stop)
+            if time.monotonic() - last_log >= 10:
+                event(
+                    log,
+                    f"{name} status",
+                    **{k: v for k, v in svc.metrics().items() if not isinstance(v, dict)},
+                )
+                last_log = time.monotonic()
+    finally:
+        with contextlib.suppress(Exception):
+            svc.close()

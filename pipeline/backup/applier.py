@@ -1,0 +1,649 @@
+"""The backup applier of one site: consume the log and W, apply ts <= W, checkpoint.
+
+The ordering brain is the pure ``ApplyPlanner``; this module is its I/O:
+
+1. resume from the site's checkpoint (local file first, else the compacted checkpoints
+   topic, else the beginning of the log): seek every log partition to the checkpoint's
+   replay offsets; records with ts <= checkpoint W are skipped (all were applied);
+2. read the log (read_committed) and the watermark topic in order; for each W that is
+   higher than the applied one, once the log position of every partition has reached W's
+   offsets, apply every complete op with ts <= W, per volume in ts order;
+3. every ``checkpoint_interval_s``: fdatasync touched images, then write the checkpoint (W,
+   replay offsets, per-volume digests) atomically to a local file and to Kafka, and only
+   then commit consumer offsets. A crash anywhere replays at most (W_ckpt, W_applied],
+   which re-applied in order lands on the same bytes (writes are blind overwrites);
+4. a record that fails to decode halts the applier: a raw copy goes to the dead-letter
+   topic, nothing after it is applied, and the error says how to skip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from connectors.image.image import Image
+from connectors.kafka.deadletter import deadletter_headers
+from connectors.kafka.reading import latest, watermark_offsets
+from connectors.kafka.topics import CgTopics, ensure_topics
+from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.plan import ApplyOp, ApplyPlanner
+from pipeline.errors import (
+    ApplierHaltedError,
+    ApplyError,
+    ConfigError,
+    LowmarkError,
+    RecordError,
+)
+from pipeline.fsutil import atomic_write
+from pipeline.logs import event
+from pipeline.ops.replay import ImageSet
+from pipeline.primary.clock import ts_physical_us, wall_us
+from schemas import codec
+
+log = logging.getLogger("lowmark.applier")
+
+_PARTITION_EOF = -191
+LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
+
+
+@dataclass(frozen=True)
+class ApplierConfig:
+    cg: str
+    site: str
+    data_dir: Path
+    checkpoint_interval_s: float = 1.0
+    max_pending_bytes: int = 256 << 20
+    log_partitions: int = 4
+    replication_factor: int | None = None
+    #: (partition, offset) of bad records the operator chose to skip (logged, counted)
+    skip: frozenset[tuple[int, int]] = frozenset()
+    #: per-volume content digests cost a read of every allocated byte (seconds per GiB),
+    #: during which nothing is applied: a checkpoint carries them only this often (None:
+    #: only at explicit checkpoints, e.g. ``lowmark verify``; 0: at every checkpoint).
+    #: Without them a checkpoint's digests are "".
+    digest_interval_s: float | None = None
+    #: False: never compute digests (tests that compare the images themselves)
+    compute_digests: bool = True
+    #: copy the images into the site's snapshot store at a checkpoint this often (0: never);
+    #: restore and replay start from the newest snapshot at or below the wanted cut
+    snapshot_interval_s: float = 0.0
+    snapshots_kept: int = 4
+
+    def validate(self) -> ApplierConfig:
+        if not self.site or "/" in self.site:
+            raise ConfigError(f"site name {self.site!r} is invalid")
+        if self.checkpoint_interval_s <= 0:
+            raise ConfigError("checkpoint_interval_s must be positive")
+        return self
+
+
+@dataclass
+class ApplierStats:
+    applied_ops: int = 0
+    applied_bytes: int = 0
+    checkpoints: int = 0
+    skipped_bad: int = 0
+    records_read: int = 0
+    bytes_read: int = 0
+    watermarks_seen: int = 0
+    consumer_errors: int = 0
+    last_checkpoint_us: int = 0
+    started_mono: float = field(default_factory=time.monotonic)
+
+
+def decode_checkpoint(value: bytes) -> dict[str, Any]:
+    return codec.decode(value, "Checkpoint").record
+
+
+class Applier:
+    def __init__(self, config: ApplierConfig, kafka_conf: dict[str, Any]) -> None:
+        self.config = config.validate()
+        self.kafka_conf = dict(kafka_conf)
+        self.topics = CgTopics(config.cg)
+        self.site: ImageSet = None  # type: ignore[assignment]  # opened by start()
+        self.stats = ApplierStats()
+        self.applied_w = 0
+        self.checkpoint_w = 0
+        self.halted: ApplierHaltedError | None = None
+        self.markers: list[dict[str, Any]] = []
+        self._targets: list[dict[str, Any]] = []  # watermarks not yet applied, ascending
+        self._max_seen_w = 0
+        self._last_checkpoint = time.monotonic()
+        self._reread: dict[int, int] | None = None
+        #: partition -> (offset of its bad record, the error a halt raises)
+        self._blocked: dict[int, tuple[int, ApplierHaltedError]] = {}
+        self._last_snapshot = 0.0
+        self._last_digest = 0.0
+        self._bg: tuple[threading.Thread, dict[str, Any]] | None = None
+        self._last_error_log: dict[int, float] = {}
+        self._wm_end_at_start = 0
+        self._wm_read_to = 0
+        self._restart_floor = 0
+        self.planner = ApplyPlanner(0, config.max_pending_bytes)
+        self._log: Consumer | None = None
+        self._wm: Consumer | None = None
+        self._producer: Producer | None = None
+
+    # ---------------------------------------------------------------- paths & state
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.config.data_dir / "checkpoint.avro"
+
+    def image_path(self, volume_id: str) -> Path:
+        return self.config.data_dir / "images" / f"{volume_id}.img"
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        if self.checkpoint_path.exists():
+            try:
+                return decode_checkpoint(self.checkpoint_path.read_bytes())
+            except RecordError as exc:
+                raise ApplyError(
+                    f"local checkpoint {self.checkpoint_path} is unreadable ({exc}); move it "
+                    "away to resume from the Kafka copy, or rebuild the site"
+                ) from None
+        site = self.config.site
+        best = latest(
+            self.kafka_conf,
+            self.topics.checkpoints,
+            lambda v: (
+                decode_checkpoint(v)
+                if codec.decode(v, "Checkpoint").record["site"] == site
+                else None
+            ),
+            lambda a, b: b is None or (a is not None and a["w"] >= b["w"]),
+        )
+        return best[0] if best and best[0] is not None else None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        ensure_topics(
+            self.kafka_conf,
+            self.config.cg,
+            log_partitions=self.config.log_partitions,
+            replication_factor=self.config.replication_factor,
+        )
+        self.site = ImageSet(self.config.data_dir, keep_deleted=True)
+        ckpt = self._load_checkpoint()
+        start_offsets = {p: 0 for p in range(self.config.log_partitions)}
+        if ckpt is not None:
+            self.applied_w = self.checkpoint_w = ckpt["w"]
+            self._max_seen_w = ckpt["w"]
+            for po in ckpt["log_offsets"]:
+                start_offsets[po["partition"]] = po["offset"]
+        self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
+        for p, off in start_offsets.items():
+            self.planner.note_position(p, off)
+        base = {
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 64 << 20,
+            # see the watermark service: without it a committed record can wait 500 ms
+            "fetch.wait.max.ms": 5,
+        }
+        group = f"lowmark.{self.config.cg}.apply.{self.config.site}"
+        self._log = Consumer({**self.kafka_conf, **base, "group.id": group})
+        self._log.assign([TopicPartition(self.topics.log, p, o) for p, o in start_offsets.items()])
+        self._wm = Consumer({**self.kafka_conf, **base, "group.id": group + ".wm"})
+        self._wm.assign([TopicPartition(self.topics.watermark, 0, 0)])
+        # Before a crash this site may have applied up to any W published so far, beyond its
+        # checkpoint; replaying from the checkpoint then re-applies onto those bytes. Until it
+        # has passed every W published before this start, its images are not a cut of any
+        # W, so it must not checkpoint (or snapshot) them.
+        self._wm_end_at_start = watermark_offsets(self._wm, self.topics.watermark, 0)[1]
+        self._restart_floor = self.applied_w
+        self._producer = Producer({**self.kafka_conf, "enable.idempotence": True, "acks": "all"})
+        event(
+            log,
+            "applier started",
+            cg=self.config.cg,
+            site=self.config.site,
+            w=self.applied_w,
+            offsets=start_offsets,
+        )
+
+    def close(self, checkpoint: bool = True) -> None:
+        self._finish_background_checkpoint(wait=True)
+        if checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
+            self.checkpoint()
+        for c in (self._log, self._wm):
+            if c is not None:
+                c.close()
+        if self._producer is not None:
+            self._producer.flush(5)
+        self._log = self._wm = self._producer = None
+        if self.site is not None:
+            self.site.close()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.step()
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self, poll_timeout_s: float = 0.02) -> None:
+        if self.halted is not None:
+            raise self.halted
+        self._finish_background_checkpoint()
+        got = self._read_log(0) + self._read_watermarks(0)
+        applied = self._apply_ready()
+        if self.planner.over_budget():
+            self._spill()
+        if (
+            self.applied_w > self.checkpoint_w
+            and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+            and self.may_checkpoint()
+        ):
+            self._checkpoint_due()
+        if not got and not applied:
+            # idle: wait for what unblocks us next (log records for a known W, else a new W)
+            # without a fixed sleep; a consume(n, timeout) would wait the whole timeout
+            if self._targets:
+                self._read_log(poll_timeout_s)
+            else:
+                self._read_watermarks(poll_timeout_s)
+
+    def may_checkpoint(self) -> bool:
+        """Whether the images are a cut: every W published before start has been passed."""
+        return self._wm_read_to >= self._wm_end_at_start and self.applied_w >= self._restart_floor
+
+    def _read_watermarks(self, timeout_s: float = 0) -> int:
+        assert self._wm is not None
+        msgs = self._wm.consume(100, 0)
+        if not msgs and timeout_s > 0:
+            first = self._wm.poll(timeout_s)
+            msgs = [first] if first is not None else []
+        for msg in msgs:
+            if msg.error():
+                if msg.error().code() == _PARTITION_EOF:
+                    self._wm_read_to = max(self._wm_read_to, msg.offset())
+                continue
+            self._wm_read_to = max(self._wm_read_to, msg.offset() + 1)
+            try:
+                rec = codec.decode(msg.value(), "Watermark").record
+            except RecordError as exc:
+                # a bad W can only hold the backup back; never apply on it
+                event(
+                    log,
+                    "unreadable watermark skipped",
+                    level=logging.ERROR,
+                    offset=msg.offset(),
+                    error=str(exc),
+                )
+                continue
+            self.stats.watermarks_seen += 1
+            if msg.offset() < self._wm_end_at_start:
+                self._restart_floor = max(self._restart_floor, rec["w"])
+            bound = {po["partition"]: po["offset"] for po in rec["log_offsets"]}
+            for m in rec["members"]:
+                self.planner.note_epoch(m["interceptor_id"], m["epoch"], bound)
+            for d in rec["departed"]:
+                self.planner.note_departed(d["interceptor_id"], d["epoch"], d["s"])
+            if rec["w"] > self._max_seen_w:  # consumers ignore a lower W
+                self._max_seen_w = rec["w"]
+                self._targets.append(rec)
+        return len(msgs)
+
+    def _read_log(self, timeout_s: float) -> int:
+        assert self._log is not None
+        msgs = self._log.consume(2000, 0)
+        if not msgs and timeout_s > 0:
+            first = self._log.poll(timeout_s)
+            msgs = [first] if first is not None else []
+        for msg in msgs:
+            p = msg.partition()
+            if msg.error():
+                if msg.error().code() == _PARTITION_EOF:
+                    # at the end: everything committed below this offset has been read
+                    self.planner.note_position(p, msg.offset())
+                    continue
+                # an error event carries no record: the rest of this batch is still to be
+                # read (raising here lost it, and a later EOF would have skipped it)
+                self._consumer_error(msg.error())
+                continue
+            off = msg.offset()
+            if self.planner.is_blocked(p, off):
+                # at or behind a bad record (same fetch batch, or re-read after a spill): not
+                # consumed, not counted. It does prove everything before it was read, and the
+                # position stops at the bad record (note_position clamps there)
+                self.planner.note_position(p, off)
+                continue
+            value = msg.value() or b""
+            self.stats.records_read += 1
+            self.stats.bytes_read += len(value)
+            try:
+                dec = codec.decode(value, LOG_TYPES)
+            except RecordError as exc:
+                if (p, off) in self.config.skip:
+                    event(
+                        log,
+                        "bad record skipped by operator",
+                        level=logging.WARNING,
+                        partition=p,
+                        offset=off,
+                        error=str(exc),
+                    )
+                    self.stats.skipped_bad += 1
+                    self.planner.note_position(p, off + 1)
+                    continue
+                self._block(msg, exc)
+                continue
+            self.planner.add(dec.type, dec.record, p, off)
+            self.planner.note_position(p, off + 1)
+        return len(msgs)
+
+    def _consumer_error(self, err: Any) -> None:
+        """A consumer error event (broker down, leader moving): count it, log it now and then;
+        librdkafka retries on its own, and the positions stay where the records left them."""
+        self.stats.consumer_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log.get(err.code(), -1e9) >= 10:
+            self._last_error_log[err.code()] = now
+            level = logging.WARNING if err.retriable() else logging.ERROR
+            event(log, "kafka consumer error; retrying", level, error=str(err))
+
+    def _apply_ready(self) -> bool:
+        applied = False
+        while self._targets:
+            target = self._targets[0]
+            required = {po["partition"]: po["offset"] for po in target["log_offsets"]}
+            if not self.planner.ready(target["w"], required):
+                blocker = self.planner.blocked_by(required)
+                if blocker is not None:
+                    self._halt(blocker[0])
+                return applied
+            self._targets.pop(0)
+            if target["w"] <= self.applied_w:
+                continue
+            for op in self.planner.take(target["w"]):
+                self._apply(op)
+            self.applied_w = target["w"]
+            applied = True
+        return applied
+
+    def _spill(self) -> None:
+        """Bounded memory: forget pending records and re-read them from Kafka later."""
+        offsets = self.planner.drop_pending()
+        assert self._log is not None
+        for p, off in offsets.items():
+            self._log.seek(TopicPartition(self.topics.log, p, off))
+        # a paused partition would never re-read what lies before its bad record; reading
+        # on reaches the bad record again, and _block pauses it again
+        blocked = [TopicPartition(self.topics.log, p) for p in self._blocked if p in offsets]
+        if blocked:
+            self._log.resume(blocked)
+        event(
+            log,
+            "pending records exceeded the memory budget; re-reading from Kafka",
+            level=logging.WARNING,
+            offsets=offsets,
+        )
+
+    # ---------------------------------------------------------------- applying
+
+    def _apply(self, op: ApplyOp) -> None:
+        if op.kind in ("marker", "snapshot"):
+            self.markers.append({"kind": op.kind, "ts": op.ts, **(op.record or {})})
+            return
+        try:
+            self.site.apply(op)  # the same rules restore and replay use
+        except ApplyError as exc:
+            self.halted = ApplierHaltedError(
+                f"CG {self.config.cg} site {self.config.site}: {exc}. The log does not match "
+                "this site's images: rebuild the site from a checkpoint (replacement backup)"
+            )
+            raise self.halted from None
+        if op.kind == "volume_change":
+            rec = op.record or {}
+            event(
+                log,
+                "volume change applied",
+                volume=op.volume_id,
+                op=rec.get("op"),
+                size=rec.get("size"),
+            )
+            return
+        self.stats.applied_ops += 1
+        self.stats.applied_bytes += op.length
+
+    @property
+    def images(self) -> dict[str, Image]:
+        return self.site.images
+
+    @property
+    def catalog(self) -> dict[str, dict[str, Any]]:
+        return self.site.catalog
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def _checkpoint_due(self) -> None:
+        """A periodic checkpoint: in the background unless it needs stable images."""
+        interval = self.config.digest_interval_s
+        wants_digests = (
+            self.config.compute_digests
+            and interval is not None
+            and time.monotonic() - self._last_digest >= interval
+        )
+        wants_snapshot = (
+            self.config.snapshot_interval_s > 0
+            and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s
+        )
+        if wants_digests or wants_snapshot:
+            self.checkpoint(digests=None)  # both read the images: they must not move
+        elif self._bg is None:
+            self._checkpoint_background()
+
+    def _checkpoint_background(self) -> None:
+        """fdatasync + write the checkpoint off the apply loop (it took 30-160 ms a second).
+
+        The record is captured now, at ``applied_w``; the images may move on while the
+        worker syncs them, which only makes them hold more than the checkpoint says, the
+        case a restart already handles (it re-applies from the checkpoint and does not
+        checkpoint again below what was published before it started).
+        """
+        rec = self._checkpoint_record(digests=False)
+        images = self.site.take_touched()
+        self._last_checkpoint = time.monotonic()
+        result: dict[str, Any] = {"rec": rec}
+
+        def work() -> None:
+            try:
+                for img in images:
+                    img.sync()
+                result["value"] = self._persist_checkpoint(rec)
+            except BaseException as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=work, name="lowmark-checkpoint", daemon=True)
+        self._bg = (thread, result)
+        thread.start()
+
+    def _finish_background_checkpoint(self, wait: bool = False) -> None:
+        if self._bg is None:
+            return
+        thread, result = self._bg
+        if wait:
+            thread.join()
+        if thread.is_alive():
+            return
+        self._bg = None
+        if "error" in result:
+            event(
+                log,
+                "background checkpoint failed; will retry",
+                level=logging.ERROR,
+                error=repr(result["error"]),
+            )
+            return
+        self._checkpoint_written(result["rec"])
+
+    def checkpoint(self, digests: bool | None = True) -> dict[str, Any]:
+        """fdatasync, then record the applied state durably, then commit offsets.
+
+        ``digests=None``: include per-volume digests only if ``digest_interval_s`` passed.
+        """
+        if not self.may_checkpoint():
+            raise ApplyError(
+                f"site {self.config.site} has not yet re-applied up to W={self._restart_floor} "
+                "(published before it restarted): its images are not a cut yet"
+            )
+        self._finish_background_checkpoint(wait=True)
+        if digests is None:
+            interval = self.config.digest_interval_s
+            digests = interval is not None and time.monotonic() - self._last_digest >= interval
+        digests = digests and self.config.compute_digests
+        if digests:
+            self._last_digest = time.monotonic()
+        self.site.sync()
+        rec = self._checkpoint_record(digests)
+        value = self._persist_checkpoint(rec)
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_written(rec)
+        interval = self.config.snapshot_interval_s
+        if interval > 0 and time.monotonic() - self._last_snapshot >= interval and self.applied_w:
+            snapshot_store.save(self.config.data_dir, value, self.images, self.catalog)
+            snapshot_store.prune(self.config.data_dir, self.config.snapshots_kept)
+            self._last_snapshot = time.monotonic()
+        return rec
+
+    def _checkpoint_record(self, digests: bool) -> dict[str, Any]:
+        offsets = self.planner.checkpoint_offsets()
+        return {
+            "site": self.config.site,
+            "cg": self.config.cg,
+            "w": self.applied_w,
+            "log_offsets": [{"partition": p, "offset": o} for p, o in sorted(offsets.items())],
+            "volumes": [
+                {
+                    "volume_id": vid,
+                    "size": img.size,
+                    "digest": img.content_digest() if digests else "",
+                }
+                for vid, img in sorted(self.images.items())
+            ],
+            "written_us": wall_us(),
+        }
+
+    def _persist_checkpoint(self, rec: dict[str, Any]) -> bytes:
+        """Local file first (atomically), then the compacted topic. Images already synced."""
+        value = codec.encode("Checkpoint", rec)
+        atomic_write(self.checkpoint_path, value)
+        assert self._producer is not None
+        self._producer.produce(
+            self.topics.checkpoints,
+            value,
+            self.config.site,
+            headers=codec.headers_for("Checkpoint", rec),
+        )
+        self._producer.flush(30)
+        return value
+
+    def _checkpoint_written(self, rec: dict[str, Any]) -> None:
+        """Only now are consumer offsets committed (advisory: the checkpoint is the truth)."""
+        assert self._log is not None
+        tps = [
+            TopicPartition(self.topics.log, po["partition"], po["offset"])
+            for po in rec["log_offsets"]
+            if po["offset"] >= 0
+        ]
+        try:
+            if tps:
+                self._log.commit(offsets=tps, asynchronous=True)
+        except KafkaException as exc:
+            log.warning("offset commit failed: %s", exc)
+        self.checkpoint_w = max(self.checkpoint_w, rec["w"])
+        self.stats.checkpoints += 1
+        self.stats.last_checkpoint_us = rec["written_us"]
+
+    # ---------------------------------------------------------------- bad input
+
+    def _block(self, msg: Any, exc: LowmarkError) -> None:
+        """Dead-letter a bad record and consume nothing at or after it in its partition.
+
+        Watermarks that do not need the partition past it are still applied (their records
+        all lie before it); the first one that does halts the CG. Other partitions go on.
+        """
+        assert self._producer is not None and self._log is not None
+        p, off = msg.partition(), msg.offset()
+        tp = TopicPartition(self.topics.log, p, off)
+        self._log.pause([tp])  # saves fetching; what is already fetched is dropped by offset
+        if p in self._blocked:
+            return  # met again after a re-read: already dead-lettered
+        self.planner.block(p, off)
+        headers = deadletter_headers(self.topics.log, p, off, exc, self.config.site)
+        self._producer.produce(self.topics.deadletter, msg.value(), msg.key(), headers=headers)
+        self._producer.flush(30)
+        self._blocked[p] = (
+            off,
+            ApplierHaltedError(
+                f"CG {self.config.cg} site {self.config.site}: record {self.topics.log}[{p}]@{off} "
+                f"is bad ({type(exc).__name__}: {exc}); nothing at or after it is applied. A "
+                f"copy is in {self.topics.deadletter}. Fix the producer, or skip it explicitly "
+                f"with `lowmark apply --skip {p}:{off}` (logged)."
+            ),
+        )
+        event(
+            log,
+            "bad record: partition blocked, dead-letter copy written",
+            level=logging.ERROR,
+            partition=p,
+            offset=off,
+            error=str(exc),
+        )
+
+    def _halt(self, partition: int) -> None:
+        """Checkpoint what was applied before the bad record, then stop the CG. Its offsets
+        stop at the bad record, so a restart without ``--skip`` halts at it again."""
+        off, error = self._blocked[partition]
+        if self.applied_w > self.checkpoint_w and self.may_checkpoint():
+            self.checkpoint()
+        self.halted = error
+        event(
+            log,
+            "applier halted on a bad record",
+            level=logging.ERROR,
+            partition=partition,
+            offset=off,
+        )
+        raise self.halted
+
+    # ---------------------------------------------------------------- numbers
+
+    def lag(self) -> dict[int, int]:
+        """Records between this site's position and the log's end, per partition."""
+        assert self._log is not None
+        out = {}
+        for p, pos in self.planner.positions().items():
+            try:
+                _low, high = self._log.get_watermark_offsets(
+                    TopicPartition(self.topics.log, p), timeout=5, cached=True
+                )
+            except KafkaException:
+                continue
+            out[p] = max(0, high - pos)
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        w = self.applied_w
+        elapsed = max(1e-9, time.monotonic() - self.stats.started_mono)
+        return {
+            "applied_w": w,
+            "checkpoint_w": self.checkpoint_w,
+            "target_w": self._max_seen_w,
+            "rpo_s": (wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
+            "applied_ops": self.stats.applied_ops,
+            "applied_bytes": self.stats.applied_bytes,
+            "apply_bytes_per_s": self.stats.applied_bytes / elapsed,
+            "pending_bytes": self.planner.pending_bytes(),
+            "checkpoints": self.stats.checkpoints,
+            "halted": self.halted is not None,
+            "consumer_errors": self.stats.consumer_errors,
+        }

@@ -1,0 +1,422 @@
+"""Point-in-time restore and replay: the checks around the replay engine.
+
+A restore at TS is only offered when it is exact:
+
+- TS <= the latest published W. A cut above W is not known to be complete (a record with
+  ts <= TS may still be on its way), so it is refused, not approximated.
+- The base (the newest snapshot of the site with W <= TS, else empty images at the log's
+  very start) must still be followed by every record it needs: each partition's low
+  offset (retention) must be at or below the base's replay offsets. Otherwise the error
+  names the oldest point that is still restorable.
+
+The result directory has the layout of a site's data dir (``images/``, ``volumes.json``)
+plus ``restore.json``, written last: a directory with it is complete, and ``replay``
+continues from its cut and offsets.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaException
+
+from connectors.kafka.reading import iter_range, latest, watermark_offsets
+from connectors.kafka.topics import CgTopics
+from pipeline.backup import snapshots as snapshot_store
+from pipeline.errors import ConfigError, KafkaUnavailableError, RecordError, RestoreError
+from pipeline.fsutil import atomic_write
+from pipeline.ops.replay import ImageSet, ProgressFn, ReplayResult, log_consumer, replay
+from pipeline.primary.clock import format_ts, wall_us
+from pipeline.watermark.service import decode_watermark, newer_watermark
+from schemas import codec
+
+MANIFEST = "restore.json"
+MANIFEST_FORMAT = 1
+
+
+# ---------------------------------------------------------------- what Kafka holds
+
+
+def log_bounds(kafka_conf: Mapping[str, Any], cg: str) -> dict[int, tuple[int, int]]:
+    """(low, read_committed end) of every partition of the CG's log."""
+    topic = CgTopics(cg).log
+    c = log_consumer(kafka_conf)
+    try:
+        md = c.list_topics(topic, timeout=10)
+        if topic not in md.topics or md.topics[topic].error is not None:
+            raise ConfigError(
+                f"consistency group {cg} has no log topic {topic}; check --cg and bootstrap.servers"
+            )
+        return {p: watermark_offsets(c, topic, p) for p in sorted(md.topics[topic].partitions)}
+    except KafkaException as exc:
+        raise KafkaUnavailableError(f"cannot read the offsets of {topic}: {exc}") from None
+    finally:
+        c.close()
+
+
+def latest_watermark(kafka_conf: Mapping[str, Any], cg: str) -> dict[str, Any]:
+    best = latest(dict(kafka_conf), CgTopics(cg).watermark, decode_watermark, newer_watermark)
+    if best is None:
+        raise RestoreError(
+            f"consistency group {cg} has no published watermark yet, so no cut is known to "
+            "be complete; start `lowmark watermark` and retry"
+        )
+    return best[0]
+
+
+def find_marker(kafka_conf: Mapping[str, Any], cg: str, name: str) -> dict[str, Any]:
+    """The newest Marker record named ``name`` in the retained log (with ``count``)."""
+    topic = CgTopics(cg).log
+    found: list[dict[str, Any]] = []
+    for p, (low, high) in log_bounds(kafka_conf, cg).items():
+        for msg in iter_range(dict(kafka_conf), topic, p, low, high, timeout_s=120):
+            kind = dict(msg.headers() or []).get("type")
+            if kind not in (None, b"Marker"):
+                continue  # the plain-text type header saves decoding every write
+            try:
+                dec = codec.decode(msg.value() or b"", "Marker")
+            except RecordError:
+                continue
+            if dec.record["name"] == name:
+                found.append(dec.record)
+    if not found:
+        raise RestoreError(
+            f"no marker named {name!r} in the retained log of {cg}; list markers with "
+            f"`lowmark tail --no-follow --type Marker --cg {cg}`"
+        )
+    best = max(found, key=lambda r: r["ts"])
+    return {**best, "count": len(found)}
+
+
+# ---------------------------------------------------------------- the base
+
+
+@dataclass(frozen=True)
+class Base:
+    """Images holding exactly the records with ts <= w, and where to replay from."""
+
+    kind: str  # "snapshot" | "log-start"
+    w: int
+    offsets: dict[int, int]
+    path: Path | None = None
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    w: int
+    offsets: dict[int, int]
+    path: Path
+    site: str
+
+
+def site_snapshots(site_dir: Path | None, site: str | None = None) -> list[SnapshotInfo]:
+    """The complete snapshots of a site's store, oldest first."""
+    if site_dir is None:
+        return []
+    out = []
+    for w, path in snapshot_store.list_snapshots(Path(site_dir)):
+        try:
+            ck = codec.decode((path / "checkpoint.avro").read_bytes(), "Checkpoint").record
+        except (OSError, RecordError):
+            continue  # pruned while we looked, or damaged: not a base
+        if site is not None and ck["site"] != site:
+            raise RestoreError(
+                f"the snapshot store in {site_dir} belongs to site {ck['site']!r}, not "
+                f"{site!r}; pass that site's data dir with --site-dir"
+            )
+        offsets = {po["partition"]: po["offset"] for po in ck["log_offsets"]}
+        out.append(SnapshotInfo(w, offsets, path, ck["site"]))
+    return out
+
+
+def _in_retention(offsets: Mapping[int, int], low: Mapping[int, int]) -> bool:
+    return all(offsets.get(p, 0) >= lo for p, lo in low.items())
+
+
+def oldest_restorable(snapshots: list[SnapshotInfo], low: Mapping[int, int]) -> int | None:
+    """The lowest ts that can still be restored exactly, None when none can."""
+    if all(lo == 0 for lo in low.values()):
+        return 0
+    ok = [s.w for s in snapshots if _in_retention(s.offsets, low)]
+    return min(ok) if ok else None
+
+
+def choose_base(
+    snapshots: list[SnapshotInfo], ts: int, low: Mapping[int, int], *, use_snapshots: bool = True
+) -> Base:
+    """Pure: the newest snapshot with W <= ts, else the log's start; checked against retention."""
+    below = [s for s in snapshots if s.w <= ts] if use_snapshots else []
+    if below:
+        snap = max(below, key=lambda s: s.w)
+        if _in_retention(snap.offsets, low):
+            return Base("snapshot", snap.w, dict(snap.offsets), snap.path, snap.site)
+        why = (
+            f"the newest snapshot at or below it (W {snap.w}) needs log offsets "
+            f"{_fmt_offsets(snap.offsets)}, but retention has deleted up to {_fmt_offsets(low)}"
+        )
+    elif all(lo == 0 for lo in low.values()):
+        return Base("log-start", 0, {p: 0 for p in low})
+    else:
+        why = (
+            "no snapshot of the site lies at or below it, and the log no longer starts at "
+            f"offset 0 (retention has deleted up to {_fmt_offsets(low)})"
+        )
+    oldest = oldest_restorable(snapshots if use_snapshots else [], low)
+    where = (
+        f"the oldest restorable point is ts {oldest} ({format_ts(oldest)})"
+        if oldest is not None
+        else "nothing is restorable from this log"
+        + (" and site" if use_snapshots and snapshots else "; pass a site with --site-dir")
+    )
+    raise RestoreError(f"cannot restore ts {ts} ({format_ts(ts)}) exactly: {why}; {where}")
+
+
+def _fmt_offsets(offsets: Mapping[int, int]) -> str:
+    return "{" + ", ".join(f"{p}: {o}" for p, o in sorted(offsets.items())) + "}"
+
+
+def check_below_w(ts: int, wm: Mapping[str, Any]) -> None:
+    if ts > wm["w"]:
+        raise RestoreError(
+            f"ts {ts} ({format_ts(ts)}) is above the latest published W {wm['w']} "
+            f"({format_ts(wm['w'])}): a cut above W is not known to be complete. Choose a ts "
+            "at or below W, or wait until W passes it"
+        )
+
+
+def _end_offsets(wm: Mapping[str, Any], bounds: Mapping[int, tuple[int, int]]) -> dict[int, int]:
+    # every record with ts <= W lies below W's offsets; a partition W does not name is
+    # read to its current end
+    from_w = {po["partition"]: po["offset"] for po in wm["log_offsets"]}
+    return {p: from_w.get(p, high) for p, (_low, high) in bounds.items()}
+
+
+# ---------------------------------------------------------------- restore
+
+
+@dataclass
+class Outcome:
+    manifest: dict[str, Any]
+    result: ReplayResult
+    notes: list[str] = field(default_factory=list)
+
+
+def restore(
+    kafka_conf: Mapping[str, Any],
+    cg: str,
+    ts: int,
+    to_dir: Path,
+    *,
+    site_dir: Path | None = None,
+    site: str | None = None,
+    use_snapshots: bool = True,
+    marker: str | None = None,
+    on_progress: ProgressFn | None = None,
+) -> Outcome:
+    """Build the CG's images at exactly the cut ``ts`` in ``to_dir`` (new or empty)."""
+    to_dir = Path(to_dir)
+    if to_dir.exists() and any(to_dir.iterdir()):
+        raise RestoreError(f"{to_dir} is not empty; restore into a new directory")
+    wm = latest_watermark(kafka_conf, cg)
+    check_below_w(ts, wm)
+    bounds = log_bounds(kafka_conf, cg)
+    try:
+        base, result, volumes = _restore_into(
+            kafka_conf, cg, ts, to_dir, wm, bounds, site_dir, site, use_snapshots, on_progress
+        )
+    except BaseException:
+        _empty(to_dir)  # it was new or empty: leave no half copy that looks like a restore
+        raise
+    manifest = _manifest(cg, ts, base, result, volumes, wm, marker)
+    atomic_write(to_dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return Outcome(manifest, result)
+
+
+def _restore_into(
+    kafka_conf: Mapping[str, Any],
+    cg: str,
+    ts: int,
+    to_dir: Path,
+    wm: Mapping[str, Any],
+    bounds: Mapping[int, tuple[int, int]],
+    site_dir: Path | None,
+    site: str | None,
+    use_snapshots: bool,
+    on_progress: ProgressFn | None,
+) -> tuple[Base, ReplayResult, list[dict[str, Any]]]:
+    low = {p: lo for p, (lo, _hi) in bounds.items()}
+    base = None
+    for _attempt in range(3):  # a running applier may prune the chosen snapshot meanwhile
+        base = choose_base(site_snapshots(site_dir, site), ts, low, use_snapshots=use_snapshots)
+        try:
+            _prepare(to_dir, base)
+            break
+        except FileNotFoundError:
+            base = None
+    if base is None:
+        raise RestoreError(
+            f"the snapshots of {site_dir} kept disappearing while being copied (pruned by "
+            "the site's applier?); retry, or raise [apply] snapshots_kept"
+        )
+    start = {p: base.offsets.get(p, 0) for p in bounds}
+    with ImageSet(to_dir) as images:
+        result = replay(
+            kafka_conf,
+            CgTopics(cg).log,
+            images,
+            from_w=base.w,
+            to_ts=ts,
+            start_offsets=start,
+            end_offsets=_end_offsets(wm, bounds),
+            on_progress=on_progress,
+        )
+        return base, result, images.volumes()
+
+
+def _prepare(to_dir: Path, base: Base) -> None:
+    """Empty ``to_dir`` and put the base images there."""
+    _empty(to_dir)
+    (to_dir / "images").mkdir(parents=True)
+    if base.kind != "snapshot":
+        return
+    assert base.path is not None
+    shutil.copyfile(base.path / "volumes.json", to_dir / "volumes.json")
+    for img in sorted((base.path / "images").glob("*.img")):
+        snapshot_store.copy_sparse(img, to_dir / "images" / img.name)
+
+
+def _empty(path: Path) -> None:
+    """Remove what is inside ``path`` (it may be a mount point: keep the directory)."""
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _manifest(
+    cg: str,
+    ts: int,
+    base: Base,
+    result: ReplayResult,
+    volumes: list[dict[str, Any]],
+    wm: Mapping[str, Any],
+    marker: str | None,
+) -> dict[str, Any]:
+    prog = result.progress
+    return {
+        "format": MANIFEST_FORMAT,
+        "cg": cg,
+        "w": ts,  # the images hold exactly the records with ts <= w
+        "w_time": format_ts(ts),
+        "exact": True,
+        "marker": marker,
+        "base": {
+            "kind": base.kind,
+            "w": base.w,
+            "site": base.site,
+            "path": str(base.path) if base.path else None,
+        },
+        # where a replay continuing from w starts reading (every ts > w lies at or above)
+        "log_offsets": {str(p): o for p, o in sorted(result.resume_offsets.items())},
+        "published_w": wm["w"],
+        "records_read": prog.records_done,
+        "ops_applied": prog.ops_applied,
+        "bytes_applied": prog.bytes_applied,
+        "volumes": volumes,
+        "created_us": wall_us(),
+    }
+
+
+def read_manifest(images_dir: Path) -> dict[str, Any] | None:
+    path = Path(images_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise RestoreError(f"{path} is unreadable ({exc}); restore a fresh copy") from None
+
+
+# ---------------------------------------------------------------- replay onto a copy
+
+
+def replay_range(
+    kafka_conf: Mapping[str, Any],
+    cg: str,
+    images_dir: Path,
+    from_ts: int,
+    to_ts: int,
+    *,
+    on_progress: ProgressFn | None = None,
+) -> Outcome:
+    """Apply the records with from_ts < ts <= to_ts onto the images in ``images_dir``.
+
+    Where reading starts: the directory's ``restore.json`` offsets when its cut is at or
+    below from_ts (every record after that cut lies at or above them), else the log's very
+    start, which must still be retained. ``restore.json`` is rewritten for the new cut.
+    """
+    images_dir = Path(images_dir)
+    if not (images_dir / "images").is_dir():
+        raise RestoreError(
+            f"{images_dir} holds no images/ directory; give a directory made by "
+            "`lowmark restore --to` (or a site's data dir copy)"
+        )
+    if to_ts < from_ts:
+        raise RestoreError(f"--to-ts {to_ts} is below --from-ts {from_ts}")
+    wm = latest_watermark(kafka_conf, cg)
+    check_below_w(to_ts, wm)
+    bounds = log_bounds(kafka_conf, cg)
+    low = {p: lo for p, (lo, _hi) in bounds.items()}
+    old = read_manifest(images_dir)
+    if old is not None and old.get("cg") not in (None, cg):
+        raise RestoreError(f"{images_dir} holds CG {old['cg']}, not {cg}")
+    old_w = old["w"] if old is not None and old.get("exact", True) else None
+    # re-applying a suffix in order lands on the same bytes (blind writes), so images at
+    # old_w in [from_ts, to_ts] end exactly at to_ts; below from_ts the gap is never applied
+    exact = old_w is not None and from_ts <= old_w <= to_ts
+    notes = []
+    if not exact:
+        held = "an unknown state" if old_w is None else f"the cut at ts {old_w}"
+        notes.append(
+            f"the images hold {held}, not a cut in [--from-ts, --to-ts]: the result is that "
+            f"state plus the records in ({from_ts}, {to_ts}], a drill, not a consistent cut"
+        )
+    if old_w is not None and old_w <= from_ts:
+        start = {p: int(old["log_offsets"].get(str(p), 0)) for p in bounds}
+    else:
+        start = {p: 0 for p in bounds}
+    if not _in_retention(start, low):
+        raise RestoreError(
+            f"replaying from ts {from_ts} needs log offsets {_fmt_offsets(start)}, but "
+            f"retention has deleted up to {_fmt_offsets(low)}; restore a newer base with "
+            "`lowmark restore --at` and replay from its cut"
+        )
+    with ImageSet(images_dir) as images:
+        result = replay(
+            kafka_conf,
+            CgTopics(cg).log,
+            images,
+            from_w=from_ts,
+            to_ts=to_ts,
+            start_offsets=start,
+            end_offsets=_end_offsets(wm, bounds),
+            on_progress=on_progress,
+        )
+        volumes = images.volumes()
+    base = Base("replay", from_ts, start, images_dir)
+    manifest = _manifest(cg, to_ts, base, result, volumes, wm, None)
+    manifest["base"]["restored_w"] = old_w
+    if not exact:
+        manifest["w"] = manifest["w_time"] = None
+        manifest["exact"] = False
+    atomic_write(images_dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return Outcome(manifest, result, notes)

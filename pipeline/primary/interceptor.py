@@ -1,0 +1,642 @@
+"""The interceptor's replication engine.
+
+Volumes (``pipeline.primary.volume``) stamp each write with a ts and hand it here. A tick thread
+turns everything stamped since the last tick into log records and, in the same Kafka
+transaction, a PROGRESS record with S:
+
+    every record of this interceptor with ts <= S is in this or an earlier committed
+    transaction, and this interceptor never emits ts <= S again.
+
+S is the clock's value at the tick, lowered below any ts that was stamped but whose record
+is not yet in the outbox (its local write is still under way). Because records and
+progress commit atomically, a committed S never promises a record that is not committed.
+
+Promises to callers (see ``Ticket``):
+- async mode: a write returns after the local write; ``Ticket.wait`` tells when it is
+  durable in Kafka;
+- sync mode: acknowledged once the write is inside a published cut: W >= ts (see
+  ``pipeline.primary.cut_follower``; durable alone is not enough, another member may hold W back
+  below it forever), or ``ReplicationError`` (never a silent ack);
+- ``flush`` (and NBD FUA on async volumes): once every earlier record is durable in Kafka;
+- backpressure: at most ``max_unreplicated_bytes`` wait for Kafka; beyond that writers
+  block (and say so in the log) until Kafka takes them. Nothing acknowledged is dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError as CKafkaError
+from confluent_kafka import KafkaException, Producer
+
+from connectors.kafka.reading import iter_range, latest
+from connectors.kafka.topics import CgTopics, ensure_topics
+from pipeline.errors import (
+    ConfigError,
+    FencedError,
+    LowmarkError,
+    ReplicationError,
+)
+from pipeline.logs import event
+from pipeline.primary.clock import HybridClock, wall_us
+from pipeline.primary.cut_follower import CutFollower
+from pipeline.primary.outbox import Entry, Message, encode_batch, entry_bytes
+from pipeline.watermark.state import join_clock_floor
+from schemas import codec
+
+log = logging.getLogger("lowmark.interceptor")
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class InterceptorConfig:
+    cg: str
+    interceptor_id: str
+    state_dir: Path
+    tick_interval_s: float = 0.01
+    max_clock_skew_us: int = 0
+    #: a large write is cut into fragments of at most this many bytes (one ts each write)
+    fragment_bytes: int = 512 * 1024
+    #: a Write record coalesces one volume's writes of a tick up to this size
+    max_record_bytes: int = 900 * 1024
+    max_unreplicated_bytes: int = 256 * MiB
+    #: one tick's transaction carries at most this much; the rest goes in the next one at
+    #: once, so S keeps moving and sync writes don't wait behind one huge commit
+    max_transaction_bytes: int = 16 * MiB
+    replication_timeout_s: float = 30.0
+    log_partitions: int = 4
+    replication_factor: int | None = None
+    #: Kafka compression of log batches; block data often compresses and lz4 costs little
+    #: (measured: random data gains nothing either way, bench/nbd.py)
+    compression: str = "lz4"
+
+    def validate(self) -> InterceptorConfig:
+        if not self.interceptor_id or "/" in self.interceptor_id:
+            raise ConfigError(f"interceptor id {self.interceptor_id!r} is invalid")
+        if not 0.0005 <= self.tick_interval_s <= 10:
+            raise ConfigError("tick_interval_s must be between 0.0005 and 10 seconds")
+        if self.fragment_bytes > self.max_record_bytes - 1024:
+            raise ConfigError("fragment_bytes must leave room for a record header")
+        if self.max_record_bytes > 1_000_000 - 4096:
+            raise ConfigError(
+                "max_record_bytes must stay below Kafka's default message.max.bytes (1 MB)"
+            )
+        if self.max_unreplicated_bytes < 4 * self.max_record_bytes:
+            raise ConfigError("max_unreplicated_bytes is too small to batch anything")
+        return self
+
+
+class Ticket:
+    """Tells when a submitted record (and everything before it) is durable in Kafka."""
+
+    __slots__ = ("_engine", "seq", "ts")
+
+    def __init__(self, engine: Interceptor, seq: int, ts: int) -> None:
+        self._engine = engine
+        self.seq = seq
+        self.ts = ts
+
+    def done(self) -> bool:
+        return self._engine.durable_seq >= self.seq or self._engine.failure is not None
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until durable; ``ReplicationError`` / ``FencedError`` when it cannot be."""
+        self._engine.wait_durable(self.seq, timeout_s)
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(None)`` once durable or ``fn(exc)`` on failure, from the tick thread."""
+        self._engine.on_durable(self.seq, fn)
+
+
+class Interceptor:
+    """One interceptor of a consistency group: clock, outbox, tick thread, producer."""
+
+    def __init__(
+        self,
+        config: InterceptorConfig,
+        kafka_conf: dict[str, Any],
+        clock: HybridClock | None = None,
+    ) -> None:
+        self.config = config.validate()
+        self.kafka_conf = dict(kafka_conf)
+        self.topics = CgTopics(config.cg)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock or HybridClock(
+            state_path=config.state_dir / f"clock.{config.interceptor_id}",
+            # a restarted clock starts at the reserved bound and commit wait sleeps until
+            # the wall clock reaches it: keep the reservation short (4 fsyncs/s)
+            reserve_us=250_000,
+            max_clock_skew_us=config.max_clock_skew_us,
+        )
+        self.epoch = -1
+        self.failure: LowmarkError | None = None
+        self.durable_seq = 0
+        self.last_s = 0
+        # outbox state, all under _lock
+        self._lock = threading.Lock()
+        self._durable_cv = threading.Condition(self._lock)
+        self._space_cv = threading.Condition(self._lock)
+        self._outbox: list[Entry] = []
+        self._outbox_bytes = 0
+        self._unreplicated_bytes = 0
+        self._inflight: dict[int, int] = {}  # token -> stamped ts whose entry is pending
+        self._tokens = itertools.count(1)
+        self._next_seq = 1
+        self._waiters: list[tuple[int, int, Callable[[BaseException | None], None]]] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._producer: Producer | None = None
+        self._delivered: dict[int, int] = {}  # log partition -> next offset after ours
+        self._delivery_error: CKafkaError | None = None
+        # sync acks wait for a cut; followed only once the CG has a sync volume
+        self.cuts = CutFollower(self.kafka_conf, config.cg)
+        self.stats = {
+            "ticks": 0,
+            "transactions": 0,
+            "records": 0,
+            "bytes": 0,
+            "txn_retries": 0,
+            "blocked_s": 0.0,
+            "last_commit_ms": 0.0,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Fence older instances, join the CG, raise the clock floor, start ticking."""
+        ensure_topics(
+            self.kafka_conf,
+            self.config.cg,
+            log_partitions=self.config.log_partitions,
+            replication_factor=self.config.replication_factor,
+        )
+        self._producer = Producer(self._producer_conf())
+        try:
+            self._producer.init_transactions(30)
+        except KafkaException as exc:
+            raise ReplicationError(
+                f"interceptor {self.config.interceptor_id}: cannot initialise Kafka "
+                f"transactions: {exc}; check the brokers and the transaction log topic"
+            ) from None
+        self.epoch = self._join()
+        self.clock.observe(self._clock_floor())
+        self._thread = threading.Thread(
+            target=self._run, name=f"lowmark-tick-{self.config.interceptor_id}", daemon=True
+        )
+        self._thread.start()
+        event(
+            log,
+            "interceptor joined",
+            cg=self.config.cg,
+            interceptor=self.config.interceptor_id,
+            epoch=self.epoch,
+        )
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Publish everything stamped so far and a final LEAVE progress, then stop."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+        self._thread = None
+        if self.failure is None and self._producer is not None:
+            try:
+                self._transaction([], self._progress("LEAVE", self.last_s))
+            except LowmarkError as exc:
+                log.warning("could not publish LEAVE: %s", exc)
+        if self._producer is not None:
+            self._producer.flush(5)
+        self.cuts.close()
+        event(log, "interceptor closed", interceptor=self.config.interceptor_id, s=self.last_s)
+
+    def crash(self) -> None:
+        """Stop without publishing anything more (tests: a process that dies)."""
+        self.failure = self.failure or ReplicationError("interceptor crashed (simulated)")
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        self.cuts.close()
+
+    def _producer_conf(self) -> dict[str, Any]:
+        c = dict(self.kafka_conf)
+        c.update(
+            {
+                # fencing: a newer instance with this id aborts and locks out this one
+                "transactional.id": self.topics.transactional_id(self.config.interceptor_id),
+                "enable.idempotence": True,  # no duplicates or reordering on retries
+                "acks": "all",  # durable = on every in-sync replica
+                # per-volume order needs one partition per volume, chosen like Java does
+                "partitioner": "murmur2_random",
+                "compression.type": self.config.compression,
+                "linger.ms": 2,  # a tick produces in a burst; commit flushes anyway
+                "batch.size": 1_000_000,
+                # records never time out locally while Kafka is away: a timed-out record
+                # makes the transaction abortable mid-commit, and aborting a commit already
+                # in progress is a fatal INVALID_TXN_STATE. Sync writes still fail after
+                # replication_timeout_s (they wait on their ticket); the rest waits, bounded
+                # by max_unreplicated_bytes. A dead interceptor's open transaction is aborted
+                # sooner than this by the watermark service's fencing.
+                "message.timeout.ms": 300_000,
+                "transaction.timeout.ms": 300_000,
+            }
+        )
+        return c
+
+    # ---------------------------------------------------------------- join
+
+    def _join(self) -> int:
+        offsets: list[int] = []
+        s = self.clock.now()
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            if err is None:
+                offsets.append(msg.offset())
+
+        rec = self._progress("JOIN", s)
+        self._transaction([], rec, progress_cb=on_delivery)
+        self._producer.poll(0)  # type: ignore[union-attr]
+        if not offsets:
+            raise ReplicationError("JOIN progress record was not delivered; check the brokers")
+        return offsets[-1]
+
+    def _clock_floor(self) -> int:
+        """Every S reported before our JOIN: no W computed without us can exceed it."""
+        best = latest(
+            self.kafka_conf,
+            self.topics.watermark,
+            lambda v: codec.decode(v, "Watermark").record,
+            lambda a, b: (
+                a["w"] > b["w"]
+                or (a["w"] == b["w"] and a["progress_offset"] > b["progress_offset"])
+            ),
+        )
+        max_s, start = (best[0]["max_s"], best[0]["progress_offset"] + 1) if best else (0, 0)
+        events = []
+        for msg in iter_range(self.kafka_conf, self.topics.progress, 0, start, self.epoch):
+            try:
+                events.append(codec.decode(msg.value(), "Progress").record)
+            except LowmarkError:
+                continue
+        return join_clock_floor(max_s, events)
+
+    # ---------------------------------------------------------------- write path
+
+    def stamp(self) -> tuple[int, int]:
+        """(token, ts) for a local write about to take effect; the volume holds its lock.
+
+        Until ``append`` or ``abandon`` of the token, no tick promises an S >= ts.
+        """
+        if self.failure is not None:
+            raise self.failure
+        with self._lock:
+            ts = self.clock.now()
+            token = next(self._tokens)
+            self._inflight[token] = ts
+        return token, ts
+
+    def abandon(self, token: int) -> None:
+        """The local write failed: forget its stamp, publish nothing for it."""
+        with self._lock:
+            self._inflight.pop(token, None)
+
+    def append(
+        self,
+        token: int,
+        volume_id: str,
+        kind: str,
+        ts: int,
+        offset: int,
+        data: bytes | None = None,
+        length: int = 0,
+        extra: dict[str, Any] | None = None,
+    ) -> Ticket:
+        """Queue the record of a local write that took effect with ``ts``."""
+        nbytes = len(data) if data is not None else 0
+        with self._lock:
+            self._inflight.pop(token, None)
+            seq = self._next_seq
+            self._next_seq += 1
+            self._outbox.append(Entry(seq, volume_id, kind, ts, offset, data, length, extra))
+            self._outbox_bytes += nbytes + 64  # == entry_bytes of the new entry
+            self._unreplicated_bytes += nbytes + 64
+            big = self._outbox_bytes >= self.config.max_record_bytes * 4
+        if big:
+            self._wake.set()
+        return Ticket(self, seq, ts)
+
+    def wait_for_space(self, nbytes: int, timeout_s: float | None = None) -> None:
+        """Backpressure: block while too many bytes wait for Kafka."""
+        limit = self.config.max_unreplicated_bytes
+        with self._lock:
+            if self._unreplicated_bytes + nbytes <= limit or self._unreplicated_bytes == 0:
+                return
+            t0 = time.monotonic()
+            event(
+                log,
+                "writes blocked: Kafka is not taking records fast enough",
+                level=logging.WARNING,
+                unreplicated_bytes=self._unreplicated_bytes,
+                limit=limit,
+            )
+            while self._unreplicated_bytes + nbytes > limit and self._unreplicated_bytes > 0:
+                if self.failure is not None:
+                    raise self.failure
+                remaining = None if timeout_s is None else timeout_s - (time.monotonic() - t0)
+                if remaining is not None and remaining <= 0:
+                    raise ReplicationError(
+                        f"{self._unreplicated_bytes} bytes still wait for Kafka after "
+                        f"{timeout_s}s; check the brokers"
+                    )
+                self._space_cv.wait(remaining if remaining is not None else 1.0)
+            self.stats["blocked_s"] += time.monotonic() - t0
+
+    def has_space(self, nbytes: int) -> bool:
+        return self._unreplicated_bytes + nbytes <= self.config.max_unreplicated_bytes
+
+    def barrier(self) -> Ticket:
+        """A ticket that is done when everything appended so far is durable."""
+        with self._lock:
+            seq = self._next_seq - 1
+        self._wake.set()
+        return Ticket(self, seq, 0)
+
+    def urgent(self) -> None:
+        """Someone waits for durability: tick now instead of at the next interval."""
+        self._wake.set()
+
+    def wait_durable(self, seq: int, timeout_s: float | None = None) -> None:
+        timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        with self._lock:
+            while self.durable_seq < seq:
+                if self.failure is not None:
+                    raise self.failure
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ReplicationError(
+                        f"write #{seq} of interceptor {self.config.interceptor_id} is not "
+                        f"durable in Kafka after {timeout_s:.1f}s "
+                        f"(last error: {self._delivery_error or 'none'}); the data is on the "
+                        "primary image but NOT replicated; check the brokers / min.insync.replicas"
+                    )
+                self._durable_cv.wait(remaining)
+
+    def on_durable(self, seq: int, fn: Callable[[BaseException | None], None]) -> None:
+        with self._lock:
+            if self.durable_seq >= seq:
+                ready: BaseException | None = None
+            elif self.failure is not None:
+                ready = self.failure
+            else:
+                heapq.heappush(self._waiters, (seq, next(self._tokens), fn))
+                self._wake.set()
+                return
+        fn(ready)
+
+    def wait_covered(self, ts: int, timeout_s: float | None = None) -> None:
+        """Block until a published W >= ts (a sync ack); ``ReplicationError`` if not in time."""
+        timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s
+        self.cuts.wait_covered(ts, timeout_s)
+
+    def on_covered(
+        self, ts: int, fn: Callable[[BaseException | None], None], timeout_s: float | None = None
+    ) -> None:
+        """``fn(None)`` once a published W >= ts, ``fn(exc)`` on timeout or failure."""
+        timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s
+        self.cuts.on_covered(ts, fn, timeout_s)
+
+    # ---------------------------------------------------------------- tick thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(self.config.tick_interval_s)
+                self._wake.clear()
+                self._tick()
+            # drain: a graceful stop publishes everything stamped before it
+            while self._outbox or self._inflight:
+                self._tick()
+                if self._inflight:
+                    time.sleep(0.001)
+        except LowmarkError as exc:
+            self._fail(exc)
+        except Exception as exc:
+            log.exception("tick thread died")
+            self._fail(ReplicationError(f"interceptor tick thread died: {exc!r}"))
+
+    def _tick(self) -> None:
+        with self._lock:
+            s = self.clock.now()
+            if self._inflight:
+                s = min(s, min(self._inflight.values()) - 1)
+            batch, rest = self._split(self._outbox)
+            if rest:
+                # what stays behind must stay above S; it goes out in the next transaction
+                s = min(s, min(e.ts for e in rest) - 1)
+                self._wake.set()
+            s = max(s, self.last_s)
+            self._outbox = rest
+            self._outbox_bytes = sum(entry_bytes(e) for e in rest)
+            last_seq = batch[-1].seq if batch else self.durable_seq
+        records = encode_batch(
+            batch,
+            interceptor_id=self.config.interceptor_id,
+            epoch=self.epoch,
+            fragment_bytes=self.config.fragment_bytes,
+            max_record_bytes=self.config.max_record_bytes,
+        )
+        t0 = time.perf_counter()
+        self._transaction(records, self._progress("PROGRESS", s))
+        commit_ms = (time.perf_counter() - t0) * 1000
+        nbytes = sum(entry_bytes(e) for e in batch)
+        with self._lock:
+            self.last_s = s
+            self.durable_seq = max(self.durable_seq, last_seq)
+            self._unreplicated_bytes = max(0, self._unreplicated_bytes - nbytes)
+            fire = []
+            while self._waiters and self._waiters[0][0] <= self.durable_seq:
+                fire.append(heapq.heappop(self._waiters)[2])
+            self._durable_cv.notify_all()
+            self._space_cv.notify_all()
+        self.stats["ticks"] += 1
+        self.stats["records"] += len(records)
+        self.stats["bytes"] += nbytes
+        self.stats["last_commit_ms"] = commit_ms
+        for fn in fire:
+            fn(None)
+
+    def _split(self, outbox: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+        """The prefix of the outbox (in seq order) that fits one transaction."""
+        cap = self.config.max_transaction_bytes
+        total = 0
+        for i, e in enumerate(outbox):
+            total += entry_bytes(e)
+            if total > cap and i > 0:
+                return outbox[:i], outbox[i:]
+        return outbox, []
+
+    def _fail(self, exc: LowmarkError) -> None:
+        with self._lock:
+            if self.failure is None:
+                self.failure = exc
+            waiters, self._waiters = self._waiters, []
+            self._durable_cv.notify_all()
+            self._space_cv.notify_all()
+        event(log, "interceptor stopped replicating", level=logging.ERROR, error=str(exc))
+        for _seq, _t, fn in waiters:
+            fn(exc)
+
+    def _progress(self, kind: str, s: int) -> Message:
+        rec = {
+            "interceptor_id": self.config.interceptor_id,
+            "epoch": self.epoch,
+            "kind": kind,
+            "s": s,
+            "partition_offsets": [
+                {"partition": p, "offset": o} for p, o in sorted(self._delivered.items())
+            ],
+            "wall_us": wall_us(),
+        }
+        return (
+            self.config.interceptor_id,
+            codec.encode("Progress", rec),
+            codec.headers_for("Progress", rec),
+        )
+
+    # ---------------------------------------------------------------- Kafka
+
+    def _transaction(
+        self,
+        records: list[Message],
+        progress: Message,
+        progress_cb: Callable[[Any, Any], None] | None = None,
+    ) -> None:
+        """Commit ``records`` + ``progress`` atomically, retrying what Kafka lets us retry.
+
+        librdkafka's rules: a commit that fails retriably (e.g. timed out while brokers are
+        down) is still in progress and must be *called again*, not begun anew; one that
+        requires an abort is aborted, then the same records go out in a new transaction
+        (an aborted transaction is invisible to read_committed readers); a fatal error
+        (fenced, ...) ends this interceptor.
+        """
+        p = self._producer
+        assert p is not None
+        backoff = 0.05
+        deadline = time.monotonic() + max(self.config.replication_timeout_s, 1.0) * 4
+        begun = False
+        while True:
+            try:
+                if not begun:
+                    p.begin_transaction()
+                    begun = True
+                    for key, value, headers in records:
+                        p.produce(
+                            self.topics.log,
+                            value,
+                            key,
+                            headers=headers,
+                            on_delivery=self._on_delivery,
+                        )
+                    key, value, headers = progress
+                    p.produce(
+                        self.topics.progress, value, key, headers=headers, on_delivery=progress_cb
+                    )
+                p.commit_transaction(self.config.replication_timeout_s)
+                p.poll(0)
+                self.stats["transactions"] += 1
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                self._raise_if_fatal(err)
+                self.stats["txn_retries"] += 1
+                if err.txn_requires_abort():
+                    self._abort(p)
+                    begun = False
+                if self._stop.is_set() and time.monotonic() > deadline:
+                    raise ReplicationError(
+                        f"could not commit to Kafka before shutdown: {err.str()}"
+                    ) from None
+                event(
+                    log,
+                    "transaction failed; retrying",
+                    level=logging.WARNING,
+                    error=err.str(),
+                    retriable=err.retriable(),
+                    abort=err.txn_requires_abort(),
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _abort(self, p: Producer) -> None:
+        """Abort the open transaction, retrying while the coordinator is unreachable."""
+        backoff = 0.05
+        while True:
+            try:
+                p.abort_transaction(self.config.replication_timeout_s)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                self._raise_if_fatal(err)
+                if self._stop.is_set() and not err.retriable():
+                    raise ReplicationError(f"could not abort a transaction: {err.str()}") from None
+                event(
+                    log,
+                    "abort_transaction failed; retrying",
+                    level=logging.WARNING,
+                    error=err.str(),
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _raise_if_fatal(self, err: CKafkaError) -> None:
+        self._delivery_error = err
+        if err.code() in (CKafkaError._FENCED, CKafkaError.PRODUCER_FENCED) or (
+            err.fatal() and "fenc" in err.str().lower()
+        ):
+            raise FencedError(
+                f"interceptor {self.config.interceptor_id} (epoch {self.epoch}) was "
+                "fenced by a newer instance or the watermark service; it can add no "
+                "records. Restart it; resync its volumes' backups if it acknowledged "
+                "async writes after its last progress."
+            ) from None
+        if err.fatal():
+            raise ReplicationError(f"Kafka producer failed fatally: {err.str()}") from None
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        # never raises: latch the error, keep the offsets (quix-streams' shape)
+        if err is not None:
+            self._delivery_error = err
+            return
+        part = msg.partition()
+        off = msg.offset() + 1
+        if off > self._delivered.get(part, 0):
+            self._delivered[part] = off
+
+    # ---------------------------------------------------------------- numbers
+
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            pending = self._unreplicated_bytes
+        return {
+            **self.stats,
+            "epoch": self.epoch,
+            "s": self.last_s,
+            "unreplicated_bytes": pending,
+            "durable_seq": self.durable_seq,
+            "w_seen": self.cuts.w,
+            "failed": self.failure is not None,
+        }

@@ -1,0 +1,142 @@
+"""A replicating lowmark volume as an NBD export.
+
+What an NBD client's acknowledgements mean here (the nbdkit-plugin way of stating it):
+
+- WRITE / WRITE_ZEROES / TRIM, async volume: replied after the local write took effect
+  (and the clock's commit wait); the record reaches Kafka at the next tick.
+- same, sync volume: replied only once the write is inside a published cut: W >= ts
+  (durable in Kafka, and no member of the CG holds W below it; ``pipeline.primary.cut_follower``).
+  With NBD_CMD_FLAG_FUA the primary image is fdatasynced first.
+- same, async volume with NBD_CMD_FLAG_FUA: replied once the primary image is fdatasynced
+  and the record is durable in Kafka (not necessarily inside a cut yet).
+- a replication failure, or no W covering a sync write within ``replication_timeout_s``,
+  is an EIO reply, never a success.
+- FLUSH: the primary image is fdatasynced and every record of this interceptor written
+  before the flush is durable in Kafka. Because that covers all connections, the export
+  advertises CAN_MULTI_CONN.
+- WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE keeps the range allocated (a ZERO record);
+  without it, and TRIM, it is deallocated (a TRIM record). Both read back as zeroes, at the
+  primary and at every backup.
+- a write never blocks the event loop on Kafka: when too many bytes wait for Kafka
+  (backpressure), the write waits in a worker thread and the connection stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+from pipeline.primary.interceptor import Ticket
+from pipeline.primary.volume import Volume
+
+
+class VolumeExport:
+    read_only = False
+    can_multi_conn = True
+
+    def __init__(self, volume: Volume, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.volume = volume
+        self.name = volume.name
+        self.description = f"lowmark volume {volume.name} ({volume.mode} replication)"
+        self._loop = loop
+        self._engine = volume._cg.interceptor  # the CG's interceptor
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.volume.image.pread(offset, length)
+
+    def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
+        if not self._engine.has_space(len(data)):
+            return self._slow(lambda: self.volume.submit_write(offset, data), fua)
+        ticket = self.volume.submit_write(offset, data, commit_wait=False)
+        return self._finish(ticket, fua)
+
+    def write_zeroes(
+        self, offset: int, length: int, fua: bool, may_trim: bool
+    ) -> Awaitable[None] | None:
+        # NO_HOLE (may_trim False) keeps the range allocated; the record carries the choice
+        # (ZERO or TRIM), so the backup allocates or deallocates it the same way
+        ticket = self.volume.submit_zero(offset, length, trim=may_trim, commit_wait=False)
+        return self._finish(ticket, fua)
+
+    def trim(self, offset: int, length: int, fua: bool) -> Awaitable[None] | None:
+        ticket = self.volume.submit_zero(offset, length, trim=True, commit_wait=False)
+        return self._finish(ticket, fua)
+
+    def flush(self) -> Awaitable[None] | None:
+        return self._flush()
+
+    async def _flush(self) -> None:
+        loop = self._get_loop()
+        await loop.run_in_executor(None, self.volume.image.sync)
+        await self._durable(self._engine.barrier())
+
+    def _finish(self, ticket: Ticket, fua: bool) -> Awaitable[None] | None:
+        wait_us = self._engine.clock.commit_wait_us(ticket.ts)
+        sync = self.volume.mode == "sync"
+        if fua or sync:
+            return self._acknowledge(ticket, wait_us, fua=fua, covered=sync)
+        if wait_us > 0:
+            return asyncio.sleep(wait_us / 1e6)
+        return None
+
+    async def _acknowledge(self, ticket: Ticket, wait_us: int, *, fua: bool, covered: bool) -> None:
+        if fua:
+            await self._get_loop().run_in_executor(None, self.volume.image.sync)
+        if wait_us > 0:
+            await asyncio.sleep(wait_us / 1e6)
+        await (self._covered(ticket) if covered else self._durable(ticket))
+
+    async def _slow(self, submit: object, fua: bool) -> None:
+        ticket = await self._get_loop().run_in_executor(None, submit)  # type: ignore[arg-type]
+        done = self._finish(ticket, fua)
+        if done is not None:
+            await done
+
+    def _durable(self, ticket: Ticket) -> asyncio.Future[None]:
+        loop = self._get_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+        ticket.add_done_callback(lambda exc: loop.call_soon_threadsafe(settle, exc))
+        return fut
+
+    def _covered(self, ticket: Ticket) -> asyncio.Future[None]:
+        """Durable, then inside a published cut (W >= ts): chained callbacks, so no thread
+        of the executor is held per in-flight sync write."""
+        loop = self._get_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        engine = self._engine
+
+        def settle(exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+        def reply(exc: BaseException | None) -> None:
+            loop.call_soon_threadsafe(settle, exc)
+
+        def durable(exc: BaseException | None) -> None:
+            if exc is not None:
+                reply(exc)
+            else:
+                engine.on_covered(ticket.ts, reply)
+
+        ticket.add_done_callback(durable)
+        return fut

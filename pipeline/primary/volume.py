@@ -1,0 +1,333 @@
+"""The primary-side volume API: a consistency group of sparse raw images whose writes replicate.
+
+    with ConsistencyGroup.open("cg1", data_dir, kafka_conf, interceptor_id="host-a") as cg:
+        vol = cg.create_volume("db", 1 << 30, mode="sync")
+        vol.write(0, b"hello")        # local pwrite, stamped, replicated
+        vol.flush()                   # fdatasync + every earlier record durable in Kafka
+
+Ordering: a volume's lock covers stamping the ts, the local write and queuing its record,
+so overlapping writes get timestamps in the order the image saw them (the lock is per
+volume, stricter than per extent; a pwrite into the page cache takes microseconds).
+
+Promises, per mode (``flush`` is the same in both):
+
+- write / write_zeroes / trim return: async, after the local write; sync, acknowledged
+  once the write is inside a published cut: W >= ts (durable in Kafka is not enough:
+  another interceptor of the CG can hold W below it, for good if it dies before it is
+  fenced; so a sync CG needs `lowmark watermark` running, see ``pipeline.primary.cut_follower``).
+- failure to replicate: async, later writes block at the backpressure bound and ``flush``
+  raises; sync, the call itself raises ``ReplicationError`` (never a silent ack), also
+  when no W covers it within ``replication_timeout_s``.
+- flush returns (both): the image is fdatasynced and every earlier record is durable in
+  Kafka (not necessarily inside a cut yet).
+- write_zeroes keeps the range allocated (FALLOC_FL_ZERO_RANGE); trim may deallocate it
+  (punches a hole). Both read back as zeroes, at the primary and at every backup.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from connectors.image.image import Image
+from pipeline.errors import ConfigError, VolumeError
+from pipeline.fsutil import atomic_write
+from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
+
+log = logging.getLogger("lowmark.volume")
+
+Mode = Literal["async", "sync"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_volume_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise VolumeError(
+            f"volume name {name!r} is invalid: 1-128 of letters, digits, '.', '-', '_'"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    volume_id: str
+    name: str
+    size: int
+    mode: Mode = "async"
+    metadata: dict[str, str] | None = None
+
+
+class Volume:
+    """One replicated volume. Thread-safe."""
+
+    def __init__(self, cg: ConsistencyGroup, info: VolumeInfo, image: Image) -> None:
+        self._cg = cg
+        self.info = info
+        self.image = image
+        self._lock = threading.Lock()
+
+    @property
+    def volume_id(self) -> str:
+        return self.info.volume_id
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def size(self) -> int:
+        return self.image.size
+
+    @property
+    def mode(self) -> Mode:
+        return self.info.mode
+
+    # -- non-blocking forms: local effect now, a ticket for durability (the NBD server's path)
+
+    def submit_write(
+        self, offset: int, data: bytes | bytearray | memoryview, *, commit_wait: bool = True
+    ) -> Ticket:
+        """Write locally now; the ticket tells when it is durable in Kafka.
+
+        ``commit_wait=False``: the caller waits ``clock.commit_wait_us(ticket.ts)`` itself
+        before acknowledging (the NBD server sleeps asynchronously instead of blocking).
+        """
+        data = bytes(data)
+        self.image.check_range(offset, len(data))
+        engine = self._cg.interceptor
+        if not data:  # nothing takes effect, nothing to replicate
+            return engine.barrier()
+        engine.wait_for_space(len(data))
+        with self._lock:
+            token, ts = engine.stamp()
+            try:
+                self.image.pwrite(offset, data)
+            except OSError:
+                engine.abandon(token)
+                raise
+            ticket = engine.append(token, self.volume_id, "write", ts, offset, data, len(data))
+        if commit_wait:
+            engine.clock.commit_wait(ts)
+        return ticket
+
+    def submit_zero(
+        self, offset: int, length: int, *, trim: bool = False, commit_wait: bool = True
+    ) -> Ticket:
+        """Make the range read as zeroes now; the ticket tells when it is durable in Kafka.
+
+        ``trim``: it may be deallocated (a TRIM record; NBD TRIM, or WRITE_ZEROES without
+        NO_HOLE). Otherwise it stays allocated (a ZERO record), here and at every backup.
+        """
+        self.image.check_range(offset, length)
+        engine = self._cg.interceptor
+        if length == 0:
+            return engine.barrier()
+        with self._lock:
+            token, ts = engine.stamp()
+            try:
+                # the record below carries the same choice, so the backups allocate alike
+                self.image.zero(offset, length, punch=trim)
+            except OSError:
+                engine.abandon(token)
+                raise
+            kind = "trim" if trim else "zero"
+            ticket = engine.append(token, self.volume_id, kind, ts, offset, None, length)
+        if commit_wait:
+            engine.clock.commit_wait(ts)
+        return ticket
+
+    def submit_flush(self) -> Ticket:
+        self.image.sync()
+        return self._cg.interceptor.barrier()
+
+    # -- blocking forms (the Python API)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at ``offset``; returns its ts. Sync mode waits for a cut (W >= ts)."""
+        return self._acknowledge(self.submit_write(offset, data))
+
+    def write_zeroes(self, offset: int, length: int) -> int:
+        return self._acknowledge(self.submit_zero(offset, length))
+
+    def trim(self, offset: int, length: int) -> int:
+        return self._acknowledge(self.submit_zero(offset, length, trim=True))
+
+    def _acknowledge(self, ticket: Ticket) -> int:
+        """Sync mode: durable in Kafka, then inside a published cut, both within one
+        ``replication_timeout_s`` (the caller's bound on an acknowledgement)."""
+        if self.mode == "sync":
+            engine = self._cg.interceptor
+            deadline = time.monotonic() + engine.config.replication_timeout_s
+            ticket.wait()
+            engine.wait_covered(ticket.ts, max(0.0, deadline - time.monotonic()))
+        return ticket.ts
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.submit_flush().wait(timeout_s)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.image.check_range(offset, length)
+        return self.image.pread(offset, length)
+
+
+class ConsistencyGroup:
+    """The primary site's view of a CG: its volumes and the interceptor replicating them."""
+
+    def __init__(self, data_dir: Path, interceptor: Interceptor) -> None:
+        self.data_dir = data_dir
+        self.interceptor = interceptor
+        self.volumes: dict[str, Volume] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.interceptor.config.cg
+
+    @classmethod
+    def open(
+        cls,
+        cg: str,
+        data_dir: Path | str,
+        kafka_conf: dict[str, Any],
+        *,
+        interceptor_id: str = "primary",
+        **engine_options: Any,
+    ) -> ConsistencyGroup:
+        """Open (or create) the CG's primary state in ``data_dir`` and join the CG."""
+        data_dir = Path(data_dir)
+        (data_dir / "images").mkdir(parents=True, exist_ok=True)
+        config = InterceptorConfig(
+            cg=cg, interceptor_id=interceptor_id, state_dir=data_dir / "state", **engine_options
+        )
+        self = cls(data_dir, Interceptor(config, kafka_conf))
+        for info in self._load_catalog():
+            self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
+        self.interceptor.start()
+        if any(v.mode == "sync" for v in self.volumes.values()):
+            # warm before the first sync write, which would otherwise pay the set-up
+            self.interceptor.cuts.start()
+        return self
+
+    def __enter__(self) -> ConsistencyGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.interceptor.close()
+        for vol in self.volumes.values():
+            vol.image.sync()
+            vol.image.close()
+
+    def volume(self, name: str) -> Volume:
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise VolumeError(
+                f"no volume {name!r} in consistency group {self.name}; have: {sorted(self.volumes)}"
+            ) from None
+
+    def create_volume(
+        self,
+        name: str,
+        size: int,
+        *,
+        mode: Mode = "async",
+        metadata: dict[str, str] | None = None,
+    ) -> Volume:
+        """Create a sparse volume and announce it in the log (backups create it too)."""
+        check_volume_name(name)
+        if size <= 0 or size % 512:
+            raise VolumeError(f"volume size {size} must be a positive multiple of 512")
+        if mode not in ("async", "sync"):
+            raise ConfigError(f"volume mode {mode!r} must be 'async' or 'sync'")
+        with self._lock:
+            if name in self.volumes:
+                existing = self.volumes[name]
+                if existing.size != size:
+                    raise VolumeError(
+                        f"volume {name} exists with size {existing.size}, not {size}; "
+                        "use resize_volume"
+                    )
+                return existing
+            info = VolumeInfo(name, name, size, mode, dict(metadata or {}))
+            vol = Volume(self, info, Image(self._image_path(info), create_size=size))
+            self.volumes[name] = vol
+            self._save_catalog()
+        if mode == "sync":
+            self.interceptor.cuts.start()
+        self._announce(vol, "CREATE")
+        return vol
+
+    def resize_volume(self, name: str, size: int) -> Volume:
+        vol = self.volume(name)
+        with vol._lock:
+            vol.image.resize(size)
+            vol.info = replace(vol.info, size=size)
+        with self._lock:
+            self._save_catalog()
+        self._announce(vol, "RESIZE")
+        return vol
+
+    def _announce(self, vol: Volume, op: str) -> None:
+        engine = self.interceptor
+        with vol._lock:
+            token, ts = engine.stamp()
+            extra = {
+                "op": op,
+                "name": vol.name,
+                "size": vol.size,
+                "metadata": dict(vol.info.metadata or {}),
+            }
+            ticket = engine.append(token, vol.volume_id, "volume_change", ts, 0, None, 0, extra)
+        ticket.wait()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """fdatasync every image; wait until every record so far is durable in Kafka."""
+        for vol in self.volumes.values():
+            vol.image.sync()
+        self.interceptor.barrier().wait(timeout_s)
+
+    @contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold every volume's lock: no write takes effect while inside."""
+        vols = sorted(self.volumes.values(), key=lambda v: v.name)
+        for v in vols:
+            v._lock.acquire()
+        try:
+            yield
+        finally:
+            for v in reversed(vols):
+                v._lock.release()
+
+    # -- catalog: which volumes this primary holds
+
+    def _image_path(self, info: VolumeInfo) -> Path:
+        return self.data_dir / "images" / f"{info.volume_id}.img"
+
+    def _catalog_path(self) -> Path:
+        return self.data_dir / "volumes.json"
+
+    def _load_catalog(self) -> list[VolumeInfo]:
+        path = self._catalog_path()
+        if not path.exists():
+            return []
+        try:
+            raw = orjson.loads(path.read_bytes())
+            return [VolumeInfo(**v) for v in raw["volumes"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ConfigError(f"volume catalog {path} is unreadable ({exc}); restore it") from None
+
+    def _save_catalog(self) -> None:
+        body = {"volumes": [v.info.__dict__ for v in self.volumes.values()]}
+        atomic_write(self._catalog_path(), orjson.dumps(body, option=orjson.OPT_INDENT_2))
