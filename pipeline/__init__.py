@@ -1,1 +1,17 @@
-"""lowmark: consistent block replication through Kafka (pipeline side)."""
+"""lowmark's pipeline: one room per role along the data path.
+
+A write walks the rooms in this order; a room may import the rooms before it (and the
+shared ground), never one after it:
+
+    primary/    a volume's writes are stamped (HLC), batched with progress into one Kafka
+                transaction per tick, and acknowledged per mode
+    watermark/  the progress log folded into W, the consistent cut over every interceptor
+    backup/     records with ts <= W applied to the site's images, checkpointed
+    ops/        operator tools on the log and the site: restore, replay, verify, tail, status
+    app/        configuration, the long-lived services, metrics, the `lowmark` command, demo
+
+Shared ground, importable from every room: ``errors`` (the ``LowmarkError`` tree), ``logs``
+(structured log lines), ``fsutil`` (durable file writes). Below the rooms: ``schemas``
+(records) and ``connectors`` (Kafka, NBD, image files), which import no room.
+tests/test_layout.py holds the tree to these rules.
+"""
