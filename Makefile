@@ -40,7 +40,7 @@ tools:
 
 # Kafka's jars from Maven Central into ~/.cache/lowmark (or $$LOWMARK_CACHE), once.
 kafka-jars: venv tools
-	@$(PY) -m connectors.kafka.cli fetch
+	@$(PY) -m connectors.embedded_kafka.cli fetch
 
 deps: venv tools kafka-jars
 

@@ -2,7 +2,7 @@
 
 - :func:`kafka_bootstrap` yields bootstrap servers: ``$LOWMARK_BOOTSTRAP_SERVERS`` when set
   (an existing cluster; nothing is started or stopped), otherwise a 1-node embedded KRaft
-  cluster started for the run with ``connectors.kafka.launcher.KafkaCluster`` and wiped at
+  cluster started for the run with ``connectors.embedded_kafka.cluster.KafkaCluster`` and wiped at
   the end (a bench writes gigabytes; keeping them helps nobody).
 - :func:`summarize_ns` / :func:`percentile` turn latency samples into p50/p99/max.
 - :class:`CpuMeter` reads per-thread CPU time from ``/proc`` so a result can say where the
@@ -68,7 +68,7 @@ def kafka_bootstrap(name: str = "bench", timeout_s: float = 90) -> Iterator[Brok
         wait_for_broker(external, timeout_s=15)
         yield Broker(external, embedded=False)
         return
-    from connectors.kafka.launcher import KafkaCluster  # late: needs java only here
+    from connectors.embedded_kafka.cluster import KafkaCluster  # late: needs java only here
 
     cluster = KafkaCluster(f"{name}-{os.getpid()}", nodes=1, die_with_parent=True)
     print(f"starting an embedded 1-node Kafka ({cluster.base_dir}); set {BOOTSTRAP_ENV} "

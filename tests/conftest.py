@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
+from connectors.embedded_kafka.cluster import KafkaCluster
+from connectors.embedded_kafka.state import cluster_dir
 from connectors.kafka.config import KafkaConnection
-from connectors.kafka.launcher import KafkaCluster, cluster_dir
 from tests.kafka_helpers import ExternalKafka, unique
 from tests.outcome_gate import from_config
 from tests.prereqs import strict_mode, unavailable

@@ -24,7 +24,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from connectors.kafka.launcher import KafkaCluster
+from connectors.embedded_kafka.cluster import KafkaCluster
 
 # the tool checks live in prereqs.py (one helper for every test file); kept importable here
 from tests.prereqs import require_tool, require_tools, strict_mode, unavailable  # noqa: F401

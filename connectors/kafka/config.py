@@ -233,16 +233,13 @@ def resolve(
 ) -> KafkaConnection:
     """The connection to use: explicit > ``LOWMARK_BOOTSTRAP_SERVERS`` > embedded cluster.
 
-    ``embedded`` looks up the running embedded cluster ``name`` (default: the launcher's
-    ``find_bootstrap``; tests inject their own).
+    ``embedded`` looks up the running embedded cluster ``name``: the CLI and the demo pass
+    the development launcher's ``find_bootstrap``; without it there is no embedded fallback
+    (production code does not depend on the launcher).
     """
     env = os.environ if environ is None else environ
     chosen = (bootstrap or "").strip() or env.get(BOOTSTRAP_ENV, "").strip()
-    if not chosen:
-        if embedded is None:
-            from connectors.kafka.launcher import find_bootstrap
-
-            embedded = find_bootstrap
+    if not chosen and embedded is not None:
         chosen = embedded(name) or ""
     if not chosen:
         raise ConfigError(

@@ -26,7 +26,7 @@ def main(log_level: str, log_format: str) -> None:
 
 
 def _register() -> None:
-    from connectors.kafka.cli import kafka
+    from connectors.embedded_kafka.cli import kafka
     from pipeline.app.cli_ops import COMMANDS as OPS
     from pipeline.app.cli_services import COMMANDS as SERVICES
 

@@ -9,6 +9,7 @@ from typing import Any
 import click
 import orjson
 
+from connectors.embedded_kafka.state import find_bootstrap
 from pipeline.app.config import LowmarkConfig, load_config
 from pipeline.errors import ConfigError
 
@@ -45,7 +46,8 @@ def build_config(
     overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
     if cg_name:
         overrides.setdefault("cg", {})["name"] = cg_name
-    return load_config(config_path, overrides)
+    # the CLI, not the config, knows the development cluster: `lowmark kafka up` just works
+    return load_config(config_path, overrides, embedded=find_bootstrap)
 
 
 @click.command()

@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -193,8 +193,13 @@ def load_config(
     path: Path | str | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
+    embedded: Callable[[str], str | None] | None = None,
 ) -> LowmarkConfig:
-    """File, then ``LOWMARK_<SECTION>_<KEY>`` env, then ``overrides`` (from flags)."""
+    """File, then ``LOWMARK_<SECTION>_<KEY>`` env, then ``overrides`` (from flags).
+
+    ``embedded`` finds a running development cluster when no bootstrap is configured (the
+    CLI passes the launcher's ``find_bootstrap``); without it a missing bootstrap fails.
+    """
     env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     if path is None and env.get("LOWMARK_CONFIG"):
@@ -220,12 +225,15 @@ def load_config(
             if v is not None and v != () and v != []:
                 raw[k] = v
         sections[name] = _coerce(cls, name, raw)
-    kafka = _kafka(dict(data.get("kafka", {})), (overrides or {}).get("kafka", {}), env)
+    kafka = _kafka(dict(data.get("kafka", {})), (overrides or {}).get("kafka", {}), env, embedded)
     return LowmarkConfig(kafka=kafka, source=str(path or "defaults"), **sections)
 
 
 def _kafka(
-    raw: dict[str, Any], flags: Mapping[str, Any], env: Mapping[str, str]
+    raw: dict[str, Any],
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    embedded: Callable[[str], str | None] | None = None,
 ) -> KafkaConnection:
     """bootstrap: flag > env > file > the embedded cluster; security: env > file."""
     bootstrap = flags.get("bootstrap_servers") or raw.pop("bootstrap_servers", None)
@@ -233,4 +241,4 @@ def _kafka(
     merged.update(env)
     if env.get("LOWMARK_BOOTSTRAP_SERVERS") and not flags.get("bootstrap_servers"):
         bootstrap = None  # the environment beats the file
-    return resolve(bootstrap, environ=merged)
+    return resolve(bootstrap, environ=merged, embedded=embedded)

@@ -62,7 +62,8 @@ class Demo:
             return self.opts.bootstrap
         if os.environ.get("LOWMARK_BOOTSTRAP_SERVERS"):
             return os.environ["LOWMARK_BOOTSTRAP_SERVERS"]
-        from connectors.kafka.launcher import KafkaCluster, find_bootstrap
+        from connectors.embedded_kafka.cluster import KafkaCluster
+        from connectors.embedded_kafka.state import find_bootstrap
 
         found = find_bootstrap("default")
         if found:

@@ -19,7 +19,7 @@ import click
 import pytest
 import yaml
 
-from connectors.kafka.launcher import kafka_version
+from connectors.embedded_kafka.jars import kafka_version
 from pipeline.app.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from connectors.kafka.launcher import KafkaCluster
+from connectors.embedded_kafka.cluster import KafkaCluster
 from tests.kafka_helpers import (
     admin,
     consume_all,

@@ -1,27 +1,15 @@
-"""Fetch the Kafka broker jars with mvn and run 1- or 3-node KRaft clusters on loopback.
-
-Everything lives in two places:
-
-- the jar cache ``${LOWMARK_CACHE:-~/.cache/lowmark}/kafka/<version>/libs``, filled once by
-  ``mvn dependency:copy-dependencies`` on ``deploy/kafka/pom.xml`` and shared by every
-  cluster; ``libs.complete`` is written only after a complete fetch, so an interrupted
-  fetch is redone;
-- a cluster directory, by default ``${LOWMARK_HOME:-./.lowmark}/kafka/<name>``, holding one
-  directory per node (properties, log4j2 config, data, ``server.log``, ``stdout.log``) and
-  ``cluster.json``, the record other commands read to find the cluster
-  (:func:`find_bootstrap`).
+"""Run an embedded KRaft cluster of 1 or 3 nodes on loopback: :class:`KafkaCluster`.
 
 Every node is a combined broker+controller with a static controller quorum, so a node
 restarted by :meth:`KafkaCluster.start_node` rejoins on the same ports and data. Only the
-processes a cluster started (checked by PID *and* command line) are ever signalled.
+processes a cluster started (checked by PID *and* command line) are ever signalled. Where
+the cluster lives and its record are in ``state.py``, what each JVM runs with in
+``node.py``, the jars in ``jars.py``.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -29,344 +17,41 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from connectors.embedded_kafka.jars import ensure_jars, jars_dir, kafka_pom, kafka_version
+from connectors.embedded_kafka.java import check_java, find_java
+from connectors.embedded_kafka.node import (
+    BROKER_JVM_FLAGS,
+    TOOL_JVM_FLAGS,
+    broker_props,
+    cds_archive,
+    log4j2_config,
+    random_cluster_id,
+    render_props,
+)
+from connectors.embedded_kafka.procs import (
+    accepts,
+    file_size,
+    free_port,
+    last_lines,
+    port_is_free,
+    read_text,
+    tail,
+)
+from connectors.embedded_kafka.state import STATE_FILE, NodeState, cluster_dir, load_state
 from pipeline.errors import KafkaStartError, SetupError
 
 log = logging.getLogger(__name__)
 
-KAFKA_POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
-STATE_FILE = "cluster.json"
-MIN_JAVA = 17
-LOG_TAIL_LINES = 40
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ADDR_IN_USE = "Address already in use"
 _STARTED = b"Kafka Server started"  # KafkaRaftServer, once the broker is registered
-
-# Sized for a 2-core / 24 GiB machine shared with the clients under test. G1 with a short
-# pause goal keeps produce latency flat; ActiveProcessorCount stops the JVM from sizing
-# GC and JIT thread pools for cores it does not get. Full tiered compilation stays on:
-# C1 only (TieredStopAtLevel=1) halves start-up CPU but leaves the broker's hot paths
-# unoptimised for its whole life; the class-data-sharing archive (_cds_flags) buys most
-# of that start-up back instead (measured: 4.7 s -> 2.5 s CPU to a started broker).
-_BROKER_JVM_FLAGS = (
-    "-XX:+UseG1GC",
-    "-XX:MaxGCPauseMillis=20",
-    "-XX:InitiatingHeapOccupancyPercent=35",
-    "-XX:+ExplicitGCInvokesConcurrent",
-    "-XX:ActiveProcessorCount=2",
-    "-XX:+ExitOnOutOfMemoryError",
-    "-Djava.awt.headless=true",
-)
-# The storage formatter runs for a second: C1 only and a small heap start it fastest.
-_TOOL_JVM_FLAGS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
-
-
-# --------------------------------------------------------------------------- locations
-
-
-def lowmark_home() -> Path:
-    """``$LOWMARK_HOME`` or ``./.lowmark``, as an absolute path."""
-    return Path(os.environ.get("LOWMARK_HOME") or ".lowmark").expanduser().absolute()
-
-
-def cache_root() -> Path:
-    """``$LOWMARK_CACHE`` or ``~/.cache/lowmark``: downloads shared by every checkout."""
-    return Path(os.environ.get("LOWMARK_CACHE") or "~/.cache/lowmark").expanduser().absolute()
-
-
-def cluster_dir(name: str, home: Path | None = None) -> Path:
-    return (home or lowmark_home()) / "kafka" / name
-
-
-def kafka_version(pom: Path = KAFKA_POM) -> str:
-    """The Kafka release pinned in ``deploy/kafka/pom.xml`` (its ``kafka.version``)."""
-    try:
-        root = ET.parse(pom).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise SetupError(
-            f"cannot read the Kafka pom {pom}: {exc}. The launcher runs from a lowmark "
-            "checkout (deploy/kafka/pom.xml); restore the file with `git checkout`."
-        ) from exc
-    node = root.find("{http://maven.apache.org/POM/4.0.0}properties/"
-                     "{http://maven.apache.org/POM/4.0.0}kafka.version")
-    if node is None or not (node.text or "").strip():
-        raise SetupError(f"{pom} has no <kafka.version> property; restore it with `git checkout`")
-    return node.text.strip()
-
-
-# --------------------------------------------------------------------------- java
-
-
-def find_java() -> str:
-    """Path of ``java``: ``$JAVA_HOME/bin/java`` if set, else the one on PATH."""
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and os.access(Path(java_home) / "bin" / "java", os.X_OK):
-        return str(Path(java_home) / "bin" / "java")
-    found = shutil.which("java")
-    if not found:
-        raise SetupError(
-            f"java is not installed (Kafka needs Java >= {MIN_JAVA}). Install it with "
-            "`apt-get install default-jre-headless` or run `make deps` as root."
-        )
-    return found
-
-
-def parse_java_major(version_output: str) -> int:
-    """Major version from ``java -version`` output (``"17.0.15"`` -> 17, ``"1.8.0"`` -> 8)."""
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', version_output)
-    if not match:
-        raise SetupError(
-            f"cannot tell the Java version from `java -version`: {version_output.strip()!r}. "
-            f"Install Java >= {MIN_JAVA}: `apt-get install default-jre-headless`."
-        )
-    major = int(match.group(1))
-    return int(match.group(2) or 0) if major == 1 else major
-
-
-def java_version_text(java: str) -> str:
-    """What ``java -version`` prints (on stderr)."""
-    try:
-        out = subprocess.run(
-            [java, "-version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SetupError(f"`{java} -version` failed: {exc}. Reinstall Java >= {MIN_JAVA}.") from exc
-    return out.stderr + out.stdout
-
-
-def check_java() -> str:
-    """The java binary to use; :class:`SetupError` if it is missing or older than 17."""
-    java = find_java()
-    major = parse_java_major(java_version_text(java))
-    if major < MIN_JAVA:
-        raise SetupError(
-            f"{java} is Java {major}; Kafka 4 needs Java >= {MIN_JAVA}. Install it with "
-            "`apt-get install default-jre-headless` and put it first on PATH "
-            "(or set JAVA_HOME)."
-        )
-    return java
-
-
-# --------------------------------------------------------------------------- jars
-
-
-def jars_dir(version: str | None = None) -> Path:
-    return cache_root() / "kafka" / (version or kafka_version()) / "libs"
-
-
-def ensure_jars(pom: Path = KAFKA_POM, timeout_s: float = 900) -> Path:
-    """Return the directory of Kafka's jars, fetching them with mvn the first time.
-
-    Safe against concurrent callers (a lock file) and interruption (the jars are fetched
-    into ``libs.partial`` and renamed; the marker names the pom's hash, so editing the pom
-    fetches again).
-    """
-    version = kafka_version(pom)
-    libs = jars_dir(version)
-    top = libs.parent
-    pom_bytes = pom.read_bytes()
-    marker_text = f"{version} {hashlib.sha256(pom_bytes).hexdigest()}\n"
-    marker = top / "libs.complete"
-    if _read(marker) == marker_text and libs.is_dir():
-        return libs
-    try:
-        top.mkdir(parents=True, exist_ok=True)
-        lock = open(top / ".fetch.lock", "a")  # noqa: SIM115 - held across the fetch
-    except OSError as exc:
-        raise SetupError(
-            f"cannot create the Kafka jar cache {top}: {exc}. Set LOWMARK_CACHE to a "
-            "writable directory (default ~/.cache/lowmark)."
-        ) from exc
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _read(marker) == marker_text and libs.is_dir():  # another process fetched it
-            return libs
-        _mvn_fetch(pom_bytes, version, top, timeout_s)
-        marker.write_text(marker_text)
-        return libs
-
-
-def _mvn_fetch(pom_bytes: bytes, version: str, top: Path, timeout_s: float) -> None:
-    mvn = shutil.which("mvn")
-    if not mvn:
-        raise SetupError(
-            "mvn (Apache Maven) is not installed; it fetches the Kafka jars from Maven Central "
-            "once. Install it with `apt-get install maven`, or run `make deps` as root."
-        )
-    libs, partial = top / "libs", top / "libs.partial"
-    (top / "libs.complete").unlink(missing_ok=True)
-    shutil.rmtree(partial, ignore_errors=True)
-    # mvn writes target/ beside the pom: run on a copy in the cache, not in the checkout.
-    (top / "pom.xml").write_bytes(pom_bytes)
-    cmd = [mvn, "-q", "-B", "-f", str(top / "pom.xml"), "dependency:copy-dependencies",
-           f"-DoutputDirectory={partial}", "-DincludeScope=runtime"]
-    log.info("fetching Kafka %s jars with mvn into %s", version, libs)
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise SetupError(
-            f"mvn did not finish fetching the Kafka jars in {timeout_s:.0f} s. Check that "
-            f"Maven Central is reachable, then retry `make kafka-jars`. Command: {shlex.join(cmd)}"
-        ) from exc
-    if out.returncode != 0 or not (partial / f"kafka_2.13-{version}.jar").is_file():
-        tail = _last_lines(out.stdout + out.stderr)
-        raise SetupError(
-            f"mvn failed to fetch the Kafka {version} jars (exit {out.returncode}). Check "
-            f"network access to Maven Central and ~/.m2/settings.xml, then retry "
-            f"`make kafka-jars`.\ncommand: {shlex.join(cmd)}\n{tail}"
-        )
-    shutil.rmtree(libs, ignore_errors=True)
-    partial.rename(libs)
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-# --------------------------------------------------------------------------- ports
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (it may be taken before we bind it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_is_free(port: int) -> bool:
-    # SO_REUSEADDR like the JVM's server sockets: a TIME_WAIT left by a killed broker must
-    # not count as "in use" when the node restarts on its port.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def pid_alive(pid: int | None, marker: str | None = None) -> bool:
-    """Whether ``pid`` runs (not a zombie) and, if given, has ``marker`` in its command line.
-
-    The marker (a node's properties path) guards against a recycled PID: we never signal a
-    process we did not start.
-    """
-    if not pid:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    if state in ("Z", "X"):
-        return False
-    return marker is None or marker in cmdline.split("\0")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 256 * 1024))
-            data = fh.read().decode(errors="replace")
-    except OSError:
-        return f"({path} not found)"
-    return _last_lines(data, lines) or f"({path} is empty)"
-
-
-_FRAME = re.compile(r"^\s+(at |\.\.\. \d+ more)")
-
-
-def _last_lines(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines without Java stack frames, so the exception's message (the
-    line that says what is wrong) survives the cut."""
-    kept = [line for line in text.splitlines() if not _FRAME.match(line)]
-    return "\n".join(kept[-lines:])
-
-
-# --------------------------------------------------------------------------- cluster
-
-
-@dataclass
-class NodeState:
-    node_id: int
-    port: int
-    controller_port: int
-    dir: str
-    pid: int | None = None
-
-    @property
-    def props(self) -> Path:
-        return Path(self.dir) / "server.properties"
-
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.dir) / "data"
-
-    @property
-    def server_log(self) -> Path:
-        return Path(self.dir) / "server.log"
-
-    @property
-    def stdout_log(self) -> Path:
-        return Path(self.dir) / "stdout.log"
-
-    def alive(self) -> bool:
-        return pid_alive(self.pid, str(self.props))
-
-
-def load_state(base_dir: Path) -> dict | None:
-    """The parsed ``cluster.json`` in ``base_dir``, or None if there is none."""
-    text = _read(base_dir / STATE_FILE)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def find_bootstrap(name: str = "default", home: Path | None = None) -> str | None:
-    """Bootstrap servers of the running embedded cluster ``name``, or None.
-
-    None when there is no record or none of its recorded brokers is alive.
-    """
-    state = load_state(cluster_dir(name, home))
-    if not state:
-        return None
-    nodes = [NodeState(**n) for n in state.get("nodes", [])]
-    return state.get("bootstrap") if any(n.alive() for n in nodes) else None
 
 
 class KafkaCluster:
@@ -376,7 +61,8 @@ class KafkaCluster:
     ``base_port`` pins ports (node i: ``base_port + 2i`` for clients, ``+1`` for the
     controller); without it free ports are picked at start. ``die_with_parent`` makes the
     brokers die with the process that started them (test sessions); the CLI leaves it off
-    so ``lowmark kafka up`` returns with the cluster running.
+    so ``lowmark kafka up`` returns with the cluster running. ``pom`` runs another Kafka
+    pom than the packaged one (see :func:`~connectors.embedded_kafka.jars.kafka_pom`).
     """
 
     def __init__(
@@ -388,6 +74,7 @@ class KafkaCluster:
         extra_broker_props: Mapping[str, str] | None = None,
         base_port: int | None = None,
         die_with_parent: bool = False,
+        pom: Path | str | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise SetupError(
@@ -403,7 +90,8 @@ class KafkaCluster:
         self.extra_broker_props = dict(extra_broker_props or {})
         self.base_port = base_port
         self.die_with_parent = die_with_parent
-        self.version = kafka_version()
+        self.pom = kafka_pom(pom)
+        self.version = kafka_version(self.pom)
         self._nodes: dict[int, NodeState] = {}
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self._log_offsets: dict[int, int] = {}  # server.log size at each node's launch
@@ -461,7 +149,7 @@ class KafkaCluster:
                 f"{self.name}`)"
             )
         java = check_java()
-        libs = ensure_jars()
+        libs = ensure_jars(self.pom)
         resumable = not fresh and self._formatted()
         attempts = 1 if (resumable or self.base_port) else 3
         for attempt in range(1, attempts + 1):
@@ -522,7 +210,7 @@ class KafkaCluster:
         if self._alive(node):
             raise SetupError(f"kafka node {node_id} of {self.name!r} is already running "
                              f"(pid {node.pid})")
-        java, libs = check_java(), ensure_jars()
+        java, libs = check_java(), ensure_jars(self.pom)
         self._check_ports_free([node])
         self._launch(node_id, java, libs)
         self._save()
@@ -591,7 +279,7 @@ class KafkaCluster:
                 "to a writable directory."
             ) from exc
         ports = self._pick_ports(fresh_ports)
-        self._cluster_id = _random_cluster_id()
+        self._cluster_id = random_cluster_id()
         self._nodes = {}
         for i in range(self.nodes):
             node_id = i + 1
@@ -602,8 +290,9 @@ class KafkaCluster:
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}"
                           for n in self._nodes.values())
         for node in self._nodes.values():
-            node.props.write_text(_render_props(self._broker_props(node, voters)))
-            (Path(node.dir) / "log4j2.properties").write_text(_log4j2_config(node.server_log))
+            node.props.write_text(render_props(
+                broker_props(node, voters, self.nodes, self.extra_broker_props)))
+            (Path(node.dir) / "log4j2.properties").write_text(log4j2_config(node.server_log))
 
     def _pick_ports(self, fresh: bool) -> list[int]:
         if self.base_port and not fresh:
@@ -615,52 +304,13 @@ class KafkaCluster:
                 ports.append(port)
         return ports
 
-    def _broker_props(self, node: NodeState, voters: str) -> dict[str, str]:
-        rf = min(3, self.nodes)
-        min_isr = min(2, self.nodes)
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": str(node.node_id),
-            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},"
-                         f"CONTROLLER://127.0.0.1:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            # A static quorum: every node knows every voter, so a killed node restarts and
-            # rejoins without any reconfiguration.
-            "controller.quorum.voters": voters,
-            "log.dirs": str(node.data_dir),
-            # lowmark creates its topics explicitly; a typo must fail, not create a topic.
-            "auto.create.topics.enable": "false",
-            "num.partitions": "1",
-            "default.replication.factor": str(rf),
-            # Internal topics must fit the cluster or transactions and groups never start.
-            "offsets.topic.replication.factor": str(rf),
-            "transaction.state.log.replication.factor": str(rf),
-            "transaction.state.log.min.isr": str(min_isr),
-            "share.coordinator.state.topic.replication.factor": str(rf),
-            "share.coordinator.state.topic.min.isr": str(min_isr),
-            # 50 partitions each (the default) cost seconds on first use on a 2-core machine.
-            "offsets.topic.num.partitions": "10",
-            "transaction.state.log.num.partitions": "10",
-            "group.initial.rebalance.delay.ms": "0",
-            # A crashed broker is fenced (and leaves the ISR) after the session timeout, and
-            # a restarted one cannot register again before it: 9 s by default, 3 s on
-            # loopback where a missed 500 ms heartbeat means a stall, not the network.
-            "broker.heartbeat.interval.ms": "500",
-            "broker.session.timeout.ms": "3000",
-        }
-        props.update(self.extra_broker_props)
-        return props
-
     def _format(self, java: str, libs: Path) -> None:
         """Write meta.properties and the bootstrap metadata into every node's data dir."""
         procs = []
-        archive = _cds_archive(java, libs)
+        archive = cds_archive(java, libs)
         cds = [f"-XX:SharedArchiveFile={archive}"] if archive.is_file() else []
         for node in self._nodes.values():
-            cmd = [java, *_TOOL_JVM_FLAGS, *cds, "-cp", f"{libs}/*",
+            cmd = [java, *TOOL_JVM_FLAGS, *cds, "-cp", f"{libs}/*",
                    f"-Dlog4j2.configurationFile={Path(node.dir) / 'log4j2.properties'}",
                    "kafka.tools.StorageTool", "format", "--ignore-formatted",
                    "-t", str(self._cluster_id), "-c", str(node.props)]
@@ -674,7 +324,7 @@ class KafkaCluster:
                     f"(exit {proc.returncode}); check the broker properties "
                     f"(extra_broker_props: {self.extra_broker_props}).\n"
                     f"command: {shlex.join(cmd)}\n"
-                    + _last_lines(out.decode(errors="replace"))
+                    + last_lines(out.decode(errors="replace"))
                 )
 
     def _check_ports_free(self, nodes: list[NodeState] | None = None) -> None:
@@ -692,7 +342,7 @@ class KafkaCluster:
     # ---- processes
 
     def _command(self, node: NodeState, java: str, libs: Path) -> list[str]:
-        cmd = [java, f"-Xms{self.heap}", f"-Xmx{self.heap}", *_BROKER_JVM_FLAGS,
+        cmd = [java, f"-Xms{self.heap}", f"-Xmx{self.heap}", *BROKER_JVM_FLAGS,
                *self._cds_flags(node.node_id, java, libs),
                f"-Dlog4j2.configurationFile={Path(node.dir) / 'log4j2.properties'}",
                f"-Dkafka.logs.dir={node.dir}",
@@ -707,7 +357,7 @@ class KafkaCluster:
     def _launch(self, node_id: int, java: str, libs: Path) -> None:
         node = self._nodes[node_id]
         cmd = self._command(node, java, libs)
-        self._log_offsets[node_id] = _size(node.server_log)
+        self._log_offsets[node_id] = file_size(node.server_log)
         with open(node.stdout_log, "ab") as out:
             out.write(f"\n==== {time.strftime('%F %T')} {shlex.join(cmd)}\n".encode())
             out.flush()
@@ -726,7 +376,7 @@ class KafkaCluster:
         The first node started without an archive writes one when it exits cleanly; the
         JVM ignores an archive that does not match (other java, other jars).
         """
-        archive = _cds_archive(java, libs)
+        archive = cds_archive(java, libs)
         if archive.is_file():
             return [f"-XX:SharedArchiveFile={archive}"]
         if self._cds_dump is None or self._cds_dump[0] == node_id:
@@ -741,7 +391,7 @@ class KafkaCluster:
         dump = Path(self._cds_dump[1])
         self._cds_dump = None
         # A JVM killed while dumping leaves a torn file: keep only a dump of a clean exit.
-        if keep and _size(dump) > 0:
+        if keep and file_size(dump) > 0:
             os.replace(dump, dump.parent / (dump.name.split(".jsa.", 1)[0] + ".jsa"))
         else:
             dump.unlink(missing_ok=True)
@@ -783,7 +433,7 @@ class KafkaCluster:
                 node = self._nodes[node_id]
                 if not self._alive(node):
                     raise self._start_error(node, "exited during start-up")
-            if admin is None and all(_accepts(self._nodes[i].port) for i in node_ids):
+            if admin is None and all(accepts(self._nodes[i].port) for i in node_ids):
                 admin = _admin(self.bootstrap_servers)
             if (admin is not None and all(self._started(i) for i in node_ids)
                     and self._brokers(admin) >= node_ids
@@ -805,7 +455,7 @@ class KafkaCluster:
         """
         node = self._nodes[node_id]
         offset = self._log_offsets.get(node_id, 0)
-        if _size(node.server_log) < offset:  # the log rolled over
+        if file_size(node.server_log) < offset:  # the log rolled over
             offset = 0
         try:
             with open(node.server_log, "rb") as fh:
@@ -833,7 +483,7 @@ class KafkaCluster:
         for node in self._nodes.values():
             if not self._alive(node):
                 continue
-            state = _read(node.data_dir / "__cluster_metadata-0" / "quorum-state")
+            state = read_text(node.data_dir / "__cluster_metadata-0" / "quorum-state")
             try:
                 leaders.add(int(json.loads(state or "{}").get("leaderId", -1)))
             except (ValueError, TypeError, AttributeError):
@@ -847,8 +497,8 @@ class KafkaCluster:
             f"{node.server_log} (stdout: {node.stdout_log}); a bad broker property or a "
             f"port taken by another process are the usual causes.\n"
             f"command: {shlex.join(self._command(node, java, libs))}\n"
-            f"--- last lines of {node.server_log}:\n{_tail(node.server_log)}\n"
-            f"--- last lines of {node.stdout_log}:\n{_tail(node.stdout_log)}"
+            f"--- last lines of {node.server_log}:\n{tail(node.server_log)}\n"
+            f"--- last lines of {node.stdout_log}:\n{tail(node.stdout_log)}"
         )
 
     def _save(self) -> None:
@@ -867,55 +517,11 @@ class KafkaCluster:
         os.replace(tmp, self.state_file)
 
 
-def _cds_archive(java: str, libs: Path) -> Path:
-    key = f"{os.path.realpath(java)}\n{java_version_text(java)}\n{libs}"
-    return libs.parent / f"cds-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsa"
-
-
 def _admin(bootstrap: str) -> object:
     from confluent_kafka.admin import AdminClient
 
-    quiet = logging.getLogger("lowmark.kafka.launcher.librdkafka")
+    quiet = logging.getLogger("lowmark.embedded_kafka.librdkafka")
     quiet.setLevel(logging.CRITICAL)  # "connection refused" while a node boots is expected
     return AdminClient({"bootstrap.servers": bootstrap, "logger": quiet,
                         "socket.connection.setup.timeout.ms": 2000})
 
-
-def _random_cluster_id() -> str:
-    # What `kafka-storage random-uuid` prints: a UUID in URL-safe base64, no padding.
-    # Kafka rejects ids whose text starts with '-' (they read as command-line flags).
-    while True:
-        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        if not text.startswith("-"):
-            return text
-
-
-def _render_props(props: Mapping[str, str]) -> str:
-    lines = ["# generated by connectors/kafka/launcher.py; edits are lost on a fresh start"]
-    lines += [f"{k}={v}" for k, v in props.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _log4j2_config(server_log: Path) -> str:
-    # One rolling file per node, bounded (3 x 50 MB); the request logger is noisy at INFO.
-    return f"""\
-status = warn
-shutdownHook = disable
-appender.file.type = RollingFile
-appender.file.name = FILE
-appender.file.fileName = {server_log}
-appender.file.filePattern = {server_log}.%i
-appender.file.layout.type = PatternLayout
-appender.file.layout.pattern = [%d] %p %m (%c)%n
-appender.file.policies.type = Policies
-appender.file.policies.size.type = SizeBasedTriggeringPolicy
-appender.file.policies.size.size = 50MB
-appender.file.strategy.type = DefaultRolloverStrategy
-appender.file.strategy.max = 3
-rootLogger.level = INFO
-rootLogger.appenderRef.file.ref = FILE
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-logger.statechange.name = state.change.logger
-logger.statechange.level = WARN
-"""

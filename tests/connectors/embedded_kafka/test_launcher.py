@@ -1,4 +1,4 @@
-"""The embedded Kafka launcher, its connection config and `lowmark kafka`.
+"""The embedded Kafka launcher and `lowmark kafka`.
 
 Tries to break: messages lost or altered between confluent-kafka, the broker and kcat;
 transactions on a 1-node cluster (aborted data visible, commit not); the cluster record
@@ -20,18 +20,20 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from connectors.kafka import launcher
-from connectors.kafka.config import KafkaConnection, Secret, from_env, resolve
-from connectors.kafka.launcher import (
-    KafkaCluster,
-    check_java,
+import connectors.embedded_kafka
+from connectors.embedded_kafka.cluster import KafkaCluster
+from connectors.embedded_kafka.jars import (
+    PACKAGED_POM,
+    POM_ENV,
     ensure_jars,
-    find_bootstrap,
+    jars_dir,
+    kafka_pom,
     kafka_version,
-    parse_java_major,
-    pid_alive,
 )
-from pipeline.errors import ConfigError, KafkaStartError, SetupError
+from connectors.embedded_kafka.java import check_java, find_java, parse_java_major
+from connectors.embedded_kafka.procs import pid_alive
+from connectors.embedded_kafka.state import find_bootstrap
+from pipeline.errors import KafkaStartError, SetupError
 from tests.kafka_helpers import (
     ExternalKafka,
     consume_all,
@@ -41,7 +43,7 @@ from tests.kafka_helpers import (
     unique,
 )
 
-REAL_JAVA = launcher.find_java()
+REAL_JAVA = find_java()
 
 
 def _fake_bin(tmp_path: Path, **scripts: str) -> Path:
@@ -142,6 +144,61 @@ touch "$out/kafka_2.13-{version}.jar"
     assert calls.read_text().count("run") == 2, "a complete fetch must be reused, not redone"
 
 
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _pom(tmp_path: Path, version: str) -> Path:
+    """A copy of the packaged pom pinning ``version``."""
+    text = PACKAGED_POM.read_text().replace(
+        f"<kafka.version>{kafka_version(PACKAGED_POM)}</kafka.version>",
+        f"<kafka.version>{version}</kafka.version>")
+    path = tmp_path / f"pom-{version}.xml"
+    path.write_text(text)
+    return path
+
+
+def test_the_packaged_pom_is_the_one_deploy_and_ci_read(monkeypatch):
+    monkeypatch.delenv(POM_ENV, raising=False)
+    assert kafka_pom() == PACKAGED_POM
+    assert PACKAGED_POM.parent == Path(connectors.embedded_kafka.__file__).resolve().parent
+    # one copy of the file: deploy/kafka/pom.xml (what .ci/run prints) links to it
+    assert (ROOT / "deploy" / "kafka" / "pom.xml").resolve() == PACKAGED_POM
+    ci = subprocess.run(
+        ["sed", "-n", r"s:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p",
+         "deploy/kafka/pom.xml"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert ci.stdout.strip() == kafka_version()
+
+
+def test_another_pom_by_argument_or_environment(tmp_path, monkeypatch):
+    other = _pom(tmp_path, "9.8.7")
+    monkeypatch.delenv(POM_ENV, raising=False)
+    assert kafka_version(other) == "9.8.7"
+    assert KafkaCluster("otherpom", base_dir=tmp_path / "c", pom=other).version == "9.8.7"
+    monkeypatch.setenv(POM_ENV, str(other))
+    assert kafka_pom() == other and kafka_version() == "9.8.7"
+    assert KafkaCluster("envpom", base_dir=tmp_path / "d").version == "9.8.7"
+    assert jars_dir().parent.name == "9.8.7"
+    monkeypatch.setenv(POM_ENV, str(tmp_path / "missing.xml"))
+    with pytest.raises(SetupError, match=f"cannot read the Kafka pom .*{POM_ENV}"):
+        kafka_version()
+
+
+def test_cli_fetch_uses_the_pom_option(tmp_path):
+    other = _pom(tmp_path, "9.8.6")
+    mvn = """
+out=$(printf '%s\\n' "$@" | sed -n 's/^-DoutputDirectory=//p')
+mkdir -p "$out"; touch "$out/kafka_2.13-9.8.6.jar"
+"""
+    env = {**os.environ, "LOWMARK_CACHE": str(tmp_path / "cache"),
+           "PATH": str(_fake_bin(tmp_path, mvn=mvn)) + os.pathsep + "/usr/bin:/bin"}
+    env.pop(POM_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-m", "connectors.embedded_kafka.cli", "--pom", str(other), "fetch"],
+        env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"kafka 9.8.6 jars: {tmp_path / 'cache' / 'kafka' / '9.8.6' / 'libs'}" in out
+    assert f"pom: {other}" in out
+
+
 def test_port_in_use_is_named(tmp_path):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -165,68 +222,6 @@ def test_find_bootstrap_ignores_dead_and_foreign_pids(tmp_path):
         (base / "cluster.json").write_text(json.dumps(
             {"name": "ghost", "bootstrap": "127.0.0.1:1", "nodes": [node]}))
         assert find_bootstrap("ghost", home=tmp_path) is None
-
-
-# --------------------------------------------------------------------- connection config
-
-
-def test_connection_precedence_explicit_env_embedded():
-    env = {"LOWMARK_BOOTSTRAP_SERVERS": "env:9092"}
-    embedded = {"default": "127.0.0.1:1111"}.get
-    assert resolve("cli:9092", environ=env, embedded=embedded).bootstrap_servers == "cli:9092"
-    assert resolve(None, environ=env, embedded=embedded).bootstrap_servers == "env:9092"
-    assert resolve(None, environ={}, embedded=embedded).bootstrap_servers == "127.0.0.1:1111"
-    with pytest.raises(ConfigError, match="lowmark kafka up"):
-        resolve(None, environ={}, embedded=lambda name: None)
-
-
-def test_connection_renders_sasl_ssl_and_hides_the_password():
-    env = {
-        "LOWMARK_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
-        "LOWMARK_KAFKA_SASL_MECHANISM": "scram-sha-512",
-        "LOWMARK_KAFKA_SASL_USERNAME": "replicator",
-        "LOWMARK_KAFKA_SASL_PASSWORD": "hunter2",
-        "LOWMARK_KAFKA_SSL_CA_LOCATION": "/etc/ssl/ca.pem",
-        "LOWMARK_KAFKA_EXTRA": "socket.keepalive.enable=true, message.max.bytes=2000000",
-    }
-    conn = from_env(bootstrap_servers="a:9093,b:9093", environ=env)
-    assert conn.librdkafka() == {
-        "bootstrap.servers": "a:9093,b:9093",
-        "security.protocol": "SASL_SSL",
-        "client.id": "lowmark",
-        "sasl.mechanism": "SCRAM-SHA-512",
-        "sasl.username": "replicator",
-        "sasl.password": "hunter2",
-        "ssl.ca.location": "/etc/ssl/ca.pem",
-        "socket.keepalive.enable": "true",
-        "message.max.bytes": "2000000",
-    }
-    assert "hunter2" not in repr(conn) and "hunter2" not in str(conn)
-    assert conn.with_client_id("applier").librdkafka()["client.id"] == "applier"
-    assert KafkaConnection("h:1", sasl_password=None) == KafkaConnection("h:1")
-    assert Secret("x") == Secret("x") and "x" not in repr(Secret("x"))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"bootstrap_servers": ""}, "empty"),
-        ({"bootstrap_servers": "localhost"}, "host:port"),
-        ({"bootstrap_servers": "h:99999"}, "host:port"),
-        ({"security_protocol": "TLS"}, "not one of"),
-        ({"security_protocol": "SASL_SSL"}, "needs a SASL mechanism"),
-        ({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
-          "sasl_password": "p"}, "username and a password"),
-        ({"sasl_username": "u"}, "would be ignored"),
-        ({"ssl_ca_location": "/ca.pem"}, "would be ignored"),
-        ({"security_protocol": "SSL", "ssl_certificate_location": "/c.pem"}, "ssl.key.location"),
-        ({"extra": {"bootstrap.servers": "other:1"}}, "redefine"),
-    ],
-)
-def test_connection_rejects_inconsistent_settings(kwargs, message):
-    args = {"bootstrap_servers": "127.0.0.1:9092", **kwargs}
-    with pytest.raises(ConfigError, match=message):
-        KafkaConnection(**args)
 
 
 # --------------------------------------------------------------------- the session broker
@@ -322,7 +317,7 @@ def test_cli_up_status_down_resume_wipe(tmp_path):
     name = unique("cli")
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "connectors.kafka.cli", *args],
+        return subprocess.run([sys.executable, "-m", "connectors.embedded_kafka.cli", *args],
                               env=env, capture_output=True, text=True, timeout=120,
                               check=check)
 

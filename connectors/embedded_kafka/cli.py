@@ -1,7 +1,7 @@
 """``lowmark kafka``: run the embedded KRaft cluster on loopback (up / down / status / fetch).
 
 Registered on the ``lowmark`` command by ``pipeline/app/cli.py``; ``python -m
-connectors.kafka.cli`` runs the same group alone.
+connectors.embedded_kafka.cli`` runs the same group alone (what `make kafka-jars` does).
 """
 
 from __future__ import annotations
@@ -16,18 +16,14 @@ from typing import Any, TypeVar
 
 import click
 
-from connectors.kafka.launcher import (
-    KafkaCluster,
-    cluster_dir,
-    ensure_jars,
-    find_bootstrap,
-    kafka_version,
-    load_state,
-    pid_alive,
-)
+from connectors.embedded_kafka.cluster import KafkaCluster
+from connectors.embedded_kafka.jars import POM_ENV, ensure_jars, kafka_pom, kafka_version
+from connectors.embedded_kafka.procs import pid_alive
+from connectors.embedded_kafka.state import cluster_dir, find_bootstrap, load_state
 from pipeline.errors import LowmarkError, SetupError
 
 F = TypeVar("F", bound=Callable[..., Any])
+_POM_KEY = "lowmark.kafka.pom"  # ctx.meta is shared by the group and its subcommands
 
 _name_option = click.option(
     "--name", default="default", show_default=True, help="Cluster name (a directory under "
@@ -59,8 +55,19 @@ def _clean_errors(func: F) -> F:
 
 
 @click.group("kafka")
-def kafka() -> None:
+@click.option("--pom", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"The Kafka pom to run (default: ${POM_ENV}, else the one shipped "
+              "with lowmark).")
+@click.pass_context
+def kafka(ctx: click.Context, pom: Path | None) -> None:
     """The embedded Kafka cluster (Apache Kafka from Maven Central, on 127.0.0.1)."""
+    ctx.meta[_POM_KEY] = pom
+
+
+def _pom() -> Path | None:
+    """The group's ``--pom`` (None: ``$LOWMARK_KAFKA_POM`` or the packaged pom decides)."""
+    pom = click.get_current_context().meta.get(_POM_KEY)
+    return pom if isinstance(pom, Path) else None
 
 
 @kafka.command()
@@ -84,10 +91,10 @@ def up(nodes: str, name: str, timeout_s: float, fresh: bool) -> None:
         click.echo(f"kafka cluster {name!r} is already up: {existing}")
         _hint(existing)
         return
-    cluster = KafkaCluster(name, nodes=int(nodes))
+    cluster = KafkaCluster(name, nodes=int(nodes), pom=_pom())
     if fresh:
         cluster.wipe()
-        cluster = KafkaCluster(name, nodes=int(nodes))
+        cluster = KafkaCluster(name, nodes=int(nodes), pom=_pom())
     cluster.start(timeout_s=timeout_s, fresh=fresh)
     click.echo(f"kafka cluster {name!r} is up: {cluster.bootstrap_servers}")
     click.echo(f"  nodes: {cluster.node_pids} (node: pid)   record: {cluster.state_file}")
@@ -105,7 +112,7 @@ def down(name: str, wipe: bool) -> None:
     if state is None:
         click.echo(f"no kafka cluster {name!r} recorded under {cluster_dir(name)}")
         return
-    cluster = KafkaCluster(name, nodes=len(state["nodes"]))
+    cluster = KafkaCluster(name, nodes=len(state["nodes"]), pom=_pom())
     if wipe:
         cluster.wipe()
         click.echo(f"kafka cluster {name!r} stopped and wiped")
@@ -143,7 +150,8 @@ def status(name: str, as_json: bool) -> None:
 @_clean_errors
 def fetch() -> None:
     """Fetch the Kafka jars into the cache (once; fast when already there)."""
-    click.echo(f"kafka {kafka_version()} jars: {ensure_jars()}")
+    click.echo(f"kafka {kafka_version(_pom())} jars: {ensure_jars(_pom())}")
+    click.echo(f"  pom: {kafka_pom(_pom())}")
 
 
 def cluster_status(name: str) -> dict[str, Any]:
@@ -182,4 +190,4 @@ def _hint(bootstrap: str) -> None:
 
 
 if __name__ == "__main__":
-    kafka(prog_name="python -m connectors.kafka.cli")
+    kafka(prog_name="python -m connectors.embedded_kafka.cli")
