@@ -321,10 +321,10 @@ class CpuMeter:
             by_group[group] = by_group.get(group, 0.0) + cpu - cpu0
         by_group["unaccounted"] = max(0.0, own - sum(by_group.values()))
         broker = 0.0
-        for pid, cpu0 in self._brokers0.items():
-            cpu1 = process_cpu_s(pid)
-            if cpu0 is not None and cpu1 is not None:
-                broker += cpu1 - cpu0
+        for pid, broker0 in self._brokers0.items():
+            broker1 = process_cpu_s(pid)
+            if broker0 is not None and broker1 is not None:
+                broker += broker1 - broker0
         machine_busy = busy1 - self._machine0[0]
         machine_total = total1 - self._machine0[1]
         out: dict[str, Any] = {

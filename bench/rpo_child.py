@@ -64,7 +64,7 @@ def _instrument_classes(timers: Timers) -> None:
     from connectors.image.image import Image
     from pipeline.backup.plan import ApplyPlanner
 
-    codec.decode = timers.wrap("decode", codec.decode)  # type: ignore[method-assign]
+    codec.decode = timers.wrap("decode", codec.decode)
     Image.pwrite = timers.wrap("pwrite", Image.pwrite)  # type: ignore[method-assign]
     Image.sync = timers.wrap("sync", Image.sync)  # type: ignore[method-assign]
     Image.content_digest = timers.wrap("digest", Image.content_digest)  # type: ignore[method-assign]

@@ -103,8 +103,9 @@ def raw_consume(broker: Broker, topic: str, limit_s: float, decode: bool,
             for msg in c.consume(2000, 0.02):
                 err = msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        eof.add(msg.partition())
+                    partition = msg.partition()
+                    if err.code() == KafkaError._PARTITION_EOF and partition is not None:
+                        eof.add(partition)
                     continue
                 value = msg.value() or b""
                 if decode:

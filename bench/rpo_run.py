@@ -240,7 +240,7 @@ class Run:
         drain_s = (done_us - first_us) / 1e6 if first_us else math.nan
         drained = b.applier["bytes"] - first_st["bytes"]
         ingest = (b.written - a.written) / (b.mono - a.mono)
-        row = {
+        row: dict[str, Any] = {
             "ingest_mb_s": ingest / MiB,
             "backlog_ingest_mb_s": backlog_rate / MiB,
             "backlog_s": round((spawned_us - w_stop_us) / 1e6, 2),  # RPO when it restarted

@@ -205,7 +205,7 @@ class Sampler(threading.Thread):
             for msg in self._wm.consume(100, 0):
                 if not msg.error():
                     with contextlib.suppress(Exception):
-                        self.w_seen = max(self.w_seen, codec.decode(msg.value(), "Watermark")
+                        self.w_seen = max(self.w_seen, codec.decode(msg.value() or b"", "Watermark")
                                           .record["w"])
             ap = self.applier
             if ap is not None and ap.block is not None:

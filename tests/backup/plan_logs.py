@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import TYPE_CHECKING, cast
 
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
+
+if TYPE_CHECKING:
+    from pipeline.backup.plan import OpKind
 
 IMAGE_SIZE = 64
 
@@ -182,7 +186,7 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
             length = rng.randint(0, IMAGE_SIZE - off)
             kind = rng.choice(["ZERO", "TRIM"])
             emit(part_of[v], "Zero", zero(v, t, off, length, kind, iid, e), [t])
-            ops.append(ApplyOp(kind.lower(), v, t, off, length, None, None, iid, e))
+            ops.append(ApplyOp(cast("OpKind", kind.lower()), v, t, off, length, None, None, iid, e))
         elif r < 0.66:
             t = tick(None)
             typ = rng.choice(["Marker", "Snapshot"])
@@ -193,7 +197,8 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
                     "volume_ids": vols
                 }
             emit(rng.randrange(n_part), typ, rec, [t])
-            ops.append(ApplyOp(typ.lower(), None, t, 0, 0, None, rec, iid, epoch[iid]))
+            op_kind = cast("OpKind", typ.lower())
+            ops.append(ApplyOp(op_kind, None, t, 0, 0, None, rec, iid, epoch[iid]))
         elif r < 0.70:
             flush(v)
             t = tick(v)
@@ -219,16 +224,16 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
             # a zombie: an older epoch after the newer one already showed in this partition
             cands = [(i, p, ep) for (i, p), ep in newest_in_part.items() if ep > 0]
             if cands:
-                i, p, ep = rng.choice(cands)
+                zi, p, ep = rng.choice(cands)
                 old = rng.randrange(ep)
                 zts = rng.randrange(0, ts + 30)
                 zv = rng.choice([u for u in vols if part_of[u] == p] or vols)
                 if rng.random() < 0.5:
-                    rec = write(zv, extent(zts, 0, b"Z" * 8), iid=i, epoch=old)
+                    rec = write(zv, extent(zts, 0, b"Z" * 8), iid=zi, epoch=old)
                     emit(p, "Write", rec, [zts], zombie=True)
                 else:
                     emit(
-                        p, "Zero", zero(zv, zts, 0, IMAGE_SIZE, "ZERO", i, old), [zts], zombie=True
+                        p, "Zero", zero(zv, zts, 0, IMAGE_SIZE, "ZERO", zi, old), [zts], zombie=True
                     )
         else:
             flush(v)

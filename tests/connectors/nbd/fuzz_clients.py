@@ -92,9 +92,8 @@ class Fuzzer:
         elif kind == 1:
             option = rng.choice([p.OPT_GO, p.OPT_INFO])
             good = struct.pack(">I", 2) + b"ro" + struct.pack(">HH", 1, 1)
-            bad = bytearray(good)
-            cut = rng.randrange(len(bad))
-            bad = bytes(bad[:cut]) if rng.random() < 0.5 else good + os.urandom(rng.randrange(1, 9))
+            cut = rng.randrange(len(good))
+            bad = good[:cut] if rng.random() < 0.5 else good + os.urandom(rng.randrange(1, 9))
             self.step(f"malformed option {option} {bad.hex()}")
             c.option(option, bad)
             assert c.option_reply()[:2] == (option, p.REP_ERR_INVALID)
