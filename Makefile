@@ -20,7 +20,7 @@ help:
 	@echo "make test       install what is missing, then run every test but the torture runs"
 	@echo "make torture    long randomized runs (pytest -m torture)"
 	@echo "make bench      run every benchmark in bench/ with its default arguments"
-	@echo "make lint       ruff check ."
+	@echo "make lint       ruff check . and mypy (its files and strictness: pyproject.toml)"
 	@echo "make deps       venv + Debian tools + Kafka jars (what test and run need)"
 	@echo "make clean      stop the default cluster, delete its data and build caches"
 
@@ -50,8 +50,13 @@ test: deps
 torture: deps
 	$(VENV)/bin/pytest -m torture
 
+# Both run even when the first fails, so one CI log shows every finding; the exit status
+# is not 0 when either found something (.ci/run fails on it).
 lint: venv
-	$(VENV)/bin/ruff check .
+	@status=0; \
+	echo "$(VENV)/bin/ruff check ."; $(VENV)/bin/ruff check . || status=1; \
+	echo "$(VENV)/bin/mypy"; $(VENV)/bin/mypy || status=1; \
+	exit $$status
 
 # Every bench/*.py that runs as a script (has a __main__ block), as `python -m bench.x`.
 bench: deps
@@ -73,7 +78,7 @@ run: deps
 clean:
 	@if [ -x $(VENV)/bin/lowmark ] && [ -d .lowmark/kafka/default ]; then \
 	  $(VENV)/bin/lowmark kafka down --wipe; fi
-	rm -rf .pytest_cache .ruff_cache .hypothesis build dist *.egg-info
+	rm -rf .pytest_cache .ruff_cache .mypy_cache .hypothesis build dist *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -11,16 +11,23 @@
   (sync writes are acknowledged only once a published W covers them).
 - :func:`print_table` renders rows; :func:`write_results` writes
   ``bench/results/<name>.json`` with machine info, git commit and timestamp.
+- Small pieces more than one bench needs: :func:`random_pool` (write payloads),
+  :func:`cg_topic_names`, :func:`tmpfs_dir`, :func:`profile_top`, :func:`stop_process`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import cProfile
 import datetime as dt
+import io
 import json
 import logging
 import os
 import platform
+import pstats
+import random
+import signal
 import subprocess
 import sys
 import threading
@@ -34,12 +41,17 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from connectors.kafka.topics import CgTopics
 from pipeline.errors import KafkaUnavailableError, SetupError
 from pipeline.watermark.publisher import latest_watermark
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 BOOTSTRAP_ENV = "LOWMARK_BOOTSTRAP_SERVERS"
+MiB = 1 << 20
+# threading name prefix -> CpuMeter group; a bench without such a thread shows no such group
+CPU_GROUPS = {"bench-writer": "writers", "lowmark-tick": "tick", "bench-sampler": "sampler",
+              "MainThread": "main"}
 
 log = logging.getLogger("lowmark.bench")
 
@@ -134,6 +146,61 @@ def log_writes(
 def run_id() -> str:
     """A short unique name part, so runs against a shared broker never share topics."""
     return f"{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def cg_topic_names(cg: str) -> list[str]:
+    """Every topic of a CG, to delete at the end of a run on a cluster the bench does not own."""
+    t = CgTopics(cg)
+    return [t.log, t.progress, t.watermark, t.checkpoints, t.deadletter]
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def random_pool(size: int, total: int = 16 * MiB, seed: int = 7) -> list[bytes]:
+    """Distinct random write payloads of ``size`` bytes, about ``total`` in all (at least 8):
+    lz4 gains nothing on them, as on most real block data."""
+    rng = random.Random(seed)
+    return [rng.randbytes(size) for _ in range(max(8, total // size))]
+
+
+def tmpfs_dir() -> Path | None:
+    """``/dev/shm`` when it is there and writable, else None (the system's temp directory)."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def profile_top(sources: Sequence[cProfile.Profile | Path | None], n: int = 25) -> str:
+    """The ``n`` functions with the most own time (tottime) over one or more cProfile runs
+    (profilers, or stats files a child wrote); a missing source is passed over."""
+    live = [s for s in sources if s is not None and not (isinstance(s, Path) and not s.exists())]
+    if not live:
+        return ""
+    buf = io.StringIO()
+    stats = pstats.Stats(_stats_source(live[0]), stream=buf)
+    for s in live[1:]:
+        stats.add(_stats_source(s))
+    stats.strip_dirs().sort_stats("tottime").print_stats(n)
+    return buf.getvalue()
+
+
+def _stats_source(source: cProfile.Profile | Path) -> cProfile.Profile | str:
+    return str(source) if isinstance(source, Path) else source
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float, sig: int = signal.SIGTERM,
+                 name: str = "") -> None:
+    """Send ``sig`` to a child (SIGTERM: let it close cleanly) and wait for it; kill it if it
+    has not exited after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop in %.0fs; killing it", name or proc.args, timeout_s)
+        proc.kill()
+        proc.wait(10)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -254,10 +321,10 @@ class CpuMeter:
             by_group[group] = by_group.get(group, 0.0) + cpu - cpu0
         by_group["unaccounted"] = max(0.0, own - sum(by_group.values()))
         broker = 0.0
-        for pid, cpu0 in self._brokers0.items():
-            cpu1 = process_cpu_s(pid)
-            if cpu0 is not None and cpu1 is not None:
-                broker += cpu1 - cpu0
+        for pid, broker0 in self._brokers0.items():
+            broker1 = process_cpu_s(pid)
+            if broker0 is not None and broker1 is not None:
+                broker += broker1 - broker0
         machine_busy = busy1 - self._machine0[0]
         machine_total = total1 - self._machine0[1]
         out: dict[str, Any] = {
@@ -419,9 +486,4 @@ def running_watermark_service(
             time.sleep(0.2)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30, name=f"the watermark service of CG {cg}")

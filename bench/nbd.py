@@ -45,7 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import kafka_bootstrap, print_table, process_cpu_s, write_results
+from bench.common import (
+    kafka_bootstrap,
+    print_table,
+    process_cpu_s,
+    stop_process,
+    tmpfs_dir,
+    write_results,
+)
 from pipeline.errors import ConfigError, SetupError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,13 +178,7 @@ def started(cmd: list[str], socket_path: Path, log_path: Path) -> Iterator[subpr
             time.sleep(0.05)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 20, name=cmd[0])
 
 
 def run_fio(uri: str, job: Job, size: str, runtime_s: float, out: Path) -> dict[str, Any]:
@@ -210,9 +211,7 @@ def run_fio(uri: str, job: Job, size: str, runtime_s: float, out: Path) -> dict[
 
 
 def scratch_dir() -> Path:
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="lowmark-bench-nbd-", dir=base))
+    return Path(tempfile.mkdtemp(prefix="lowmark-bench-nbd-", dir=tmpfs_dir()))
 
 
 class ReplicatingExport:

@@ -19,54 +19,44 @@ Rows, all against one broker in one run (see bench/README.md for how to read the
 Every row checks its own bytes: the raw rows by the partition's end offset, the lowmark
 rows by reading the row's records back from the CG's log topic (read_committed) and
 counting its writes and data bytes there. A row that fails its check makes the exit status 1.
+
+This module is the entry (arguments, the session, the report); the rows are run by
+``bench.write_path_raw`` and ``bench.write_path_volume``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
-import io
 import logging
-import os
-import pstats
-import random
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Producer
 
 from bench.common import (
     Broker,
-    CpuMeter,
+    MiB,
+    cg_topic_names,
     delete_topics,
     kafka_bootstrap,
-    log_writes,
     print_table,
+    random_pool,
     run_id,
     running_watermark_service,
-    summarize_ns,
+    tmpfs_dir,
     write_results,
 )
-from connectors.kafka.reading import end_offsets
-from connectors.kafka.topics import CgTopics
-from pipeline.primary.volume import ConsistencyGroup, Volume
+from bench.write_path_raw import KEY, TXN_INTERVAL_S, create_topic, producer_conf, run_raw
+from bench.write_path_volume import CountingHandler, run_volume
+from pipeline.primary.volume import ConsistencyGroup
 
-MiB = 1 << 20
-KEY = "vol"  # lowmark keys log records by volume id; one volume -> one key -> one partition
-PARTITIONS = 4  # InterceptorConfig.log_partitions default
-TXN_INTERVAL_S = 0.01  # InterceptorConfig.tick_interval_s default
 GOAL_RATIO = 0.7  # async durable throughput / raw-txn throughput, from the issue
-POOL_BYTES = 16 * MiB  # distinct random buffers, so lz4 sees incompressible block data
-ENTRY_OVERHEAD = 64  # Interceptor.append counts len(data) + 64 per entry in stats["bytes"]
-CPU_GROUPS = {"bench-writer": "writers", "lowmark-tick": "tick", "MainThread": "main"}
 
 
 @dataclass(frozen=True)
@@ -82,386 +72,6 @@ class Settings:
     keep_topics: bool
     data_dir: Path | None
     switch_interval_ms: float | None
-
-
-# --------------------------------------------------------------------------- data
-
-
-def make_pool(size: int, seed: int = 7) -> list[bytes]:
-    rng = random.Random(seed)
-    return [rng.randbytes(size) for _ in range(max(8, POOL_BYTES // size))]
-
-
-class CountingHandler(logging.Handler):
-    """Counts the library's warnings instead of printing them mid-table.
-
-    The interceptor logs one WARNING per write that meets backpressure; printing them
-    would slow the writers and bury the table, but the count is evidence.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.counts: dict[str, int] = {}
-        self._mutex = threading.Lock()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self._mutex:
-            key = record.getMessage()
-            self.counts[key] = self.counts.get(key, 0) + 1
-
-    def take(self) -> dict[str, int]:
-        with self._mutex:
-            out, self.counts = self.counts, {}
-        return out
-
-
-# --------------------------------------------------------------------------- raw producer
-
-
-def producer_conf(bootstrap: str, transactional_id: str | None) -> dict[str, Any]:
-    """The interceptor's producer settings (``Interceptor._producer_conf``), so the only
-    difference between the rows is lowmark's own work."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        "enable.idempotence": True,
-        "acks": "all",
-        "partitioner": "murmur2_random",
-        "compression.type": "lz4",
-        "linger.ms": 2,
-        "batch.size": 1_000_000,
-        "message.timeout.ms": 30_000,
-        # lowmark lets at most max_unreplicated_bytes (256 MiB) wait for Kafka; give the
-        # raw producer the same bound, or a no-transaction row queues a GiB and the row's
-        # time is mostly its final flush
-        "queue.buffering.max.kbytes": 256 * 1024,
-    }
-    if transactional_id:
-        conf["transactional.id"] = transactional_id
-        conf["transaction.timeout.ms"] = 60_000
-    return conf
-
-
-def create_topic(bootstrap: str, topic: str, partitions: int = PARTITIONS) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    rf = min(3, len(admin.list_topics(timeout=15).brokers))
-    fut = admin.create_topics([NewTopic(topic, partitions, rf)], request_timeout=30)[topic]
-    fut.result()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        md = admin.list_topics(topic, timeout=10).topics.get(topic)
-        parts = md.partitions.values() if md is not None and md.error is None else ()
-        if parts and all(p.leader >= 0 for p in parts):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"bench topic {topic} has no leader after 30 s; check the broker")
-
-
-_SETTLING = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._UNKNOWN_PARTITION,
-}
-
-
-def end_offsets_total(bootstrap: str, topic: str, timeout_s: float = 20) -> int:
-    """Sum of the partitions' high watermarks (data records plus transaction markers)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{run_id()}"})
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-                return sum(
-                    c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                    for p in parts
-                )
-            except KafkaException as exc:
-                # a topic created a moment ago may still be moving its leaders
-                err = exc.args[0]
-                settling = err.retriable() or err.code() in _SETTLING
-                if not settling or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    finally:
-        c.close()
-
-
-def run_raw(
-    broker: Broker,
-    topic: str,
-    size: int,
-    duration_s: float,
-    transactional: bool,
-    pool: list[bytes],
-    producer: Producer | None = None,
-) -> dict[str, Any]:
-    """One producer thread, one message per write, for ``duration_s``; then commit/flush.
-
-    Like the tick: produce for 10 ms, commit (blocking), repeat. Durability evidence is the
-    end offset: every message sent is a record (plus one marker per committed transaction).
-    """
-    p = producer or Producer(producer_conf(broker.bootstrap, None))
-    before = end_offsets_total(broker.bootstrap, topic)
-    meter = CpuMeter(CPU_GROUPS, broker.pids).start()
-    commit_ns: list[int] = []
-    sent = commits = 0
-    n_pool = len(pool)
-    t0 = time.perf_counter()
-    deadline = t0 + duration_s
-    if transactional:
-        p.begin_transaction()
-    next_commit = t0 + TXN_INTERVAL_S
-    in_txn = 0
-    while True:
-        now = time.perf_counter()
-        if now >= deadline:
-            break
-        try:
-            p.produce(topic, pool[sent % n_pool], KEY)
-        except BufferError:  # librdkafka's queue is full: let it drain
-            p.poll(0.001)
-            continue
-        sent += 1
-        in_txn += 1
-        if transactional and now >= next_commit:
-            c0 = time.perf_counter_ns()
-            p.commit_transaction(30)
-            commit_ns.append(time.perf_counter_ns() - c0)
-            commits += 1
-            in_txn = 0
-            p.begin_transaction()
-            next_commit = time.perf_counter() + TXN_INTERVAL_S
-        elif sent % 1000 == 0:
-            p.poll(0)
-    produce_s = time.perf_counter() - t0
-    if transactional:
-        p.commit_transaction(30)
-        commits += 1 if in_txn else 0
-        remaining = 0
-    else:
-        remaining = p.flush(60)
-    total_s = time.perf_counter() - t0
-    cpu = meter.stop()
-    delta = end_offsets_total(broker.bootstrap, topic) - before
-    expected = sent + (commits if transactional else 0)
-    nbytes = sent * size
-    return {
-        "row": "raw-txn" if transactional else "raw",
-        "size": size,
-        "threads": 1,
-        "writes": sent,
-        "bytes": nbytes,
-        "produce_s": round(produce_s, 3),
-        "drain_s": round(total_s - produce_s, 3),
-        "total_s": round(total_s, 3),
-        "mib_s": nbytes / MiB / total_s,
-        "writes_s": sent / total_s,
-        "transactions": commits,
-        "commit_latency": summarize_ns(commit_ns) if commit_ns else None,
-        "verified": remaining == 0 and delta == expected,
-        "check": f"end offsets grew by {delta}, expected {expected}; {remaining} unflushed",
-        "cpu": cpu,
-    }
-
-
-# --------------------------------------------------------------------------- lowmark
-
-
-@dataclass
-class WriterResult:
-    writes: int = 0
-    latencies_ns: list[int] | None = None
-    cpu_s: float = 0.0
-    error: Exception | None = None
-
-
-def _writer(
-    vol: Volume,
-    size: int,
-    pool: list[bytes],
-    seed: int,
-    start: threading.Barrier,
-    deadline_box: list[float],
-    out: WriterResult,
-    profiler: cProfile.Profile | None,
-) -> None:
-    rng = random.Random(seed)
-    blocks = vol.size // size
-    lat: list[int] = []
-    n_pool = len(pool)
-    now_ns = time.perf_counter_ns
-    write = vol.write
-    try:
-        start.wait()
-        deadline = deadline_box[0]
-        c0 = time.thread_time()
-        if profiler is not None:
-            profiler.enable()
-        i = 0
-        while time.perf_counter() < deadline:
-            data = pool[(seed + i) % n_pool]
-            offset = rng.randrange(blocks) * size
-            t = now_ns()
-            write(offset, data)
-            lat.append(now_ns() - t)
-            i += 1
-        if profiler is not None:
-            profiler.disable()
-        out.cpu_s = time.thread_time() - c0
-    except Exception as exc:  # reported in the row, never lost with the thread
-        out.error = exc
-    out.writes = len(lat)
-    out.latencies_ns = lat
-
-
-def run_volume(
-    cg: ConsistencyGroup,
-    vol: Volume,
-    broker: Broker,
-    size: int,
-    threads: int,
-    duration_s: float,
-    pool: list[bytes],
-    warnings: CountingHandler,
-    profile: bool = False,
-) -> dict[str, Any]:
-    """N writer threads for ``duration_s``, then wait until Kafka has every write."""
-    engine = cg.interceptor
-    cg.flush()
-    warnings.take()
-    seq0 = engine.barrier().seq
-    stats0 = engine.metrics()
-    log0 = end_offsets(broker.conf, engine.topics.log)  # the row's records start here
-    profilers = [cProfile.Profile() if profile else None for _ in range(threads)]
-    tick_prof = cProfile.Profile() if profile else None
-    restore = _profile_tick(engine, tick_prof) if tick_prof else None
-    results = [WriterResult() for _ in range(threads)]
-    start = threading.Barrier(threads + 1)
-    deadline_box = [0.0]
-    workers = [
-        threading.Thread(
-            target=_writer,
-            args=(vol, size, pool, 1000 * i + size, start, deadline_box, results[i], profilers[i]),
-            name=f"bench-writer-{i}",
-            daemon=True,
-        )
-        for i in range(threads)
-    ]
-    for w in workers:
-        w.start()
-    meter = CpuMeter(CPU_GROUPS, broker.pids).start()
-    t0 = time.perf_counter()
-    deadline_box[0] = t0 + duration_s
-    start.wait()
-    for w in workers:
-        w.join()
-    write_s = time.perf_counter() - t0
-    last = engine.barrier()
-    last.wait(120)  # every write is in a committed transaction
-    drain_s = time.perf_counter() - t0 - write_s
-    cpu = meter.stop({"writers": sum(r.cpu_s for r in results)})
-    f0 = time.perf_counter()
-    vol.flush(120)  # fdatasync of the image; Kafka has nothing left to do
-    flush_s = time.perf_counter() - f0
-    if restore:
-        restore()
-    stats1 = engine.metrics()
-    in_kafka = log_writes(broker.conf, engine.topics.log, log0, vol.volume_id)
-
-    errors = [repr(r.error) for r in results if r.error is not None]
-    writes = sum(r.writes for r in results)
-    lat = [x for r in results for x in (r.latencies_ns or [])]
-    nbytes = writes * size
-    total_s = write_s + drain_s
-    d = {k: stats1[k] - stats0[k] for k in ("ticks", "transactions", "records", "bytes")}
-    expected_bytes = writes * (size + ENTRY_OVERHEAD)
-    blocked_s = stats1["blocked_s"] - stats0["blocked_s"]
-    # each write is one seq; the log topic, read back, holds every write and every byte
-    verified = (
-        not errors
-        and not stats1["failed"]
-        and last.seq - seq0 == writes
-        and stats1["durable_seq"] >= last.seq
-        and in_kafka["writes"] == writes
-        and in_kafka["data_bytes"] == nbytes
-    )
-    row: dict[str, Any] = {
-        "row": vol.mode,
-        "size": size,
-        "threads": threads,
-        "writes": writes,
-        "bytes": nbytes,
-        "write_s": round(write_s, 3),
-        "drain_s": round(drain_s, 3),
-        "flush_s": round(flush_s, 3),
-        "total_s": round(total_s, 3),
-        "mib_s": nbytes / MiB / total_s,
-        "writes_s": writes / total_s,
-        "accepted_mib_s": nbytes / MiB / write_s,
-        "latency": summarize_ns(lat),
-        "engine": {
-            **d,
-            "blocked_s": round(blocked_s, 3),
-            "writes_per_transaction": writes / d["transactions"] if d["transactions"] else None,
-            "avg_record_kib": d["bytes"] / 1024 / d["records"] if d["records"] else None,
-            "last_commit_ms": stats1["last_commit_ms"],
-            "txn_retries": stats1["txn_retries"] - stats0["txn_retries"],
-        },
-        "warnings": warnings.take(),
-        "in_kafka": in_kafka,
-        "verified": verified,
-        "check": (
-            f"{writes} writes ({nbytes} bytes), seqs {seq0 + 1}..{last.seq}, durable_seq "
-            f"{stats1['durable_seq']}; read back from {engine.topics.log}: "
-            f"{in_kafka['writes']} writes, {in_kafka['data_bytes']} bytes in "
-            f"{in_kafka['records']} records; engine bytes {d['bytes']} (expected "
-            f"{expected_bytes})" + ("; errors: " + "; ".join(errors) if errors else "")
-        ),
-        "cpu": cpu,
-    }
-    if profile:
-        row["profile"] = {
-            "writers": _top(profilers, 25),
-            "tick": _top([tick_prof], 25),
-        }
-    return row
-
-
-def _profile_tick(engine: Any, prof: cProfile.Profile) -> Callable[[], None]:
-    """Wrap the interceptor's ``_tick`` so cProfile records the tick thread only.
-
-    cProfile hooks the thread that enables it, so the wrapper enables it around each tick
-    inside the tick thread. Bench-only instrumentation; the instance attribute shadows the
-    method and is removed again by the returned function.
-    """
-    inner = engine._tick
-
-    def profiled_tick() -> None:
-        prof.enable()
-        try:
-            inner()
-        finally:
-            prof.disable()
-
-    engine._tick = profiled_tick
-
-    def restore() -> None:
-        del engine._tick
-
-    return restore
-
-
-def _top(profilers: Sequence[cProfile.Profile | None], n: int) -> str:
-    live = [p for p in profilers if p is not None]
-    if not live:
-        return ""
-    buf = io.StringIO()
-    stats = pstats.Stats(live[0], stream=buf)
-    for p in live[1:]:
-        stats.add(p)
-    stats.strip_dirs().sort_stats("tottime").print_stats(n)
-    return buf.getvalue()
 
 
 class Session:
@@ -482,9 +92,8 @@ class Session:
         self.rid = run_id()
         self.cg_name = f"bench-{self.rid}"
         self.warnings = warnings
-        self.pools = {size: make_pool(size) for size in s.sizes}
-        t = CgTopics(self.cg_name)
-        self.topics: list[str] = [t.log, t.progress, t.watermark, t.checkpoints, t.deadletter]
+        self.pools = {size: random_pool(size) for size in s.sizes}
+        self.topics: list[str] = cg_topic_names(self.cg_name)
         self.plain = Producer(producer_conf(broker.bootstrap, None))
         self.txn = Producer(producer_conf(broker.bootstrap, f"bench.{self.rid}.raw"))
         self.txn.init_transactions(30)
@@ -539,9 +148,6 @@ class Session:
                 delete_topics(self.broker.bootstrap, self.topics)
 
 
-# --------------------------------------------------------------------------- report
-
-
 _T0 = time.perf_counter()
 
 
@@ -590,15 +196,11 @@ def worst_async(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(cands, key=lambda r: r["vs_raw_txn"]) if cands else None
 
 
-# --------------------------------------------------------------------------- main
-
-
 def default_data_dir() -> Path | None:
     """tmpfs when there is one: the raw producer has no local write to pay for, and freeing
     a sparse image's scattered blocks on a filesystem mounted with ``discard`` can take a
     minute (measured: 61 s to unlink a 1 GiB image after 50k random 4 KiB writes)."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return tmpfs_dir()
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:

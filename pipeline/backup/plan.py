@@ -402,8 +402,8 @@ class ApplyPlanner:
             )
             self._add_volume_op(where, op)
         else:
-            kind = "marker" if record_type == "Marker" else "snapshot"
-            op = _op(kind, None, record["ts"], iid, epoch, record=record)
+            cg_kind: OpKind = "marker" if record_type == "Marker" else "snapshot"
+            op = _op(cg_kind, None, record["ts"], iid, epoch, record=record)
             self._cg_ops.append(self._pending_of(op, where))
 
     def _add_write(self, record: Mapping[str, Any], iid: str, epoch: int, where: Source) -> None:

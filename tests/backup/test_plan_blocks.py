@@ -4,17 +4,20 @@ Tries to break: a valid record delivered in the same batch after a bad one being
 a partition-EOF event, a later position or a spill (drop_pending) moving the position or the
 checkpoint offsets past a bad record; a W whose records all lie before the bad record not
 being applied; a block in one partition stalling another; a transaction marker just below
-a bad record leaving the position short of it.
+a bad record leaving the position short of it. And each kind of malformed record halts
+the planner at once, naming where it lies.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
 from pipeline.backup.plan import AddOutcome, ApplyPlanner
-from tests.backup.test_plan import extent, write
+from pipeline.errors import ApplierHaltedError
+from tests.backup.plan_logs import extent, write, zero
 
 SEEDS = range(300)
 
@@ -96,3 +99,19 @@ def test_nothing_at_or_after_a_block_is_consumed(seed: int) -> None:
         assert planner.blocked_by(beyond) == (p, off) or planner.blocked_by(beyond) in {
             (q, bad[q]) for q in bad
         }
+
+
+@pytest.mark.parametrize(
+    ("rtype", "record"),
+    [
+        ("Progress", {"interceptor_id": "a", "epoch": 0, "ts": 1}),
+        ("Write", {"interceptor_id": "a", "epoch": 0, "volume_id": "v", "extents": []}),
+        ("Zero", {"interceptor_id": "a", "epoch": 0, "volume_id": "v", "ts": 1}),
+        ("Zero", zero("v", 1, 0, 1, kind="FOO")),
+        ("Zero", zero("v", 1, -1, 1)),
+        ("Marker", {"interceptor_id": "a", "epoch": 0}),
+    ],
+)
+def test_bad_records_halt(rtype: str, record: dict[str, Any]) -> None:
+    with pytest.raises(ApplierHaltedError, match="partition 0 offset 0"):
+        ApplyPlanner().add(rtype, record, 0, 0)
