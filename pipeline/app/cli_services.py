@@ -10,6 +10,7 @@ import click
 import orjson
 
 from pipeline.app.config import LowmarkConfig, load_config
+from pipeline.backup.site import SiteDir
 from pipeline.errors import ConfigError
 
 
@@ -88,7 +89,7 @@ def serve(
             "volumes": list(volumes),
         },
     )
-    if not cfg.serve.volumes and not (Path(cfg.serve.data_dir) / "volumes.json").exists():
+    if not cfg.serve.volumes and not SiteDir(Path(cfg.serve.data_dir)).catalog_path.exists():
         raise ConfigError(
             "no volumes: add [[serve.volumes]] to the config or pass --volume NAME:SIZE"
         )

@@ -32,7 +32,9 @@ from connectors.kafka.deadletter import deadletter_headers
 from connectors.kafka.reading import latest, watermark_offsets
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
+from pipeline.backup.site import SiteDir
 from pipeline.errors import (
     ApplierHaltedError,
     ApplyError,
@@ -42,7 +44,6 @@ from pipeline.errors import (
 )
 from pipeline.fsutil import atomic_write
 from pipeline.logs import event
-from pipeline.ops.replay import ImageSet
 from pipeline.primary.clock import ts_physical_us, wall_us
 from schemas import codec
 
@@ -134,10 +135,10 @@ class Applier:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.config.data_dir / "checkpoint.avro"
+        return SiteDir(self.config.data_dir).checkpoint_path
 
     def image_path(self, volume_id: str) -> Path:
-        return self.config.data_dir / "images" / f"{volume_id}.img"
+        return SiteDir(self.config.data_dir).image_path(volume_id)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         if self.checkpoint_path.exists():

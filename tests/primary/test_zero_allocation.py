@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from connectors.image.image import Image, file_digest
+from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, OpKind
-from pipeline.ops.replay import ImageSet
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
 from tests.nbd_helpers import ServerThread
