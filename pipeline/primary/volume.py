@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from typing import Any, Literal
 from connectors.image.image import Image
 from pipeline.backup.site import SiteDir, check_volume_id
 from pipeline.errors import ConfigError, VolumeError
+from pipeline.primary.clock import REAL_TIME, TimeSource
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
 
 log = logging.getLogger("lowmark.volume")
@@ -164,9 +164,10 @@ class Volume:
         ``replication_timeout_s`` (the caller's bound on an acknowledgement)."""
         if self.mode == "sync":
             engine = self._cg.interceptor
-            deadline = time.monotonic() + engine.config.replication_timeout_s
+            now = engine.time_source.monotonic
+            deadline = now() + engine.config.replication_timeout_s
             ticket.wait()
-            engine.wait_covered(ticket.ts, max(0.0, deadline - time.monotonic()))
+            engine.wait_covered(ticket.ts, max(0.0, deadline - now()))
         return ticket.ts
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -199,6 +200,7 @@ class ConsistencyGroup:
         kafka_conf: dict[str, Any],
         *,
         interceptor_id: str = "primary",
+        time_source: TimeSource = REAL_TIME,
         **engine_options: Any,
     ) -> ConsistencyGroup:
         """Open (or create) the CG's primary state in ``data_dir`` and join the CG."""
@@ -207,7 +209,7 @@ class ConsistencyGroup:
         config = InterceptorConfig(
             cg=cg, interceptor_id=interceptor_id, state_dir=site.state_dir, **engine_options
         )
-        self = cls(data_dir, Interceptor(config, kafka_conf))
+        self = cls(data_dir, Interceptor(config, kafka_conf, time_source=time_source))
         for info in self._load_catalog():
             self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
         self.interceptor.start()
