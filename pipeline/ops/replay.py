@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ from schemas import codec
 LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
 _PARTITION_EOF = -191
 _VOLUME_TYPES = ("Write", "Zero", "VolumeChange")
+#: markers a replay reports: the newest this many of its range
+MAX_MARKERS = 1024
 
 
 # ---------------------------------------------------------------- pure planning
@@ -89,7 +92,10 @@ class ReplayPlan:
             )
         self.from_w = from_w
         self.to_ts = to_ts
-        self.markers: list[dict[str, Any]] = []
+        # the newest MAX_MARKERS of the range (a long range holds any number); older ones
+        # are dropped and counted
+        self.markers: deque[dict[str, Any]] = deque(maxlen=MAX_MARKERS)
+        self.markers_dropped = 0
         self._volumes: dict[str, _VolumePlan] = {}
         # epoch facts (interceptor, epoch, partition, first offset), shared per partition
         self._facts: dict[tuple[str, int, int], int] = {}
@@ -105,6 +111,7 @@ class ReplayPlan:
         self._note_epoch(record, partition, offset)
         if record_type not in _VOLUME_TYPES:
             if record_type == "Marker" and self.from_w < record["ts"] <= self.to_ts:
+                self.markers_dropped += len(self.markers) == self.markers.maxlen
                 self.markers.append(dict(record))
             return []  # CG-wide records change no image
         vid = record["volume_id"]
@@ -302,7 +309,7 @@ def replay(
     images.sync()
     if on_progress is not None:
         on_progress(prog)
-    return ReplayResult(from_w, to_ts, resume, plan.markers, prog)
+    return ReplayResult(from_w, to_ts, resume, list(plan.markers), prog)
 
 
 def _apply(images: ImageSet, op: ApplyOp, prog: ReplayProgress) -> None:
