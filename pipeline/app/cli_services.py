@@ -11,6 +11,7 @@ import orjson
 
 from connectors.embedded_kafka.state import find_bootstrap
 from pipeline.app.config import LowmarkConfig, load_config
+from pipeline.backup.site import SiteDir
 from pipeline.errors import ConfigError
 
 
@@ -90,7 +91,7 @@ def serve(
             "volumes": list(volumes),
         },
     )
-    if not cfg.serve.volumes and not (Path(cfg.serve.data_dir) / "volumes.json").exists():
+    if not cfg.serve.volumes and not SiteDir(Path(cfg.serve.data_dir)).catalog_path.exists():
         raise ConfigError(
             "no volumes: add [[serve.volumes]] to the config or pass --volume NAME:SIZE"
         )

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from connectors.image.image import file_digest
 from pipeline.app.config import parse_size
+from pipeline.backup.site import SiteDir
 from pipeline.errors import SetupError
 from pipeline.ops.status import scrape
 
@@ -223,7 +224,7 @@ metrics = "127.0.0.1:{self.ports["apply"]}"
         self.out("stopping the primary (it publishes every write and its final progress) ...")
         self._stop("serve")
         primary = {
-            v: file_digest(self.dir / "primary" / "images" / f"{v}.img") for v in ("vol1", "vol2")
+            v: file_digest(SiteDir(self.dir / "primary").image_path(v)) for v in ("vol1", "vol2")
         }
         self.out("waiting for backup site dr1 to apply up to the final W ...")
         deadline = time.monotonic() + 120
@@ -231,7 +232,7 @@ metrics = "127.0.0.1:{self.ports["apply"]}"
         while time.monotonic() < deadline:
             backup = {
                 v: file_digest(p)
-                if (p := self.dir / "backup-dr1" / "images" / f"{v}.img").exists()
+                if (p := SiteDir(self.dir / "backup-dr1").image_path(v)).exists()
                 else None
                 for v in primary
             }

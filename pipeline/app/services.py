@@ -16,7 +16,6 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from pipeline.app.metrics import serve_metrics
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import LowmarkError
 from pipeline.logs import event
+from pipeline.primary.clock import REAL_TIME, TimeSource
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
@@ -34,6 +34,8 @@ log = logging.getLogger("lowmark.services")
 
 #: the longest a service waits before it tries a step again after a retriable error
 _MAX_BACKOFF_S = 5.0
+#: a running service logs its metrics this often
+_STATUS_EVERY_S = 10.0
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
@@ -48,13 +50,14 @@ def _stop_on_signals(stop: threading.Event) -> None:
 # ---------------------------------------------------------------- serve
 
 
-def open_primary(cfg: LowmarkConfig) -> ConsistencyGroup:
+def open_primary(cfg: LowmarkConfig, time_source: TimeSource = REAL_TIME) -> ConsistencyGroup:
     s = cfg.serve
     cg = ConsistencyGroup.open(
         cfg.cg.name,
         Path(s.data_dir),
         cfg.kafka_conf(),
         interceptor_id=s.interceptor_id,
+        time_source=time_source,
         tick_interval_s=s.tick_interval_ms / 1000,
         max_clock_skew_us=s.max_clock_skew_us,
         max_unreplicated_bytes=parse_size(s.max_unreplicated_bytes, "max_unreplicated_bytes"),
@@ -95,8 +98,12 @@ def primary_metrics(cg: ConsistencyGroup, server: NbdServer | None) -> dict[str,
     return m
 
 
-def run_serve(cfg: LowmarkConfig, ready: threading.Event | None = None) -> None:
-    cg = open_primary(cfg)
+def run_serve(
+    cfg: LowmarkConfig,
+    ready: threading.Event | None = None,
+    time_source: TimeSource = REAL_TIME,
+) -> None:
+    cg = open_primary(cfg, time_source)
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
@@ -144,7 +151,9 @@ async def _serve_async(
 
 
 def make_watermark_service(
-    cfg: LowmarkConfig, skip_progress: frozenset[int] = frozenset()
+    cfg: LowmarkConfig,
+    skip_progress: frozenset[int] = frozenset(),
+    time_source: TimeSource = REAL_TIME,
 ) -> WatermarkService:
     return WatermarkService(
         WatermarkServiceConfig(
@@ -155,18 +164,27 @@ def make_watermark_service(
             skip_progress=skip_progress,
         ),
         cfg.kafka_conf(),
+        time_source,
     )
 
 
-def run_watermark(cfg: LowmarkConfig, skip_progress: frozenset[int] = frozenset()) -> None:
-    svc = make_watermark_service(cfg, skip_progress)
-    _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name})
+def run_watermark(
+    cfg: LowmarkConfig,
+    skip_progress: frozenset[int] = frozenset(),
+    time_source: TimeSource = REAL_TIME,
+) -> None:
+    svc = make_watermark_service(cfg, skip_progress, time_source)
+    _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name}, time_source)
 
 
 # ---------------------------------------------------------------- apply
 
 
-def make_applier(cfg: LowmarkConfig, skip: frozenset[tuple[int, int]] = frozenset()) -> Applier:
+def make_applier(
+    cfg: LowmarkConfig,
+    skip: frozenset[tuple[int, int]] = frozenset(),
+    time_source: TimeSource = REAL_TIME,
+) -> Applier:
     a = cfg.apply
     return Applier(
         ApplierConfig(
@@ -182,12 +200,18 @@ def make_applier(cfg: LowmarkConfig, skip: frozenset[tuple[int, int]] = frozense
             skip=skip,
         ),
         cfg.kafka_conf(),
+        time_source,
     )
 
 
-def run_apply(cfg: LowmarkConfig, skip: frozenset[tuple[int, int]] = frozenset()) -> None:
-    svc = make_applier(cfg, skip)
-    _run_loop(svc, cfg.apply.metrics, "applier", {"cg": cfg.cg.name, "site": cfg.apply.site})
+def run_apply(
+    cfg: LowmarkConfig,
+    skip: frozenset[tuple[int, int]] = frozenset(),
+    time_source: TimeSource = REAL_TIME,
+) -> None:
+    svc = make_applier(cfg, skip, time_source)
+    labels = {"cg": cfg.cg.name, "site": cfg.apply.site}
+    _run_loop(svc, cfg.apply.metrics, "applier", labels, time_source)
 
 
 def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event) -> float:
@@ -223,13 +247,27 @@ def _start_with_retries(svc: Any, name: str, stop: threading.Event) -> None:
             backoff_s = _retry_wait(name, exc, backoff_s, stop)
 
 
-def _run_loop(svc: Any, metrics: str, name: str, labels: dict[str, str]) -> None:
-    stop = threading.Event()
-    _stop_on_signals(stop)
+def _run_loop(
+    svc: Any,
+    metrics: str,
+    name: str,
+    labels: dict[str, str],
+    time_source: TimeSource = REAL_TIME,
+    stop: threading.Event | None = None,
+) -> None:
+    """Start ``svc`` and step it until SIGINT/SIGTERM (or ``stop``, when given, is set).
+
+    Retry waits are ``stop.wait`` (a signal must end them); the status line every
+    ``_STATUS_EVERY_S`` follows ``time_source.monotonic``.
+    """
+    if stop is None:
+        stop = threading.Event()
+        _stop_on_signals(stop)
+    now = time_source.monotonic
     _start_with_retries(svc, name, stop)
     if metrics:
         serve_metrics(metrics, name, svc.metrics, labels)
-    last_log = time.monotonic()
+    last_log = now()
     backoff_s = 0.0
     try:
         while not stop.is_set():
@@ -239,13 +277,13 @@ def _run_loop(svc: Any, metrics: str, name: str, labels: dict[str, str]) -> None
             except LowmarkError as exc:
                 # a routine fault (an election, a broker restart): ride it out
                 backoff_s = _retry_wait(name, exc, backoff_s, stop)
-            if time.monotonic() - last_log >= 10:
+            if now() - last_log >= _STATUS_EVERY_S:
                 event(
                     log,
                     f"{name} status",
                     **{k: v for k, v in svc.metrics().items() if not isinstance(v, dict)},
                 )
-                last_log = time.monotonic()
+                last_log = now()
     finally:
         with contextlib.suppress(Exception):
             svc.close()

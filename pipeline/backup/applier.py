@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ from connectors.kafka.deadletter import deadletter_headers
 from connectors.kafka.reading import latest, watermark_offsets
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
+from pipeline.backup.site import SiteDir
 from pipeline.errors import (
     ApplierHaltedError,
     ApplyError,
@@ -42,11 +44,18 @@ from pipeline.errors import (
 )
 from pipeline.fsutil import atomic_write
 from pipeline.logs import event
-from pipeline.ops.replay import ImageSet
-from pipeline.primary.clock import ts_physical_us, wall_us
+from pipeline.primary.clock import REAL_TIME, TimeSource, ts_physical_us
 from schemas import codec
 
 log = logging.getLogger("lowmark.applier")
+
+#: markers and snapshots applied, kept for inspection: the newest this many (older ones
+#: are dropped and counted in ``markers_dropped``); they grow with the log otherwise
+MAX_MARKERS = 1024
+#: published Ws read but not applied yet. More pile up only while applying stalls (or
+#: after a restart far behind); past this many the oldest but one is dropped (counted in
+#: ``targets_dropped``): any later W is a cut too, applying it covers the dropped one
+MAX_TARGETS = 4096
 
 _PARTITION_EOF = -191
 LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
@@ -94,7 +103,9 @@ class ApplierStats:
     watermarks_seen: int = 0
     consumer_errors: int = 0
     last_checkpoint_us: int = 0
-    started_mono: float = field(default_factory=time.monotonic)
+    markers_dropped: int = 0
+    targets_dropped: int = 0
+    started_mono: float = 0.0
 
 
 def decode_checkpoint(value: bytes) -> dict[str, Any]:
@@ -102,19 +113,26 @@ def decode_checkpoint(value: bytes) -> dict[str, Any]:
 
 
 class Applier:
-    def __init__(self, config: ApplierConfig, kafka_conf: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        config: ApplierConfig,
+        kafka_conf: dict[str, Any],
+        time_source: TimeSource = REAL_TIME,
+    ) -> None:
         self.config = config.validate()
+        self._now = time_source.monotonic  # intervals: checkpoints, digests, snapshots, logs
+        self._wall_us = time_source.wall_us  # what a checkpoint says, RPO
         self.kafka_conf = dict(kafka_conf)
         self.topics = CgTopics(config.cg)
         self.site: ImageSet = None  # type: ignore[assignment]  # opened by start()
-        self.stats = ApplierStats()
+        self.stats = ApplierStats(started_mono=self._now())
         self.applied_w = 0
         self.checkpoint_w = 0
         self.halted: ApplierHaltedError | None = None
-        self.markers: list[dict[str, Any]] = []
+        self.markers: deque[dict[str, Any]] = deque(maxlen=MAX_MARKERS)
         self._targets: list[dict[str, Any]] = []  # watermarks not yet applied, ascending
         self._max_seen_w = 0
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self._now()
         self._reread: dict[int, int] | None = None
         #: partition -> (offset of its bad record, the error a halt raises)
         self._blocked: dict[int, tuple[int, ApplierHaltedError]] = {}
@@ -134,10 +152,10 @@ class Applier:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.config.data_dir / "checkpoint.avro"
+        return SiteDir(self.config.data_dir).checkpoint_path
 
     def image_path(self, volume_id: str) -> Path:
-        return self.config.data_dir / "images" / f"{volume_id}.img"
+        return SiteDir(self.config.data_dir).image_path(volume_id)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         if self.checkpoint_path.exists():
@@ -239,7 +257,7 @@ class Applier:
             self._spill()
         if (
             self.applied_w > self.checkpoint_w
-            and time.monotonic() - self._last_checkpoint >= self.config.checkpoint_interval_s
+            and self._now() - self._last_checkpoint >= self.config.checkpoint_interval_s
             and self.may_checkpoint()
         ):
             self._checkpoint_due()
@@ -289,6 +307,9 @@ class Applier:
                 self.planner.note_departed(d["interceptor_id"], d["epoch"], d["s"])
             if rec["w"] > self._max_seen_w:  # consumers ignore a lower W
                 self._max_seen_w = rec["w"]
+                if len(self._targets) >= MAX_TARGETS:
+                    del self._targets[1]  # keep the next to apply; the newest covers it
+                    self.stats.targets_dropped += 1
                 self._targets.append(rec)
         return len(msgs)
 
@@ -344,7 +365,7 @@ class Applier:
         """A consumer error event (broker down, leader moving): count it, log it now and then;
         librdkafka retries on its own, and the positions stay where the records left them."""
         self.stats.consumer_errors += 1
-        now = time.monotonic()
+        now = self._now()
         if now - self._last_error_log.get(err.code(), -1e9) >= 10:
             self._last_error_log[err.code()] = now
             level = logging.WARNING if err.retriable() else logging.ERROR
@@ -391,6 +412,8 @@ class Applier:
 
     def _apply(self, op: ApplyOp) -> None:
         if op.kind in ("marker", "snapshot"):
+            if len(self.markers) == self.markers.maxlen:
+                self.stats.markers_dropped += 1
             self.markers.append({"kind": op.kind, "ts": op.ts, **(op.record or {})})
             return
         try:
@@ -430,11 +453,11 @@ class Applier:
         wants_digests = (
             self.config.compute_digests
             and interval is not None
-            and time.monotonic() - self._last_digest >= interval
+            and self._now() - self._last_digest >= interval
         )
         wants_snapshot = (
             self.config.snapshot_interval_s > 0
-            and time.monotonic() - self._last_snapshot >= self.config.snapshot_interval_s
+            and self._now() - self._last_snapshot >= self.config.snapshot_interval_s
         )
         if wants_digests or wants_snapshot:
             self.checkpoint(digests=None)  # both read the images: they must not move
@@ -451,7 +474,7 @@ class Applier:
         """
         rec = self._checkpoint_record(digests=False)
         images = self.site.take_touched()
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self._now()
         result: dict[str, Any] = {"rec": rec}
 
         def work() -> None:
@@ -498,20 +521,20 @@ class Applier:
         self._finish_background_checkpoint(wait=True)
         if digests is None:
             interval = self.config.digest_interval_s
-            digests = interval is not None and time.monotonic() - self._last_digest >= interval
+            digests = interval is not None and self._now() - self._last_digest >= interval
         digests = digests and self.config.compute_digests
         if digests:
-            self._last_digest = time.monotonic()
+            self._last_digest = self._now()
         self.site.sync()
         rec = self._checkpoint_record(digests)
         value = self._persist_checkpoint(rec)
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self._now()
         self._checkpoint_written(rec)
         interval = self.config.snapshot_interval_s
-        if interval > 0 and time.monotonic() - self._last_snapshot >= interval and self.applied_w:
+        if interval > 0 and self._now() - self._last_snapshot >= interval and self.applied_w:
             snapshot_store.save(self.config.data_dir, value, self.images, self.catalog)
             snapshot_store.prune(self.config.data_dir, self.config.snapshots_kept)
-            self._last_snapshot = time.monotonic()
+            self._last_snapshot = self._now()
         return rec
 
     def _checkpoint_record(self, digests: bool) -> dict[str, Any]:
@@ -529,7 +552,7 @@ class Applier:
                 }
                 for vid, img in sorted(self.images.items())
             ],
-            "written_us": wall_us(),
+            "written_us": self._wall_us(),
         }
 
     def _persist_checkpoint(self, rec: dict[str, Any]) -> bytes:
@@ -633,12 +656,12 @@ class Applier:
 
     def metrics(self) -> dict[str, Any]:
         w = self.applied_w
-        elapsed = max(1e-9, time.monotonic() - self.stats.started_mono)
+        elapsed = max(1e-9, self._now() - self.stats.started_mono)
         return {
             "applied_w": w,
             "checkpoint_w": self.checkpoint_w,
             "target_w": self._max_seen_w,
-            "rpo_s": (wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
+            "rpo_s": (self._wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
             "applied_ops": self.stats.applied_ops,
             "applied_bytes": self.stats.applied_bytes,
             "apply_bytes_per_s": self.stats.applied_bytes / elapsed,
@@ -646,4 +669,6 @@ class Applier:
             "checkpoints": self.stats.checkpoints,
             "halted": self.halted is not None,
             "consumer_errors": self.stats.consumer_errors,
+            "markers_dropped": self.stats.markers_dropped,
+            "targets_dropped": self.stats.targets_dropped,
         }

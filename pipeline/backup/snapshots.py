@@ -1,10 +1,9 @@
 """A backup site's snapshot store: image copies at checkpoints, the base of restore/replay.
 
-Layout, under the site's data dir::
-
-    snapshots/<W, 20 digits>/checkpoint.avro   the Checkpoint record (Avro, as in Kafka)
-    snapshots/<W, 20 digits>/volumes.json      the site's volume catalog at W
-    snapshots/<W, 20 digits>/images/<id>.img   sparse copies of the images at exactly W
+Each snapshot is itself a site directory (``SiteDir.snapshot(w)``, see
+``pipeline.backup.site`` for the layout): its ``checkpoint.avro`` is the Checkpoint record
+(Avro, as in Kafka), its ``volumes.json`` the site's catalog at W, and its ``images/`` sparse
+copies of the images at exactly W.
 
 A snapshot directory is written under a temporary name and renamed into place, so one
 that exists is complete. Copies are sparse (holes stay holes) and use reflinks where the
@@ -19,15 +18,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from connectors.image.image import Image
+from pipeline.backup.site import SiteDir
 from pipeline.fsutil import atomic_write
 from schemas import codec
 
 
 def store_dir(data_dir: Path) -> Path:
-    return data_dir / "snapshots"
+    return SiteDir(data_dir).snapshots_dir
 
 
 def copy_sparse(src: Path, dst: Path) -> None:
@@ -42,6 +40,14 @@ def copy_sparse(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(
     data_dir: Path,
     checkpoint_value: bytes,
@@ -50,46 +56,48 @@ def save(
 ) -> Path:
     """Copy the (already fdatasynced) images as the snapshot of this checkpoint."""
     rec = codec.decode(checkpoint_value, "Checkpoint").record
-    final = store_dir(data_dir) / f"{rec['w']:020d}"
-    if final.exists():
-        return final
-    tmp = final.with_name(final.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
+    final = SiteDir(data_dir).snapshot(rec["w"])
+    if final.root.exists():
+        return final.root
+    tmp = SiteDir(final.root.with_name(final.root.name + ".partial"))
+    shutil.rmtree(tmp.root, ignore_errors=True)
+    tmp.create()
     for vid, img in images.items():
-        copy_sparse(img.path, tmp / "images" / f"{vid}.img")
-        fd = os.open(tmp / "images" / f"{vid}.img", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    atomic_write(tmp / "volumes.json", orjson.dumps({"volumes": list(catalog.values())}))
-    atomic_write(tmp / "checkpoint.avro", checkpoint_value)
-    os.replace(tmp, final)
-    return final
+        copy_sparse(img.path, tmp.image_path(vid))
+        _fsync(tmp.image_path(vid))
+    tmp.write_catalog(catalog.values())
+    atomic_write(tmp.checkpoint_path, checkpoint_value)  # last: it marks the entry complete
+    os.replace(tmp.root, final.root)
+    return final.root
+
+
+def copy_site(src: Path, dst: Path) -> None:
+    """Copy a site directory's catalog and its catalogued images into ``dst`` (made here).
+
+    Files the catalog does not name are left behind (``SiteDir.strays``). A source that
+    disappears meanwhile (a snapshot pruned while it is copied) raises FileNotFoundError.
+    """
+    source, target = SiteDir(src), SiteDir(dst).create()
+    entries = source.read_catalog(require_images=False, missing_ok=False)
+    for e in entries:
+        copy_sparse(source.image_path(e["volume_id"]), target.image_path(e["volume_id"]))
+    target.write_catalog(entries)
 
 
 def list_snapshots(data_dir: Path) -> list[tuple[int, Path]]:
     """(W, path) of every complete snapshot, oldest first."""
-    root = store_dir(data_dir)
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if p.name.isdigit() and (p / "checkpoint.avro").exists():
-            out.append((int(p.name), p))
-    return sorted(out)
+    return [(w, snap.root) for w, snap in SiteDir(data_dir).snapshots()]
 
 
 def newest_at_or_below(data_dir: Path, ts: int) -> tuple[dict[str, Any], Path] | None:
     """The newest snapshot whose W <= ts, with its checkpoint record."""
-    for w, path in reversed(list_snapshots(data_dir)):
+    for w, snap in reversed(SiteDir(data_dir).snapshots()):
         if w <= ts:
-            return codec.decode((path / "checkpoint.avro").read_bytes(), "Checkpoint").record, path
+            return codec.decode(snap.checkpoint_path.read_bytes(), "Checkpoint").record, snap.root
     return None
 
 
 def prune(data_dir: Path, keep: int) -> None:
-    snaps = list_snapshots(data_dir)
-    for _w, path in snaps[: max(0, len(snaps) - keep)]:
-        shutil.rmtree(path, ignore_errors=True)
+    snaps = SiteDir(data_dir).snapshots()
+    for _w, snap in snaps[: max(0, len(snaps) - keep)]:
+        shutil.rmtree(snap.root, ignore_errors=True)

@@ -16,32 +16,32 @@ one already taken for its neighbour. Epoch facts (an interceptor's new epoch fir
 at an offset) are shared by every planner of a partition, so a zombie record of one
 volume is caught by evidence from another, as in the applier.
 
-Layout of an image directory (the same as a site's data dir, so the result can seed a
-site): ``images/<volume id>.img`` and ``volumes.json`` (the catalog).
+The images are an ``ImageSet`` (``pipeline.backup.images``) over a directory with a site's
+layout (``pipeline.backup.site``), so the result can seed a site.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as CKafkaError
 
-from connectors.image.image import Image
+from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import ApplyError, KafkaUnavailableError, RecordError, RestoreError
-from pipeline.fsutil import atomic_write
 from schemas import codec
 
 LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
 _PARTITION_EOF = -191
 _VOLUME_TYPES = ("Write", "Zero", "VolumeChange")
+#: markers a replay reports: the newest this many of its range
+MAX_MARKERS = 1024
 
 
 # ---------------------------------------------------------------- pure planning
@@ -92,7 +92,10 @@ class ReplayPlan:
             )
         self.from_w = from_w
         self.to_ts = to_ts
-        self.markers: list[dict[str, Any]] = []
+        # the newest MAX_MARKERS of the range (a long range holds any number); older ones
+        # are dropped and counted
+        self.markers: deque[dict[str, Any]] = deque(maxlen=MAX_MARKERS)
+        self.markers_dropped = 0
         self._volumes: dict[str, _VolumePlan] = {}
         # epoch facts (interceptor, epoch, partition, first offset), shared per partition
         self._facts: dict[tuple[str, int, int], int] = {}
@@ -108,6 +111,7 @@ class ReplayPlan:
         self._note_epoch(record, partition, offset)
         if record_type not in _VOLUME_TYPES:
             if record_type == "Marker" and self.from_w < record["ts"] <= self.to_ts:
+                self.markers_dropped += len(self.markers) == self.markers.maxlen
                 self.markers.append(dict(record))
             return []  # CG-wide records change no image
         vid = record["volume_id"]
@@ -151,137 +155,6 @@ class ReplayPlan:
         for vol in self._volumes.values():
             if vol.partition == partition:
                 vol.planner.note_epoch(key[0], key[1], {partition: offset})
-
-
-# ---------------------------------------------------------------- images
-
-
-class ImageSet:
-    """The images of a CG in one directory, changed only through ``apply``."""
-
-    def __init__(self, root: Path, *, keep_deleted: bool = False) -> None:
-        self.root = Path(root)
-        # a backup site keeps a deleted volume's bytes as <id>.deleted for the operator
-        self.keep_deleted = keep_deleted
-        self.image_dir.mkdir(parents=True, exist_ok=True)
-        self.catalog: dict[str, dict[str, Any]] = {}
-        self.images: dict[str, Image] = {}
-        self._touched: set[str] = set()
-        path = self.catalog_path
-        if path.exists():
-            try:
-                vols = orjson.loads(path.read_bytes())["volumes"]
-                self.catalog = {v["volume_id"]: v for v in vols}
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ApplyError(f"volume catalog {path} is unreadable ({exc})") from None
-        for vid in self.catalog:
-            self.images[vid] = Image(self.image_path(vid))
-
-    @property
-    def image_dir(self) -> Path:
-        return self.root / "images"
-
-    @property
-    def catalog_path(self) -> Path:
-        return self.root / "volumes.json"
-
-    def image_path(self, volume_id: str) -> Path:
-        return self.image_dir / f"{volume_id}.img"
-
-    def apply(self, op: ApplyOp) -> None:
-        """Apply one op exactly as the applier does, so restore and backup agree byte for byte."""
-        if op.kind == "volume_change":
-            self._volume_change(op.record or {})
-            return
-        if op.kind in ("marker", "snapshot"):
-            return
-        img = self.images.get(op.volume_id or "")
-        if img is None:
-            raise ApplyError(
-                f"{op.kind} at ts {op.ts} for volume {op.volume_id!r}, which the base images "
-                "do not hold and the replayed log did not create; the base does not match "
-                "this log (wrong site dir or CG?)"
-            )
-        if op.offset + op.length > img.size:
-            raise ApplyError(
-                f"{op.kind} at ts {op.ts} on volume {op.volume_id} [{op.offset}, "
-                f"{op.offset + op.length}) extends past its {img.size} bytes; the base does "
-                "not match this log"
-            )
-        if op.kind == "write":
-            assert op.data is not None
-            img.pwrite(op.offset, op.data)
-        else:  # zero / trim read as zeroes; a zero stays allocated, as at the primary
-            img.zero(op.offset, op.length, punch=op.kind == "trim")
-        self._touched.add(op.volume_id or "")
-
-    def _volume_change(self, rec: Mapping[str, Any]) -> None:
-        vid, op = rec["volume_id"], rec["op"]
-        if op == "DELETE":
-            img = self.images.pop(vid, None)
-            if img is not None:
-                img.close()
-                path = self.image_path(vid)
-                if self.keep_deleted:
-                    path.rename(path.with_suffix(".deleted"))
-                else:
-                    path.unlink(missing_ok=True)
-            self.catalog.pop(vid, None)
-            self._touched.discard(vid)
-        else:
-            img = self.images.get(vid)
-            if img is None:
-                img = self.images[vid] = Image(self.image_path(vid), create_size=rec["size"])
-            if img.size != rec["size"]:
-                img.resize(rec["size"])
-            self.catalog[vid] = {
-                "volume_id": vid,
-                "name": rec["name"],
-                "size": rec["size"],
-                "metadata": dict(rec.get("metadata") or {}),
-            }
-            self._touched.add(vid)
-        self.save_catalog()
-
-    def save_catalog(self) -> None:
-        body = orjson.dumps({"volumes": list(self.catalog.values())}, option=orjson.OPT_INDENT_2)
-        atomic_write(self.catalog_path, body)
-
-    def take_touched(self) -> list[Image]:
-        """The images changed since the last call (to fdatasync before a checkpoint)."""
-        touched = [img for vid in self._touched if (img := self.images.get(vid)) is not None]
-        self._touched.clear()
-        return touched
-
-    def sync(self) -> None:
-        for img in self.take_touched():
-            img.sync()
-
-    def volumes(self) -> list[dict[str, Any]]:
-        """id, name, size and content digest of every volume, sorted by id."""
-        out = []
-        for vid, img in sorted(self.images.items()):
-            info = self.catalog.get(vid, {})
-            out.append(
-                {
-                    "volume_id": vid,
-                    "name": info.get("name", vid),
-                    "size": img.size,
-                    "digest": img.content_digest(),
-                }
-            )
-        return out
-
-    def close(self) -> None:
-        for img in self.images.values():
-            img.close()
-        self.images.clear()
-
-    def __enter__(self) -> ImageSet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------- reading the log
@@ -436,7 +309,7 @@ def replay(
     images.sync()
     if on_progress is not None:
         on_progress(prog)
-    return ReplayResult(from_w, to_ts, resume, plan.markers, prog)
+    return ReplayResult(from_w, to_ts, resume, list(plan.markers), prog)
 
 
 def _apply(images: ImageSet, op: ApplyOp, prog: ReplayProgress) -> None:

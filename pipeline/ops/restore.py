@@ -28,14 +28,16 @@ from confluent_kafka import KafkaException
 from connectors.kafka.reading import iter_range, latest, watermark_offsets
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.images import ImageSet
+from pipeline.backup.site import RESTORE_MANIFEST, SiteDir
 from pipeline.errors import ConfigError, KafkaUnavailableError, RecordError, RestoreError
 from pipeline.fsutil import atomic_write
-from pipeline.ops.replay import ImageSet, ProgressFn, ReplayResult, log_consumer, replay
+from pipeline.ops.replay import ProgressFn, ReplayResult, log_consumer, replay
 from pipeline.primary.clock import format_ts, wall_us
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
 
-MANIFEST = "restore.json"
+MANIFEST = RESTORE_MANIFEST
 MANIFEST_FORMAT = 1
 
 
@@ -120,9 +122,10 @@ def site_snapshots(site_dir: Path | None, site: str | None = None) -> list[Snaps
     if site_dir is None:
         return []
     out = []
-    for w, path in snapshot_store.list_snapshots(Path(site_dir)):
+    for w, snap in SiteDir(Path(site_dir)).snapshots():
+        path = snap.root
         try:
-            ck = codec.decode((path / "checkpoint.avro").read_bytes(), "Checkpoint").record
+            ck = codec.decode(snap.checkpoint_path.read_bytes(), "Checkpoint").record
         except (OSError, RecordError):
             continue  # pruned while we looked, or damaged: not a base
         if site is not None and ck["site"] != site:
@@ -234,7 +237,10 @@ def restore(
         _empty(to_dir)  # it was new or empty: leave no half copy that looks like a restore
         raise
     manifest = _manifest(cg, ts, base, result, volumes, wm, marker)
-    atomic_write(to_dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    atomic_write(
+        SiteDir(to_dir).restore_manifest_path,
+        orjson.dumps(manifest, option=orjson.OPT_INDENT_2),
+    )
     return Outcome(manifest, result)
 
 
@@ -282,13 +288,11 @@ def _restore_into(
 def _prepare(to_dir: Path, base: Base) -> None:
     """Empty ``to_dir`` and put the base images there."""
     _empty(to_dir)
-    (to_dir / "images").mkdir(parents=True)
+    SiteDir(to_dir).create()
     if base.kind != "snapshot":
         return
     assert base.path is not None
-    shutil.copyfile(base.path / "volumes.json", to_dir / "volumes.json")
-    for img in sorted((base.path / "images").glob("*.img")):
-        snapshot_store.copy_sparse(img, to_dir / "images" / img.name)
+    snapshot_store.copy_site(base.path, to_dir)
 
 
 def _empty(path: Path) -> None:
@@ -337,7 +341,7 @@ def _manifest(
 
 
 def read_manifest(images_dir: Path) -> dict[str, Any] | None:
-    path = Path(images_dir) / MANIFEST
+    path = SiteDir(Path(images_dir)).restore_manifest_path
     if not path.exists():
         return None
     try:
@@ -365,7 +369,7 @@ def replay_range(
     start, which must still be retained. ``restore.json`` is rewritten for the new cut.
     """
     images_dir = Path(images_dir)
-    if not (images_dir / "images").is_dir():
+    if not SiteDir(images_dir).is_site():
         raise RestoreError(
             f"{images_dir} holds no images/ directory; give a directory made by "
             "`lowmark restore --to` (or a site's data dir copy)"
@@ -418,5 +422,8 @@ def replay_range(
     if not exact:
         manifest["w"] = manifest["w_time"] = None
         manifest["exact"] = False
-    atomic_write(images_dir / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    atomic_write(
+        SiteDir(images_dir).restore_manifest_path,
+        orjson.dumps(manifest, option=orjson.OPT_INDENT_2),
+    )
     return Outcome(manifest, result, notes)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.image.image import file_digest
-from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.site import SiteDir
 from pipeline.errors import RestoreError
 from pipeline.ops.replay import ProgressFn
 from pipeline.ops.restore import log_bounds, restore
@@ -137,20 +137,19 @@ def _snapshot_verdicts(
     replayed: Mapping[str, tuple[int, str]],
     report: VerifyReport,
 ) -> list[VolumeVerdict]:
-    snap = (
-        next((p for sw, p in snapshot_store.list_snapshots(site_dir) if sw == w), None)
-        if (site_dir is not None)
-        else None
-    )
+    site = SiteDir(site_dir) if site_dir is not None else None
+    snap = next((s for sw, s in site.snapshots() if sw == w), None) if site else None
     if snap is None:
+        where = site.snapshots_dir if site else "the site (no --site-dir)"
         report.notes.append(
-            f"--at-checkpoint: no snapshot at W {w} in {site_dir}/snapshots (the site takes "
+            f"--at-checkpoint: no snapshot at W {w} in {where} (the site takes "
             "them every [apply] snapshot_interval_s); only the checkpoint's digests were checked"
         )
         return [VolumeVerdict("(snapshot)", "NO-SNAPSHOT", None, None, None, None, "snapshot")]
     on_disk = {}
-    for img in sorted((snap / "images").glob("*.img")):
-        on_disk[img.stem] = (img.stat().st_size, file_digest(img))
+    # every image file, catalogued or not: an extra one shows as NOT-IN-LOG
+    for vid, img in snap.image_files().items():
+        on_disk[vid] = (img.stat().st_size, file_digest(img))
     return compare(on_disk, replayed, "snapshot")
 
 

@@ -28,7 +28,6 @@ import heapq
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +45,10 @@ from pipeline.errors import (
     ReplicationError,
 )
 from pipeline.logs import event
-from pipeline.primary.clock import HybridClock, wall_us
+from pipeline.primary.clock import REAL_TIME, HybridClock, TimeSource
 from pipeline.primary.cut_follower import CutFollower
 from pipeline.primary.outbox import Entry, Message, encode_batch, entry_bytes
-from pipeline.watermark.state import join_clock_floor
+from pipeline.watermark.state import JOIN_EPOCH_FROM_OFFSET, join_clock_floor, join_epoch
 from schemas import codec
 
 log = logging.getLogger("lowmark.interceptor")
@@ -125,8 +124,11 @@ class Interceptor:
         config: InterceptorConfig,
         kafka_conf: dict[str, Any],
         clock: HybridClock | None = None,
+        time_source: TimeSource = REAL_TIME,
     ) -> None:
         self.config = config.validate()
+        #: every wait, deadline, backoff and wall-clock stamp of this engine reads this
+        self.time_source = time_source
         self.kafka_conf = dict(kafka_conf)
         self.topics = CgTopics(config.cg)
         config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +138,11 @@ class Interceptor:
             # the wall clock reaches it: keep the reservation short (4 fsyncs/s)
             reserve_us=250_000,
             max_clock_skew_us=config.max_clock_skew_us,
+            wall_us=time_source.wall_us,
+            sleep=time_source.sleep,
         )
-        self.epoch = -1
+        # the JOIN carries the sentinel; the fold's rule turns it into the JOIN's offset
+        self.epoch = JOIN_EPOCH_FROM_OFFSET
         self.failure: LowmarkError | None = None
         self.durable_seq = 0
         self.last_s = 0
@@ -159,7 +164,7 @@ class Interceptor:
         self._delivered: dict[int, int] = {}  # log partition -> next offset after ours
         self._delivery_error: CKafkaError | None = None
         # sync acks wait for a cut; followed only once the CG has a sync volume
-        self.cuts = CutFollower(self.kafka_conf, config.cg)
+        self.cuts = CutFollower(self.kafka_conf, config.cg, now=time_source.monotonic)
         self.stats = {
             "ticks": 0,
             "transactions": 0,
@@ -270,7 +275,7 @@ class Interceptor:
         self._producer.poll(0)  # type: ignore[union-attr]
         if not offsets:
             raise ReplicationError("JOIN progress record was not delivered; check the brokers")
-        return offsets[-1]
+        return join_epoch(self.epoch, offsets[-1])  # as every reader of the JOIN folds it
 
     def _clock_floor(self) -> int:
         """Every S reported before our JOIN: no W computed without us can exceed it."""
@@ -343,7 +348,8 @@ class Interceptor:
         with self._lock:
             if self._unreplicated_bytes + nbytes <= limit or self._unreplicated_bytes == 0:
                 return
-            t0 = time.monotonic()
+            now = self.time_source.monotonic
+            t0 = now()
             event(
                 log,
                 "writes blocked: Kafka is not taking records fast enough",
@@ -354,14 +360,14 @@ class Interceptor:
             while self._unreplicated_bytes + nbytes > limit and self._unreplicated_bytes > 0:
                 if self.failure is not None:
                     raise self.failure
-                remaining = None if timeout_s is None else timeout_s - (time.monotonic() - t0)
+                remaining = None if timeout_s is None else timeout_s - (now() - t0)
                 if remaining is not None and remaining <= 0:
                     raise ReplicationError(
                         f"{self._unreplicated_bytes} bytes still wait for Kafka after "
                         f"{timeout_s}s; check the brokers"
                     )
                 self._space_cv.wait(remaining if remaining is not None else 1.0)
-            self.stats["blocked_s"] += time.monotonic() - t0
+            self.stats["blocked_s"] += now() - t0
 
     def has_space(self, nbytes: int) -> bool:
         return self._unreplicated_bytes + nbytes <= self.config.max_unreplicated_bytes
@@ -379,13 +385,13 @@ class Interceptor:
 
     def wait_durable(self, seq: int, timeout_s: float | None = None) -> None:
         timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
+        deadline = self.time_source.monotonic() + timeout_s
         self._wake.set()
         with self._lock:
             while self.durable_seq < seq:
                 if self.failure is not None:
                     raise self.failure
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.time_source.monotonic()
                 if remaining <= 0:
                     raise ReplicationError(
                         f"write #{seq} of interceptor {self.config.interceptor_id} is not "
@@ -431,7 +437,7 @@ class Interceptor:
             while self._outbox or self._inflight:
                 self._tick()
                 if self._inflight:
-                    time.sleep(0.001)
+                    self.time_source.sleep(0.001)
         except LowmarkError as exc:
             self._fail(exc)
         except Exception as exc:
@@ -459,9 +465,9 @@ class Interceptor:
             fragment_bytes=self.config.fragment_bytes,
             max_record_bytes=self.config.max_record_bytes,
         )
-        t0 = time.perf_counter()
+        t0 = self.time_source.monotonic()
         self._transaction(records, self._progress("PROGRESS", s))
-        commit_ms = (time.perf_counter() - t0) * 1000
+        commit_ms = (self.time_source.monotonic() - t0) * 1000
         nbytes = sum(entry_bytes(e) for e in batch)
         with self._lock:
             self.last_s = s
@@ -509,7 +515,7 @@ class Interceptor:
             "partition_offsets": [
                 {"partition": p, "offset": o} for p, o in sorted(self._delivered.items())
             ],
-            "wall_us": wall_us(),
+            "wall_us": self.time_source.wall_us(),
         }
         return (
             self.config.interceptor_id,
@@ -536,7 +542,7 @@ class Interceptor:
         p = self._producer
         assert p is not None
         backoff = 0.05
-        deadline = time.monotonic() + max(self.config.replication_timeout_s, 1.0) * 4
+        deadline = self.time_source.monotonic() + max(self.config.replication_timeout_s, 1.0) * 4
         begun = False
         while True:
             try:
@@ -566,7 +572,7 @@ class Interceptor:
                 if err.txn_requires_abort():
                     self._abort(p)
                     begun = False
-                if self._stop.is_set() and time.monotonic() > deadline:
+                if self._stop.is_set() and self.time_source.monotonic() > deadline:
                     raise ReplicationError(
                         f"could not commit to Kafka before shutdown: {err.str()}"
                     ) from None
@@ -578,7 +584,7 @@ class Interceptor:
                     retriable=err.retriable(),
                     abort=err.txn_requires_abort(),
                 )
-                time.sleep(backoff)
+                self.time_source.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
     def _abort(self, p: Producer) -> None:
@@ -599,7 +605,7 @@ class Interceptor:
                     level=logging.WARNING,
                     error=err.str(),
                 )
-                time.sleep(backoff)
+                self.time_source.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
     def _raise_if_fatal(self, err: CKafkaError) -> None:

@@ -27,34 +27,32 @@ Promises, per mode (``flush`` is the same in both):
 from __future__ import annotations
 
 import logging
-import re
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
-
 from connectors.image.image import Image
+from pipeline.backup.site import SiteDir, check_volume_id
 from pipeline.errors import ConfigError, VolumeError
-from pipeline.fsutil import atomic_write
+from pipeline.primary.clock import REAL_TIME, TimeSource
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
 
 log = logging.getLogger("lowmark.volume")
 
 Mode = Literal["async", "sync"]
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def check_volume_name(name: str) -> str:
-    if not _NAME.match(name):
+    # a primary's volume id is its name, and an id names a file of the site directory
+    try:
+        return check_volume_id(name)
+    except VolumeError:
         raise VolumeError(
             f"volume name {name!r} is invalid: 1-128 of letters, digits, '.', '-', '_'"
-        )
-    return name
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -166,9 +164,10 @@ class Volume:
         ``replication_timeout_s`` (the caller's bound on an acknowledgement)."""
         if self.mode == "sync":
             engine = self._cg.interceptor
-            deadline = time.monotonic() + engine.config.replication_timeout_s
+            now = engine.time_source.monotonic
+            deadline = now() + engine.config.replication_timeout_s
             ticket.wait()
-            engine.wait_covered(ticket.ts, max(0.0, deadline - time.monotonic()))
+            engine.wait_covered(ticket.ts, max(0.0, deadline - now()))
         return ticket.ts
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -184,6 +183,7 @@ class ConsistencyGroup:
 
     def __init__(self, data_dir: Path, interceptor: Interceptor) -> None:
         self.data_dir = data_dir
+        self.site = SiteDir(data_dir)
         self.interceptor = interceptor
         self.volumes: dict[str, Volume] = {}
         self._lock = threading.Lock()
@@ -200,15 +200,16 @@ class ConsistencyGroup:
         kafka_conf: dict[str, Any],
         *,
         interceptor_id: str = "primary",
+        time_source: TimeSource = REAL_TIME,
         **engine_options: Any,
     ) -> ConsistencyGroup:
         """Open (or create) the CG's primary state in ``data_dir`` and join the CG."""
         data_dir = Path(data_dir)
-        (data_dir / "images").mkdir(parents=True, exist_ok=True)
+        site = SiteDir(data_dir).create()
         config = InterceptorConfig(
-            cg=cg, interceptor_id=interceptor_id, state_dir=data_dir / "state", **engine_options
+            cg=cg, interceptor_id=interceptor_id, state_dir=site.state_dir, **engine_options
         )
-        self = cls(data_dir, Interceptor(config, kafka_conf))
+        self = cls(data_dir, Interceptor(config, kafka_conf, time_source=time_source))
         for info in self._load_catalog():
             self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
         self.interceptor.start()
@@ -313,21 +314,14 @@ class ConsistencyGroup:
     # -- catalog: which volumes this primary holds
 
     def _image_path(self, info: VolumeInfo) -> Path:
-        return self.data_dir / "images" / f"{info.volume_id}.img"
-
-    def _catalog_path(self) -> Path:
-        return self.data_dir / "volumes.json"
+        return self.site.image_path(info.volume_id)
 
     def _load_catalog(self) -> list[VolumeInfo]:
-        path = self._catalog_path()
-        if not path.exists():
-            return []
-        try:
-            raw = orjson.loads(path.read_bytes())
-            return [VolumeInfo(**v) for v in raw["volumes"]]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"volume catalog {path} is unreadable ({exc}); restore it") from None
+        out = []
+        for e in self.site.read_catalog():
+            mode: Mode = "sync" if e.get("mode") == "sync" else "async"
+            out.append(VolumeInfo(e["volume_id"], e["name"], e["size"], mode, e.get("metadata")))
+        return out
 
     def _save_catalog(self) -> None:
-        body = {"volumes": [v.info.__dict__ for v in self.volumes.values()]}
-        atomic_write(self._catalog_path(), orjson.dumps(body, option=orjson.OPT_INDENT_2))
+        self.site.write_catalog(v.info.__dict__ for v in self.volumes.values())

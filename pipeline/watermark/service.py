@@ -15,7 +15,9 @@ gives the same W on every instance). This module is the I/O around it:
   first through Kafka (``init_transactions`` with their transactional.id, which aborts
   their open transaction and locks them out), only then append a FENCE record so the fold
   drops them. Silence is counted from the last moment the service saw the cluster unable
-  to take writes: an election is not the member's fault.
+  to take writes (an election is not the member's fault): that rule, too, is
+  ``WatermarkState``'s (``silences``); this module only keeps the times, on its injected
+  ``TimeSource``.
 
 Several instances may run at once. The one that started (or took over) last publishes; a
 fenced one stands by, keeps folding, and takes over when no W has been committed for
@@ -34,8 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,7 @@ from pipeline.errors import (
     WatermarkHaltedError,
 )
 from pipeline.logs import event
-from pipeline.primary.clock import ts_physical_us, wall_us
+from pipeline.primary.clock import REAL_TIME, TimeSource, ts_physical_us
 from pipeline.watermark.publisher import (
     PublisherTimeouts,
     WatermarkPublisher,
@@ -124,8 +124,7 @@ class WatermarkService:
         self,
         config: WatermarkServiceConfig,
         kafka_conf: dict[str, Any],
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        time_source: TimeSource = REAL_TIME,
     ) -> None:
         self.config = config.validate()
         self.kafka_conf = dict(kafka_conf)
@@ -135,8 +134,10 @@ class WatermarkService:
         self.publisher = WatermarkPublisher(self.kafka_conf, config.cg, config.publisher)
         self.published_w = -1
         self.halted: WatermarkHaltedError | None = None
-        self._now = monotonic
-        self._sleep = sleep
+        # monotonic: publish delays, heartbeats, takeover, backoff, liveness; wall: records
+        self._now = time_source.monotonic
+        self._sleep = time_source.sleep
+        self._wall_us = time_source.wall_us
         self._resumed = False
         self._last_seen: dict[str, int] = {}  # interceptor -> monotonic µs of last event
         self._fencing: set[tuple[str, int]] = set()
@@ -151,7 +152,7 @@ class WatermarkService:
         self._backoff_s = 0.0
         self._trouble_since: float | None = None
         self._last_trouble = -1e18
-        self._started = monotonic()
+        self._started = self._now()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -419,7 +420,7 @@ class WatermarkService:
                 "max_s": snap["max_s"],
                 "members": snap["members"],
                 "departed": snap["departed"],
-                "published_us": wall_us(),
+                "published_us": self._wall_us(),
             }
             committed = self.publisher.publish(rec)
         except KafkaUnavailableError as exc:
@@ -474,14 +475,17 @@ class WatermarkService:
     def _fence_silent(self, now: float) -> None:
         # silence counts from the later of the last report and the last Kafka trouble seen
         floor_us = int(max(self._started, self._last_trouble) * 1e6)
-        seen = {
-            m: max(self._last_seen.get(m, floor_us), floor_us) for m in self.state.members
-        }
-        timeout_us = int(self.config.liveness_timeout_s * 1e6)
-        for member in self.state.silent_members(seen, int(now * 1e6), timeout_us):
+        now_us, timeout_us = int(now * 1e6), int(self.config.liveness_timeout_s * 1e6)
+        quiet = self.state.silences(self._last_seen, now_us, not_before_us=floor_us)
+        silent = self.state.silent_members(
+            self._last_seen, now_us, timeout_us, not_before_us=floor_us
+        )
+        # a fence in flight for an instance that has since left the table is done with
+        self._fencing &= {(m.interceptor_id, m.epoch) for m in self.state.members.values()}
+        for member in silent:
             if (member.interceptor_id, member.epoch) in self._fencing:
                 continue
-            silent_s = (now * 1e6 - seen[member.interceptor_id]) / 1e6
+            silent_s = quiet[member.interceptor_id] / 1e6
             self._fence(member.interceptor_id, member.epoch, member.s, silent_s)
 
     def _fence(self, interceptor_id: str, epoch: int, s: int, silent_s: float) -> None:
@@ -519,7 +523,7 @@ class WatermarkService:
             "kind": "FENCE",
             "s": s,
             "partition_offsets": [],
-            "wall_us": wall_us(),
+            "wall_us": self._wall_us(),
         }
         assert self._producer is not None
         self._producer.produce(
@@ -547,7 +551,7 @@ class WatermarkService:
         return {
             "w": w,
             "published_w": self.published_w,
-            "rpo_s": (wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
+            "rpo_s": (self._wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
             "members": len(self.state.members),
             "max_s": self.state.max_s,
             "progress_offset": self.state.progress_offset,

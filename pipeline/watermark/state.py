@@ -120,8 +120,7 @@ class WatermarkState:
         if kind != "FENCE":
             self.max_s = max(self.max_s, s)
         if kind == "JOIN":
-            join_epoch = offset if epoch == JOIN_EPOCH_FROM_OFFSET else epoch
-            reason = self._join(iid, join_epoch, s, offset)
+            reason = self._join(iid, join_epoch(epoch, offset), s, offset)
         elif kind == "PROGRESS":
             reason = self._progress(iid, epoch, s, offset)
         elif kind == "LEAVE":
@@ -223,21 +222,47 @@ class WatermarkState:
                 "the progress topic from offset 0"
             ) from None
 
-    def silent_members(
-        self, last_seen_wall_us: Mapping[str, int], now_us: int, liveness_timeout_us: int
-    ) -> list[Member]:
-        """Members not heard from for longer than the timeout, sorted by id (copies).
+    def silences(
+        self,
+        last_seen_us: Mapping[str, int],
+        now_us: int,
+        *,
+        not_before_us: int | None = None,
+    ) -> dict[str, int]:
+        """How long each member has been silent at ``now_us`` (µs), by id in id order.
 
-        A member missing from ``last_seen_wall_us`` is not reported: the service must
-        seed the map (e.g. with its own start time) for members it loaded from a
-        snapshot, otherwise a restart would fence every live interceptor at once.
+        Silence counts from the member's last accepted event (``last_seen_us``). With
+        ``not_before_us`` it never counts from before that moment (the service's start,
+        or the last moment it saw Kafka unable to take writes: a member that could not
+        report through an election is not silent), and a member missing from the map
+        counts from it. Without it, a member missing from the map is left out: the
+        caller must seed the map for members it loaded from a snapshot, otherwise a
+        restart would fence every live interceptor at once.
         """
-        out = []
+        out = {}
         for iid in sorted(self.members):
-            seen = last_seen_wall_us.get(iid)
-            if seen is not None and now_us - seen > liveness_timeout_us:
-                out.append(dataclasses.replace(self.members[iid]))
+            seen = last_seen_us.get(iid)
+            if not_before_us is not None:
+                seen = not_before_us if seen is None else max(seen, not_before_us)
+            if seen is not None:
+                out[iid] = now_us - seen
         return out
+
+    def silent_members(
+        self,
+        last_seen_wall_us: Mapping[str, int],
+        now_us: int,
+        liveness_timeout_us: int,
+        *,
+        not_before_us: int | None = None,
+    ) -> list[Member]:
+        """Members silent for longer than the timeout (``silences``), sorted by id (copies)."""
+        quiet = self.silences(last_seen_wall_us, now_us, not_before_us=not_before_us)
+        return [
+            dataclasses.replace(self.members[iid])
+            for iid, silent_us in quiet.items()
+            if silent_us > liveness_timeout_us
+        ]
 
     def _validate(self) -> None:
         ints = [self._w, self.max_s, self.progress_offset]
@@ -260,6 +285,13 @@ class WatermarkState:
                     f"(w={self._w}, max_s={self.max_s}) or lies beyond progress_offset "
                     f"{self.progress_offset}; rebuild the state from the progress topic"
                 )
+
+
+def join_epoch(epoch: int, offset: int) -> int:
+    """The epoch of a JOIN read at ``offset``: the offset itself when the JOIN carries
+    ``JOIN_EPOCH_FROM_OFFSET`` (what an interceptor writes, and then learns its epoch
+    from the JOIN's delivery report through this same rule), else the epoch it carries."""
+    return offset if epoch == JOIN_EPOCH_FROM_OFFSET else epoch
 
 
 def join_clock_floor(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from connectors.image.image import file_digest
+from pipeline.backup.site import SiteDir
 from pipeline.ops.status import scrape
 from tests.prereqs import require_tools
 from tests.replication_helpers import read_log, rebuild_from_log, wait_until
@@ -202,13 +203,13 @@ def test_services_replicate_nbd_clients_and_expose_metrics(kafka_conf, unique_na
         # graceful stop: the primary publishes everything, the backup applies it
         assert svc.stop("serve") == 0
         primary = {
-            v: file_digest(tmp_path / "primary" / "images" / f"{v}.img") for v in ("vol1", "vol2")
+            v: file_digest(SiteDir(tmp_path / "primary").image_path(v)) for v in ("vol1", "vol2")
         }
 
         def converged() -> bool:
             return all(
-                (tmp_path / "backup" / "images" / f"{v}.img").exists()
-                and file_digest(tmp_path / "backup" / "images" / f"{v}.img") == d
+                SiteDir(tmp_path / "backup").image_path(v).exists()
+                and file_digest(SiteDir(tmp_path / "backup").image_path(v)) == d
                 for v, d in primary.items()
             )
 
@@ -224,5 +225,5 @@ def test_services_replicate_nbd_clients_and_expose_metrics(kafka_conf, unique_na
     sizes = {"vol1": 64 << 20, "vol2": 16 << 20}
     rebuilt = rebuild_from_log(read_log(kafka_conf, unique_name), sizes)
     for v in sizes:
-        data = (tmp_path / "primary" / "images" / f"{v}.img").read_bytes()
+        data = SiteDir(tmp_path / "primary").image_path(v).read_bytes()
         assert bytes(rebuilt[v]) == data, f"{v}: the log does not hold every NBD write"

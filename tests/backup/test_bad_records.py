@@ -26,6 +26,7 @@ from confluent_kafka import Producer
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.site import SiteDir
 from pipeline.errors import ApplierHaltedError
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
@@ -97,7 +98,7 @@ def _partitions(kafka_conf: dict[str, Any], topic: str) -> dict[str, tuple[int, 
 
 
 def _image(site: Path, vid: str) -> bytes:
-    path = site / "images" / f"{vid}.img"
+    path = SiteDir(site).image_path(vid)
     # a volume whose creation is not in the cut yet reads as nothing at all
     data = path.read_bytes() if path.exists() else b""
     return data + bytes(SIZE - len(data))

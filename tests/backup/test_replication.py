@@ -24,6 +24,7 @@ import pipeline.watermark.service as watermark_service
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.site import SiteDir
 from pipeline.errors import ApplierHaltedError
 from pipeline.primary.clock import make_ts, wall_us
 from pipeline.primary.volume import ConsistencyGroup
@@ -82,7 +83,7 @@ def test_backup_converges_byte_identical(kafka_conf, unique_name, tmp_path):
             ckpt = ap.service.checkpoint()
         primary = {v.volume_id: v.pread(0, v.size) for v in cg.volumes.values()}
     for vid, data in primary.items():
-        backup = read_image(tmp_path / "backup" / "images" / f"{vid}.img", len(data))
+        backup = read_image(SiteDir(tmp_path / "backup").image_path(vid), len(data))
         assert backup == data, f"backup {vid}: {first_difference(backup, data)}"
     claimed = {v["volume_id"]: v["digest"] for v in ckpt["volumes"]}
     assert claimed == {vid: claimed_digest(data) for vid, data in primary.items()}, (
@@ -242,9 +243,9 @@ def test_stalled_interceptor_freezes_w_then_is_fenced_and_its_late_record_is_rej
             "the applier applying the living's write after the late record",
         )
         ap.check()
-        backup = tmp_path / "backup" / "images"
-        assert read_image(backup / "lv.img")[4096:4104] == b"moves-on"
-        stale = read_image(backup / "sv.img")
+        backup = SiteDir(tmp_path / "backup")
+        assert read_image(backup.image_path("lv"))[4096:4104] == b"moves-on"
+        stale = read_image(backup.image_path("sv"))
         assert stale.startswith(b"before-the-stall"), "the stalled interceptor's data is lost"
         assert LATE_BYTES not in stale, (
             f"the late record of fenced interceptor 'stall' (epoch {stalled.interceptor.epoch}, "
@@ -391,7 +392,7 @@ def test_corrupt_record_halts_the_applier_with_a_dead_letter_copy(
             msg = str(info.value)
             assert "--skip" in msg and topics.deadletter in msg
             assert good_ts <= applier.applied_w < after
-            img = (tmp_path / "backup" / "images" / "v.img").read_bytes()
+            img = SiteDir(tmp_path / "backup").image_path("v").read_bytes()
             assert b"good" in img, "records before the bad one are applied"
             assert b"after-bad" not in img, "nothing after the bad record is applied"
             dead = list(iter_range(kafka_conf, topics.deadletter))

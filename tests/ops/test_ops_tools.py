@@ -30,6 +30,7 @@ from connectors.kafka.config import KafkaConnection
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.app.cli_ops import COMMANDS
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.site import SiteDir
 from pipeline.errors import ApplierHaltedError, RestoreError
 from pipeline.ops import restore as rs
 from pipeline.ops.replay import ReplayPlan
@@ -108,12 +109,12 @@ def _digests(manifest: dict[str, Any]) -> dict[str, str]:
     return {v["volume_id"]: v["digest"] for v in manifest["volumes"]}
 
 
-def _assert_images(images_dir: Path, want: dict[str, bytes], what: str) -> None:
+def _assert_images(site: SiteDir, want: dict[str, bytes], what: str) -> None:
     """The restored images hold exactly the reference bytes, and no other volume."""
-    got = sorted(p.stem for p in images_dir.glob("*.img"))
+    got = sorted(site.image_files())
     assert got == sorted(want), f"{what}: images {got}, wanted {sorted(want)}"
     for vid, data in want.items():
-        disk = read_image(images_dir / f"{vid}.img", len(data))
+        disk = read_image(site.image_path(vid), len(data))
         assert disk == data, f"{what}: volume {vid}: {first_difference(disk, data)}"
 
 
@@ -224,7 +225,7 @@ def test_restore_at_equals_the_log_applied_to_ts(cg_run, tmp_path, use_snapshots
             # the newest snapshot at or below ts, not any older one
             assert m["base"]["w"] == max(s for s in run["snaps"] if s <= ts)
         _assert_images(
-            tmp_path / f"r{i}" / "images", _reference(run["records"], ts), f"restore at {ts}"
+            SiteDir(tmp_path / f"r{i}"), _reference(run["records"], ts), f"restore at {ts}"
         )
         assert _digests(m) == _expect(run["records"], ts), f"restore at {ts}: wrong digests"
         shutil.rmtree(tmp_path / f"r{i}")
@@ -251,7 +252,7 @@ def test_restore_cli_by_iso_time_and_marker_then_replay_continues(cg_run, tmp_pa
     assert res.exit_code == 0, res.output
     assert f"at W {mid} " in res.stdout
     manifest = orjson.loads((tmp_path / "iso" / "restore.json").read_bytes())
-    _assert_images(tmp_path / "iso" / "images", _reference(recs, mid), "restore --at")
+    _assert_images(SiteDir(tmp_path / "iso"), _reference(recs, mid), "restore --at")
     assert _digests(manifest) == _expect(recs, mid)
     for digest in _expect(recs, mid).values():
         assert digest in res.stdout
@@ -269,7 +270,7 @@ def test_restore_cli_by_iso_time_and_marker_then_replay_continues(cg_run, tmp_pa
     assert res.exit_code == 0, res.output
     m = orjson.loads((tmp_path / "mk" / "restore.json").read_bytes())
     assert m["w"] == run["marker_ts"] and m["marker"] == "before-upgrade"
-    _assert_images(tmp_path / "mk" / "images", _reference(recs, run["marker_ts"]), "--marker")
+    _assert_images(SiteDir(tmp_path / "mk"), _reference(recs, run["marker_ts"]), "--marker")
     assert _digests(m) == _expect(recs, run["marker_ts"])
 
     # replay the restored copy from its cut to W: the same bytes as a restore at W
@@ -287,7 +288,7 @@ def test_restore_cli_by_iso_time_and_marker_then_replay_continues(cg_run, tmp_pa
     assert res.exit_code == 0, res.output
     m = orjson.loads((tmp_path / "iso" / "restore.json").read_bytes())
     assert m["exact"] and m["w"] == run["w"]
-    _assert_images(tmp_path / "iso" / "images", _reference(recs, run["w"]), "replay to W")
+    _assert_images(SiteDir(tmp_path / "iso"), _reference(recs, run["w"]), "replay to W")
     assert _digests(m) == _expect(recs, run["w"])
     # a range that leaves a gap after the copy's cut is a drill, and says so
     later = min(t for t in run["write_ts"] if t > run["marker_ts"])
@@ -375,7 +376,7 @@ def test_restore_outside_retention_fails_naming_the_oldest_point(kafka_conf, uni
         out = rs.restore(kafka_conf, unique_name, ts, tmp_path / f"ok{ts}", site_dir=site_dir)
         assert out.manifest["base"]["w"] >= keep.w
         want = {"a": bytes(rebuild_from_log(records, {"a": SIZES["a"]}, ts)["a"])}
-        _assert_images(tmp_path / f"ok{ts}" / "images", want, f"restore at {ts}")
+        _assert_images(SiteDir(tmp_path / f"ok{ts}"), want, f"restore at {ts}")
         assert _digests(out.manifest) == {"a": claimed_digest(want["a"])}
     # retention past every record: only the last snapshot (at the log's end) is left
     ends = rs.log_bounds(kafka_conf, unique_name)
@@ -507,10 +508,10 @@ def test_verify_ok_then_mismatch_on_a_wrong_checkpoint_or_snapshot(cg_run, tmp_p
 
     # a snapshot copy with one byte changed on disk: --at-checkpoint catches it
     copy = tmp_path / "site-copy"
-    shutil.copytree(run["site_dir"] / "snapshots", copy / "snapshots")
+    shutil.copytree(SiteDir(run["site_dir"]).snapshots_dir, SiteDir(copy).snapshots_dir)
     snap = snapshot_store.newest_at_or_below(copy, ck["w"])
     assert snap is not None and snap[0]["w"] == ck["w"]
-    img = snap[1] / "images" / "a.img"
+    img = SiteDir(snap[1]).image_path("a")
     data = bytearray(img.read_bytes())
     data[4097] ^= 0x01
     img.write_bytes(bytes(data))

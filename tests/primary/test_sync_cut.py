@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.site import SiteDir
 from pipeline.errors import ReplicationError
 from pipeline.primary.cut_follower import CutFollower
 from pipeline.primary.nbd_volume import VolumeExport
@@ -269,7 +270,7 @@ def test_sync_ack_waits_until_a_dead_member_is_fenced_and_is_then_in_the_cut(
         ap.stop(close=False)
         ckpt = ap.service.checkpoint()
         assert ckpt["w"] >= acked["ts"]
-        image = read_image(tmp_path / "backup" / "images" / f"{sv.volume_id}.img", 1 << 20)
+        image = read_image(SiteDir(tmp_path / "backup").image_path(sv.volume_id), 1 << 20)
         assert image[4096 : 4096 + 28] == b"acked-while-a-member-is-dead"
         ap.service.close()
         ap = None

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from connectors.image.image import Image, file_digest
+from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, OpKind
-from pipeline.ops.replay import ImageSet
+from pipeline.backup.site import SiteDir
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
 from tests.nbd_helpers import ServerThread
@@ -150,7 +151,7 @@ def test_nbd_no_hole_zero_stays_allocated_at_primary_and_backup(
             wait_until(lambda: ap.service.applied_w >= target or ap.error, 30, "backup reaches W")
             assert ap.error is None and wm.error is None
             ap.service.checkpoint()  # fsyncs the backup images
-            backup_path = tmp / "backup" / "images" / f"{vol.volume_id}.img"
+            backup_path = SiteDir(tmp / "backup").image_path(vol.volume_id)
             backup = allocated(backup_path)
             # both sides at once, so a failure shows where the allocation was lost
             assert (primary, backup) == (KEPT, KEPT), (

@@ -18,6 +18,7 @@ import pytest
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.site import SiteDir
 from pipeline.errors import LowmarkError
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig, decode_watermark
@@ -128,7 +129,7 @@ def test_services_ride_out_a_log_leader_kill(kafka3, kafka3_conf, unique_name, t
             )
             for svc in (wm, ap):
                 assert svc.error is None, f"{svc.thread.name} failed: {svc.error!r}"
-            backup = {v: read_image(tmp_path / "backup" / "images" / f"{v}.img", SIZE)
+            backup = {v: read_image(SiteDir(tmp_path / "backup").image_path(v), SIZE)
                       for v in ("sync", "async")}  # fmt: skip
             missing = {
                 mode: sum(1 for a in writer.acked if a[0] == mode

@@ -40,6 +40,7 @@ from connectors.kafka.config import KafkaConnection
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.site import SiteDir
 from pipeline.primary.clock import wall_us
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
@@ -259,7 +260,7 @@ def run_kills(kafka_conf: dict[str, Any], cg: str, root: Path, kills: int, seed:
         run.final_checkpoint = _read_checkpoint(ckpt_path)
         run.primary = {v.volume_id: v.pread(0, v.size) for v in primary.volumes.values()}
         for vid, size in SIZES.items():
-            run.backup[vid] = reader_bytes(root / SITE / "images" / f"{vid}.img", size)
+            run.backup[vid] = reader_bytes(SiteDir(root / SITE).image_path(vid), size)
     finally:
         stop_writes.set()
         if writer is not None:

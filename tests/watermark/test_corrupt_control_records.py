@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.site import SiteDir
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
@@ -122,7 +123,7 @@ def test_corrupt_watermark_record_is_skipped_by_the_applier(
                 "unreadable watermark" in r.getMessage() and r.__dict__.get("offset") == bad
                 for r in caplog.records
             ), "the skipped watermark was not logged"
-            img = (tmp_path / "b" / "images" / "v.img").read_bytes()
+            img = SiteDir(tmp_path / "b").image_path("v").read_bytes()
             assert img[4096:8192] == b"y" * 4096
         finally:
             stop_all(ap, wm)

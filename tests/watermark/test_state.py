@@ -30,6 +30,7 @@ from pipeline.watermark.state import (
     Reason,
     WatermarkState,
     join_clock_floor,
+    join_epoch,
 )
 
 
@@ -196,6 +197,51 @@ def test_silent_members() -> None:
     assert [m.interceptor_id for m in silent] == ["b", "c"]  # 100 is not > 50 old
     silent[0].s = 10**9  # copies: the caller cannot corrupt the state through them
     assert st_.members["b"].s == 0
+
+
+@pytest.mark.parametrize("seen", [None, 0, 40, 99, 100, 101, 150, 200])
+@pytest.mark.parametrize("not_before", [None, 0, 60, 100, 101, 150])
+@pytest.mark.parametrize("timeout", [0, 49, 50, 51])
+def test_silence_counts_from_the_later_of_last_seen_and_not_before(
+    seen: int | None, not_before: int | None, timeout: int
+) -> None:
+    """Every combination against a model: the later of the two, a missing one skipped."""
+    st_ = fold([(ev("JOIN", "m", -1), 0)])
+    last = {} if seen is None else {"m": seen}
+    now = 150
+    starts = [x for x in (seen, not_before) if x is not None]
+    want = now - max(starts) if starts else None
+    got = st_.silences(last, now, not_before_us=not_before)
+    assert got == ({} if want is None else {"m": want})
+    silent = st_.silent_members(last, now, timeout, not_before_us=not_before)
+    fenced = want is not None and want > timeout
+    assert [m.interceptor_id for m in silent] == (["m"] if fenced else [])
+
+
+def test_silences_cover_members_only_in_id_order() -> None:
+    st_ = fold([(ev("JOIN", i, -1), n) for n, i in enumerate(["c", "a", "b"])])
+    seen = {"a": 10, "gone": 0}  # an id no longer in the table is never reported
+    assert list(st_.silences(seen, 100, not_before_us=30)) == ["a", "b", "c"]
+    assert st_.silences(seen, 100, not_before_us=30) == {"a": 70, "b": 70, "c": 70}
+    assert st_.silences(seen, 100) == {"a": 90}
+    assert st_.silences({}, 100) == {}
+    assert fold([]).silences(seen, 100, not_before_us=0) == {}
+    # a member that left or was fenced is not silent any more, whatever the map says
+    st_.apply(ev("LEAVE", "a", 1, 0), 3)
+    st_.apply({**ev("FENCE", "b", 2), "s": 0}, 4)
+    assert st_.silent_members(seen, 10**9, 1, not_before_us=0) == [st_.members["c"]]
+
+
+def test_join_epoch_rule_is_the_offset_for_the_sentinel_only() -> None:
+    assert join_epoch(JOIN_EPOCH_FROM_OFFSET, 0) == 0
+    assert join_epoch(JOIN_EPOCH_FROM_OFFSET, 12345) == 12345
+    for epoch in (0, 1, 7, 2**40):
+        assert join_epoch(epoch, 99) == epoch
+    # the fold applies the same rule: an interceptor that learns its epoch through
+    # join_epoch from its JOIN's delivery offset agrees with every reader of the JOIN
+    st_ = fold([(ev("JOIN", "a", JOIN_EPOCH_FROM_OFFSET, 5), 41), (ev("JOIN", "b", 3, 5), 42)])
+    assert st_.members["a"].epoch == join_epoch(JOIN_EPOCH_FROM_OFFSET, 41)
+    assert st_.members["b"].epoch == join_epoch(3, 42) == 3
 
 
 def test_join_clock_floor() -> None:

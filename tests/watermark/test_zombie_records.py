@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.site import SiteDir
 from pipeline.primary.clock import make_ts, wall_us
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
@@ -147,7 +148,7 @@ def test_zombie_record_is_rejected_after_its_interceptor_rejoined(fenced_zombie,
         _drive_w_past(setup, zombie_ts, setup.live, rejoined)
         planner = setup.ap.service.planner
         assert planner.stats.rejected_stale_epoch >= 1, planner.stats
-        image = read_image(tmp_path / "backup" / "images" / "sv.img")
+        image = read_image(SiteDir(tmp_path / "backup").image_path("sv"))
         assert b"new-epoch" in image and b"before-the-stall" in image
         assert ZOMBIE_BYTES not in image, "a fenced epoch's record reached the backup"
     finally:
@@ -160,7 +161,7 @@ def test_zombie_record_is_rejected_while_its_interceptor_stays_fenced(fenced_zom
     setup = fenced_zombie
     zombie_ts = _produce_zombie_write(setup, "sv", 65536)
     _drive_w_past(setup, zombie_ts, setup.live)
-    image = read_image(tmp_path / "backup" / "images" / "sv.img")
+    image = read_image(SiteDir(tmp_path / "backup").image_path("sv"))
     assert b"before-the-stall" in image
     stats = setup.ap.service.planner.stats
     assert ZOMBIE_BYTES not in image, (

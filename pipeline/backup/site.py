@@ -1,0 +1,258 @@
+"""The layout of a site directory: the only code that knows where a site keeps what.
+
+A primary's data dir, a backup site's data dir, a restore result and a snapshot inside a
+site's store all share one layout (so any of them can seed another)::
+
+    images/<volume id>.img       the volume's bytes (a sparse raw image)
+    images/<volume id>.deleted   a backup's copy of a deleted volume, kept for the operator
+    volumes.json                 the catalog: {"volumes": [{volume_id, name, size, ...}]}
+    checkpoint.avro              a backup site's local checkpoint (the Checkpoint record)
+    snapshots/<W, 20 digits>/    the snapshot store: each entry is itself a site directory
+                                 (images/, volumes.json, checkpoint.avro) at exactly W
+    state/                       a primary's interceptor state (its clock reservation)
+    restore.json                 a restore result's manifest (``lowmark restore``)
+
+What is a volume: the catalog says so, nothing else. An image file the catalog does not
+name (a crash between creating an image and saving the catalog leaves one; so does an
+operator's copy) is never taken for a volume: not opened, not snapshotted, not restored.
+``strays`` lists such files. A catalog that names a volume whose image is missing, that
+is not JSON, or that is not a lowmark catalog (someone else's ``volumes.json``) is
+refused with an error that says what to do; so is a volume id that is not a plain file
+name (``../x`` would reach outside ``images/``).
+
+Writes of the catalog are atomic (``atomic_write``): a crash leaves the old or the new one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NotRequired, TypedDict
+
+import orjson
+
+from pipeline.errors import ConfigError, VolumeError
+from pipeline.fsutil import atomic_write
+
+IMAGES = "images"
+CATALOG = "volumes.json"
+CHECKPOINT = "checkpoint.avro"
+SNAPSHOTS = "snapshots"
+STATE = "state"
+RESTORE_MANIFEST = "restore.json"
+IMAGE_SUFFIX = ".img"
+DELETED_SUFFIX = ".deleted"
+
+#: a volume id is a file name under images/: no separators, no leading dot (no "..")
+_VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SNAPSHOT_NAME = re.compile(r"^[0-9]{1,20}$")
+_MODES = ("async", "sync")
+
+
+class CatalogEntry(TypedDict):
+    """One volume of the catalog, as it is stored (the primary adds ``mode``)."""
+
+    volume_id: str
+    name: str
+    size: int
+    metadata: NotRequired[dict[str, str]]
+    mode: NotRequired[str]
+
+
+def check_volume_id(volume_id: object) -> str:
+    """``volume_id`` if it is a plain file name a site may store, else ``VolumeError``."""
+    if not isinstance(volume_id, str) or not _VOLUME_ID.match(volume_id):
+        raise VolumeError(
+            f"volume id {volume_id!r} is invalid: 1-128 of letters, digits, '.', '-', '_', "
+            "starting with a letter or digit (it names a file under images/)"
+        )
+    return volume_id
+
+
+@dataclass(frozen=True)
+class SiteDir:
+    """One site directory (see the module docstring). Cheap: holds a path, opens nothing."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ---------------------------------------------------------------- where things are
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / IMAGES
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.root / CATALOG
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / CHECKPOINT
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / SNAPSHOTS
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE
+
+    @property
+    def restore_manifest_path(self) -> Path:
+        return self.root / RESTORE_MANIFEST
+
+    def image_path(self, volume_id: str) -> Path:
+        return self.images_dir / f"{check_volume_id(volume_id)}{IMAGE_SUFFIX}"
+
+    def deleted_path(self, volume_id: str) -> Path:
+        return self.images_dir / f"{check_volume_id(volume_id)}{DELETED_SUFFIX}"
+
+    def snapshot(self, w: int) -> SiteDir:
+        """The snapshot store's entry at ``w`` (it may not exist)."""
+        if w < 0:
+            raise ValueError(f"snapshot W {w} is negative")
+        return SiteDir(self.snapshots_dir / f"{w:020d}")
+
+    # ---------------------------------------------------------------- creating, listing
+
+    def create(self) -> SiteDir:
+        """Make the directory (and images/) if missing; an existing site is left as it is."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"site directory {self.root} is a file; give a directory")
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def is_site(self) -> bool:
+        """Whether the directory has the layout (an images/ directory)."""
+        return self.images_dir.is_dir()
+
+    def image_files(self) -> dict[str, Path]:
+        """volume id -> path of every ``<id>.img`` file in images/, catalogued or not."""
+        if not self.images_dir.is_dir():
+            return {}
+        out = {}
+        for p in sorted(self.images_dir.iterdir()):
+            vid = p.name[: -len(IMAGE_SUFFIX)]
+            if p.name.endswith(IMAGE_SUFFIX) and _VOLUME_ID.match(vid) and p.is_file():
+                out[vid] = p
+        return out
+
+    def strays(self) -> list[Path]:
+        """What lies in images/ without being a catalogued volume's image or a deleted copy."""
+        if not self.images_dir.is_dir():
+            return []
+        known = {
+            self.image_path(e["volume_id"]).name for e in self.read_catalog(require_images=False)
+        }
+        out = []
+        for p in sorted(self.images_dir.iterdir()):
+            vid = p.name[: -len(DELETED_SUFFIX)]
+            deleted = p.name.endswith(DELETED_SUFFIX) and _VOLUME_ID.match(vid) and p.is_file()
+            if p.name not in known and not deleted:
+                out.append(p)
+        return out
+
+    def snapshots(self) -> list[tuple[int, SiteDir]]:
+        """(W, entry) of every complete snapshot, oldest first.
+
+        An entry is renamed into place only once complete (``snapshots.save``), and its
+        checkpoint is written last: one without it is not a snapshot.
+        """
+        if not self.snapshots_dir.is_dir():
+            return []
+        out = []
+        for p in self.snapshots_dir.iterdir():
+            if _SNAPSHOT_NAME.match(p.name) and (p / CHECKPOINT).is_file():
+                out.append((int(p.name), SiteDir(p)))
+        return sorted(out, key=lambda x: x[0])
+
+    # ---------------------------------------------------------------- the catalog
+
+    def read_catalog(
+        self, *, require_images: bool = True, missing_ok: bool = True
+    ) -> list[CatalogEntry]:
+        """The catalogued volumes, checked; [] when there is no catalog (a new site).
+
+        ``require_images``: every catalogued volume's image must exist (``VolumeError``
+        otherwise). ``missing_ok=False``: no catalog raises ``FileNotFoundError`` (a
+        snapshot being read while it is pruned). Any other damage is a ``ConfigError``
+        naming the file.
+        """
+        path = self.catalog_path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+            return []
+        except IsADirectoryError:
+            raise ConfigError(f"volume catalog {path} is a directory; move it away") from None
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(
+                f"volume catalog {path} is not valid JSON ({exc}); the site directory is "
+                "damaged: restore it from a snapshot (snapshots/<W>/volumes.json) or rebuild "
+                "the site (`lowmark restore`)"
+            ) from None
+        entries = _check_catalog(doc, path)
+        if require_images:
+            for e in entries:
+                img = self.image_path(e["volume_id"])
+                if not img.is_file():
+                    raise VolumeError(
+                        f"volume catalog {path} names volume {e['volume_id']!r}, but its image "
+                        f"{img} is missing (deleted by hand, or a copy of the site left it "
+                        "out); restore the site directory from a snapshot or rebuild it "
+                        "(`lowmark restore`), or remove the entry if the volume is gone"
+                    )
+        return entries
+
+    def write_catalog(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Replace the catalog atomically (entries are checked as ``read_catalog`` would)."""
+        body = {"volumes": [dict(e) for e in entries]}
+        _check_catalog(body, self.catalog_path)
+        atomic_write(self.catalog_path, orjson.dumps(body, option=orjson.OPT_INDENT_2))
+
+
+def _check_catalog(doc: object, path: Path) -> list[CatalogEntry]:
+    def foreign(why: str) -> ConfigError:
+        return ConfigError(
+            f"{path} is not a lowmark volume catalog ({why}); is this directory some other "
+            "program's? Point lowmark at its own site directory, or restore the catalog "
+            "from a snapshot (snapshots/<W>/volumes.json)"
+        )
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("volumes"), list):
+        raise foreign('no "volumes" list')
+    out: list[CatalogEntry] = []
+    seen: set[str] = set()
+    for i, e in enumerate(doc["volumes"]):
+        if not isinstance(e, dict):
+            raise foreign(f"entry {i} is not an object")
+        vid, name, size = e.get("volume_id"), e.get("name"), e.get("size")
+        try:
+            check_volume_id(vid)
+        except VolumeError as exc:
+            raise foreign(f"entry {i}: {exc}") from None
+        if not isinstance(name, str) or not name:
+            raise foreign(f"volume {vid!r} has no name")
+        if type(size) is not int or size < 0:
+            raise foreign(f"volume {vid!r} has size {size!r}")
+        meta = e.get("metadata")
+        if meta is not None and not (
+            isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+        ):
+            raise foreign(f"volume {vid!r} has metadata {meta!r}")
+        if "mode" in e and e["mode"] not in _MODES:
+            raise foreign(f"volume {vid!r} has mode {e['mode']!r}")
+        if vid in seen:
+            raise foreign(f"volume {vid!r} is listed twice")
+        seen.add(str(vid))
+        out.append(e)  # type: ignore[arg-type]  # checked field by field above
+    return out
