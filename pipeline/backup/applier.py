@@ -29,9 +29,10 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from connectors.image.image import Image
 from connectors.kafka.deadletter import deadletter_headers
-from connectors.kafka.reading import latest, watermark_offsets
+from connectors.kafka.reading import watermark_offsets
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.checkpointer import Checkpointer
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import (
     ApplierHaltedError,
@@ -40,7 +41,6 @@ from pipeline.errors import (
     LowmarkError,
     RecordError,
 )
-from pipeline.fsutil import atomic_write
 from pipeline.logs import event
 from pipeline.ops.replay import ImageSet
 from pipeline.primary.clock import ts_physical_us, wall_us
@@ -97,10 +97,6 @@ class ApplierStats:
     started_mono: float = field(default_factory=time.monotonic)
 
 
-def decode_checkpoint(value: bytes) -> dict[str, Any]:
-    return codec.decode(value, "Checkpoint").record
-
-
 class Applier:
     def __init__(self, config: ApplierConfig, kafka_conf: dict[str, Any]) -> None:
         self.config = config.validate()
@@ -129,6 +125,7 @@ class Applier:
         self._log: Consumer | None = None
         self._wm: Consumer | None = None
         self._producer: Producer | None = None
+        self.checkpointer: Checkpointer = None  # type: ignore[assignment]  # made by start()
 
     # ---------------------------------------------------------------- paths & state
 
@@ -138,28 +135,6 @@ class Applier:
 
     def image_path(self, volume_id: str) -> Path:
         return self.config.data_dir / "images" / f"{volume_id}.img"
-
-    def _load_checkpoint(self) -> dict[str, Any] | None:
-        if self.checkpoint_path.exists():
-            try:
-                return decode_checkpoint(self.checkpoint_path.read_bytes())
-            except RecordError as exc:
-                raise ApplyError(
-                    f"local checkpoint {self.checkpoint_path} is unreadable ({exc}); move it "
-                    "away to resume from the Kafka copy, or rebuild the site"
-                ) from None
-        site = self.config.site
-        best = latest(
-            self.kafka_conf,
-            self.topics.checkpoints,
-            lambda v: (
-                decode_checkpoint(v)
-                if codec.decode(v, "Checkpoint").record["site"] == site
-                else None
-            ),
-            lambda a, b: b is None or (a is not None and a["w"] >= b["w"]),
-        )
-        return best[0] if best and best[0] is not None else None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -171,7 +146,11 @@ class Applier:
             replication_factor=self.config.replication_factor,
         )
         self.site = ImageSet(self.config.data_dir, keep_deleted=True)
-        ckpt = self._load_checkpoint()
+        self._producer = Producer({**self.kafka_conf, "enable.idempotence": True, "acks": "all"})
+        self.checkpointer = Checkpointer(
+            self.config.cg, self.config.site, self.checkpoint_path, self.kafka_conf, self._producer
+        )
+        ckpt = self.checkpointer.load()
         start_offsets = {p: 0 for p in range(self.config.log_partitions)}
         if ckpt is not None:
             self.applied_w = self.checkpoint_w = ckpt["w"]
@@ -200,7 +179,6 @@ class Applier:
         # W, so it must not checkpoint (or snapshot) them.
         self._wm_end_at_start = watermark_offsets(self._wm, self.topics.watermark, 0)[1]
         self._restart_floor = self.applied_w
-        self._producer = Producer({**self.kafka_conf, "enable.idempotence": True, "acks": "all"})
         event(
             log,
             "applier started",
@@ -458,7 +436,7 @@ class Applier:
             try:
                 for img in images:
                     img.sync()
-                result["value"] = self._persist_checkpoint(rec)
+                result["value"] = self.checkpointer.persist(rec)
             except BaseException as exc:
                 result["error"] = exc
 
@@ -504,7 +482,7 @@ class Applier:
             self._last_digest = time.monotonic()
         self.site.sync()
         rec = self._checkpoint_record(digests)
-        value = self._persist_checkpoint(rec)
+        value = self.checkpointer.persist(rec)
         self._last_checkpoint = time.monotonic()
         self._checkpoint_written(rec)
         interval = self.config.snapshot_interval_s
@@ -531,20 +509,6 @@ class Applier:
             ],
             "written_us": wall_us(),
         }
-
-    def _persist_checkpoint(self, rec: dict[str, Any]) -> bytes:
-        """Local file first (atomically), then the compacted topic. Images already synced."""
-        value = codec.encode("Checkpoint", rec)
-        atomic_write(self.checkpoint_path, value)
-        assert self._producer is not None
-        self._producer.produce(
-            self.topics.checkpoints,
-            value,
-            self.config.site,
-            headers=codec.headers_for("Checkpoint", rec),
-        )
-        self._producer.flush(30)
-        return value
 
     def _checkpoint_written(self, rec: dict[str, Any]) -> None:
         """Only now are consumer offsets committed (advisory: the checkpoint is the truth)."""
