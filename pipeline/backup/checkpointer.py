@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from connectors.kafka.producer import Producer
 from connectors.kafka.reading import latest
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import ApplyError, RecordError
@@ -27,7 +28,7 @@ class Checkpointer:
     """Reads and writes the Checkpoint records of one site of one CG."""
 
     def __init__(
-        self, cg: str, site: str, path: Path, kafka_conf: dict[str, Any], producer: Any
+        self, cg: str, site: str, path: Path, kafka_conf: dict[str, Any], producer: Producer
     ) -> None:
         self.site = site
         self.path = path
