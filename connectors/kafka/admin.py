@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ignore[attr-defined]
 
 from connectors.kafka.errors import TOPIC_ALREADY_EXISTS, as_error
 from pipeline.errors import KafkaUnavailableError
@@ -69,7 +69,8 @@ class Admin:
         or an offset below 0, -1001 while a cluster elects) is ``KafkaUnavailableError``."""
         parts = list(partitions)
         level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
-        request = {TopicPartition(topic, p): OffsetSpec.latest() for p in parts}
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        request = {TopicPartition(topic, p): latest for p in parts}
         try:
             futures = self._a.list_offsets(
                 request, isolation_level=level, request_timeout=timeout_s

@@ -20,7 +20,7 @@ from confluent_kafka import OFFSET_END as _END
 from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaException, TopicPartition
 
-from connectors.kafka.errors import UNKNOWN_TOPIC, as_error
+from connectors.kafka.errors import UNKNOWN_PARTITION, UNKNOWN_TOPIC, as_error
 from pipeline.errors import KafkaUnavailableError
 
 #: logical start offsets for ``assign``: the partition's first / next new record
@@ -28,7 +28,7 @@ BEGINNING: int = _BEGINNING
 END: int = _END
 
 # a new topic's partitions answer these for a moment after creation, whatever metadata says
-_NEW_TOPIC = frozenset({UNKNOWN_TOPIC, -190})  # -190: _UNKNOWN_PARTITION
+_NEW_TOPIC = frozenset({UNKNOWN_TOPIC, UNKNOWN_PARTITION})
 
 
 class Consumer:

@@ -27,6 +27,8 @@ PARTITION_EOF: int = _CError._PARTITION_EOF
 #: the start offset is gone (retention) and ``auto.offset.reset`` is ``error``
 OFFSET_GONE: int = _CError._AUTO_OFFSET_RESET
 UNKNOWN_TOPIC: int = _CError.UNKNOWN_TOPIC_OR_PART
+#: the client's metadata has no such partition (yet): a new or an unknown topic
+UNKNOWN_PARTITION: int = _CError._UNKNOWN_PARTITION
 TOPIC_ALREADY_EXISTS: int = _CError.TOPIC_ALREADY_EXISTS
 
 _FENCED = frozenset({_CError._FENCED, _CError.PRODUCER_FENCED, _CError.INVALID_PRODUCER_EPOCH})

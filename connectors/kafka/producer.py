@@ -16,7 +16,7 @@ What it adds, and nothing per message on the success path:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -26,7 +26,7 @@ from connectors.kafka.errors import as_error
 from pipeline.errors import KafkaError, KafkaUnavailableError
 
 DeliveryCallback = Callable[[Any, Any], None]
-Headers = list[tuple[str, bytes]] | None
+Headers = Sequence[tuple[str, bytes]] | None
 
 
 class Producer:
@@ -71,7 +71,7 @@ class Producer:
     def produce_batch(
         self,
         topic: str,
-        messages: list[tuple[str | bytes | None, bytes, Headers]],
+        messages: Sequence[tuple[str | bytes | None, bytes | None, Headers]],
         on_delivery: DeliveryCallback | None = None,
     ) -> None:
         """``produce`` each (key, value, headers) in order: one call for a tick's records,
@@ -84,7 +84,7 @@ class Producer:
         while i < n:
             try:
                 for key, value, headers in messages[i:] if i else messages:
-                    produce(topic, value, key, headers=headers, on_delivery=cb)
+                    produce(topic, value, key, headers=headers, on_delivery=cb)  # type: ignore[arg-type]
                     i += 1
             except BufferError:
                 full += 1
