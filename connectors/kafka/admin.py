@@ -28,7 +28,10 @@ class TopicSpec:
 class Admin:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
-        self._a = AdminClient(self.settings)
+        try:
+            self._a = AdminClient(self.settings)
+        except KafkaException as exc:  # a setting librdkafka refuses
+            raise as_error(exc, "creating a Kafka admin client", "check the settings") from None
 
     def metadata(self, timeout_s: float) -> Any:
         """The cluster's metadata (``.brokers``, ``.topics[name].partitions[p].leader``)."""

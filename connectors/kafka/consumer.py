@@ -34,7 +34,10 @@ _NEW_TOPIC = frozenset({UNKNOWN_TOPIC, UNKNOWN_PARTITION})
 class Consumer:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
-        self._c = _Consumer(self.settings)
+        try:
+            self._c = _Consumer(self.settings)
+        except KafkaException as exc:  # a setting librdkafka refuses
+            raise as_error(exc, "creating a Kafka consumer", "check the Kafka settings") from None
 
     # ---------------------------------------------------------------- positions
 

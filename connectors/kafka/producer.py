@@ -38,7 +38,10 @@ class Producer:
         buffer_full_poll_s: float = 1.0,
     ) -> None:
         self.transactional = "transactional.id" in settings
-        self._p = _Producer(dict(settings))
+        try:
+            self._p = _Producer(dict(settings))
+        except KafkaException as exc:  # a setting librdkafka refuses
+            raise as_error(exc, "creating a Kafka producer", "check the Kafka settings") from None
         self._tries = max(1, buffer_full_tries)
         self._poll_s = buffer_full_poll_s
         self._latch: DeliveryCallback | None = None if self.transactional else self._on_delivery

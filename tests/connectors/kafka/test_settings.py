@@ -108,3 +108,14 @@ def test_codes_map_onto_the_error_tree(code, fatal, cls, retriable):
 def test_librdkafka_retriable_and_abort_verdicts_are_kept():
     err = as_error(CError(CError._STATE, "abortable", retriable=True, txn_requires_abort=True), "c")
     assert type(err) is KafkaError and err.retriable and err.txn_requires_abort
+
+
+def test_a_setting_librdkafka_refuses_is_a_lowmark_error():
+    from connectors.kafka.admin import Admin
+    from connectors.kafka.consumer import Consumer
+    from connectors.kafka.producer import Producer
+
+    bad = {"bootstrap.servers": "127.0.0.1:1", "no.such.setting": "1"}
+    for make in (Producer, Consumer, Admin):
+        with pytest.raises(KafkaError, match=r"no\.such\.setting"):
+            make({**bad, "group.id": "g"} if make is Consumer else bad)
