@@ -7,7 +7,8 @@ The message says what happened and what the operator can do about it.
      ├── ConfigError                 a setting is missing, malformed or inconsistent
      ├── SetupError                  the machine lacks something (java, mvn, a free port, ...)
      │    └── KafkaStartError        a broker process did not come up (carries its log tail)
-     ├── KafkaError                  talking to Kafka failed
+     ├── KafkaError                  talking to Kafka failed (.code, .retriable, .fatal,
+     │    │                          .txn_requires_abort: librdkafka's verdict, when it gave one)
      │    ├── KafkaUnavailableError  no broker answered within the timeout   (retriable)
      │    └── FencedError            a newer instance took over this transactional.id
      ├── RecordError                 a Kafka record we cannot trust; never applied
@@ -48,7 +49,34 @@ class KafkaStartError(SetupError):
 
 
 class KafkaError(LowmarkError):
-    """Talking to Kafka failed."""
+    """Talking to Kafka failed.
+
+    Raised by ``connectors.kafka`` for every error librdkafka reports, carrying its
+    verdict: ``code`` (librdkafka's error code, None when lowmark raised it itself),
+    ``retriable`` (the same call may succeed later), ``fatal`` (the client is unusable:
+    make a new one) and ``txn_requires_abort`` (abort the open transaction, then retry it).
+    Callers branch on these, never on the message text.
+    """
+
+    code: int | None = None
+    fatal: bool = False
+    txn_requires_abort: bool = False
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: int | None = None,
+        retriable: bool | None = None,
+        fatal: bool = False,
+        txn_requires_abort: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        if retriable is not None:
+            self.retriable = retriable
+        self.fatal = fatal
+        self.txn_requires_abort = txn_requires_abort
 
 
 class KafkaUnavailableError(KafkaError):

@@ -1,136 +1,145 @@
-"""Small, bounded reads of a topic: the latest record of a compacted topic, an offset range.
+"""Bounded reads of a topic: its offsets, an offset range, the latest record of a compacted
+topic. The one place lowmark reads "up to the end".
 
-Used at start-up (an interceptor's clock floor, a service resuming from its last state),
-never on a hot path. Every loop is bounded by a deadline.
+Used at start-up (an interceptor's clock floor, a service resuming from its last state) and
+by the operator tools (status, restore, replay, verify), never on a hot path. Every loop
+is bounded: by a deadline, or by how long no message arrived.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from connectors.kafka.consumer import BEGINNING, Consumer
+from connectors.kafka.errors import OFFSET_GONE, PARTITION_EOF, as_error
+from connectors.kafka.settings import ToolSettings
+from pipeline.errors import KafkaError, KafkaUnavailableError
 
-from pipeline.errors import KafkaUnavailableError
-
-
-def _consumer(conf: dict[str, Any]) -> Consumer:
-    c = dict(conf)
-    c.update(
-        {
-            "group.id": f"lowmark-reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    return Consumer(c)
+__all__ = ["BEGINNING", "bounds", "end_offsets", "iter_range", "latest", "read_range"]
 
 
-# a new topic's partitions answer these for a moment after creation, whatever metadata says
-_TRANSIENT = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._TRANSPORT,
-    KafkaError._TIMED_OUT,
-    KafkaError._UNKNOWN_PARTITION,
-}
+def bounds(
+    conf: Mapping[str, Any], topic: str, timeout_s: float = 10.0
+) -> dict[int, tuple[int, int]] | None:
+    """(low, read_committed end) of every partition of ``topic``; None: no such topic.
 
-
-def watermark_offsets(
-    c: Consumer, topic: str, partition: int, timeout_s: float = 10.0
-) -> tuple[int, int]:
-    """(low, high) of a partition, retrying while a new topic's leader is being elected."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            low, high = c.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=timeout_s, cached=False
-            )
-            if low >= 0 and high >= 0:
-                return low, high
-            # -1001 (OFFSET_INVALID): the partition has no leader right now (an election)
-            if time.monotonic() > deadline:
-                raise KafkaUnavailableError(
-                    f"{topic}[{partition}] has no leader (offsets {low}, {high}); retry once "
-                    "the cluster has elected one (`lowmark kafka status`, or the broker logs)"
-                )
-            time.sleep(0.1)
-            continue
-        except KafkaException as exc:
-            err = exc.args[0]
-            transient = err.retriable() or err.code() in _TRANSIENT
-            if not transient or time.monotonic() > deadline:
-                raise KafkaUnavailableError(
-                    f"cannot read the offsets of {topic}[{partition}]: {exc.args[0].str()}; "
-                    "check that the brokers are up"
-                ) from None
-            time.sleep(0.1)
-
-
-def end_offsets(conf: dict[str, Any], topic: str, timeout_s: float = 10.0) -> dict[int, int]:
-    """Per-partition read_committed end offset (the last stable offset)."""
-    c = _consumer(conf)
+    The end is the last stable offset: every committed record lies below it, and a
+    transaction still open holds it back (so does a dead producer's, until it is fenced).
+    """
+    c = Consumer(ToolSettings(conf).reader())
     try:
-        md = c.list_topics(topic, timeout=timeout_s)
-        parts = sorted(md.topics[topic].partitions) if topic in md.topics else []
-        out = {}
-        for p in parts:
-            out[p] = watermark_offsets(c, topic, p, timeout_s)[1]
-        return out
-    except KafkaException as exc:
-        raise KafkaUnavailableError(f"cannot read offsets of {topic}: {exc}") from None
+        parts = c.partitions(topic, timeout_s)
+        if parts is None:
+            return None
+        return {p: c.watermark_offsets(topic, p, timeout_s) for p in parts}
+    finally:
+        c.close()
+
+
+def end_offsets(conf: Mapping[str, Any], topic: str, timeout_s: float = 10.0) -> dict[int, int]:
+    """Per-partition read_committed end offset ({} when the topic does not exist)."""
+    return {p: end for p, (_low, end) in (bounds(conf, topic, timeout_s) or {}).items()}
+
+
+def read_range(
+    settings: Mapping[str, Any],
+    topic: str,
+    start: Mapping[int, int],
+    end: Mapping[int, int] | None = None,
+    *,
+    stall_timeout_s: float = 30.0,
+    timeout_s: float | None = None,
+) -> Iterator[Any]:
+    """Messages of ``topic`` with start[p] <= offset < end[p], in offset order per partition.
+
+    ``settings``: a consumer's (``ToolSettings``). ``start[p]`` may be ``BEGINNING``;
+    ``end=None``: each partition's end as of now. Partitions interleave. A partition is
+    done at its end offset even when its last offsets are transaction markers or aborted
+    records (the EOF event is then at or past the end). Raises ``KafkaUnavailableError``
+    when no message arrived for ``stall_timeout_s`` or after ``timeout_s`` in all; a
+    ``KafkaError`` with code ``OFFSET_GONE`` when a start offset was deleted by retention
+    and the settings say ``auto.offset.reset=error``.
+    """
+    c = Consumer(settings)
+    try:
+        if end is None:
+            end = {p: c.watermark_offsets(topic, p, stall_timeout_s)[1] for p in start}
+        todo = {p: s for p, s in start.items() if s < end.get(p, 0)}
+        if not todo:
+            return
+        c.assign(topic, todo)
+        now = time.monotonic()
+        deadline = now + timeout_s if timeout_s is not None else float("inf")
+        last_progress = now
+        while todo:
+            first = c.poll(0.2)
+            msgs = [] if first is None else [first, *c.consume(500, 0)]
+            now = time.monotonic()
+            if not msgs and (now - last_progress > stall_timeout_s or now > deadline):
+                raise KafkaUnavailableError(
+                    f"reading {topic} stalled at partitions {sorted(todo)} (wanted "
+                    f"{dict(start)}..{dict(end)}); check the brokers"
+                )
+            if now > deadline:
+                raise KafkaUnavailableError(
+                    f"reading {topic} {dict(start)}..{dict(end)} took over {timeout_s} s; "
+                    f"partitions {sorted(todo)} not at their end"
+                )
+            for msg in msgs:
+                p = msg.partition()
+                if p not in todo:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    code = err.code()
+                    if code == PARTITION_EOF:
+                        if msg.offset() >= end[p]:
+                            del todo[p]
+                        continue
+                    if code == OFFSET_GONE:
+                        raise KafkaError(
+                            f"{topic}[{p}] no longer holds offset {start[p]}: retention "
+                            "deleted records this read needs",
+                            code=code,
+                        )
+                    exc = as_error(err, f"reading {topic}[{p}]")
+                    if exc.retriable:
+                        continue
+                    raise exc
+                last_progress = now
+                if msg.offset() >= end[p]:
+                    del todo[p]
+                    continue
+                yield msg
+                if msg.offset() + 1 >= end[p]:
+                    del todo[p]
     finally:
         c.close()
 
 
 def iter_range(
-    conf: dict[str, Any],
+    conf: Mapping[str, Any],
     topic: str,
     partition: int = 0,
-    start: int = OFFSET_BEGINNING,
+    start: int = BEGINNING,
     end: int | None = None,
     timeout_s: float = 30.0,
 ) -> Iterator[Any]:
-    """Yield messages of one partition from ``start`` up to (excluding) ``end``.
-
-    ``end=None`` reads to the end as of now. Raises KafkaUnavailableError at the deadline.
-    """
-    c = _consumer(conf)
-    try:
-        if end is None:
-            end = watermark_offsets(c, topic, partition, timeout_s)[1]
-        c.assign([TopicPartition(topic, partition, start)])
-        deadline = time.monotonic() + timeout_s
-        pos = start if start >= 0 else 0
-        while pos < end:
-            if time.monotonic() > deadline:
-                raise KafkaUnavailableError(
-                    f"reading {topic}[{partition}] {start}..{end} timed out at offset {pos}"
-                )
-            msg = c.poll(0.2)
-            if msg is None:
-                continue
-            if msg.error():
-                if msg.error().code() == -191:  # _PARTITION_EOF: may be below end (aborted txns)
-                    pos_tp = c.position([TopicPartition(topic, partition)])[0]
-                    if pos_tp.offset >= end or pos_tp.offset < 0:
-                        break
-                    continue
-                raise KafkaUnavailableError(f"reading {topic}: {msg.error()}")
-            pos = msg.offset() + 1
-            if msg.offset() >= end:
-                break
-            yield msg
-    finally:
-        c.close()
+    """``read_range`` of one partition with the short-read settings, within ``timeout_s``."""
+    return read_range(
+        ToolSettings(conf).reader(),
+        topic,
+        {partition: start},
+        None if end is None else {partition: end},
+        stall_timeout_s=timeout_s,
+        timeout_s=timeout_s,
+    )
 
 
 def latest(
-    conf: dict[str, Any],
+    conf: Mapping[str, Any],
     topic: str,
     decode: Callable[[bytes], Any],
     better: Callable[[Any, Any], bool],
@@ -138,7 +147,7 @@ def latest(
 ) -> tuple[Any, int] | None:
     """The best decodable record of a (compacted, single-partition) topic and its offset."""
     best: tuple[Any, int] | None = None
-    for msg in iter_range(conf, topic, 0, OFFSET_BEGINNING, None, timeout_s):
+    for msg in iter_range(conf, topic, 0, BEGINNING, None, timeout_s):
         if msg.value() is None:
             continue
         try:

@@ -10,10 +10,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
-
-from pipeline.errors import ConfigError, KafkaError, KafkaUnavailableError
+from connectors.kafka.admin import Admin, TopicSpec
+from pipeline.errors import ConfigError, KafkaUnavailableError
 
 _CG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 
@@ -69,41 +67,28 @@ def ensure_topics(
 ) -> CgTopics:
     """Create the CG's topics if missing; existing ones are left as they are."""
     topics = CgTopics(check_cg_name(cg))
-    admin = AdminClient(dict(conf))
-    try:
-        md = admin.list_topics(timeout=timeout_s)
-    except KafkaException as exc:
-        raise KafkaUnavailableError(
-            f"cannot reach Kafka at {conf.get('bootstrap.servers')}: {exc}; "
-            "start it with `lowmark kafka up` or fix bootstrap.servers"
-        ) from None
+    admin = Admin(conf)
+    md = admin.metadata(timeout_s)
     rf = replication_factor or min(3, len(md.brokers))
     min_isr = "2" if rf >= 3 else "1"
     compacted = {"cleanup.policy": "compact", "min.insync.replicas": min_isr}
     wanted = [
-        NewTopic(topics.log, log_partitions, rf, config={"min.insync.replicas": min_isr}),
-        NewTopic(topics.progress, 1, rf, config={"min.insync.replicas": min_isr}),
-        NewTopic(topics.watermark, 1, rf, config=compacted),
-        NewTopic(topics.checkpoints, 1, rf, config=compacted),
-        NewTopic(topics.deadletter, 1, rf, config={"min.insync.replicas": min_isr}),
+        TopicSpec(topics.log, log_partitions, rf, {"min.insync.replicas": min_isr}),
+        TopicSpec(topics.progress, 1, rf, {"min.insync.replicas": min_isr}),
+        TopicSpec(topics.watermark, 1, rf, compacted),
+        TopicSpec(topics.checkpoints, 1, rf, compacted),
+        TopicSpec(topics.deadletter, 1, rf, {"min.insync.replicas": min_isr}),
     ]
-    missing = [t for t in wanted if t.topic not in md.topics]
-    if missing:
-        for name, fut in admin.create_topics(missing, request_timeout=timeout_s).items():
-            try:
-                fut.result()
-            except KafkaException as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise KafkaError(f"creating topic {name} failed: {exc}") from None
+    admin.create_topics([t for t in wanted if t.name not in md.topics], timeout_s)
     # another process may have created them a moment ago: wait for leaders either way
-    _wait_for_topics(admin, [t.topic for t in wanted], timeout_s)
+    _wait_for_topics(admin, [t.name for t in wanted], timeout_s)
     return topics
 
 
-def _wait_for_topics(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+def _wait_for_topics(admin: Admin, names: list[str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        md = admin.list_topics(timeout=timeout_s)
+        md = admin.metadata(timeout_s)
         if all(
             n in md.topics
             and md.topics[n].error is None
@@ -112,4 +97,7 @@ def _wait_for_topics(admin: AdminClient, names: list[str], timeout_s: float) -> 
         ):
             return
         time.sleep(0.05)
-    raise KafkaError(f"topics {names} have no leader after {timeout_s}s; check the brokers")
+    # an election that outlasts us: a later start may find leaders (retriable)
+    raise KafkaUnavailableError(
+        f"topics {names} have no leader after {timeout_s}s; check the brokers"
+    )

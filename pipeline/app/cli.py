@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import click
-from confluent_kafka import KafkaException
 
 from pipeline.errors import LowmarkError
 from pipeline.logs import setup_logging
@@ -39,7 +38,11 @@ _register()
 
 
 def run() -> None:
-    """Entry point that turns LowmarkError into a one-line message and exit code 2."""
+    """Entry point that turns LowmarkError into a one-line message and exit code 2.
+
+    Kafka's own errors never get here raw: ``connectors.kafka`` hands every one on as a
+    ``KafkaError`` (a LowmarkError), with librdkafka's code and verdict.
+    """
     try:
         main(standalone_mode=False)
     except LowmarkError as exc:
@@ -50,12 +53,6 @@ def run() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
-    except KafkaException as exc:
-        click.echo(
-            f"lowmark: error: Kafka: {exc.args[0]}; check bootstrap.servers and the brokers",
-            err=True,
-        )
-        sys.exit(2)
 
 
 if __name__ == "__main__":

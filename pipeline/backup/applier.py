@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-
 from connectors.image.image import Image
+from connectors.kafka.consumer import Consumer
 from connectors.kafka.deadletter import deadletter_headers
-from connectors.kafka.reading import latest, watermark_offsets
+from connectors.kafka.errors import PARTITION_EOF, as_error
+from connectors.kafka.producer import Producer
+from connectors.kafka.settings import ApplierSettings
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.checkpointer import Checkpointer
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.backup.site import SiteDir
@@ -39,10 +41,10 @@ from pipeline.errors import (
     ApplierHaltedError,
     ApplyError,
     ConfigError,
+    KafkaError,
     LowmarkError,
     RecordError,
 )
-from pipeline.fsutil import atomic_write
 from pipeline.logs import event
 from pipeline.primary.clock import REAL_TIME, TimeSource, ts_physical_us
 from schemas import codec
@@ -56,8 +58,6 @@ MAX_MARKERS = 1024
 #: after a restart far behind); past this many the oldest but one is dropped (counted in
 #: ``targets_dropped``): any later W is a cut too, applying it covers the dropped one
 MAX_TARGETS = 4096
-
-_PARTITION_EOF = -191
 LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
 
 
@@ -108,10 +108,6 @@ class ApplierStats:
     started_mono: float = 0.0
 
 
-def decode_checkpoint(value: bytes) -> dict[str, Any]:
-    return codec.decode(value, "Checkpoint").record
-
-
 class Applier:
     def __init__(
         self,
@@ -147,6 +143,7 @@ class Applier:
         self._log: Consumer | None = None
         self._wm: Consumer | None = None
         self._producer: Producer | None = None
+        self.checkpointer: Checkpointer = None  # type: ignore[assignment]  # made by start()
 
     # ---------------------------------------------------------------- paths & state
 
@@ -156,28 +153,6 @@ class Applier:
 
     def image_path(self, volume_id: str) -> Path:
         return SiteDir(self.config.data_dir).image_path(volume_id)
-
-    def _load_checkpoint(self) -> dict[str, Any] | None:
-        if self.checkpoint_path.exists():
-            try:
-                return decode_checkpoint(self.checkpoint_path.read_bytes())
-            except RecordError as exc:
-                raise ApplyError(
-                    f"local checkpoint {self.checkpoint_path} is unreadable ({exc}); move it "
-                    "away to resume from the Kafka copy, or rebuild the site"
-                ) from None
-        site = self.config.site
-        best = latest(
-            self.kafka_conf,
-            self.topics.checkpoints,
-            lambda v: (
-                decode_checkpoint(v)
-                if codec.decode(v, "Checkpoint").record["site"] == site
-                else None
-            ),
-            lambda a, b: b is None or (a is not None and a["w"] >= b["w"]),
-        )
-        return best[0] if best and best[0] is not None else None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -189,7 +164,12 @@ class Applier:
             replication_factor=self.config.replication_factor,
         )
         self.site = ImageSet(self.config.data_dir, keep_deleted=True)
-        ckpt = self._load_checkpoint()
+        settings = ApplierSettings(self.kafka_conf, self.config.cg, self.config.site)
+        self._producer = Producer(settings.producer())
+        self.checkpointer = Checkpointer(
+            self.config.cg, self.config.site, self.checkpoint_path, self.kafka_conf, self._producer
+        )
+        ckpt = self.checkpointer.load()
         start_offsets = {p: 0 for p in range(self.config.log_partitions)}
         if ckpt is not None:
             self.applied_w = self.checkpoint_w = ckpt["w"]
@@ -199,26 +179,16 @@ class Applier:
         self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
         for p, off in start_offsets.items():
             self.planner.note_position(p, off)
-        base = {
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "fetch.max.bytes": 64 << 20,
-            # see the watermark service: without it a committed record can wait 500 ms
-            "fetch.wait.max.ms": 5,
-        }
-        group = f"lowmark.{self.config.cg}.apply.{self.config.site}"
-        self._log = Consumer({**self.kafka_conf, **base, "group.id": group})
-        self._log.assign([TopicPartition(self.topics.log, p, o) for p, o in start_offsets.items()])
-        self._wm = Consumer({**self.kafka_conf, **base, "group.id": group + ".wm"})
-        self._wm.assign([TopicPartition(self.topics.watermark, 0, 0)])
+        self._log = Consumer(settings.log_consumer())
+        self._log.assign(self.topics.log, start_offsets)
+        self._wm = Consumer(settings.watermark_consumer())
+        self._wm.assign(self.topics.watermark, {0: 0})
         # Before a crash this site may have applied up to any W published so far, beyond its
         # checkpoint; replaying from the checkpoint then re-applies onto those bytes. Until it
         # has passed every W published before this start, its images are not a cut of any
         # W, so it must not checkpoint (or snapshot) them.
-        self._wm_end_at_start = watermark_offsets(self._wm, self.topics.watermark, 0)[1]
+        self._wm_end_at_start = self._wm.watermark_offsets(self.topics.watermark, 0)[1]
         self._restart_floor = self.applied_w
-        self._producer = Producer({**self.kafka_conf, "enable.idempotence": True, "acks": "all"})
         event(
             log,
             "applier started",
@@ -281,7 +251,7 @@ class Applier:
             msgs = [first] if first is not None else []
         for msg in msgs:
             if msg.error():
-                if msg.error().code() == _PARTITION_EOF:
+                if msg.error().code() == PARTITION_EOF:
                     self._wm_read_to = max(self._wm_read_to, msg.offset())
                 continue
             self._wm_read_to = max(self._wm_read_to, msg.offset() + 1)
@@ -322,7 +292,7 @@ class Applier:
         for msg in msgs:
             p = msg.partition()
             if msg.error():
-                if msg.error().code() == _PARTITION_EOF:
+                if msg.error().code() == PARTITION_EOF:
                     # at the end: everything committed below this offset has been read
                     self.planner.note_position(p, msg.offset())
                     continue
@@ -365,11 +335,12 @@ class Applier:
         """A consumer error event (broker down, leader moving): count it, log it now and then;
         librdkafka retries on its own, and the positions stay where the records left them."""
         self.stats.consumer_errors += 1
+        exc = as_error(err, f"reading {self.topics.log}")
         now = self._now()
-        if now - self._last_error_log.get(err.code(), -1e9) >= 10:
-            self._last_error_log[err.code()] = now
-            level = logging.WARNING if err.retriable() else logging.ERROR
-            event(log, "kafka consumer error; retrying", level, error=str(err))
+        if now - self._last_error_log.get(exc.code or 0, -1e9) >= 10:
+            self._last_error_log[exc.code or 0] = now
+            level = logging.WARNING if exc.retriable else logging.ERROR
+            event(log, "kafka consumer error; retrying", level, error=str(exc))
 
     def _apply_ready(self) -> bool:
         applied = False
@@ -395,12 +366,12 @@ class Applier:
         offsets = self.planner.drop_pending()
         assert self._log is not None
         for p, off in offsets.items():
-            self._log.seek(TopicPartition(self.topics.log, p, off))
+            self._log.seek(self.topics.log, p, off)
         # a paused partition would never re-read what lies before its bad record; reading
         # on reaches the bad record again, and _block pauses it again
-        blocked = [TopicPartition(self.topics.log, p) for p in self._blocked if p in offsets]
+        blocked = [p for p in self._blocked if p in offsets]
         if blocked:
-            self._log.resume(blocked)
+            self._log.resume(self.topics.log, blocked)
         event(
             log,
             "pending records exceeded the memory budget; re-reading from Kafka",
@@ -481,7 +452,7 @@ class Applier:
             try:
                 for img in images:
                     img.sync()
-                result["value"] = self._persist_checkpoint(rec)
+                result["value"] = self.checkpointer.persist(rec)
             except BaseException as exc:
                 result["error"] = exc
 
@@ -527,7 +498,7 @@ class Applier:
             self._last_digest = self._now()
         self.site.sync()
         rec = self._checkpoint_record(digests)
-        value = self._persist_checkpoint(rec)
+        value = self.checkpointer.persist(rec)
         self._last_checkpoint = self._now()
         self._checkpoint_written(rec)
         interval = self.config.snapshot_interval_s
@@ -555,32 +526,13 @@ class Applier:
             "written_us": self._wall_us(),
         }
 
-    def _persist_checkpoint(self, rec: dict[str, Any]) -> bytes:
-        """Local file first (atomically), then the compacted topic. Images already synced."""
-        value = codec.encode("Checkpoint", rec)
-        atomic_write(self.checkpoint_path, value)
-        assert self._producer is not None
-        self._producer.produce(
-            self.topics.checkpoints,
-            value,
-            self.config.site,
-            headers=codec.headers_for("Checkpoint", rec),
-        )
-        self._producer.flush(30)
-        return value
-
     def _checkpoint_written(self, rec: dict[str, Any]) -> None:
         """Only now are consumer offsets committed (advisory: the checkpoint is the truth)."""
         assert self._log is not None
-        tps = [
-            TopicPartition(self.topics.log, po["partition"], po["offset"])
-            for po in rec["log_offsets"]
-            if po["offset"] >= 0
-        ]
+        offsets = {po["partition"]: po["offset"] for po in rec["log_offsets"] if po["offset"] >= 0}
         try:
-            if tps:
-                self._log.commit(offsets=tps, asynchronous=True)
-        except KafkaException as exc:
+            self._log.commit(self.topics.log, offsets, asynchronous=True)
+        except KafkaError as exc:
             log.warning("offset commit failed: %s", exc)
         self.checkpoint_w = max(self.checkpoint_w, rec["w"])
         self.stats.checkpoints += 1
@@ -596,14 +548,16 @@ class Applier:
         """
         assert self._producer is not None and self._log is not None
         p, off = msg.partition(), msg.offset()
-        tp = TopicPartition(self.topics.log, p, off)
-        self._log.pause([tp])  # saves fetching; what is already fetched is dropped by offset
+        self._log.pause(self.topics.log, [p])  # saves fetching; fetched ones drop by offset
         if p in self._blocked:
             return  # met again after a re-read: already dead-lettered
         self.planner.block(p, off)
         headers = deadletter_headers(self.topics.log, p, off, exc, self.config.site)
-        self._producer.produce(self.topics.deadletter, msg.value(), msg.key(), headers=headers)
-        self._producer.flush(30)
+        try:
+            self._producer.produce(self.topics.deadletter, msg.value(), msg.key(), headers)
+            self._producer.flush(30)
+        except KafkaError as dl:  # blocked all the same; the record stays in the log
+            event(log, "dead-letter copy not written", level=logging.ERROR, error=str(dl))
         self._blocked[p] = (
             off,
             ApplierHaltedError(
@@ -646,10 +600,8 @@ class Applier:
         out = {}
         for p, pos in self.planner.positions().items():
             try:
-                _low, high = self._log.get_watermark_offsets(
-                    TopicPartition(self.topics.log, p), timeout=5, cached=True
-                )
-            except KafkaException:
+                _low, high = self._log.watermark_offsets(self.topics.log, p, cached=True)
+            except KafkaError:
                 continue
             out[p] = max(0, high - pos)
         return out

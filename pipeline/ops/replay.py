@@ -23,22 +23,20 @@ layout (``pipeline.backup.site``), so the result can seed a site.
 from __future__ import annotations
 
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
-from confluent_kafka import KafkaError as CKafkaError
-
+from connectors.kafka.errors import OFFSET_GONE
+from connectors.kafka.reading import read_range
+from connectors.kafka.settings import ToolSettings
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
-from pipeline.errors import ApplyError, KafkaUnavailableError, RecordError, RestoreError
+from pipeline.errors import ApplyError, KafkaError, RecordError, RestoreError
 from schemas import codec
 
 LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
-_PARTITION_EOF = -191
 _VOLUME_TYPES = ("Write", "Zero", "VolumeChange")
 #: markers a replay reports: the newest this many of its range
 MAX_MARKERS = 1024
@@ -160,79 +158,22 @@ class ReplayPlan:
 # ---------------------------------------------------------------- reading the log
 
 
-def log_consumer(kafka_conf: Mapping[str, Any]) -> Consumer:
-    """A read_committed consumer of our own (no group offsets are ever committed)."""
-    return Consumer(
-        {
-            **kafka_conf,
-            "group.id": f"lowmark-replay-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            # a start offset that retention deleted must fail loudly, never skip records
-            "auto.offset.reset": "error",
-            # a partition at its end must not hold up the others for the default 500 ms
-            "fetch.wait.max.ms": 50,
-        }
-    )
-
-
-def read_range(
+def read_log(
     kafka_conf: Mapping[str, Any],
     topic: str,
     start: Mapping[int, int],
     end: Mapping[int, int],
     stall_timeout_s: float = 30.0,
 ) -> Iterator[Any]:
-    """Messages of ``topic`` with start[p] <= offset < end[p], in offset order per partition.
-
-    Partitions interleave. Raises KafkaUnavailableError when no message arrives for
-    ``stall_timeout_s`` (a long replay is fine, a stuck one is not).
-    """
-    todo = {p: s for p, s in start.items() if s < end.get(p, 0)}
-    if not todo:
-        return
-    c = log_consumer(kafka_conf)
+    """Messages of the log with start[p] <= offset < end[p] (``reading.read_range``);
+    a start offset retention deleted is a ``RestoreError``, never a silent skip."""
+    settings = ToolSettings(kafka_conf).log_reader()
     try:
-        c.assign([TopicPartition(topic, p, off) for p, off in todo.items()])
-        last_progress = time.monotonic()
-        while todo:
-            msgs = c.consume(500, 0.2)
-            if not msgs and time.monotonic() - last_progress > stall_timeout_s:
-                raise KafkaUnavailableError(
-                    f"reading {topic} stalled for {stall_timeout_s:.0f}s at partitions "
-                    f"{sorted(todo)} (wanted up to {dict(end)}); check the brokers"
-                )
-            for msg in msgs:
-                p = msg.partition()
-                if p not in todo:
-                    continue
-                err = msg.error()
-                if err is not None:
-                    if err.code() == _PARTITION_EOF:
-                        # control records of transactions can end a partition below `end`
-                        if msg.offset() >= end[p]:
-                            del todo[p]
-                        continue
-                    if err.code() == CKafkaError._AUTO_OFFSET_RESET:
-                        raise RestoreError(
-                            f"{topic}[{p}] no longer holds offset {start[p]}: retention "
-                            "deleted records this replay needs; restore from a newer base"
-                        )
-                    if err.retriable():
-                        continue
-                    raise KafkaUnavailableError(f"reading {topic}[{p}]: {err.str()}")
-                last_progress = time.monotonic()
-                if msg.offset() >= end[p]:
-                    del todo[p]
-                    continue
-                yield msg
-                if msg.offset() + 1 >= end[p]:
-                    del todo[p]
-    except KafkaException as exc:
-        raise KafkaUnavailableError(f"reading {topic}: {exc}") from None
-    finally:
-        c.close()
+        yield from read_range(settings, topic, start, end, stall_timeout_s=stall_timeout_s)
+    except KafkaError as exc:
+        if exc.code != OFFSET_GONE:
+            raise
+        raise RestoreError(f"{exc}; restore from a newer base") from None
 
 
 # ---------------------------------------------------------------- the engine
@@ -285,7 +226,7 @@ def replay(
         records_total=sum(max(0, end_offsets.get(p, 0) - s) for p, s in start_offsets.items())
     )
     if to_ts > from_w:
-        for msg in read_range(kafka_conf, topic, start_offsets, end_offsets):
+        for msg in read_log(kafka_conf, topic, start_offsets, end_offsets):
             value = msg.value() or b""
             prog.records_done += 1
             prog.bytes_read += len(value)

@@ -23,16 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaException
 
-from connectors.kafka.reading import iter_range, latest, watermark_offsets
+from connectors.kafka.reading import bounds, iter_range, latest
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.images import ImageSet
 from pipeline.backup.site import RESTORE_MANIFEST, SiteDir
-from pipeline.errors import ConfigError, KafkaUnavailableError, RecordError, RestoreError
+from pipeline.errors import ConfigError, RecordError, RestoreError
 from pipeline.fsutil import atomic_write
-from pipeline.ops.replay import ProgressFn, ReplayResult, log_consumer, replay
+from pipeline.ops.replay import ProgressFn, ReplayResult, replay
 from pipeline.primary.clock import format_ts, wall_us
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
@@ -47,18 +46,12 @@ MANIFEST_FORMAT = 1
 def log_bounds(kafka_conf: Mapping[str, Any], cg: str) -> dict[int, tuple[int, int]]:
     """(low, read_committed end) of every partition of the CG's log."""
     topic = CgTopics(cg).log
-    c = log_consumer(kafka_conf)
-    try:
-        md = c.list_topics(topic, timeout=10)
-        if topic not in md.topics or md.topics[topic].error is not None:
-            raise ConfigError(
-                f"consistency group {cg} has no log topic {topic}; check --cg and bootstrap.servers"
-            )
-        return {p: watermark_offsets(c, topic, p) for p in sorted(md.topics[topic].partitions)}
-    except KafkaException as exc:
-        raise KafkaUnavailableError(f"cannot read the offsets of {topic}: {exc}") from None
-    finally:
-        c.close()
+    found = bounds(kafka_conf, topic)
+    if found is None:
+        raise ConfigError(
+            f"consistency group {cg} has no log topic {topic}; check --cg and bootstrap.servers"
+        )
+    return found
 
 
 def latest_watermark(kafka_conf: Mapping[str, Any], cg: str) -> dict[str, Any]:

@@ -11,9 +11,7 @@ import time
 import urllib.request
 from typing import Any
 
-from confluent_kafka import Consumer
-
-from connectors.kafka.reading import iter_range, latest, watermark_offsets
+from connectors.kafka.reading import end_offsets, iter_range, latest
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import RecordError
 from pipeline.primary.clock import format_ts, ts_physical_us, wall_us
@@ -32,23 +30,6 @@ def latest_checkpoints(kafka_conf: dict[str, Any], cg: str) -> dict[str, dict[st
         if rec["site"] not in out or rec["w"] >= out[rec["site"]]["w"]:
             out[rec["site"]] = rec
     return out
-
-
-def _log_ends(kafka_conf: dict[str, Any], topic: str) -> dict[int, int]:
-    c = Consumer(
-        {
-            **kafka_conf,
-            "group.id": "lowmark-status",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    try:
-        md = c.list_topics(topic, timeout=10)
-        parts = md.topics[topic].partitions if topic in md.topics else {}
-        return {p: watermark_offsets(c, topic, p)[1] for p in parts}
-    finally:
-        c.close()
 
 
 def _avg_record_bytes(kafka_conf: dict[str, Any], topic: str, ends: dict[int, int]) -> float:
@@ -88,7 +69,7 @@ def cg_status(
     now = wall_us()
     best = latest(kafka_conf, topics.watermark, decode_watermark, newer_watermark)
     wm = best[0] if best else None
-    ends = _log_ends(kafka_conf, topics.log)
+    ends = end_offsets(kafka_conf, topics.log)
     avg = _avg_record_bytes(kafka_conf, topics.log, ends)
     status: dict[str, Any] = {
         "cg": cg,

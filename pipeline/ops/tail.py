@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaException, TopicPartition
 from crc32c import crc32c
 
+from connectors.kafka.consumer import BEGINNING, END, Consumer
+from connectors.kafka.errors import PARTITION_EOF, as_error
+from connectors.kafka.settings import ToolSettings
 from connectors.kafka.topics import CgTopics
-from pipeline.errors import KafkaUnavailableError, RecordError
-from pipeline.ops.replay import LOG_TYPES, log_consumer
+from pipeline.errors import RecordError
+from pipeline.ops.replay import LOG_TYPES
 from pipeline.ops.restore import log_bounds
 from pipeline.primary.clock import format_ts
 from schemas import codec
-
-_PARTITION_EOF = -191
 
 
 @dataclass(frozen=True)
@@ -159,23 +159,24 @@ def tail(
     # without follow: stop at the end as of now (records committed later are not shown)
     ends = {p: hi for p, (_lo, hi) in bounds.items()}
     todo = set(p for p, (lo, hi) in bounds.items() if follow or (hi > lo and not from_end))
-    c = log_consumer({**kafka_conf, "auto.offset.reset": "earliest"})
-    start = OFFSET_END if from_end else OFFSET_BEGINNING
+    c = Consumer(ToolSettings(kafka_conf).log_reader(auto_offset_reset="earliest"))
+    start = END if from_end else BEGINNING
     printed = 0
     try:
-        c.assign([TopicPartition(topic, p, start) for p in bounds])
+        c.assign(topic, {p: start for p in bounds})
         while todo and not (stop is not None and stop.is_set()):
             for msg in c.consume(500, 0.2):
                 p = msg.partition()
                 err = msg.error()
                 if err is not None:
-                    if err.code() == _PARTITION_EOF:
+                    if err.code() == PARTITION_EOF:
                         if not follow and msg.offset() >= ends[p]:
                             todo.discard(p)
                         continue
-                    if err.retriable():
+                    exc = as_error(err, f"reading {topic}[{p}]")
+                    if exc.retriable:
                         continue
-                    raise KafkaUnavailableError(f"reading {topic}[{p}]: {err.str()}")
+                    raise exc
                 if not follow and msg.offset() >= ends[p]:
                     todo.discard(p)
                     continue
@@ -187,8 +188,6 @@ def tail(
                     printed += 1
                 if not follow and msg.offset() + 1 >= ends[p]:
                     todo.discard(p)
-    except KafkaException as exc:
-        raise KafkaUnavailableError(f"reading {topic}: {exc}") from None
     finally:
         c.close()
     return printed

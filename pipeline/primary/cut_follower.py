@@ -24,13 +24,12 @@ import itertools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
-
-from connectors.kafka.reading import watermark_offsets
+from connectors.kafka.consumer import Consumer
+from connectors.kafka.errors import PARTITION_EOF
+from connectors.kafka.settings import InterceptorSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import LowmarkError, ReplicationError
 from pipeline.logs import event
@@ -40,7 +39,6 @@ log = logging.getLogger("lowmark.interceptor")
 
 Callback = Callable[[BaseException | None], None]
 
-_PARTITION_EOF = -191
 #: offsets re-read at start: one W per transaction plus its commit marker, some aborted
 _TAIL = 64
 
@@ -175,7 +173,7 @@ class CutFollower:
                     try:
                         consumer = self._subscribe()
                         backoff = 0.05
-                    except (LowmarkError, KafkaException) as exc:
+                    except LowmarkError as exc:
                         # transient (brokers away, an election): waiters time out meanwhile
                         # with a message naming what to check
                         self.stats["errors"] += 1
@@ -198,21 +196,11 @@ class CutFollower:
                 consumer.close()
 
     def _subscribe(self) -> Any:
-        consumer = self._factory(
-            {
-                **self.kafka_conf,
-                "group.id": f"lowmark-cuts-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                # an aborted W of a fenced publisher is never a cut
-                "isolation.level": "read_committed",
-                # every millisecond here is added to every sync write's latency
-                "fetch.wait.max.ms": 5,
-            }
-        )
+        # read_committed: an aborted W of a fenced publisher is never a cut
+        consumer = self._factory(InterceptorSettings(self.kafka_conf).cuts_consumer())
         try:
-            low, high = watermark_offsets(consumer, self.topic, 0)
-            consumer.assign([TopicPartition(self.topic, 0, max(low, high - _TAIL))])
+            low, high = consumer.watermark_offsets(self.topic, 0)
+            consumer.assign(self.topic, {0: max(low, high - _TAIL)})
         except BaseException:
             consumer.close()
             raise
@@ -221,7 +209,7 @@ class CutFollower:
     def _on_message(self, msg: Any) -> None:
         err = msg.error()
         if err is not None:
-            if err.code() != _PARTITION_EOF:
+            if err.code() != PARTITION_EOF:
                 self.stats["errors"] += 1
                 event(log, "watermark topic read error", level=logging.WARNING,
                       cg=self.cg, error=err.str())  # fmt: skip

@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError as CKafkaError
-from confluent_kafka import KafkaException, Producer
-
+from connectors.kafka.producer import Producer
 from connectors.kafka.reading import iter_range, latest
+from connectors.kafka.settings import InterceptorSettings
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.errors import (
     ConfigError,
     FencedError,
+    KafkaError,
     LowmarkError,
     ReplicationError,
 )
@@ -162,7 +162,7 @@ class Interceptor:
         self._thread: threading.Thread | None = None
         self._producer: Producer | None = None
         self._delivered: dict[int, int] = {}  # log partition -> next offset after ours
-        self._delivery_error: CKafkaError | None = None
+        self._delivery_error: Any = None  # the last Kafka error seen (for messages)
         # sync acks wait for a cut; followed only once the CG has a sync volume
         self.cuts = CutFollower(self.kafka_conf, config.cg, now=time_source.monotonic)
         self.stats = {
@@ -188,7 +188,7 @@ class Interceptor:
         self._producer = Producer(self._producer_conf())
         try:
             self._producer.init_transactions(30)
-        except KafkaException as exc:
+        except KafkaError as exc:
             raise ReplicationError(
                 f"interceptor {self.config.interceptor_id}: cannot initialise Kafka "
                 f"transactions: {exc}; check the brokers and the transaction log topic"
@@ -236,29 +236,8 @@ class Interceptor:
         self.cuts.close()
 
     def _producer_conf(self) -> dict[str, Any]:
-        c = dict(self.kafka_conf)
-        c.update(
-            {
-                # fencing: a newer instance with this id aborts and locks out this one
-                "transactional.id": self.topics.transactional_id(self.config.interceptor_id),
-                "enable.idempotence": True,  # no duplicates or reordering on retries
-                "acks": "all",  # durable = on every in-sync replica
-                # per-volume order needs one partition per volume, chosen like Java does
-                "partitioner": "murmur2_random",
-                "compression.type": self.config.compression,
-                "linger.ms": 2,  # a tick produces in a burst; commit flushes anyway
-                "batch.size": 1_000_000,
-                # records never time out locally while Kafka is away: a timed-out record
-                # makes the transaction abortable mid-commit, and aborting a commit already
-                # in progress is a fatal INVALID_TXN_STATE. Sync writes still fail after
-                # replication_timeout_s (they wait on their ticket); the rest waits, bounded
-                # by max_unreplicated_bytes. A dead interceptor's open transaction is aborted
-                # sooner than this by the watermark service's fencing.
-                "message.timeout.ms": 300_000,
-                "transaction.timeout.ms": 300_000,
-            }
-        )
-        return c
+        tid = self.topics.transactional_id(self.config.interceptor_id)
+        return InterceptorSettings(self.kafka_conf).producer(tid, self.config.compression)
 
     # ---------------------------------------------------------------- join
 
@@ -549,14 +528,7 @@ class Interceptor:
                 if not begun:
                     p.begin_transaction()
                     begun = True
-                    for key, value, headers in records:
-                        p.produce(
-                            self.topics.log,
-                            value,
-                            key,
-                            headers=headers,
-                            on_delivery=self._on_delivery,
-                        )
+                    p.produce_batch(self.topics.log, records, on_delivery=self._on_delivery)
                     key, value, headers = progress
                     p.produce(
                         self.topics.progress, value, key, headers=headers, on_delivery=progress_cb
@@ -565,24 +537,23 @@ class Interceptor:
                 p.poll(0)
                 self.stats["transactions"] += 1
                 return
-            except KafkaException as exc:
-                err = exc.args[0]
+            except KafkaError as err:
                 self._raise_if_fatal(err)
                 self.stats["txn_retries"] += 1
-                if err.txn_requires_abort():
+                if err.txn_requires_abort:
                     self._abort(p)
                     begun = False
                 if self._stop.is_set() and self.time_source.monotonic() > deadline:
                     raise ReplicationError(
-                        f"could not commit to Kafka before shutdown: {err.str()}"
+                        f"could not commit to Kafka before shutdown: {err}"
                     ) from None
                 event(
                     log,
                     "transaction failed; retrying",
                     level=logging.WARNING,
-                    error=err.str(),
-                    retriable=err.retriable(),
-                    abort=err.txn_requires_abort(),
+                    error=str(err),
+                    retriable=err.retriable,
+                    abort=err.txn_requires_abort,
                 )
                 self.time_source.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -594,33 +565,32 @@ class Interceptor:
             try:
                 p.abort_transaction(self.config.replication_timeout_s)
                 return
-            except KafkaException as exc:
-                err = exc.args[0]
+            except KafkaError as err:
                 self._raise_if_fatal(err)
-                if self._stop.is_set() and not err.retriable():
-                    raise ReplicationError(f"could not abort a transaction: {err.str()}") from None
+                if self._stop.is_set() and not err.retriable:
+                    raise ReplicationError(f"could not abort a transaction: {err}") from None
                 event(
                     log,
                     "abort_transaction failed; retrying",
                     level=logging.WARNING,
-                    error=err.str(),
+                    error=str(err),
                 )
                 self.time_source.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    def _raise_if_fatal(self, err: CKafkaError) -> None:
+    def _raise_if_fatal(self, err: KafkaError) -> None:
         self._delivery_error = err
-        if err.code() in (CKafkaError._FENCED, CKafkaError.PRODUCER_FENCED) or (
-            err.fatal() and "fenc" in err.str().lower()
-        ):
+        if isinstance(err, FencedError):
             raise FencedError(
                 f"interceptor {self.config.interceptor_id} (epoch {self.epoch}) was "
                 "fenced by a newer instance or the watermark service; it can add no "
                 "records. Restart it; resync its volumes' backups if it acknowledged "
-                "async writes after its last progress."
+                "async writes after its last progress.",
+                code=err.code,
+                fatal=err.fatal,
             ) from None
-        if err.fatal():
-            raise ReplicationError(f"Kafka producer failed fatally: {err.str()}") from None
+        if err.fatal:
+            raise ReplicationError(f"Kafka producer failed fatally: {err}") from None
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         # never raises: latch the error, keep the offsets (quix-streams' shape)

@@ -27,23 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
-
+from connectors.kafka.producer import Producer
 from connectors.kafka.reading import latest
+from connectors.kafka.settings import WatermarkSettings
 from connectors.kafka.topics import CgTopics
-from pipeline.errors import KafkaUnavailableError
+from pipeline.errors import FencedError, KafkaError, KafkaUnavailableError
 from pipeline.logs import event
 from schemas import codec
 
 log = logging.getLogger("lowmark.watermark")
-
-_FENCED = {
-    KafkaError._FENCED,
-    KafkaError.PRODUCER_FENCED,
-    KafkaError.INVALID_PRODUCER_EPOCH,
-    KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-}
-
 
 @dataclass(frozen=True)
 class PublisherTimeouts:
@@ -92,26 +84,16 @@ class WatermarkPublisher:
         Raises ``KafkaUnavailableError`` (retriable) when the cluster does not answer.
         """
         self.release()
-        producer = self._factory(
-            {
-                **self.kafka_conf,
-                # fences every other instance: one writer, so W never goes down in the topic
-                "transactional.id": self.topics.watermark_transactional_id(),
-                "enable.idempotence": True,
-                "acks": "all",
-                # a W is tiny and every microsecond of delay is RPO
-                "linger.ms": 0,
-                # a transaction of ours that hangs must not keep the LSO (and so every
-                # read_committed consumer of the topic) back for long
-                "transaction.timeout.ms": 60_000,
-            }
-        )
+        tid = self.topics.watermark_transactional_id()
+        settings = WatermarkSettings(self.kafka_conf, self.cg).publisher_producer(tid)
+        producer = self._factory(settings)
         try:
             producer.init_transactions(self.timeouts.init_transactions_s)
-        except KafkaException as exc:
+        except KafkaError as exc:
             raise KafkaUnavailableError(
-                f"cannot take the watermark transactional.id of CG {self.cg}: {exc.args[0]}; "
-                "check that the brokers (and their transaction coordinator) are up"
+                f"cannot take the watermark transactional.id of CG {self.cg}: {exc}; "
+                "check that the brokers (and their transaction coordinator) are up",
+                code=exc.code,
             ) from None
         # every transaction of an earlier holder is decided now: the floor is final
         floor = latest_watermark(self.kafka_conf, self.cg, self.timeouts.read_floor_s)
@@ -145,22 +127,22 @@ class WatermarkPublisher:
             )
             p.commit_transaction(self.timeouts.commit_s)
             return True
-        except KafkaException as exc:
-            err = exc.args[0]
-            if err.code() in _FENCED or (err.fatal() and "fenced" in err.str().lower()):
-                self._lost(f"fenced by another watermark instance ({err.str()})")
-                return False
-            if err.txn_requires_abort():
+        except FencedError as err:
+            self._lost(f"fenced by another watermark instance ({err})")
+            return False
+        except KafkaError as err:
+            if err.txn_requires_abort:
                 try:
                     p.abort_transaction(self.timeouts.abort_s)
-                except KafkaException:
-                    self._lost(f"abort failed after {err.str()}")
+                except KafkaError:
+                    self._lost(f"abort failed after {err}")
             else:
                 # a commit that timed out may still complete; a new init_transactions
                 # decides it, and the floor read after it then covers it
-                self._lost(f"commit outcome unknown ({err.str()})")
+                self._lost(f"commit outcome unknown ({err})")
             raise KafkaUnavailableError(
-                f"publishing W to {self.topics.watermark} failed: {err.str()}; retrying"
+                f"publishing W to {self.topics.watermark} failed: {err}; retrying",
+                code=err.code,
             ) from None
 
     def _lost(self, why: str) -> None:
@@ -170,7 +152,7 @@ class WatermarkPublisher:
     def release(self) -> None:
         if self._producer is not None:
             # a fenced producer may refuse even this; it is dropped either way
-            with contextlib.suppress(KafkaException):
+            with contextlib.suppress(KafkaError):
                 self._producer.flush(1)
         self._producer = None
         self.active = False

@@ -39,20 +39,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import (
-    OFFSET_END,
-    Consumer,
-    IsolationLevel,
-    KafkaException,
-    Producer,
-    TopicPartition,
-)
-from confluent_kafka.admin import AdminClient, OffsetSpec
-
+from connectors.kafka.admin import Admin
+from connectors.kafka.consumer import END, Consumer
 from connectors.kafka.deadletter import deadletter_headers
+from connectors.kafka.errors import PARTITION_EOF, as_error
+from connectors.kafka.producer import Producer
+from connectors.kafka.settings import WatermarkSettings
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.errors import (
     ConfigError,
+    KafkaError,
     KafkaUnavailableError,
     LowmarkError,
     WatermarkError,
@@ -72,8 +68,6 @@ from schemas import codec
 log = logging.getLogger("lowmark.watermark")
 
 __all__ = ["WatermarkService", "WatermarkServiceConfig", "decode_watermark", "newer_watermark"]
-
-_PARTITION_EOF = -191
 
 
 @dataclass(frozen=True)
@@ -129,6 +123,7 @@ class WatermarkService:
         self.config = config.validate()
         self.kafka_conf = dict(kafka_conf)
         self.topics = CgTopics(config.cg)
+        self.settings = WatermarkSettings(self.kafka_conf, config.cg)
         self.state = WatermarkState()
         self.stats = WatermarkStats()
         self.publisher = WatermarkPublisher(self.kafka_conf, config.cg, config.publisher)
@@ -143,7 +138,7 @@ class WatermarkService:
         self._fencing: set[tuple[str, int]] = set()
         self._consumer: Consumer | None = None
         self._watch: Consumer | None = None  # standby: the active instance's commits
-        self._admin: AdminClient | None = None
+        self._admin: Admin | None = None
         self._producer: Producer | None = None
         self._dirty_since: float | None = None
         self._last_publish = 0.0
@@ -163,25 +158,13 @@ class WatermarkService:
             log_partitions=self.config.log_partitions,
             replication_factor=self.config.replication_factor,
         )
-        base = {
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            # a read_committed fetch may wait out fetch.wait.max.ms (500 ms) although the
-            # transaction committed; progress is tiny, so ask often: this bounds W's lag
-            "fetch.wait.max.ms": 5,
-        }
-        self._consumer = Consumer(
-            {**self.kafka_conf, **base, "group.id": f"lowmark.{self.config.cg}.watermark"}
-        )
+        self._consumer = Consumer(self.settings.progress_consumer())
         # W's log offsets are high watermarks, not last stable offsets: Kafka writes a
         # transaction's commit markers partition by partition, so the progress record can be
         # visible while a log partition's LSO still stops below the same transaction's
         # records. Every record of a committed transaction is below the high watermark.
-        self._admin = AdminClient(dict(self.kafka_conf))
-        self._producer = Producer(
-            {**self.kafka_conf, "enable.idempotence": True, "acks": "all", "linger.ms": 0}
-        )
+        self._admin = Admin(self.settings.admin())
+        self._producer = Producer(self.settings.producer())
         self._take_over(self._now())  # may fail on a sick cluster: step() retries it
 
     def close(self) -> None:
@@ -213,10 +196,12 @@ class WatermarkService:
         msgs = self._poll_progress(poll_timeout_s)
         now = self._now()
         for msg in msgs:
-            if msg.error():
-                code = msg.error().code()
-                if code != _PARTITION_EOF and not msg.error().retriable():
-                    self._trouble(now, f"reading {self.topics.progress}: {msg.error()}")
+            err = msg.error()
+            if err:
+                if err.code() != PARTITION_EOF:
+                    exc = as_error(err, f"reading {self.topics.progress}")
+                    if not exc.retriable:
+                        self._trouble(now, str(exc))
                 continue
             if self.halted is not None:
                 break
@@ -280,25 +265,18 @@ class WatermarkService:
         for member in self.state.members:
             # a resumed service gives everyone a full timeout
             self._last_seen.setdefault(member, now_us)
-        tp = TopicPartition(self.topics.progress, 0, self.state.progress_offset + 1)
+        start = self.state.progress_offset + 1
         if self._resumed:
-            self._consumer.seek(tp)
+            self._consumer.seek(self.topics.progress, 0, start)
         else:
-            self._consumer.assign([tp])
+            self._consumer.assign(self.topics.progress, {0: start})
         self._resumed = True
 
     def _watch_active(self, now: float) -> None:
         """Standby: note every W the active instance commits; take over when it stops."""
         if self._watch is None:
-            self._watch = Consumer(
-                {
-                    **self.kafka_conf,
-                    "group.id": f"lowmark.{self.config.cg}.watermark.standby",
-                    "enable.auto.commit": False,
-                    "isolation.level": "read_committed",
-                }
-            )
-            self._watch.assign([TopicPartition(self.topics.watermark, 0, OFFSET_END)])
+            self._watch = Consumer(self.settings.standby_consumer())
+            self._watch.assign(self.topics.watermark, {0: END})
             self._active_seen = now
         for msg in self._watch.consume(100, 0):
             if not msg.error():
@@ -349,13 +327,16 @@ class WatermarkService:
         """Freeze W at the bad progress record: it may be a JOIN W must not pass blindly."""
         assert self._producer is not None
         off = msg.offset()
-        self._producer.produce(
-            self.topics.deadletter,
-            msg.value(),
-            msg.key(),
-            headers=deadletter_headers(self.topics.progress, 0, off, exc, "watermark"),
-        )
-        self._producer.flush(30)
+        try:
+            self._producer.produce(
+                self.topics.deadletter,
+                msg.value(),
+                msg.key(),
+                headers=deadletter_headers(self.topics.progress, 0, off, exc, "watermark"),
+            )
+            self._producer.flush(30)
+        except KafkaError as dl:  # W freezes all the same; the record stays in the log
+            event(log, "dead-letter copy not written", level=logging.ERROR, error=str(dl))
         self.halted = WatermarkHaltedError(
             f"CG {self.config.cg}: progress record {self.topics.progress}[0]@{off} is bad "
             f"({type(exc).__name__}: {exc}); W stays at {self.state.w} (RPO grows). A copy "
@@ -380,30 +361,16 @@ class WatermarkService:
         while a 3-node cluster elects): both are ``KafkaUnavailableError``, never an offset.
         """
         assert self._admin is not None
-        request = {
-            TopicPartition(self.topics.log, p): OffsetSpec.latest()
-            for p in range(self.config.log_partitions)
-        }
-        timeout = self.config.list_offsets_timeout_s
+        parts = range(self.config.log_partitions)
         try:
-            futures = self._admin.list_offsets(
-                request, isolation_level=IsolationLevel.READ_UNCOMMITTED, request_timeout=timeout
+            out = self._admin.end_offsets(
+                self.topics.log, parts, self.config.list_offsets_timeout_s
             )
-            out = {tp.partition: fut.result(timeout).offset for tp, fut in futures.items()}
-        except (KafkaException, TimeoutError) as exc:
-            self._admin = AdminClient(dict(self.kafka_conf))  # see below
-            raise KafkaUnavailableError(
-                f"cannot read the end offsets of {self.topics.log}: {exc!r}; W waits"
-            ) from None
-        bad = {p: o for p, o in out.items() if o < 0}
-        if bad or len(out) != self.config.log_partitions:
+        except KafkaError as exc:
             # the admin client keeps asking the dead leader it has cached (seen for 30 s
             # after the election); a new client starts from fresh metadata
-            self._admin = AdminClient(dict(self.kafka_conf))
-            raise KafkaUnavailableError(
-                f"{self.topics.log} partitions {sorted(bad)} have no end offset (leader "
-                "election?); W waits until they do"
-            )
+            self._admin = Admin(self.settings.admin())
+            raise KafkaUnavailableError(f"{exc}; W waits", code=exc.code) from None
         return [{"partition": p, "offset": o} for p, o in sorted(out.items())]
 
     def _publish(self, now: float) -> None:
@@ -501,11 +468,11 @@ class WatermarkService:
             silent_s=round(silent_s, 3),
         )
         fencer = Producer(
-            {**self.kafka_conf, "transactional.id": self.topics.transactional_id(interceptor_id)}
+            self.settings.fencer_producer(self.topics.transactional_id(interceptor_id))
         )
         try:
             fencer.init_transactions(30)
-        except KafkaException as exc:
+        except KafkaError as exc:
             self._fencing.discard((interceptor_id, epoch))
             event(
                 log,
@@ -526,13 +493,17 @@ class WatermarkService:
             "wall_us": self._wall_us(),
         }
         assert self._producer is not None
-        self._producer.produce(
-            self.topics.progress,
-            codec.encode("Progress", rec),
-            interceptor_id,
-            headers=codec.headers_for("Progress", rec),
-        )
-        if self._producer.flush(30) > 0:
+        try:
+            self._producer.produce(
+                self.topics.progress,
+                codec.encode("Progress", rec),
+                interceptor_id,
+                headers=codec.headers_for("Progress", rec),
+            )
+            undelivered = self._producer.flush(30)
+        except KafkaError:
+            undelivered = 1
+        if undelivered > 0:
             # fenced in Kafka, but the fold does not know: W stays held until a retry lands it
             self._fencing.discard((interceptor_id, epoch))
             event(

@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 import pipeline.watermark.service as watermark_service
+from connectors.kafka.errors import as_error
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
@@ -276,8 +277,10 @@ def test_fence_record_only_after_fencing_succeeded_and_fencing_is_retried(
     first fencing attempt fails (injected into the service's Producer): no FENCE may be
     written, and the service must try again; after the retry succeeds the FENCE follows.
 
-    Seam: ``pipeline.watermark.service.Producer``, wrapped for the silent interceptor's
-    transactional.id only; every other producer of the service is the real one."""
+    Seam: ``pipeline.watermark.service.Producer`` (the ``connectors.kafka`` wrapper),
+    wrapped for the silent interceptor's transactional.id only; every other producer of the
+    service is the real one. The injected failure is what the wrapper raises for
+    librdkafka's ``_TIMED_OUT``."""
     fenced_tid = CgTopics(unique_name).transactional_id("stall")
     real_producer = watermark_service.Producer
     attempts: list[dict[str, Any]] = []
@@ -291,8 +294,11 @@ def test_fence_record_only_after_fencing_succeeded_and_fencing_is_retried(
             attempts.append(seen)
             if len(attempts) == 1:
                 seen["outcome"] = "failed"
-                raise KafkaException(
-                    KafkaError(KafkaError._TIMED_OUT, "injected: transaction coordinator down")
+                raise as_error(
+                    KafkaException(
+                        KafkaError(KafkaError._TIMED_OUT, "injected: transaction coordinator down")
+                    ),
+                    "taking the transactional.id",
                 )
             super().init_transactions(*args)
             seen["outcome"] = "fenced"

@@ -44,19 +44,20 @@ class _Msg:
 
 
 class FakeConsumer:
-    """The slice of confluent_kafka.Consumer the follower uses; messages come from a queue."""
+    """The slice of connectors.kafka.consumer.Consumer the follower uses; messages come
+    from a queue."""
 
     def __init__(self, conf: dict[str, Any]) -> None:
         self.conf = conf
         self.messages: queue.Queue[_Msg] = queue.Queue()
-        self.assigned: list[Any] = []
+        self.assigned: dict[int, int] = {}
         self.closed = False
 
-    def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+    def watermark_offsets(self, topic: str, partition: int) -> tuple[int, int]:
         return 0, 100
 
-    def assign(self, tps: list[Any]) -> None:
-        self.assigned = tps
+    def assign(self, topic: str, offsets: dict[int, int]) -> None:
+        self.assigned = dict(offsets)
 
     def poll(self, timeout: float) -> _Msg | None:
         try:
@@ -111,7 +112,7 @@ def test_follower_reads_committed_from_the_tail_and_wakes_waiters_in_ts_order(fo
     f, consumer, _clock = follower
     assert consumer.conf["isolation.level"] == "read_committed"
     assert consumer.conf["fetch.wait.max.ms"] <= 10
-    assert consumer.assigned[0].offset == 100 - 64, "starts near the end, not at 0"
+    assert consumer.assigned == {0: 100 - 64}, "starts near the end, not at 0"
     got: list[tuple[int, BaseException | None]] = []
     for ts in (30, 10, 20):
         f.on_covered(ts, lambda exc, ts=ts: got.append((ts, exc)), timeout_s=60)

@@ -1,0 +1,93 @@
+"""The one admin client class lowmark uses: a thin owner of a ``confluent_kafka`` AdminClient.
+
+Metadata, topic creation and the log's end offsets in one ListOffsets request; every error
+leaves as a lowmark ``KafkaError`` (``connectors.kafka.errors.as_error``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ignore[attr-defined]
+
+from connectors.kafka.errors import TOPIC_ALREADY_EXISTS, as_error
+from pipeline.errors import KafkaUnavailableError
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+class Admin:
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        try:
+            self._a = AdminClient(self.settings)
+        except KafkaException as exc:  # a setting librdkafka refuses
+            raise as_error(exc, "creating a Kafka admin client", "check the settings") from None
+
+    def metadata(self, timeout_s: float) -> Any:
+        """The cluster's metadata (``.brokers``, ``.topics[name].partitions[p].leader``)."""
+        try:
+            return self._a.list_topics(timeout=timeout_s)
+        except KafkaException as exc:
+            raise as_error(
+                exc,
+                f"cannot reach Kafka at {self.settings.get('bootstrap.servers')}",
+                "start it with `lowmark kafka up` or fix bootstrap.servers",
+            ) from None
+
+    def create_topics(self, specs: Iterable[TopicSpec], timeout_s: float) -> None:
+        """Create the topics; one that exists already (another process was faster) is fine."""
+        new = [
+            NewTopic(s.name, s.partitions, s.replication_factor, config=dict(s.config))
+            for s in specs
+        ]
+        if not new:
+            return
+        try:
+            futures = self._a.create_topics(new, request_timeout=timeout_s)
+        except KafkaException as exc:
+            raise as_error(exc, "creating topics") from None
+        for name, fut in futures.items():
+            try:
+                fut.result()
+            except KafkaException as exc:
+                err = as_error(exc, f"creating topic {name} failed")
+                if err.code != TOPIC_ALREADY_EXISTS:
+                    raise err from None
+
+    def end_offsets(
+        self, topic: str, partitions: Iterable[int], timeout_s: float, committed: bool = False
+    ) -> dict[int, int]:
+        """Each partition's end offset in one ListOffsets request: the high watermark, or
+        with ``committed`` the last stable offset. A partition without a leader (an error,
+        or an offset below 0, -1001 while a cluster elects) is ``KafkaUnavailableError``."""
+        parts = list(partitions)
+        level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        request = {TopicPartition(topic, p): latest for p in parts}
+        try:
+            futures = self._a.list_offsets(
+                request, isolation_level=level, request_timeout=timeout_s
+            )
+            out = {tp.partition: fut.result(timeout_s).offset for tp, fut in futures.items()}
+        except KafkaException as exc:
+            raise as_error(exc, f"cannot read the end offsets of {topic}") from None
+        except TimeoutError:
+            raise KafkaUnavailableError(
+                f"cannot read the end offsets of {topic}: no answer in {timeout_s} s"
+            ) from None
+        bad = sorted(p for p in parts if out.get(p, -1) < 0)
+        if bad:
+            raise KafkaUnavailableError(
+                f"{topic} partitions {bad} have no end offset (leader election?)"
+            )
+        return out

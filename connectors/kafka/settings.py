@@ -1,0 +1,178 @@
+"""librdkafka settings of every Kafka client lowmark makes, one builder per role.
+
+Each builder starts from the settings every client shares (``KafkaConnection.librdkafka()``:
+bootstrap servers, TLS/SASL, client id) and adds what its role needs. Every key that
+differs from librdkafka's default says why. The roles:
+
+- ``InterceptorSettings``: the transactional producer of records + progress, and the
+  follower of published cuts (sync acknowledgements);
+- ``WatermarkSettings``: the progress reader, the watermark publisher, the fencer of a
+  silent member, the standby's watch, and the producer of FENCE records and dead letters;
+- ``ApplierSettings``: the readers of the log and the watermark topic, the producer of
+  checkpoints and dead letters;
+- ``ToolSettings``: short reads by start-up code and the operator tools (status, restore,
+  replay, tail, verify) and the admin client.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from connectors.kafka.config import KafkaConnection
+
+Settings = dict[str, Any]
+
+
+class _Role:
+    def __init__(self, connection: KafkaConnection | Mapping[str, Any]) -> None:
+        #: the shared settings (``KafkaConnection.librdkafka()``), never mutated
+        self.base: Settings = (
+            connection.librdkafka() if isinstance(connection, KafkaConnection) else dict(connection)
+        )
+
+    def admin(self) -> Settings:
+        return dict(self.base)
+
+    def _reader(self, group: str) -> Settings:
+        return {
+            **self.base,
+            "group.id": group,
+            # the checkpoint (or the caller) is the truth about positions, never the group
+            "enable.auto.commit": False,
+            # an aborted transaction (a fenced instance, a retried commit) is never data
+            "isolation.level": "read_committed",
+        }
+
+
+class InterceptorSettings(_Role):
+    def producer(self, transactional_id: str, compression: str) -> Settings:
+        return {
+            **self.base,
+            # fencing: a newer instance with this id aborts and locks out this one
+            "transactional.id": transactional_id,
+            "enable.idempotence": True,  # no duplicates or reordering on retries
+            "acks": "all",  # durable = on every in-sync replica
+            # per-volume order needs one partition per volume, chosen like Java does
+            "partitioner": "murmur2_random",
+            "compression.type": compression,
+            "linger.ms": 2,  # a tick produces in a burst; commit flushes anyway
+            "batch.size": 1_000_000,
+            # records never time out locally while Kafka is away: a timed-out record
+            # makes the transaction abortable mid-commit, and aborting a commit already
+            # in progress is a fatal INVALID_TXN_STATE. Sync writes still fail after
+            # replication_timeout_s (they wait on their ticket); the rest waits, bounded
+            # by max_unreplicated_bytes. A dead interceptor's open transaction is aborted
+            # sooner than this by the watermark service's fencing.
+            "message.timeout.ms": 300_000,
+            "transaction.timeout.ms": 300_000,
+        }
+
+    def cuts_consumer(self) -> Settings:
+        return {
+            # its own group: it only reads (offsets are never committed or stored)
+            **self._reader(f"lowmark-cuts-{uuid.uuid4().hex[:8]}"),
+            "enable.auto.offset.store": False,
+            # every millisecond here is added to every sync write's latency
+            "fetch.wait.max.ms": 5,
+        }
+
+
+class WatermarkSettings(_Role):
+    def __init__(self, connection: KafkaConnection | Mapping[str, Any], cg: str) -> None:
+        super().__init__(connection)
+        self.cg = cg
+
+    def progress_consumer(self) -> Settings:
+        return {
+            **self._reader(f"lowmark.{self.cg}.watermark"),
+            # the fold must know when it has read everything committed so far
+            "enable.partition.eof": True,
+            # a read_committed fetch may wait out fetch.wait.max.ms (500 ms) although the
+            # transaction committed; progress is tiny, so ask often: this bounds W's lag
+            "fetch.wait.max.ms": 5,
+        }
+
+    def standby_consumer(self) -> Settings:
+        return self._reader(f"lowmark.{self.cg}.watermark.standby")
+
+    def producer(self) -> Settings:
+        """FENCE progress records and dead-letter copies."""
+        return {
+            **self.base,
+            "enable.idempotence": True,  # a retried FENCE is not written twice
+            "acks": "all",  # a FENCE the fold acts on must survive a broker loss
+            "linger.ms": 0,  # a FENCE unblocks W: send it at once
+        }
+
+    def publisher_producer(self, transactional_id: str) -> Settings:
+        return {
+            **self.base,
+            # fences every other instance: one writer, so W never goes down in the topic
+            "transactional.id": transactional_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            # a W is tiny and every microsecond of delay is RPO
+            "linger.ms": 0,
+            # a transaction of ours that hangs must not keep the LSO (and so every
+            # read_committed consumer of the topic) back for long
+            "transaction.timeout.ms": 60_000,
+        }
+
+    def fencer_producer(self, transactional_id: str) -> Settings:
+        # init_transactions with a silent member's id aborts its open transaction and
+        # locks it out; the producer sends nothing
+        return {**self.base, "transactional.id": transactional_id}
+
+
+class ApplierSettings(_Role):
+    def __init__(self, connection: KafkaConnection | Mapping[str, Any], cg: str, site: str) -> None:
+        super().__init__(connection)
+        self.group = f"lowmark.{cg}.apply.{site}"
+
+    def _consumer(self, group: str) -> Settings:
+        return {
+            **self._reader(group),
+            # an EOF proves every committed record below it was read (note_position)
+            "enable.partition.eof": True,
+            "fetch.max.bytes": 64 << 20,  # large writes: fewer round trips
+            # see the watermark service: without it a committed record can wait 500 ms
+            "fetch.wait.max.ms": 5,
+        }
+
+    def log_consumer(self) -> Settings:
+        return self._consumer(self.group)
+
+    def watermark_consumer(self) -> Settings:
+        return self._consumer(self.group + ".wm")
+
+    def producer(self) -> Settings:
+        """Checkpoints and dead-letter copies."""
+        return {
+            **self.base,
+            "enable.idempotence": True,  # a retried checkpoint is not written twice
+            "acks": "all",  # a checkpoint must survive a broker loss
+        }
+
+
+class ToolSettings(_Role):
+    def reader(self) -> Settings:
+        """A short read of one topic (``connectors.kafka.reading``)."""
+        return {
+            # a group of its own: no offsets are ever committed
+            **self._reader(f"lowmark-reader-{uuid.uuid4().hex[:8]}"),
+            # the reader stops at the end
+            "enable.partition.eof": True,
+        }
+
+    def log_reader(self, auto_offset_reset: str = "error") -> Settings:
+        """Restore, replay, verify and tail: the CG's log, maybe many partitions."""
+        return {
+            **self._reader(f"lowmark-replay-{uuid.uuid4().hex[:8]}"),
+            "enable.partition.eof": True,
+            # a start offset that retention deleted must fail loudly, never skip records
+            "auto.offset.reset": auto_offset_reset,
+            # a partition at its end must not hold up the others for the default 500 ms
+            "fetch.wait.max.ms": 50,
+        }
