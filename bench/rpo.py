@@ -86,12 +86,12 @@ from bench.common import (
 )
 from connectors.kafka.reading import end_offsets, latest
 from connectors.kafka.topics import CgTopics
-from pipeline.backup.applier import LOG_TYPES
 from pipeline.errors import SetupError
 from pipeline.primary.clock import ts_physical_us, wall_us
 from pipeline.primary.volume import ConsistencyGroup, Volume
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
+from schemas.records import LOG_RECORDS, Watermark
 
 MiB = 1 << 20
 GOAL_RPO_P99_MS = 50.0  # applied RPO p99 at 50 % of max ingest
@@ -522,8 +522,7 @@ class Sampler(threading.Thread):
             for msg in self._wm.consume(100, 0):
                 if not msg.error():
                     with contextlib.suppress(Exception):
-                        self.w_seen = max(self.w_seen, codec.decode(msg.value(), "Watermark")
-                                          .record["w"])
+                        self.w_seen = max(self.w_seen, codec.decode(msg.value(), Watermark).w)
             ap = self.applier
             if ap is not None and ap.block is not None:
                 # a restarting applier reads 0 until it loaded its checkpoint: keep the last
@@ -864,7 +863,7 @@ def raw_consume(broker: Broker, topic: str, limit_s: float, decode: bool,
                     continue
                 value = msg.value() or b""
                 if decode:
-                    codec.decode(value, LOG_TYPES)
+                    codec.decode(value, LOG_RECORDS)
                 nbytes += len(value)
                 records += 1
         elapsed = time.perf_counter() - t0

@@ -45,11 +45,11 @@ from pipeline.logs import event
 from pipeline.ops.replay import ImageSet
 from pipeline.primary.clock import ts_physical_us, wall_us
 from schemas import codec
+from schemas.records import LOG_RECORDS, CgRecord, Checkpoint, VolumeChange, VolumeDigest, Watermark
 
 log = logging.getLogger("lowmark.applier")
 
 _PARTITION_EOF = -191
-LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ class ApplierStats:
     started_mono: float = field(default_factory=time.monotonic)
 
 
-def decode_checkpoint(value: bytes) -> dict[str, Any]:
-    return codec.decode(value, "Checkpoint").record
+def decode_checkpoint(value: bytes) -> Checkpoint:
+    return codec.decode(value, Checkpoint)
 
 
 class Applier:
@@ -111,8 +111,8 @@ class Applier:
         self.applied_w = 0
         self.checkpoint_w = 0
         self.halted: ApplierHaltedError | None = None
-        self.markers: list[dict[str, Any]] = []
-        self._targets: list[dict[str, Any]] = []  # watermarks not yet applied, ascending
+        self.markers: list[CgRecord] = []
+        self._targets: list[Watermark] = []  # watermarks not yet applied, ascending
         self._max_seen_w = 0
         self._last_checkpoint = time.monotonic()
         self._reread: dict[int, int] | None = None
@@ -139,7 +139,7 @@ class Applier:
     def image_path(self, volume_id: str) -> Path:
         return self.config.data_dir / "images" / f"{volume_id}.img"
 
-    def _load_checkpoint(self) -> dict[str, Any] | None:
+    def _load_checkpoint(self) -> Checkpoint | None:
         if self.checkpoint_path.exists():
             try:
                 return decode_checkpoint(self.checkpoint_path.read_bytes())
@@ -152,12 +152,8 @@ class Applier:
         best = latest(
             self.kafka_conf,
             self.topics.checkpoints,
-            lambda v: (
-                decode_checkpoint(v)
-                if codec.decode(v, "Checkpoint").record["site"] == site
-                else None
-            ),
-            lambda a, b: b is None or (a is not None and a["w"] >= b["w"]),
+            lambda v: ck if (ck := decode_checkpoint(v)).site == site else None,
+            lambda a, b: b is None or (a is not None and a.w >= b.w),
         )
         return best[0] if best and best[0] is not None else None
 
@@ -174,10 +170,9 @@ class Applier:
         ckpt = self._load_checkpoint()
         start_offsets = {p: 0 for p in range(self.config.log_partitions)}
         if ckpt is not None:
-            self.applied_w = self.checkpoint_w = ckpt["w"]
-            self._max_seen_w = ckpt["w"]
-            for po in ckpt["log_offsets"]:
-                start_offsets[po["partition"]] = po["offset"]
+            self.applied_w = self.checkpoint_w = ckpt.w
+            self._max_seen_w = ckpt.w
+            start_offsets.update(ckpt.log_offsets)
         self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
         for p, off in start_offsets.items():
             self.planner.note_position(p, off)
@@ -268,7 +263,7 @@ class Applier:
                 continue
             self._wm_read_to = max(self._wm_read_to, msg.offset() + 1)
             try:
-                rec = codec.decode(msg.value(), "Watermark").record
+                rec = codec.decode(msg.value(), Watermark)
             except RecordError as exc:
                 # a bad W can only hold the backup back; never apply on it
                 event(
@@ -281,14 +276,13 @@ class Applier:
                 continue
             self.stats.watermarks_seen += 1
             if msg.offset() < self._wm_end_at_start:
-                self._restart_floor = max(self._restart_floor, rec["w"])
-            bound = {po["partition"]: po["offset"] for po in rec["log_offsets"]}
-            for m in rec["members"]:
-                self.planner.note_epoch(m["interceptor_id"], m["epoch"], bound)
-            for d in rec["departed"]:
-                self.planner.note_departed(d["interceptor_id"], d["epoch"], d["s"])
-            if rec["w"] > self._max_seen_w:  # consumers ignore a lower W
-                self._max_seen_w = rec["w"]
+                self._restart_floor = max(self._restart_floor, rec.w)
+            for m in rec.members:
+                self.planner.note_epoch(m.interceptor_id, m.epoch, rec.log_offsets)
+            for d in rec.departed:
+                self.planner.note_departed(d.interceptor_id, d.epoch, d.s)
+            if rec.w > self._max_seen_w:  # consumers ignore a lower W
+                self._max_seen_w = rec.w
                 self._targets.append(rec)
         return len(msgs)
 
@@ -320,7 +314,7 @@ class Applier:
             self.stats.records_read += 1
             self.stats.bytes_read += len(value)
             try:
-                dec = codec.decode(value, LOG_TYPES)
+                dec = codec.decode(value, LOG_RECORDS)
             except RecordError as exc:
                 if (p, off) in self.config.skip:
                     event(
@@ -336,7 +330,7 @@ class Applier:
                     continue
                 self._block(msg, exc)
                 continue
-            self.planner.add(dec.type, dec.record, p, off)
+            self.planner.add(dec, p, off)
             self.planner.note_position(p, off + 1)
         return len(msgs)
 
@@ -354,18 +348,18 @@ class Applier:
         applied = False
         while self._targets:
             target = self._targets[0]
-            required = {po["partition"]: po["offset"] for po in target["log_offsets"]}
-            if not self.planner.ready(target["w"], required):
+            required = target.log_offsets
+            if not self.planner.ready(target.w, required):
                 blocker = self.planner.blocked_by(required)
                 if blocker is not None:
                     self._halt(blocker[0])
                 return applied
             self._targets.pop(0)
-            if target["w"] <= self.applied_w:
+            if target.w <= self.applied_w:
                 continue
-            for op in self.planner.take(target["w"]):
+            for op in self.planner.take(target.w):
                 self._apply(op)
-            self.applied_w = target["w"]
+            self.applied_w = target.w
             applied = True
         return applied
 
@@ -390,8 +384,8 @@ class Applier:
     # ---------------------------------------------------------------- applying
 
     def _apply(self, op: ApplyOp) -> None:
-        if op.kind in ("marker", "snapshot"):
-            self.markers.append({"kind": op.kind, "ts": op.ts, **(op.record or {})})
+        if isinstance(op.record, CgRecord):
+            self.markers.append(op.record)
             return
         try:
             self.site.apply(op)  # the same rules restore and replay use
@@ -401,15 +395,9 @@ class Applier:
                 "this site's images: rebuild the site from a checkpoint (replacement backup)"
             )
             raise self.halted from None
-        if op.kind == "volume_change":
-            rec = op.record or {}
-            event(
-                log,
-                "volume change applied",
-                volume=op.volume_id,
-                op=rec.get("op"),
-                size=rec.get("size"),
-            )
+        if isinstance(op.record, VolumeChange):
+            rec = op.record
+            event(log, "volume change applied", volume=op.volume_id, op=rec.op, size=rec.size)
             return
         self.stats.applied_ops += 1
         self.stats.applied_bytes += op.length
@@ -485,7 +473,7 @@ class Applier:
             return
         self._checkpoint_written(result["rec"])
 
-    def checkpoint(self, digests: bool | None = True) -> dict[str, Any]:
+    def checkpoint(self, digests: bool | None = True) -> Checkpoint:
         """fdatasync, then record the applied state durably, then commit offsets.
 
         ``digests=None``: include per-volume digests only if ``digest_interval_s`` passed.
@@ -514,54 +502,45 @@ class Applier:
             self._last_snapshot = time.monotonic()
         return rec
 
-    def _checkpoint_record(self, digests: bool) -> dict[str, Any]:
-        offsets = self.planner.checkpoint_offsets()
-        return {
-            "site": self.config.site,
-            "cg": self.config.cg,
-            "w": self.applied_w,
-            "log_offsets": [{"partition": p, "offset": o} for p, o in sorted(offsets.items())],
-            "volumes": [
-                {
-                    "volume_id": vid,
-                    "size": img.size,
-                    "digest": img.content_digest() if digests else "",
-                }
+    def _checkpoint_record(self, digests: bool) -> Checkpoint:
+        return Checkpoint(
+            self.config.site,
+            self.config.cg,
+            self.applied_w,
+            self.planner.checkpoint_offsets(),
+            tuple(
+                VolumeDigest(vid, img.size, img.content_digest() if digests else "")
                 for vid, img in sorted(self.images.items())
-            ],
-            "written_us": wall_us(),
-        }
+            ),
+            wall_us(),
+        )
 
-    def _persist_checkpoint(self, rec: dict[str, Any]) -> bytes:
+    def _persist_checkpoint(self, rec: Checkpoint) -> bytes:
         """Local file first (atomically), then the compacted topic. Images already synced."""
-        value = codec.encode("Checkpoint", rec)
+        value = codec.encode(rec)
         atomic_write(self.checkpoint_path, value)
         assert self._producer is not None
         self._producer.produce(
             self.topics.checkpoints,
             value,
             self.config.site,
-            headers=codec.headers_for("Checkpoint", rec),
+            headers=codec.headers_for(rec),
         )
         self._producer.flush(30)
         return value
 
-    def _checkpoint_written(self, rec: dict[str, Any]) -> None:
+    def _checkpoint_written(self, rec: Checkpoint) -> None:
         """Only now are consumer offsets committed (advisory: the checkpoint is the truth)."""
         assert self._log is not None
-        tps = [
-            TopicPartition(self.topics.log, po["partition"], po["offset"])
-            for po in rec["log_offsets"]
-            if po["offset"] >= 0
-        ]
+        tps = [TopicPartition(self.topics.log, p, o) for p, o in rec.log_offsets.items() if o >= 0]
         try:
             if tps:
                 self._log.commit(offsets=tps, asynchronous=True)
         except KafkaException as exc:
             log.warning("offset commit failed: %s", exc)
-        self.checkpoint_w = max(self.checkpoint_w, rec["w"])
+        self.checkpoint_w = max(self.checkpoint_w, rec.w)
         self.stats.checkpoints += 1
-        self.stats.last_checkpoint_us = rec["written_us"]
+        self.stats.last_checkpoint_us = rec.written_us
 
     # ---------------------------------------------------------------- bad input
 

@@ -24,6 +24,7 @@ import orjson
 from connectors.image.image import Image
 from pipeline.fsutil import atomic_write
 from schemas import codec
+from schemas.records import Checkpoint
 
 
 def store_dir(data_dir: Path) -> Path:
@@ -49,8 +50,8 @@ def save(
     catalog: dict[str, dict[str, Any]],
 ) -> Path:
     """Copy the (already fdatasynced) images as the snapshot of this checkpoint."""
-    rec = codec.decode(checkpoint_value, "Checkpoint").record
-    final = store_dir(data_dir) / f"{rec['w']:020d}"
+    rec = codec.decode(checkpoint_value, Checkpoint)
+    final = store_dir(data_dir) / f"{rec.w:020d}"
     if final.exists():
         return final
     tmp = final.with_name(final.name + ".partial")
@@ -81,11 +82,11 @@ def list_snapshots(data_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def newest_at_or_below(data_dir: Path, ts: int) -> tuple[dict[str, Any], Path] | None:
+def newest_at_or_below(data_dir: Path, ts: int) -> tuple[Checkpoint, Path] | None:
     """The newest snapshot whose W <= ts, with its checkpoint record."""
     for w, path in reversed(list_snapshots(data_dir)):
         if w <= ts:
-            return codec.decode((path / "checkpoint.avro").read_bytes(), "Checkpoint").record, path
+            return codec.decode((path / "checkpoint.avro").read_bytes(), Checkpoint), path
     return None
 
 

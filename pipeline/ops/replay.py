@@ -34,39 +34,44 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as CKafkaError
 
 from connectors.image.image import Image
-from pipeline.backup.plan import ApplyOp, ApplyPlanner
+from pipeline.backup.plan import ApplyOp, ApplyPlanner, OpKind
 from pipeline.errors import ApplyError, KafkaUnavailableError, RecordError, RestoreError
 from pipeline.fsutil import atomic_write
 from schemas import codec
+from schemas.records import (
+    LOG_RECORDS,
+    LogRecord,
+    Marker,
+    VolumeChange,
+    VolumeOp,
+    VolumeRecord,
+    Write,
+)
 
-LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
 _PARTITION_EOF = -191
-_VOLUME_TYPES = ("Write", "Zero", "VolumeChange")
 
 
 # ---------------------------------------------------------------- pure planning
 
 
-def record_ts_range(record_type: str, record: Mapping[str, Any]) -> tuple[int, int]:
+def record_ts_range(record: LogRecord) -> tuple[int, int]:
     """(lowest, highest) ts in a decoded log record."""
-    if record_type == "Write":
-        tss = [x["ts"] for x in record["extents"]]
-        return min(tss), max(tss)
-    return record["ts"], record["ts"]
+    tss = record.timestamps()
+    return min(tss), max(tss)
 
 
-def _complete_through(record_type: str, record: Mapping[str, Any]) -> int:
+def _complete_through(record: VolumeRecord) -> int:
     """Every op of this record's volume with ts <= the result has been read in full.
 
     A Write may end with a fragment whose siblings come in the next record; that write is
     not complete yet, but everything before its ts is (per-volume ts order).
     """
-    if record_type != "Write":
-        return record["ts"]
-    last = record["extents"][-1]
-    if last["fragment_index"] == last["fragment_count"] - 1:
-        return last["ts"]
-    return last["ts"] - 1
+    if not isinstance(record, Write):
+        return max(record.timestamps())
+    last = record.extents[-1]
+    if last.fragment_index == last.fragment_count - 1:
+        return last.ts
+    return last.ts - 1
 
 
 @dataclass
@@ -92,32 +97,30 @@ class ReplayPlan:
             )
         self.from_w = from_w
         self.to_ts = to_ts
-        self.markers: list[dict[str, Any]] = []
+        self.markers: list[Marker] = []
         self._volumes: dict[str, _VolumePlan] = {}
         # epoch facts (interceptor, epoch, partition, first offset), shared per partition
         self._facts: dict[tuple[str, int, int], int] = {}
         # per partition: the first offset holding a record with a ts > to_ts (resume point)
         self._first_after: dict[int, int] = {}
 
-    def add(
-        self, record_type: str, record: Mapping[str, Any], partition: int, offset: int
-    ) -> list[ApplyOp]:
-        low, high = record_ts_range(record_type, record)
+    def add(self, record: LogRecord, partition: int, offset: int) -> list[ApplyOp]:
+        low, high = record_ts_range(record)
         if high > self.to_ts and partition not in self._first_after:
             self._first_after[partition] = offset
         self._note_epoch(record, partition, offset)
-        if record_type not in _VOLUME_TYPES:
-            if record_type == "Marker" and self.from_w < record["ts"] <= self.to_ts:
-                self.markers.append(dict(record))
+        if not isinstance(record, VolumeRecord):
+            if isinstance(record, Marker) and self.from_w < record.ts <= self.to_ts:
+                self.markers.append(record)
             return []  # CG-wide records change no image
-        vid = record["volume_id"]
+        vid = record.volume_id
         vol = self._volumes.get(vid)
         if vol is None:
             vol = self._volumes[vid] = self._new_volume(partition)
         if vol.done and low > self.to_ts:
             return []
-        vol.planner.add(record_type, record, partition, offset)
-        w = min(_complete_through(record_type, record), self.to_ts)
+        vol.planner.add(record, partition, offset)
+        w = min(_complete_through(record), self.to_ts)
         if w <= vol.planner.applied_w:
             return []
         ops = vol.planner.take(w)
@@ -143,8 +146,8 @@ class ReplayPlan:
         planner.ready(self.to_ts, {})
         return _VolumePlan(planner, partition)
 
-    def _note_epoch(self, record: Mapping[str, Any], partition: int, offset: int) -> None:
-        key = (record["interceptor_id"], record["epoch"], partition)
+    def _note_epoch(self, record: LogRecord, partition: int, offset: int) -> None:
+        key = (record.interceptor_id, record.epoch, partition)
         if key in self._facts:
             return
         self._facts[key] = offset
@@ -190,10 +193,11 @@ class ImageSet:
 
     def apply(self, op: ApplyOp) -> None:
         """Apply one op exactly as the applier does, so restore and backup agree byte for byte."""
-        if op.kind == "volume_change":
-            self._volume_change(op.record or {})
+        if op.kind is OpKind.VOLUME_CHANGE:
+            assert isinstance(op.record, VolumeChange)
+            self._volume_change(op.record)
             return
-        if op.kind in ("marker", "snapshot"):
+        if op.kind in (OpKind.MARKER, OpKind.SNAPSHOT):
             return
         img = self.images.get(op.volume_id or "")
         if img is None:
@@ -208,16 +212,16 @@ class ImageSet:
                 f"{op.offset + op.length}) extends past its {img.size} bytes; the base does "
                 "not match this log"
             )
-        if op.kind == "write":
+        if op.kind is OpKind.WRITE:
             assert op.data is not None
             img.pwrite(op.offset, op.data)
         else:  # zero / trim read as zeroes; a zero stays allocated, as at the primary
-            img.zero(op.offset, op.length, punch=op.kind == "trim")
+            img.zero(op.offset, op.length, punch=op.kind is OpKind.TRIM)
         self._touched.add(op.volume_id or "")
 
-    def _volume_change(self, rec: Mapping[str, Any]) -> None:
-        vid, op = rec["volume_id"], rec["op"]
-        if op == "DELETE":
+    def _volume_change(self, rec: VolumeChange) -> None:
+        vid, op = rec.volume_id, rec.op
+        if op is VolumeOp.DELETE:
             img = self.images.pop(vid, None)
             if img is not None:
                 img.close()
@@ -231,14 +235,14 @@ class ImageSet:
         else:
             img = self.images.get(vid)
             if img is None:
-                img = self.images[vid] = Image(self.image_path(vid), create_size=rec["size"])
-            if img.size != rec["size"]:
-                img.resize(rec["size"])
+                img = self.images[vid] = Image(self.image_path(vid), create_size=rec.size)
+            if img.size != rec.size:
+                img.resize(rec.size)
             self.catalog[vid] = {
                 "volume_id": vid,
-                "name": rec["name"],
-                "size": rec["size"],
-                "metadata": dict(rec.get("metadata") or {}),
+                "name": rec.name,
+                "size": rec.size,
+                "metadata": dict(rec.metadata),
             }
             self._touched.add(vid)
         self.save_catalog()
@@ -381,7 +385,7 @@ class ReplayResult:
     to_ts: int
     #: per partition: where a replay continuing from to_ts must start reading
     resume_offsets: dict[int, int]
-    markers: list[dict[str, Any]]
+    markers: list[Marker]
     progress: ReplayProgress
 
 
@@ -417,14 +421,14 @@ def replay(
             prog.records_done += 1
             prog.bytes_read += len(value)
             try:
-                dec = codec.decode(value, LOG_TYPES)
+                dec = codec.decode(value, LOG_RECORDS)
             except RecordError as exc:
                 raise ApplyError(
                     f"record {topic}[{msg.partition()}]@{msg.offset()} is bad "
                     f"({type(exc).__name__}: {exc}); nothing after it was applied, so the "
                     "images are incomplete. Inspect it with `lowmark tail` or kcat"
                 ) from None
-            for op in plan.add(dec.type, dec.record, msg.partition(), msg.offset()):
+            for op in plan.add(dec, msg.partition(), msg.offset()):
                 _apply(images, op, prog)
             if on_progress is not None and prog.records_done % 256 == 0:
                 on_progress(prog)
@@ -442,4 +446,4 @@ def replay(
 def _apply(images: ImageSet, op: ApplyOp, prog: ReplayProgress) -> None:
     images.apply(op)
     prog.ops_applied += 1
-    prog.bytes_applied += op.length if op.kind == "write" else 0
+    prog.bytes_applied += op.length if op.kind is OpKind.WRITE else 0

@@ -14,14 +14,15 @@ import random
 import pytest
 
 from pipeline.backup.plan import AddOutcome, ApplyPlanner
+from schemas.records import Write
 from tests.backup.test_plan import extent, write
 
 SEEDS = range(300)
 
 
-def _log(rng: random.Random, partition: int, n: int) -> list[tuple[int, dict | None]]:
+def _log(rng: random.Random, partition: int, n: int) -> list[tuple[int, Write | None]]:
     """(offset, record or None for a gap: a transaction marker) of one partition."""
-    out: list[tuple[int, dict | None]] = []
+    out: list[tuple[int, Write | None]] = []
     off = 0
     for i in range(n):
         if rng.random() < 0.2:
@@ -57,7 +58,7 @@ def test_nothing_at_or_after_a_block_is_consumed(seed: int) -> None:
                 planner.block(p, off)
                 continue
             assert rec is not None
-            outcome = planner.add("Write", rec, p, off)
+            outcome = planner.add(rec, p, off)
             assert outcome is not AddOutcome.BLOCKED
             taken.add((p, off))
         ended = [p for p in logs if cursor[p] == len(logs[p])]
@@ -81,7 +82,7 @@ def test_nothing_at_or_after_a_block_is_consumed(seed: int) -> None:
         assert planner.positions()[p] == off, "read to the end, yet short of the bad record"
     # a W whose records all lie before every bad record is applied ...
     first_bad_ts = [
-        rec["extents"][0]["ts"] for p, off in bad.items() for o, rec in logs[p] if o > off
+        rec.extents[0].ts for p, off in bad.items() for o, rec in logs[p] if o > off
     ]
     required = {p: bad.get(p, logs[p][-1][0] + 1) for p in logs}
     w = min(first_bad_ts, default=10**9) - 1
