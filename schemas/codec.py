@@ -454,7 +454,11 @@ def _read_write(buf: bytes) -> tuple[Write, int]:
             pos = end
         epoch, pos = varint(buf, pos)
         extents: list[WriteExtent] = []
-        count, pos = varint(buf, pos)
+        count = buf[pos]
+        if count < 0x80:
+            count, pos = (count >> 1) ^ -(count & 1), pos + 1
+        else:
+            count, pos = varint(buf, pos)
         while count:
             if count < 0:  # a block with its byte size: the size is not needed
                 count = -count
@@ -477,7 +481,7 @@ def _read_write(buf: bytes) -> tuple[Write, int]:
                 end = pos + n
                 if n < 0 or end > len(buf):
                     raise IndexError if n >= 0 else ValueError(f"bytes length {n}")
-                extents.append(_new_extent(ts, offset, wlen, index, fcount, buf[pos:end]))
+                extents.append(WriteExtent(ts, offset, wlen, index, fcount, buf[pos:end]))
                 pos = end
             count = buf[pos]
             if count < 0x80:
@@ -495,38 +499,7 @@ def _read_write(buf: bytes) -> tuple[Write, int]:
         raise TruncatedRecordError(
             f"Write record has {len(buf) - pos} trailing bytes after its end"
         )
-    return _new_write(strings[0], strings[1], epoch, tuple(extents)), crc
-
-
-# Decoding builds the frozen slotted records without their __init__, which goes through
-# object.__setattr__ per field (twice the cost); the slots' own setters do the same.
-_new = object.__new__
-_x_ts, _x_off, _x_len, _x_idx, _x_cnt, _x_data = (
-    getattr(WriteExtent, f.name).__set__ for f in dataclasses.fields(WriteExtent)
-)
-_w_vid, _w_iid, _w_epoch, _w_extents = (
-    getattr(Write, f.name).__set__ for f in dataclasses.fields(Write)
-)
-
-
-def _new_extent(ts: int, off: int, wlen: int, idx: int, cnt: int, data: bytes) -> WriteExtent:
-    x: WriteExtent = _new(WriteExtent)
-    _x_ts(x, ts)
-    _x_off(x, off)
-    _x_len(x, wlen)
-    _x_idx(x, idx)
-    _x_cnt(x, cnt)
-    _x_data(x, data)
-    return x
-
-
-def _new_write(vid: str, iid: str, epoch: int, extents: tuple[WriteExtent, ...]) -> Write:
-    w: Write = _new(Write)
-    _w_vid(w, vid)
-    _w_iid(w, iid)
-    _w_epoch(w, epoch)
-    _w_extents(w, extents)
-    return w
+    return Write(strings[0], strings[1], epoch, tuple(extents)), crc
 
 
 # ---------------------------------------------------------------- headers

@@ -239,10 +239,53 @@ class Write(VolumeRecord):
         )
 
     def check(self) -> None:
-        _text("Write", "volume_id", self.volume_id)
-        _text("Write", "interceptor_id", self.interceptor_id)
-        _int("Write", "epoch", self.epoch)
+        vid, iid, epoch = self.volume_id, self.interceptor_id, self.epoch
+        # inline for the common case (every Write is checked on encode and on decode)
+        if not (type(vid) is str and vid and type(iid) is str and iid) or not (
+            type(epoch) is int and 0 <= epoch <= INT64_MAX
+        ):
+            _text("Write", "volume_id", vid)
+            _text("Write", "interceptor_id", iid)
+            _int("Write", "epoch", epoch)
         check_extents(self.extents)
+
+
+# The write path builds a WriteExtent per write and a Write per record, and the appliers
+# one per decoded extent. Python 3.11's frozen __init__ goes through object.__setattr__
+# per field, twice the cost of the slots' own setters, which bypass the frozen check the
+# same way; so these two take an __init__ that calls those (same signature, no defaults).
+_x = [getattr(WriteExtent, f.name).__set__ for f in dataclasses.fields(WriteExtent)]
+_w = [getattr(Write, f.name).__set__ for f in dataclasses.fields(Write)]
+
+
+def _extent_init(
+    self: WriteExtent,
+    ts: int,
+    offset: int,
+    write_length: int,
+    fragment_index: int,
+    fragment_count: int,
+    data: bytes,
+) -> None:
+    _x[0](self, ts)
+    _x[1](self, offset)
+    _x[2](self, write_length)
+    _x[3](self, fragment_index)
+    _x[4](self, fragment_count)
+    _x[5](self, data)
+
+
+def _write_init(
+    self: Write, volume_id: str, interceptor_id: str, epoch: int, extents: tuple[WriteExtent, ...]
+) -> None:
+    _w[0](self, volume_id)
+    _w[1](self, interceptor_id)
+    _w[2](self, epoch)
+    _w[3](self, extents)
+
+
+WriteExtent.__init__ = _extent_init  # type: ignore[method-assign]
+Write.__init__ = _write_init  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,3 +137,21 @@ def test_offsets_shape_is_built_and_parsed_in_one_place() -> None:
 def test_impossible_typed_values_are_refused(bad: Record) -> None:
     with pytest.raises(RecordError):
         codec.encode(bad)
+
+
+def test_the_hot_records_hand_init_behaves_like_the_dataclass_one() -> None:
+    from schemas.records import Write, WriteExtent
+
+    by_kw = WriteExtent(
+        ts=1, offset=2, write_length=3, fragment_index=0, fragment_count=1, data=b"a"
+    )
+    assert by_kw == WriteExtent(1, 2, 3, 0, 1, b"a") and hash(by_kw) == hash(
+        WriteExtent(1, 2, 3, 0, 1, b"a")
+    )
+    assert dataclasses.replace(by_kw, ts=9).ts == 9
+    with pytest.raises(TypeError):
+        WriteExtent(1, 2, 3)  # type: ignore[call-arg]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        by_kw.ts = 5  # type: ignore[misc]
+    w = Write(volume_id="v", interceptor_id="i", epoch=1, extents=(by_kw,))
+    assert w == Write("v", "i", 1, (by_kw,)) and w.timestamps() == [1]
