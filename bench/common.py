@@ -126,6 +126,7 @@ def log_writes(
     Kafka, not from the engine's counters of what it sent."""
     from connectors.kafka.reading import end_offsets, iter_range  # late: bench-only reads
     from schemas import codec
+    from schemas.records import Write
 
     out = {"records": 0, "writes": 0, "data_bytes": 0}
     for partition, end in end_offsets(conf, topic).items():
@@ -134,12 +135,12 @@ def log_writes(
             continue
         for msg in iter_range(conf, topic, partition, start, end, timeout_s):
             rec = codec.decode(msg.value())
-            if rec.type != "Write" or rec.record["volume_id"] != volume_id:
+            if not isinstance(rec, Write) or rec.volume_id != volume_id:
                 continue
             out["records"] += 1
-            for extent in rec.record["extents"]:
-                out["writes"] += extent["fragment_index"] == 0
-                out["data_bytes"] += len(extent["data"])
+            for extent in rec.extents:
+                out["writes"] += extent.fragment_index == 0
+                out["data_bytes"] += len(extent.data)
     return out
 
 

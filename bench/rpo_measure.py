@@ -21,9 +21,9 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from bench.common import Broker, MiB, percentile, run_id
 from bench.rpo_status import TIMERS
-from pipeline.backup.applier import LOG_TYPES
 from pipeline.primary.clock import ts_physical_us
 from schemas import codec
+from schemas.records import LOG_RECORDS
 
 
 def rpo_stats(samples: Sequence[tuple[int, int, int, int]], t0_us: int, t1_us: int
@@ -109,7 +109,7 @@ def raw_consume(broker: Broker, topic: str, limit_s: float, decode: bool,
                     continue
                 value = msg.value() or b""
                 if decode:
-                    codec.decode(value, LOG_TYPES)
+                    codec.decode(value, LOG_RECORDS)
                 nbytes += len(value)
                 records += 1
         elapsed = time.perf_counter() - t0

@@ -30,6 +30,7 @@ from pipeline.errors import SetupError
 from pipeline.primary.clock import wall_us
 from pipeline.primary.volume import ConsistencyGroup, Volume
 from schemas import codec
+from schemas.records import Watermark
 
 MAX_DEBT_S = 0.05  # a writer that fell behind its schedule bursts at most this much
 
@@ -205,8 +206,8 @@ class Sampler(threading.Thread):
             for msg in self._wm.consume(100, 0):
                 if not msg.error():
                     with contextlib.suppress(Exception):
-                        self.w_seen = max(self.w_seen, codec.decode(msg.value() or b"", "Watermark")
-                                          .record["w"])
+                        w = codec.decode(msg.value() or b"", Watermark).w
+                        self.w_seen = max(self.w_seen, w)
             ap = self.applier
             if ap is not None and ap.block is not None:
                 # a restarting applier reads 0 until it loaded its checkpoint: keep the last

@@ -12,6 +12,12 @@ whose zigzag varint is the single byte 0x00, that byte is dropped, the rest is c
 the crc's varint appended. Decoding parses once, then crcs the payload minus the crc's
 varint.
 
+The codec speaks the typed records of ``schemas.records``: ``encode(record)`` and
+``decode(payload, expected)`` take and return those objects; the schema table is built
+from the registry ``records.RECORDS``. Write records, most of what the interceptor and
+the appliers handle, are written and read by hand here (byte for byte what fastavro
+writes and reads; test_codec checks both); every other type goes through fastavro.
+
 Every decoding failure is one of the four ``RecordError`` subclasses, whatever the bytes.
 Values are checked after the crc (``CorruptRecordError``) and also before encoding, so an
 impossible record is refused at both ends.
@@ -19,11 +25,11 @@ impossible record is refused at both ends.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, overload
 
 import fastavro
 from crc32c import crc32c as _crc32c_gil
@@ -38,28 +44,19 @@ from pipeline.errors import (
     TruncatedRecordError,
     UnknownSchemaError,
 )
+from schemas.records import RECORDS, Record, Write, WriteExtent
 
 __all__ = [
-    "RECORD_TYPES",
-    "Decoded",
+    "class_of",
     "decode",
     "encode",
     "fingerprint",
     "headers_for",
     "schema_of",
-    "type_of",
+    "writer_fingerprint",
 ]
 
-RECORD_TYPES: tuple[str, ...] = (
-    "Write",
-    "Zero",
-    "Marker",
-    "Snapshot",
-    "VolumeChange",
-    "Progress",
-    "Watermark",
-    "Checkpoint",
-)
+R = TypeVar("R", bound=Record)
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -68,16 +65,6 @@ INT64_MAX = 2**63 - 1
 CRC_FIELD = "crc32c"
 
 _SCHEMA_DIR = Path(__file__).resolve().parent
-_FILE_OF = {
-    "Write": "write",
-    "Zero": "zero",
-    "Marker": "marker",
-    "Snapshot": "snapshot",
-    "VolumeChange": "volume_change",
-    "Progress": "progress",
-    "Watermark": "watermark",
-    "Checkpoint": "checkpoint",
-}
 
 
 def _crc32c(data: memoryview | bytes) -> int:
@@ -86,16 +73,8 @@ def _crc32c(data: memoryview | bytes) -> int:
     return _crc32c_gil(data, gil_release_mode=0)
 
 
-class Decoded(NamedTuple):
-    """A decoded record: its type, its fields (without crc32c) and its writer fingerprint."""
-
-    type: str
-    record: dict[str, Any]
-    fingerprint: int
-
-
 class _Entry(NamedTuple):
-    type: str
+    cls: type[Record]
     writer: dict[str, Any]
     reader: dict[str, Any] | None  # None: the writer schema is the current one
     fingerprint: int
@@ -110,8 +89,13 @@ def _load(path: Path) -> tuple[dict[str, Any], bytes]:
     raw = json.loads(path.read_text(encoding="utf-8"))
     # A fresh named-type table per file: PartitionOffset is defined in several files.
     parsed = fastavro.parse_schema(raw, named_schemas={})
-    fields = parsed.get("fields") or []
-    if not fields or fields[-1]["name"] != CRC_FIELD or fields[-1]["type"] != "long":
+    fields = parsed.get("fields") if isinstance(parsed, dict) else None
+    if (
+        not isinstance(parsed, dict)
+        or not fields
+        or fields[-1]["name"] != CRC_FIELD
+        or fields[-1]["type"] != "long"
+    ):
         raise ConfigError(
             f"{path}: the last field must be 'crc32c' of type long; the codec's one-pass "
             "checksum depends on it. Fix the schema file."
@@ -122,16 +106,29 @@ def _load(path: Path) -> tuple[dict[str, Any], bytes]:
     return parsed, fp
 
 
-def _build_registry(schema_dir: Path) -> tuple[dict[str, _Entry], dict[bytes, _Entry]]:
-    """Current schema per type, and every readable writer schema by fingerprint bytes."""
-    current: dict[str, _Entry] = {}
+def _build_registry(
+    schema_dir: Path, records: tuple[type[Record], ...] = RECORDS
+) -> tuple[dict[type[Record], _Entry], dict[bytes, _Entry]]:
+    """Current schema per class, and every readable writer schema by fingerprint bytes.
+
+    Refuses (``ConfigError``) a class whose fields are not its schema's, in order.
+    """
+    current: dict[type[Record], _Entry] = {}
     by_fp: dict[bytes, _Entry] = {}
-    for rtype, stem in _FILE_OF.items():
+    for cls in records:
+        stem = cls.SCHEMA
         parsed, fp = _load(schema_dir / f"{stem}.avsc")
-        if parsed["name"] != f"lowmark.{rtype}":
-            raise ConfigError(f"{stem}.avsc defines {parsed['name']}, expected lowmark.{rtype}")
-        entry = _Entry(rtype, parsed, None, int.from_bytes(fp, "little"), MAGIC + fp)
-        current[rtype] = entry
+        if parsed["name"] != f"lowmark.{cls.TYPE}":
+            raise ConfigError(f"{stem}.avsc defines {parsed['name']}, expected lowmark.{cls.TYPE}")
+        names = [f["name"] for f in parsed["fields"][:-1]]
+        mine = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        if names != mine:
+            raise ConfigError(
+                f"{stem}.avsc has fields {names} but schemas.records.{cls.__name__} has {mine}; "
+                "the class must list the schema's fields in schema order (crc32c excepted)"
+            )
+        entry = _Entry(cls, parsed, None, int.from_bytes(fp, "little"), MAGIC + fp)
+        current[cls] = entry
         by_fp[fp] = entry
         # Old writer schemas (write.v1.avsc, ...) stay readable forever: they resolve to
         # the current schema through Avro schema resolution.
@@ -140,7 +137,7 @@ def _build_registry(schema_dir: Path) -> tuple[dict[str, _Entry], dict[bytes, _E
             if old_fp in by_fp:
                 continue  # identical canonical form; nothing to resolve
             by_fp[old_fp] = _Entry(
-                rtype, old_parsed, parsed, int.from_bytes(old_fp, "little"), MAGIC + old_fp
+                cls, old_parsed, parsed, int.from_bytes(old_fp, "little"), MAGIC + old_fp
             )
     return current, by_fp
 
@@ -148,23 +145,25 @@ def _build_registry(schema_dir: Path) -> tuple[dict[str, _Entry], dict[bytes, _E
 _CURRENT, _BY_FP = _build_registry(_SCHEMA_DIR)
 
 
-def fingerprint(record_type: str) -> int:
-    """CRC-64-AVRO fingerprint of the current schema of ``record_type``, as an unsigned int."""
-    return _entry(record_type).fingerprint
+def fingerprint(cls: type[Record]) -> int:
+    """CRC-64-AVRO fingerprint of the current schema of ``cls``, as an unsigned int."""
+    return _entry(cls).fingerprint
 
 
-def schema_of(record_type: str) -> dict[str, Any]:
-    """The parsed (fastavro) current schema of ``record_type``. Do not mutate it."""
-    return _entry(record_type).writer
+def schema_of(cls: type[Record]) -> dict[str, Any]:
+    """The parsed (fastavro) current schema of ``cls``. Do not mutate it."""
+    return _entry(cls).writer
 
 
-def _entry(record_type: str) -> _Entry:
-    try:
-        return _CURRENT[record_type]
-    except KeyError:
+def _entry(cls: type[Record]) -> _Entry:
+    entry = _CURRENT.get(cls)
+    if entry is None:
+        known = ", ".join(c.__name__ for c in _CURRENT)
         raise UnknownSchemaError(
-            f"unknown record type {record_type!r}; known: {', '.join(RECORD_TYPES)}"
-        ) from None
+            f"{getattr(cls, '__name__', cls)!r} is not a registered record type (known: "
+            f"{known}); add it to schemas.records.RECORDS with its .avsc"
+        )
+    return entry
 
 
 # ---------------------------------------------------------------- varints
@@ -188,27 +187,28 @@ def _crc_varint_len(crc: int) -> int:
 # ---------------------------------------------------------------- encode
 
 
-def encode(record_type: str, record: dict[str, Any]) -> bytes:
-    """Encode ``record`` (every field but crc32c) as a single-object-encoded payload.
+def encode(record: Record) -> bytes:
+    """Encode ``record`` as a single-object-encoded payload (crc32c appended).
 
-    Raises ``UnknownSchemaError`` for an unknown type and ``CorruptRecordError`` when a
-    field is missing, mistyped or impossible (the same checks ``decode`` applies).
+    Raises ``UnknownSchemaError`` for a class not in the registry and
+    ``CorruptRecordError`` when a field is mistyped or impossible (the checks ``decode``
+    applies).
     """
-    entry = _entry(record_type)
-    if record_type == "Write":
+    entry = _entry(type(record))
+    if type(record) is Write:
         return _encode_write(entry.header, record)
     try:
-        _VALIDATORS[record_type](record)
+        record.check()
         buf = io.BytesIO()
         buf.write(entry.header)
-        fastavro.schemaless_writer(buf, entry.writer, {**record, CRC_FIELD: 0})
+        fastavro.schemaless_writer(buf, entry.writer, {**record.to_avro(), CRC_FIELD: 0})
     except RecordError:
         raise
     except Exception as exc:  # fastavro raises assorted types for a mistyped field
         raise CorruptRecordError(
-            f"cannot encode {record_type}: {type(exc).__name__}: {exc}. "
+            f"cannot encode {record.TYPE}: {type(exc).__name__}: {exc}. "
             "The caller built a record that does not match schemas/"
-            f"{_FILE_OF[record_type]}.avsc."
+            f"{record.SCHEMA}.avsc."
         ) from exc
     # Drop the 0x00 written for crc32c=0; crc everything before it.
     buf.seek(-1, io.SEEK_END)
@@ -235,7 +235,7 @@ def _zz(n: int) -> bytes:
 _SMALL_VARINTS = [bytes([i]) for i in range(0x80)]
 
 
-def _encode_write(header: bytes, record: dict[str, Any]) -> bytes:
+def _encode_write(header: bytes, record: Write) -> bytes:
     """The Write record, byte for byte what fastavro writes, with one copy of the data.
 
     Writes carry the block data, so they are most of what the interceptor encodes: going
@@ -243,22 +243,22 @@ def _encode_write(header: bytes, record: dict[str, Any]) -> bytes:
     a fifth of the tick thread there). test_codec checks the bytes equal fastavro's.
     """
     try:
-        _VALIDATORS["Write"](record)
-        vid = record["volume_id"].encode()
-        iid = record["interceptor_id"].encode()
-        extents = record["extents"]
+        record.check()
+        vid = record.volume_id.encode()
+        iid = record.interceptor_id.encode()
+        extents = record.extents
         parts: list[bytes | memoryview] = [
             header,
-            _zz(len(vid)) + vid + _zz(len(iid)) + iid + _zz(record["epoch"]) + _zz(len(extents)),
+            _zz(len(vid)) + vid + _zz(len(iid)) + iid + _zz(record.epoch) + _zz(len(extents)),
         ]
         for x in extents:
-            data = x["data"]
+            data = x.data
             parts.append(
-                _zz(x["ts"])
-                + _zz(x["offset"])
-                + _zz(x["write_length"])
-                + _zz(x["fragment_index"])
-                + _zz(x["fragment_count"])
+                _zz(x.ts)
+                + _zz(x.offset)
+                + _zz(x.write_length)
+                + _zz(x.fragment_index)
+                + _zz(x.fragment_count)
                 + _zz(len(data))
             )
             parts.append(data)
@@ -283,9 +283,15 @@ def _encode_write(header: bytes, record: dict[str, Any]) -> bytes:
 # ---------------------------------------------------------------- decode
 
 
-def type_of(payload: bytes) -> str:
-    """The record type named by the payload's header, without decoding the body."""
-    return _header_entry(payload).type
+def class_of(payload: bytes) -> type[Record]:
+    """The record class named by the payload's header, without decoding the body."""
+    return _header_entry(payload).cls
+
+
+def writer_fingerprint(payload: bytes) -> int:
+    """The fingerprint of the schema the payload was written with (an old one after an
+    evolution), without decoding the body."""
+    return _header_entry(payload).fingerprint
 
 
 def _header_entry(payload: bytes) -> _Entry:
@@ -308,264 +314,218 @@ def _header_entry(payload: bytes) -> _Entry:
     return entry
 
 
+@overload
+def decode(payload: bytes, expected: type[R]) -> R: ...
+@overload
+def decode(payload: bytes, expected: tuple[type[R], ...]) -> R: ...
+@overload
+def decode(payload: bytes, expected: None = None) -> Record: ...
 def decode(
     payload: bytes,
-    expected: str | tuple[str, ...] | None = None,
-) -> Decoded:
-    """Decode and verify one payload. ``expected`` restricts the accepted record types.
+    expected: type[Record] | tuple[type[Record], ...] | None = None,
+) -> Record:
+    """Decode and verify one payload. ``expected`` restricts the accepted record classes.
 
     Raises only ``UnknownSchemaError``, ``TruncatedRecordError``, ``ChecksumMismatchError``
     or ``CorruptRecordError``, for any input bytes.
     """
     entry = _header_entry(payload)
+    cls = entry.cls
     if expected is not None and (
-        entry.type != expected if isinstance(expected, str) else entry.type not in expected
+        cls is not expected if isinstance(expected, type) else cls not in expected
     ):
+        want = expected.__name__ if isinstance(expected, type) else [c.__name__ for c in expected]
         raise UnknownSchemaError(
-            f"got a {entry.type} record where {expected!r} was expected; "
+            f"got a {cls.TYPE} record where {want!r} was expected; "
             "a record on the wrong topic, or a producer bug"
         )
-    bio = io.BytesIO(payload)
-    bio.seek(HEADER_LEN)
+    record: Record
+    if cls is Write and entry.reader is None:
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        record, crc = _read_write(payload)
+        _check_crc(cls, payload, crc)
+    else:
+        fields = _read_avro(entry, payload)
+        crc = fields.pop(CRC_FIELD, None)
+        _check_crc(cls, payload, crc)
+        try:
+            record = cls.from_avro(fields)
+        except RecordError:
+            raise
+        except Exception as exc:
+            raise CorruptRecordError(
+                f"{cls.TYPE} record has a malformed field: {type(exc).__name__}: {exc}"
+            ) from exc
     try:
-        record = fastavro.schemaless_reader(bio, entry.writer, entry.reader)
-    except EOFError as exc:
-        raise TruncatedRecordError(
-            f"{entry.type} record ends early ({len(payload)} bytes): {exc}"
-        ) from exc
-    except Exception as exc:  # invalid UTF-8, enum index out of range, negative length, ...
-        raise CorruptRecordError(
-            f"{entry.type} record does not parse: {type(exc).__name__}: {exc}"
-        ) from exc
-    end = bio.tell()
-    if end != len(payload):
-        raise TruncatedRecordError(
-            f"{entry.type} record has {len(payload) - end} trailing bytes after its end"
-        )
-    if not isinstance(record, dict):
-        raise CorruptRecordError(f"{entry.type} payload did not decode to a record")
-    crc = record.pop(CRC_FIELD, None)
-    if not isinstance(crc, int) or not 0 <= crc < 2**32:
-        raise ChecksumMismatchError(f"{entry.type} record carries an impossible crc32c {crc!r}")
-    with memoryview(payload) as view:
-        actual = _crc32c(view[: len(payload) - _crc_varint_len(crc)])
-    if actual != crc:
-        raise ChecksumMismatchError(
-            f"{entry.type} record crc32c is {actual:#010x}, the record says {crc:#010x}: "
-            "its bytes changed after it was written"
-        )
-    try:
-        _VALIDATORS[entry.type](record)
+        record.check()
     except RecordError:
         raise
     except Exception as exc:
         raise CorruptRecordError(
-            f"{entry.type} record has a malformed field: {type(exc).__name__}: {exc}"
+            f"{cls.TYPE} record has a malformed field: {type(exc).__name__}: {exc}"
         ) from exc
-    return Decoded(entry.type, record, entry.fingerprint)
+    return record
+
+
+def _read_avro(entry: _Entry, payload: bytes) -> dict[str, Any]:
+    rt = entry.cls.TYPE
+    bio = io.BytesIO(payload)
+    bio.seek(HEADER_LEN)
+    try:
+        fields = fastavro.schemaless_reader(bio, entry.writer, entry.reader)
+    except EOFError as exc:
+        raise TruncatedRecordError(f"{rt} record ends early ({len(payload)} bytes): {exc}") from exc
+    except Exception as exc:  # invalid UTF-8, enum index out of range, negative length, ...
+        raise CorruptRecordError(
+            f"{rt} record does not parse: {type(exc).__name__}: {exc}"
+        ) from exc
+    end = bio.tell()
+    if end != len(payload):
+        raise TruncatedRecordError(
+            f"{rt} record has {len(payload) - end} trailing bytes after its end"
+        )
+    if not isinstance(fields, dict):
+        raise CorruptRecordError(f"{rt} payload did not decode to a record")
+    return fields
+
+
+def _check_crc(cls: type[Record], payload: bytes, crc: object) -> None:
+    if not isinstance(crc, int) or not 0 <= crc < 2**32:
+        raise ChecksumMismatchError(f"{cls.TYPE} record carries an impossible crc32c {crc!r}")
+    with memoryview(payload) as view:
+        actual = _crc32c(view[: len(payload) - _crc_varint_len(crc)])
+    if actual != crc:
+        raise ChecksumMismatchError(
+            f"{cls.TYPE} record crc32c is {actual:#010x}, the record says {crc:#010x}: "
+            "its bytes changed after it was written"
+        )
+
+
+class _Overlong(Exception):
+    pass
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The Avro long (zigzag varint) at ``pos`` and the position after it.
+
+    IndexError when the buffer ends inside it.
+    """
+    b = buf[pos]
+    if b < 0x80:
+        return (b >> 1) ^ -(b & 1), pos + 1
+    z = b & 0x7F
+    shift = 7
+    pos += 1
+    while True:
+        b = buf[pos]
+        pos += 1
+        z |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (z >> 1) ^ -(z & 1), pos
+        shift += 7
+        if shift > 63:
+            raise _Overlong
+
+
+def _read_write(buf: bytes) -> tuple[Write, int]:
+    """A current-schema Write payload -> (the record, its crc32c field), without fastavro.
+
+    The decoding side of ``_encode_write``: reads what fastavro reads, Avro array blocks
+    of any shape included (another writer may split the extents into several blocks).
+    Writes are most of what an applier decodes, and fastavro's fixed cost per record
+    (~7 µs) was more than the rest of a decode; so are Python calls, hence the one-byte
+    varints (lengths, counts, small ints) read inline.
+    """
+    varint = _varint
+    try:
+        strings = []
+        pos = HEADER_LEN
+        for _ in range(2):  # volume_id, interceptor_id
+            n = buf[pos]
+            if n < 0x80:
+                n, pos = (n >> 1) ^ -(n & 1), pos + 1
+            else:
+                n, pos = varint(buf, pos)
+            end = pos + n
+            if n < 0 or end > len(buf):
+                raise IndexError if n >= 0 else ValueError(f"string length {n}")
+            strings.append(buf[pos:end].decode())
+            pos = end
+        epoch, pos = varint(buf, pos)
+        extents: list[WriteExtent] = []
+        count = buf[pos]
+        if count < 0x80:
+            count, pos = (count >> 1) ^ -(count & 1), pos + 1
+        else:
+            count, pos = varint(buf, pos)
+        while count:
+            if count < 0:  # a block with its byte size: the size is not needed
+                count = -count
+                _size, pos = varint(buf, pos)
+            for _ in range(count):
+                ts, pos = varint(buf, pos)
+                offset, pos = varint(buf, pos)
+                wlen, pos = varint(buf, pos)
+                index = buf[pos]
+                if index < 0x80:
+                    index, pos = (index >> 1) ^ -(index & 1), pos + 1
+                else:
+                    index, pos = varint(buf, pos)
+                fcount = buf[pos]
+                if fcount < 0x80:
+                    fcount, pos = (fcount >> 1) ^ -(fcount & 1), pos + 1
+                else:
+                    fcount, pos = varint(buf, pos)
+                n, pos = varint(buf, pos)
+                end = pos + n
+                if n < 0 or end > len(buf):
+                    raise IndexError if n >= 0 else ValueError(f"bytes length {n}")
+                extents.append(WriteExtent(ts, offset, wlen, index, fcount, buf[pos:end]))
+                pos = end
+            count = buf[pos]
+            if count < 0x80:
+                count, pos = (count >> 1) ^ -(count & 1), pos + 1
+            else:
+                count, pos = varint(buf, pos)
+        crc, pos = varint(buf, pos)
+    except IndexError:
+        raise TruncatedRecordError(f"Write record ends early ({len(buf)} bytes)") from None
+    except (ValueError, _Overlong) as exc:  # invalid UTF-8, a negative length, a long varint
+        raise CorruptRecordError(
+            f"Write record does not parse: {type(exc).__name__}: {exc}"
+        ) from None
+    if pos != len(buf):
+        raise TruncatedRecordError(
+            f"Write record has {len(buf) - pos} trailing bytes after its end"
+        )
+    return Write(strings[0], strings[1], epoch, tuple(extents)), crc
 
 
 # ---------------------------------------------------------------- headers
 
 
-def headers_for(record_type: str, record: dict[str, Any]) -> list[tuple[str, bytes]]:
+def headers_for(record: Record) -> list[tuple[str, bytes]]:
     """Plain-text Kafka headers so ``kcat -f '%k %h\\n'`` shows what a record is.
 
     ``ts`` is rendered by ``pipeline.primary.clock.format_ts`` (``parse_ts`` reads it back
-    exactly); for a Write it is the ts of its last (largest) extent, for Progress ``s``,
-    for Watermark and Checkpoint ``w``.
+    exactly); it is the record's ``header_ts``: for a Write the ts of its last (largest)
+    extent, for Progress ``s``, for Watermark and Checkpoint ``w``.
     """
     from pipeline.primary.clock import format_ts  # late: keeps `import schemas.codec` light
 
-    _entry(record_type)
-    headers: list[tuple[str, bytes]] = [("type", record_type.encode())]
-    ts: int | None
-    if record_type == "Write":
-        ts = record["extents"][-1]["ts"] if record["extents"] else None
-    elif record_type == "Progress":
-        ts = record["s"]
-    elif record_type in ("Watermark", "Checkpoint"):
-        ts = record["w"]
-    else:
-        ts = record.get("ts")
+    _entry(type(record))
+    headers: list[tuple[str, bytes]] = [("type", record.TYPE.encode())]
+    ts = record.header_ts
     if ts is not None:
         headers.append(("ts", format_ts(ts).encode()))
-    if "volume_id" in record:
-        headers.append(("volume", record["volume_id"].encode()))
-    if "interceptor_id" in record:
-        headers.append(("interceptor", record["interceptor_id"].encode()))
-    if "epoch" in record:
-        headers.append(("epoch", str(record["epoch"]).encode()))
+    volume_id = getattr(record, "volume_id", None)
+    if volume_id is not None:
+        headers.append(("volume", volume_id.encode()))
+    interceptor_id = getattr(record, "interceptor_id", None)
+    if interceptor_id is not None:
+        headers.append(("interceptor", interceptor_id.encode()))
+    epoch = getattr(record, "epoch", None)
+    if epoch is not None:
+        headers.append(("epoch", str(epoch).encode()))
     return headers
-
-
-# ---------------------------------------------------------------- value checks
-
-
-def _bad(record_type: str, why: str) -> CorruptRecordError:
-    return CorruptRecordError(f"impossible {record_type} record: {why}")
-
-
-def _nonempty(rt: str, rec: dict[str, Any], *names: str) -> None:
-    for name in names:
-        value = rec[name]
-        if not isinstance(value, str) or not value:
-            raise _bad(rt, f"{name} must be a non-empty string, got {value!r}")
-
-
-def _at_least(rt: str, rec: dict[str, Any], low: int, *names: str) -> None:
-    for name in names:
-        value = rec[name]
-        if not isinstance(value, int) or not low <= value <= INT64_MAX:
-            raise _bad(rt, f"{name} must be an integer in [{low}, 2**63), got {value!r}")
-
-
-def _partition_offsets(rt: str, name: str, items: Iterable[dict[str, Any]]) -> None:
-    seen: set[int] = set()
-    for po in items:
-        p, off = po["partition"], po["offset"]
-        if not 0 <= p <= INT32_MAX or p in seen:
-            raise _bad(rt, f"{name} has a negative or repeated partition {p}")
-        if not 0 <= off <= INT64_MAX:
-            raise _bad(rt, f"{name} partition {p} has offset {off}")
-        seen.add(p)
-
-
-def _check_write(rec: dict[str, Any]) -> None:
-    rt = "Write"
-    _nonempty(rt, rec, "volume_id", "interceptor_id")
-    _at_least(rt, rec, 0, "epoch")
-    extents = rec["extents"]
-    if not extents:
-        raise _bad(rt, "no extents")
-    prev: dict[str, Any] | None = None
-    run_bytes = 0  # bytes of the current write seen so far in this record
-    run_from_start = False  # the current write's fragment 0 is in this record
-    for i, e in enumerate(extents):
-        ts, off, wlen = e["ts"], e["offset"], e["write_length"]
-        idx, cnt, data = e["fragment_index"], e["fragment_count"], e["data"]
-        if not isinstance(data, bytes | bytearray):
-            raise _bad(rt, f"extent {i} data must be bytes, got {type(data).__name__}")
-        n = len(data)
-        if not 0 <= ts <= INT64_MAX:
-            raise _bad(rt, f"extent {i} has ts {ts}")
-        if not 0 <= off <= INT64_MAX - n:
-            raise _bad(rt, f"extent {i} has offset {off} (with {n} bytes)")
-        if not 1 <= wlen <= INT64_MAX:
-            raise _bad(rt, f"extent {i} has write_length {wlen}")
-        if not 1 <= cnt <= min(wlen, INT32_MAX) or not 0 <= idx < cnt:
-            raise _bad(rt, f"extent {i} is fragment {idx} of {cnt} of a {wlen}-byte write")
-        if not 1 <= n <= wlen:
-            raise _bad(rt, f"extent {i} carries {n} bytes of a {wlen}-byte write")
-        if prev is not None and ts == prev["ts"]:
-            # Fragments of one write share its ts and are appended together, in order.
-            if (
-                wlen != prev["write_length"]
-                or cnt != prev["fragment_count"]
-                or idx != prev["fragment_index"] + 1
-                or off != prev["offset"] + len(prev["data"])
-            ):
-                raise _bad(rt, f"extent {i} shares ts {ts} but does not continue extent {i - 1}")
-            run_bytes += n
-        else:
-            if prev is not None:
-                if ts < prev["ts"]:
-                    raise _bad(rt, f"extent {i} ts {ts} is below extent {i - 1} ts {prev['ts']}")
-                # Only the first write may start, and only the last may end, outside
-                # this record: a write's fragments are never interleaved with another's.
-                if prev["fragment_index"] != prev["fragment_count"] - 1:
-                    raise _bad(rt, f"the write before extent {i} stops before its last fragment")
-                if idx != 0:
-                    raise _bad(rt, f"extent {i} starts a write at fragment {idx}, not 0")
-            run_bytes = n
-            run_from_start = idx == 0
-        if run_bytes > wlen or (run_from_start and idx == cnt - 1 and run_bytes != wlen):
-            raise _bad(rt, f"the write ending at extent {i} has {run_bytes} of {wlen} bytes")
-        prev = e
-
-
-def _check_zero(rec: dict[str, Any]) -> None:
-    rt = "Zero"
-    _nonempty(rt, rec, "volume_id", "interceptor_id")
-    _at_least(rt, rec, 0, "epoch", "ts", "offset")
-    _at_least(rt, rec, 1, "length")
-    if rec["offset"] > INT64_MAX - rec["length"]:
-        raise _bad(rt, f"offset {rec['offset']} + length {rec['length']} overflows")
-    if rec["kind"] not in ("ZERO", "TRIM"):
-        raise _bad(rt, f"unknown kind {rec['kind']!r}")
-
-
-def _check_marker(rec: dict[str, Any]) -> None:
-    _nonempty("Marker", rec, "name", "interceptor_id")
-    _at_least("Marker", rec, 0, "ts", "epoch", "created_us")
-
-
-def _check_snapshot(rec: dict[str, Any]) -> None:
-    rt = "Snapshot"
-    _nonempty(rt, rec, "name", "interceptor_id")
-    _at_least(rt, rec, 0, "ts", "epoch")
-    ids = rec["volume_ids"]
-    if not all(isinstance(v, str) and v for v in ids) or len(set(ids)) != len(ids):
-        raise _bad(rt, f"volume_ids must be distinct non-empty strings, got {ids!r}")
-
-
-def _check_volume_change(rec: dict[str, Any]) -> None:
-    rt = "VolumeChange"
-    _nonempty(rt, rec, "volume_id", "interceptor_id")
-    _at_least(rt, rec, 0, "size", "ts", "epoch")
-    if rec["op"] not in ("CREATE", "RESIZE", "DELETE"):
-        raise _bad(rt, f"unknown op {rec['op']!r}")
-    if not isinstance(rec["name"], str) or not isinstance(rec["metadata"], dict):
-        raise _bad(rt, "name must be a string and metadata a map of strings")
-
-
-def _check_progress(rec: dict[str, Any]) -> None:
-    rt = "Progress"
-    _nonempty(rt, rec, "interceptor_id")
-    # A JOIN is written before its own offset (the epoch) is known: -1 means "not yet".
-    _at_least(rt, rec, -1, "epoch")
-    _at_least(rt, rec, 0, "s", "wall_us")
-    if rec["kind"] not in ("JOIN", "PROGRESS", "LEAVE", "FENCE"):
-        raise _bad(rt, f"unknown kind {rec['kind']!r}")
-    _partition_offsets(rt, "partition_offsets", rec["partition_offsets"])
-
-
-def _check_watermark(rec: dict[str, Any]) -> None:
-    rt = "Watermark"
-    _nonempty(rt, rec, "cg")
-    _at_least(rt, rec, 0, "w", "max_s", "published_us")
-    _at_least(rt, rec, -1, "progress_offset")  # -1: no progress folded yet
-    _partition_offsets(rt, "log_offsets", rec["log_offsets"])
-    seen: set[str] = set()
-    for m in rec["members"]:
-        _nonempty(rt, m, "interceptor_id")
-        _at_least(rt, m, 0, "epoch", "s", "effective_s", "last_progress_offset")
-        if m["interceptor_id"] in seen:
-            raise _bad(rt, f"member {m['interceptor_id']!r} listed twice")
-        seen.add(m["interceptor_id"])
-
-
-def _check_checkpoint(rec: dict[str, Any]) -> None:
-    rt = "Checkpoint"
-    _nonempty(rt, rec, "site", "cg")
-    _at_least(rt, rec, 0, "w", "written_us")
-    _partition_offsets(rt, "log_offsets", rec["log_offsets"])
-    seen: set[str] = set()
-    for v in rec["volumes"]:
-        _nonempty(rt, v, "volume_id")
-        _at_least(rt, v, 0, "size")
-        if not isinstance(v["digest"], str) or v["volume_id"] in seen:
-            raise _bad(rt, f"volume {v['volume_id']!r} listed twice or without a digest")
-        seen.add(v["volume_id"])
-
-
-_VALIDATORS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "Write": _check_write,
-    "Zero": _check_zero,
-    "Marker": _check_marker,
-    "Snapshot": _check_snapshot,
-    "VolumeChange": _check_volume_change,
-    "Progress": _check_progress,
-    "Watermark": _check_watermark,
-    "Checkpoint": _check_checkpoint,
-}

@@ -15,6 +15,7 @@ from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Watermark, Write, WriteExtent
 
 #: interceptor options for tests: a short tick, and a sync write fails fast
 FAST = {"tick_interval_s": 0.005, "replication_timeout_s": 10.0}
@@ -113,7 +114,10 @@ def read_log(
     kafka_conf: dict[str, Any], cg: str, partitions: int = 4, timeout_s: float = 60.0
 ) -> list[tuple[str, dict[str, Any], int, int]]:
     """Every committed log record as (type, record, partition, offset); fails (never
-    returns a partial log) when the end is not reached within ``timeout_s``."""
+    returns a partial log) when the end is not reached within ``timeout_s``.
+
+    ``record`` is the plain Avro dict the schema file defines (``Record.to_avro()``): the
+    tests' reference below reads the log independently of the typed records' helpers."""
     return read_log_from(kafka_conf, cg, None, partitions, timeout_s)[0]
 
 
@@ -245,7 +249,7 @@ def read_log_from(
                     done.add(p)
                     continue
                 dec = codec.decode(msg.value())
-                out.append((dec.type, dec.record, p, msg.offset()))
+                out.append((dec.TYPE, dec.to_avro(), p, msg.offset()))
                 reached[p] = msg.offset() + 1
                 if msg.offset() + 1 >= ends[p]:
                     done.add(p)
@@ -255,11 +259,12 @@ def read_log_from(
 
 
 def watermark_history(kafka_conf: dict[str, Any], cg: str) -> list[tuple[int, dict[str, Any]]]:
-    """(offset, Watermark record) of every record of the CG's watermark topic, in order."""
+    """(offset, Watermark record as its Avro dict) of every record of the CG's watermark
+    topic, in order."""
     from connectors.kafka.reading import iter_range
 
     return [
-        (m.offset(), codec.decode(m.value(), "Watermark").record)
+        (m.offset(), codec.decode(m.value(), Watermark).to_avro())
         for m in iter_range(kafka_conf, CgTopics(cg).watermark)
     ]
 
@@ -388,21 +393,9 @@ def produce_stale_write(
 
     records, _ends = read_log_from(kafka_conf, cg)
     partition = next(p for _t, rec, p, _o in records if rec.get("volume_id") == volume_id)
-    rec = {
-        "volume_id": volume_id,
-        "interceptor_id": interceptor_id,
-        "epoch": epoch,
-        "extents": [
-            {
-                "ts": ts,
-                "offset": offset,
-                "write_length": len(data),
-                "fragment_index": 0,
-                "fragment_count": 1,
-                "data": data,
-            }
-        ],
-    }
+    rec = Write(
+        volume_id, interceptor_id, epoch, (WriteExtent(ts, offset, len(data), 0, 1, data),)
+    )
     delivered: list[tuple[int, int]] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
@@ -412,10 +405,10 @@ def produce_stale_write(
     p = Producer(kafka_conf)
     p.produce(
         CgTopics(cg).log,
-        codec.encode("Write", rec),
+        codec.encode(rec),
         volume_id,
         partition=partition,
-        headers=codec.headers_for("Write", rec),
+        headers=codec.headers_for(rec),
         on_delivery=on_delivery,
     )
     assert p.flush(10) == 0 and delivered, "the stale write was not delivered"

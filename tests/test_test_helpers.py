@@ -17,6 +17,7 @@ import pytest
 
 import tests.replication_helpers as rh
 from schemas import codec
+from schemas.records import Marker
 from tests.oracles import first_difference, read_image, reader_bytes, reader_digest
 
 
@@ -100,8 +101,8 @@ class _StallingConsumer:
     """Every partition ends at offset 10; only 3 records of partition 0 ever arrive."""
 
     def __init__(self, conf: dict[str, Any]) -> None:
-        marker = {"name": "m", "ts": 1 << 12, "interceptor_id": "x", "epoch": 0, "created_us": 1}
-        self._pending = [_Msg(0, i, codec.encode("Marker", marker)) for i in range(3)]
+        marker = Marker("m", 1 << 12, "x", 0, 1)
+        self._pending = [_Msg(0, i, codec.encode(marker)) for i in range(3)]
 
     def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
         return 0, 10

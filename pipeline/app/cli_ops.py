@@ -21,8 +21,9 @@ from pipeline.app.config import LowmarkConfig
 from pipeline.errors import ConfigError
 from pipeline.ops.replay import ReplayProgress
 from pipeline.primary.clock import format_ts, parse_ts
+from schemas.records import LOG_RECORDS
 
-_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange", "BAD")
+_TYPES = (*(c.TYPE for c in LOG_RECORDS), "BAD")
 
 
 def _ts(value: str | None, flag: str) -> int | None:
@@ -186,10 +187,10 @@ def restore(
     cfg = build_config(config_path, bootstrap_servers, cg_name)
     kafka_conf, cg = cfg.kafka_conf(), cfg.cg.name
     if marker is not None:
-        found = rs.find_marker(kafka_conf, cg, marker)
-        ts = found["ts"]
+        found, count = rs.find_marker(kafka_conf, cg, marker)
+        ts = found.ts
         if not as_json:
-            more = f" (newest of {found['count']} with that name)" if found["count"] > 1 else ""
+            more = f" (newest of {count} with that name)" if count > 1 else ""
             click.echo(f"marker {marker!r} is at ts {ts} ({format_ts(ts)}){more}")
     else:
         ts = _ts(at, "--at")
@@ -217,7 +218,7 @@ def restore(
     b = m["base"]
     base = (
         f"snapshot of site {b['site']} at W {b['w']}"
-        if b["kind"] == "snapshot"
+        if b["kind"] == rs.BaseKind.SNAPSHOT
         else "empty images at the log's start"
     )
     click.echo(f"restored CG {cg} at W {m['w']} ({m['w_time']}) into {to_dir}")

@@ -48,6 +48,7 @@ from pipeline.errors import (
 from pipeline.logs import event
 from pipeline.primary.clock import REAL_TIME, TimeSource, ts_physical_us
 from schemas import codec
+from schemas.records import LOG_RECORDS, CgRecord, Checkpoint, VolumeChange, VolumeDigest, Watermark
 
 log = logging.getLogger("lowmark.applier")
 
@@ -58,7 +59,6 @@ MAX_MARKERS = 1024
 #: after a restart far behind); past this many the oldest but one is dropped (counted in
 #: ``targets_dropped``): any later W is a cut too, applying it covers the dropped one
 MAX_TARGETS = 4096
-LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ class Applier:
         self.applied_w = 0
         self.checkpoint_w = 0
         self.halted: ApplierHaltedError | None = None
-        self.markers: deque[dict[str, Any]] = deque(maxlen=MAX_MARKERS)
-        self._targets: list[dict[str, Any]] = []  # watermarks not yet applied, ascending
+        self.markers: deque[CgRecord] = deque(maxlen=MAX_MARKERS)
+        self._targets: list[Watermark] = []  # watermarks not yet applied, ascending
         self._max_seen_w = 0
         self._last_checkpoint = self._now()
         self._reread: dict[int, int] | None = None
@@ -172,10 +172,9 @@ class Applier:
         ckpt = self.checkpointer.load()
         start_offsets = {p: 0 for p in range(self.config.log_partitions)}
         if ckpt is not None:
-            self.applied_w = self.checkpoint_w = ckpt["w"]
-            self._max_seen_w = ckpt["w"]
-            for po in ckpt["log_offsets"]:
-                start_offsets[po["partition"]] = po["offset"]
+            self.applied_w = self.checkpoint_w = ckpt.w
+            self._max_seen_w = ckpt.w
+            start_offsets.update(ckpt.log_offsets)
         self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
         for p, off in start_offsets.items():
             self.planner.note_position(p, off)
@@ -256,7 +255,7 @@ class Applier:
                 continue
             self._wm_read_to = max(self._wm_read_to, msg.offset() + 1)
             try:
-                rec = codec.decode(msg.value(), "Watermark").record
+                rec = codec.decode(msg.value(), Watermark)
             except RecordError as exc:
                 # a bad W can only hold the backup back; never apply on it
                 event(
@@ -269,14 +268,13 @@ class Applier:
                 continue
             self.stats.watermarks_seen += 1
             if msg.offset() < self._wm_end_at_start:
-                self._restart_floor = max(self._restart_floor, rec["w"])
-            bound = {po["partition"]: po["offset"] for po in rec["log_offsets"]}
-            for m in rec["members"]:
-                self.planner.note_epoch(m["interceptor_id"], m["epoch"], bound)
-            for d in rec["departed"]:
-                self.planner.note_departed(d["interceptor_id"], d["epoch"], d["s"])
-            if rec["w"] > self._max_seen_w:  # consumers ignore a lower W
-                self._max_seen_w = rec["w"]
+                self._restart_floor = max(self._restart_floor, rec.w)
+            for m in rec.members:
+                self.planner.note_epoch(m.interceptor_id, m.epoch, rec.log_offsets)
+            for d in rec.departed:
+                self.planner.note_departed(d.interceptor_id, d.epoch, d.s)
+            if rec.w > self._max_seen_w:  # consumers ignore a lower W
+                self._max_seen_w = rec.w
                 if len(self._targets) >= MAX_TARGETS:
                     del self._targets[1]  # keep the next to apply; the newest covers it
                     self.stats.targets_dropped += 1
@@ -311,7 +309,7 @@ class Applier:
             self.stats.records_read += 1
             self.stats.bytes_read += len(value)
             try:
-                dec = codec.decode(value, LOG_TYPES)
+                dec = codec.decode(value, LOG_RECORDS)
             except RecordError as exc:
                 if (p, off) in self.config.skip:
                     event(
@@ -327,7 +325,7 @@ class Applier:
                     continue
                 self._block(msg, exc)
                 continue
-            self.planner.add(dec.type, dec.record, p, off)
+            self.planner.add(dec, p, off)
             self.planner.note_position(p, off + 1)
         return len(msgs)
 
@@ -346,18 +344,18 @@ class Applier:
         applied = False
         while self._targets:
             target = self._targets[0]
-            required = {po["partition"]: po["offset"] for po in target["log_offsets"]}
-            if not self.planner.ready(target["w"], required):
+            required = target.log_offsets
+            if not self.planner.ready(target.w, required):
                 blocker = self.planner.blocked_by(required)
                 if blocker is not None:
                     self._halt(blocker[0])
                 return applied
             self._targets.pop(0)
-            if target["w"] <= self.applied_w:
+            if target.w <= self.applied_w:
                 continue
-            for op in self.planner.take(target["w"]):
+            for op in self.planner.take(target.w):
                 self._apply(op)
-            self.applied_w = target["w"]
+            self.applied_w = target.w
             applied = True
         return applied
 
@@ -382,10 +380,10 @@ class Applier:
     # ---------------------------------------------------------------- applying
 
     def _apply(self, op: ApplyOp) -> None:
-        if op.kind in ("marker", "snapshot"):
+        if isinstance(op.record, CgRecord):
             if len(self.markers) == self.markers.maxlen:
                 self.stats.markers_dropped += 1
-            self.markers.append({"kind": op.kind, "ts": op.ts, **(op.record or {})})
+            self.markers.append(op.record)
             return
         try:
             self.site.apply(op)  # the same rules restore and replay use
@@ -395,15 +393,9 @@ class Applier:
                 "this site's images: rebuild the site from a checkpoint (replacement backup)"
             )
             raise self.halted from None
-        if op.kind == "volume_change":
-            rec = op.record or {}
-            event(
-                log,
-                "volume change applied",
-                volume=op.volume_id,
-                op=rec.get("op"),
-                size=rec.get("size"),
-            )
+        if isinstance(op.record, VolumeChange):
+            rec = op.record
+            event(log, "volume change applied", volume=op.volume_id, op=rec.op, size=rec.size)
             return
         self.stats.applied_ops += 1
         self.stats.applied_bytes += op.length
@@ -479,7 +471,7 @@ class Applier:
             return
         self._checkpoint_written(result["rec"])
 
-    def checkpoint(self, digests: bool | None = True) -> dict[str, Any]:
+    def checkpoint(self, digests: bool | None = True) -> Checkpoint:
         """fdatasync, then record the applied state durably, then commit offsets.
 
         ``digests=None``: include per-volume digests only if ``digest_interval_s`` passed.
@@ -508,35 +500,30 @@ class Applier:
             self._last_snapshot = self._now()
         return rec
 
-    def _checkpoint_record(self, digests: bool) -> dict[str, Any]:
-        offsets = self.planner.checkpoint_offsets()
-        return {
-            "site": self.config.site,
-            "cg": self.config.cg,
-            "w": self.applied_w,
-            "log_offsets": [{"partition": p, "offset": o} for p, o in sorted(offsets.items())],
-            "volumes": [
-                {
-                    "volume_id": vid,
-                    "size": img.size,
-                    "digest": img.content_digest() if digests else "",
-                }
+    def _checkpoint_record(self, digests: bool) -> Checkpoint:
+        return Checkpoint(
+            self.config.site,
+            self.config.cg,
+            self.applied_w,
+            self.planner.checkpoint_offsets(),
+            tuple(
+                VolumeDigest(vid, img.size, img.content_digest() if digests else "")
                 for vid, img in sorted(self.images.items())
-            ],
-            "written_us": self._wall_us(),
-        }
+            ),
+            self._wall_us(),
+        )
 
-    def _checkpoint_written(self, rec: dict[str, Any]) -> None:
+    def _checkpoint_written(self, rec: Checkpoint) -> None:
         """Only now are consumer offsets committed (advisory: the checkpoint is the truth)."""
         assert self._log is not None
-        offsets = {po["partition"]: po["offset"] for po in rec["log_offsets"] if po["offset"] >= 0}
+        offsets = {p: o for p, o in rec.log_offsets.items() if o >= 0}
         try:
             self._log.commit(self.topics.log, offsets, asynchronous=True)
         except KafkaError as exc:
             log.warning("offset commit failed: %s", exc)
-        self.checkpoint_w = max(self.checkpoint_w, rec["w"])
+        self.checkpoint_w = max(self.checkpoint_w, rec.w)
         self.stats.checkpoints += 1
-        self.stats.last_checkpoint_us = rec["written_us"]
+        self.stats.last_checkpoint_us = rec.written_us
 
     # ---------------------------------------------------------------- bad input
 

@@ -18,10 +18,11 @@ from connectors.kafka.topics import CgTopics
 from pipeline.errors import ApplyError, RecordError
 from pipeline.fsutil import atomic_write
 from schemas import codec
+from schemas.records import Checkpoint
 
 
-def decode_checkpoint(value: bytes) -> dict[str, Any]:
-    return codec.decode(value, "Checkpoint").record
+def decode_checkpoint(value: bytes) -> Checkpoint:
+    return codec.decode(value, Checkpoint)
 
 
 class Checkpointer:
@@ -37,7 +38,7 @@ class Checkpointer:
         #: shared with the applier's dead-letter copies (thread-safe; one connection)
         self.producer = producer
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> Checkpoint | None:
         """The site's latest checkpoint: the local file, else the topic's, else None."""
         if self.path.exists():
             try:
@@ -49,24 +50,24 @@ class Checkpointer:
                 ) from None
         site = self.site
 
-        def mine(value: bytes) -> dict[str, Any] | None:
+        def mine(value: bytes) -> Checkpoint | None:
             rec = decode_checkpoint(value)
-            return rec if rec["site"] == site else None
+            return rec if rec.site == site else None
 
         best = latest(
             self.kafka_conf,
             self.topics.checkpoints,
             mine,
-            lambda a, b: b is None or (a is not None and a["w"] >= b["w"]),
+            lambda a, b: b is None or (a is not None and a.w >= b.w),
         )
         return best[0] if best and best[0] is not None else None
 
-    def persist(self, rec: dict[str, Any]) -> bytes:
+    def persist(self, rec: Checkpoint) -> bytes:
         """Local file first (atomically), then the compacted topic. Images already synced."""
-        value = codec.encode("Checkpoint", rec)
+        value = codec.encode(rec)
         atomic_write(self.path, value)
         self.producer.produce(
-            self.topics.checkpoints, value, self.site, headers=codec.headers_for("Checkpoint", rec)
+            self.topics.checkpoints, value, self.site, headers=codec.headers_for(rec)
         )
         self.producer.flush(30)
         return value

@@ -7,14 +7,14 @@ byte. Where the files live is ``SiteDir``'s business (``pipeline.backup.site``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from connectors.image.image import Image
-from pipeline.backup.plan import ApplyOp
+from pipeline.backup.plan import ApplyOp, OpKind
 from pipeline.backup.site import SiteDir
 from pipeline.errors import ApplyError, VolumeError
+from schemas.records import VolumeChange, VolumeOp
 
 
 class ImageSet:
@@ -47,10 +47,11 @@ class ImageSet:
 
     def apply(self, op: ApplyOp) -> None:
         """Apply one op exactly as the applier does, so restore and backup agree byte for byte."""
-        if op.kind == "volume_change":
-            self._volume_change(op.record or {})
+        if op.kind is OpKind.VOLUME_CHANGE:
+            assert isinstance(op.record, VolumeChange)
+            self._volume_change(op.record)
             return
-        if op.kind in ("marker", "snapshot"):
+        if op.kind in (OpKind.MARKER, OpKind.SNAPSHOT):
             return
         img = self.images.get(op.volume_id or "")
         if img is None:
@@ -65,20 +66,20 @@ class ImageSet:
                 f"{op.offset + op.length}) extends past its {img.size} bytes; the base does "
                 "not match this log"
             )
-        if op.kind == "write":
+        if op.kind is OpKind.WRITE:
             assert op.data is not None
             img.pwrite(op.offset, op.data)
         else:  # zero / trim read as zeroes; a zero stays allocated, as at the primary
-            img.zero(op.offset, op.length, punch=op.kind == "trim")
+            img.zero(op.offset, op.length, punch=op.kind is OpKind.TRIM)
         self._touched.add(op.volume_id or "")
 
-    def _volume_change(self, rec: Mapping[str, Any]) -> None:
-        vid, op = rec["volume_id"], rec["op"]
+    def _volume_change(self, rec: VolumeChange) -> None:
+        vid, op = rec.volume_id, rec.op
         try:
             path = self.site.image_path(vid)
         except VolumeError as exc:  # a path-like id must never reach the filesystem
-            raise ApplyError(f"volume change at ts {rec.get('ts')}: {exc}") from None
-        if op == "DELETE":
+            raise ApplyError(f"volume change at ts {rec.ts}: {exc}") from None
+        if op is VolumeOp.DELETE:
             img = self.images.pop(vid, None)
             if img is not None:
                 img.close()
@@ -91,14 +92,14 @@ class ImageSet:
         else:
             img = self.images.get(vid)
             if img is None:
-                img = self.images[vid] = Image(path, create_size=rec["size"])
-            if img.size != rec["size"]:
-                img.resize(rec["size"])
+                img = self.images[vid] = Image(path, create_size=rec.size)
+            if img.size != rec.size:
+                img.resize(rec.size)
             self.catalog[vid] = {
                 "volume_id": vid,
-                "name": rec["name"],
-                "size": rec["size"],
-                "metadata": dict(rec.get("metadata") or {}),
+                "name": rec.name,
+                "size": rec.size,
+                "metadata": dict(rec.metadata),
             }
             self._touched.add(vid)
         self.save_catalog()

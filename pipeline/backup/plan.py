@@ -35,12 +35,35 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
 
 from pipeline.errors import ApplierHaltedError, ApplyError
+from schemas.records import (
+    CgRecord,
+    LogRecord,
+    Marker,
+    Snapshot,
+    VolumeChange,
+    Write,
+    Zero,
+    ZeroKind,
+)
 
-OpKind = Literal["write", "zero", "trim", "volume_change", "marker", "snapshot"]
-RECORD_TYPES = ("Write", "Zero", "VolumeChange", "Marker", "Snapshot")
+
+class OpKind(StrEnum):
+    """What an ``ApplyOp`` does to the images."""
+
+    WRITE = "write"
+    ZERO = "zero"  # reads as zeros, stays allocated
+    TRIM = "trim"  # reads as zeros, may be deallocated
+    VOLUME_CHANGE = "volume_change"
+    MARKER = "marker"  # CG-wide: changes no image
+    SNAPSHOT = "snapshot"  # CG-wide: changes no image
+
+
+#: the op kind of a CG-wide record; a new CG-wide record type adds its line here
+CG_OP_KINDS: dict[type[CgRecord], OpKind] = {Marker: OpKind.MARKER, Snapshot: OpKind.SNAPSHOT}
+#: the op kind of a Zero's kind
+ZERO_OP_KINDS = {ZeroKind.ZERO: OpKind.ZERO, ZeroKind.TRIM: OpKind.TRIM}
 
 #: bytes charged per pending operation or fragment on top of its data, so a backlog of
 #: tiny records (zeros, markers) is bounded too
@@ -64,7 +87,7 @@ class ApplyOp:
     offset: int
     length: int
     data: bytes | None  # a whole write's data, fragments joined in index order
-    record: Mapping[str, Any] | None  # the source record for volume_change/marker/snapshot
+    record: VolumeChange | CgRecord | None  # the source record of volume_change/marker/snapshot
     interceptor_id: str
     epoch: int
 
@@ -140,9 +163,7 @@ class ApplyPlanner:
 
     # ---- input -------------------------------------------------------------------------
 
-    def add(
-        self, record_type: str, record: Mapping[str, Any], partition: int, offset: int
-    ) -> AddOutcome:
+    def add(self, record: LogRecord, partition: int, offset: int) -> AddOutcome:
         """Take in one decoded log record read at (partition, offset)."""
         if self.is_blocked(partition, offset):
             return AddOutcome.BLOCKED
@@ -156,16 +177,12 @@ class ApplyPlanner:
         self._last_added[partition] = offset
         self._positions[partition] = max(self._positions.get(partition, 0), offset + 1)
         where = (partition, offset)
+        if not isinstance(record, LogRecord):
+            raise _halt(where, f"has type {type(record).__name__}, which the log never holds")
         try:
-            iid, epoch = record["interceptor_id"], record["epoch"]
-            if record_type == "Write":
-                extents = record["extents"]
-                tss = [x["ts"] for x in extents]
-            elif record_type in RECORD_TYPES:
-                tss = [record["ts"]]
-            else:
-                raise _halt(where, f"has type {record_type!r}, which the log never holds")
-        except (KeyError, TypeError) as e:
+            iid, epoch = record.interceptor_id, record.epoch
+            tss = record.timestamps()
+        except (AttributeError, TypeError) as e:
             raise _halt(where, f"lacks field {e}") from None
         if not tss:
             raise _halt(where, "is a Write without extents")
@@ -184,8 +201,8 @@ class ApplyPlanner:
             return AddOutcome.SKIPPED_APPLIED
 
         try:
-            self._accept(record_type, record, iid, epoch, where)
-        except (KeyError, TypeError) as e:
+            self._accept(record, iid, epoch, where)
+        except (AttributeError, TypeError) as e:
             raise _halt(where, f"lacks a field or has one of the wrong type ({e!r})") from None
         return AddOutcome.ACCEPTED
 
@@ -371,50 +388,50 @@ class ApplyPlanner:
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _accept(
-        self, record_type: str, record: Mapping[str, Any], iid: str, epoch: int, where: Source
-    ) -> None:
-        if record_type == "Write":
-            self._add_write(record, iid, epoch, where)
-        elif record_type == "Zero":
-            kind = record["kind"]
-            if kind not in ("ZERO", "TRIM"):
-                raise _halt(where, f"has zero kind {kind!r}")
-            op = _op(
-                "zero" if kind == "ZERO" else "trim",
-                record["volume_id"],
-                record["ts"],
-                iid,
-                epoch,
-                offset=record["offset"],
-                length=record["length"],
-            )
-            self._add_volume_op(where, op)
-        elif record_type == "VolumeChange":
-            op = _op(
-                "volume_change",
-                record["volume_id"],
-                record["ts"],
-                iid,
-                epoch,
-                length=record["size"],
-                record=record,
-            )
-            self._add_volume_op(where, op)
-        else:
-            cg_kind: OpKind = "marker" if record_type == "Marker" else "snapshot"
-            op = _op(cg_kind, None, record["ts"], iid, epoch, record=record)
-            self._cg_ops.append(self._pending_of(op, where))
+    def _accept(self, record: LogRecord, iid: str, epoch: int, where: Source) -> None:
+        match record:
+            case Write():
+                self._add_write(record, iid, epoch, where)
+            case Zero(kind=kind):
+                op_kind = ZERO_OP_KINDS.get(kind)
+                if op_kind is None:
+                    raise _halt(where, f"has zero kind {kind!r}")
+                op = _op(
+                    op_kind,
+                    record.volume_id,
+                    record.ts,
+                    iid,
+                    epoch,
+                    offset=record.offset,
+                    length=record.length,
+                )
+                self._add_volume_op(where, op)
+            case VolumeChange():
+                op = _op(
+                    OpKind.VOLUME_CHANGE,
+                    record.volume_id,
+                    record.ts,
+                    iid,
+                    epoch,
+                    length=record.size,
+                    record=record,
+                )
+                self._add_volume_op(where, op)
+            case CgRecord() if type(record) in CG_OP_KINDS:
+                op = _op(CG_OP_KINDS[type(record)], None, record.ts, iid, epoch, record=record)
+                self._cg_ops.append(self._pending_of(op, where))
+            case _:
+                raise _halt(where, f"has type {record.TYPE}, which this planner cannot apply")
 
-    def _add_write(self, record: Mapping[str, Any], iid: str, epoch: int, where: Source) -> None:
-        vid = record["volume_id"]
-        for x in record["extents"]:
-            ts = x["ts"]
+    def _add_write(self, record: Write, iid: str, epoch: int, where: Source) -> None:
+        vid = record.volume_id
+        for x in record.extents:
+            ts = x.ts
             if ts <= self.applied_w:
                 self.stats.skipped += 1
                 continue
-            offset, length, data = x["offset"], x["write_length"], x["data"]
-            index, count = x["fragment_index"], x["fragment_count"]
+            offset, length, data = x.offset, x.write_length, x.data
+            index, count = x.fragment_index, x.fragment_count
             if not (0 <= index < count) or offset < 0 or length < 0:
                 raise _halt(
                     where,
@@ -424,7 +441,7 @@ class ApplyPlanner:
             if count == 1:
                 if len(data) != length:
                     raise _halt(where, f"has a write of {len(data)} bytes, declared {length}")
-                op = _op("write", vid, ts, iid, epoch, offset=offset, length=length, data=data)
+                op = _op(OpKind.WRITE, vid, ts, iid, epoch, offset=offset, length=length, data=data)
                 self._add_volume_op(where, op)
                 continue
             vol = self._volume(vid, where)
@@ -483,7 +500,7 @@ class ApplyPlanner:
         data = b"".join(item.parts[i][1] for i in range(item.fragment_count))
         item.parts = {}
         return _op(
-            "write",
+            OpKind.WRITE,
             vid,
             item.ts,
             item.interceptor_id,
@@ -590,7 +607,7 @@ def _op(
     offset: int = 0,
     length: int = 0,
     data: bytes | None = None,
-    record: Mapping[str, Any] | None = None,
+    record: VolumeChange | CgRecord | None = None,
 ) -> ApplyOp:
     return ApplyOp(kind, volume_id, ts, offset, length, data, record, iid, epoch)
 

@@ -22,6 +22,7 @@ from connectors.image.image import Image
 from pipeline.backup.site import SiteDir
 from pipeline.fsutil import atomic_write
 from schemas import codec
+from schemas.records import Checkpoint
 
 
 def store_dir(data_dir: Path) -> Path:
@@ -55,8 +56,8 @@ def save(
     catalog: dict[str, dict[str, Any]],
 ) -> Path:
     """Copy the (already fdatasynced) images as the snapshot of this checkpoint."""
-    rec = codec.decode(checkpoint_value, "Checkpoint").record
-    final = SiteDir(data_dir).snapshot(rec["w"])
+    rec = codec.decode(checkpoint_value, Checkpoint)
+    final = SiteDir(data_dir).snapshot(rec.w)
     if final.root.exists():
         return final.root
     tmp = SiteDir(final.root.with_name(final.root.name + ".partial"))
@@ -89,11 +90,11 @@ def list_snapshots(data_dir: Path) -> list[tuple[int, Path]]:
     return [(w, snap.root) for w, snap in SiteDir(data_dir).snapshots()]
 
 
-def newest_at_or_below(data_dir: Path, ts: int) -> tuple[dict[str, Any], Path] | None:
+def newest_at_or_below(data_dir: Path, ts: int) -> tuple[Checkpoint, Path] | None:
     """The newest snapshot whose W <= ts, with its checkpoint record."""
     for w, snap in reversed(SiteDir(data_dir).snapshots()):
         if w <= ts:
-            return codec.decode(snap.checkpoint_path.read_bytes(), "Checkpoint").record, snap.root
+            return codec.decode(snap.checkpoint_path.read_bytes(), Checkpoint), snap.root
     return None
 
 

@@ -32,12 +32,17 @@ from connectors.kafka.errors import OFFSET_GONE
 from connectors.kafka.reading import read_range
 from connectors.kafka.settings import ToolSettings
 from pipeline.backup.images import ImageSet
-from pipeline.backup.plan import ApplyOp, ApplyPlanner
+from pipeline.backup.plan import ApplyOp, ApplyPlanner, OpKind
 from pipeline.errors import ApplyError, KafkaError, RecordError, RestoreError
 from schemas import codec
+from schemas.records import (
+    LOG_RECORDS,
+    LogRecord,
+    Marker,
+    VolumeRecord,
+    Write,
+)
 
-LOG_TYPES = ("Write", "Zero", "Marker", "Snapshot", "VolumeChange")
-_VOLUME_TYPES = ("Write", "Zero", "VolumeChange")
 #: markers a replay reports: the newest this many of its range
 MAX_MARKERS = 1024
 
@@ -45,26 +50,24 @@ MAX_MARKERS = 1024
 # ---------------------------------------------------------------- pure planning
 
 
-def record_ts_range(record_type: str, record: Mapping[str, Any]) -> tuple[int, int]:
+def record_ts_range(record: LogRecord) -> tuple[int, int]:
     """(lowest, highest) ts in a decoded log record."""
-    if record_type == "Write":
-        tss = [x["ts"] for x in record["extents"]]
-        return min(tss), max(tss)
-    return record["ts"], record["ts"]
+    tss = record.timestamps()
+    return min(tss), max(tss)
 
 
-def _complete_through(record_type: str, record: Mapping[str, Any]) -> int:
+def _complete_through(record: VolumeRecord) -> int:
     """Every op of this record's volume with ts <= the result has been read in full.
 
     A Write may end with a fragment whose siblings come in the next record; that write is
     not complete yet, but everything before its ts is (per-volume ts order).
     """
-    if record_type != "Write":
-        return record["ts"]
-    last = record["extents"][-1]
-    if last["fragment_index"] == last["fragment_count"] - 1:
-        return last["ts"]
-    return last["ts"] - 1
+    if not isinstance(record, Write):
+        return max(record.timestamps())
+    last = record.extents[-1]
+    if last.fragment_index == last.fragment_count - 1:
+        return last.ts
+    return last.ts - 1
 
 
 @dataclass
@@ -92,7 +95,7 @@ class ReplayPlan:
         self.to_ts = to_ts
         # the newest MAX_MARKERS of the range (a long range holds any number); older ones
         # are dropped and counted
-        self.markers: deque[dict[str, Any]] = deque(maxlen=MAX_MARKERS)
+        self.markers: deque[Marker] = deque(maxlen=MAX_MARKERS)
         self.markers_dropped = 0
         self._volumes: dict[str, _VolumePlan] = {}
         # epoch facts (interceptor, epoch, partition, first offset), shared per partition
@@ -100,26 +103,24 @@ class ReplayPlan:
         # per partition: the first offset holding a record with a ts > to_ts (resume point)
         self._first_after: dict[int, int] = {}
 
-    def add(
-        self, record_type: str, record: Mapping[str, Any], partition: int, offset: int
-    ) -> list[ApplyOp]:
-        low, high = record_ts_range(record_type, record)
+    def add(self, record: LogRecord, partition: int, offset: int) -> list[ApplyOp]:
+        low, high = record_ts_range(record)
         if high > self.to_ts and partition not in self._first_after:
             self._first_after[partition] = offset
         self._note_epoch(record, partition, offset)
-        if record_type not in _VOLUME_TYPES:
-            if record_type == "Marker" and self.from_w < record["ts"] <= self.to_ts:
+        if not isinstance(record, VolumeRecord):
+            if isinstance(record, Marker) and self.from_w < record.ts <= self.to_ts:
                 self.markers_dropped += len(self.markers) == self.markers.maxlen
-                self.markers.append(dict(record))
+                self.markers.append(record)
             return []  # CG-wide records change no image
-        vid = record["volume_id"]
+        vid = record.volume_id
         vol = self._volumes.get(vid)
         if vol is None:
             vol = self._volumes[vid] = self._new_volume(partition)
         if vol.done and low > self.to_ts:
             return []
-        vol.planner.add(record_type, record, partition, offset)
-        w = min(_complete_through(record_type, record), self.to_ts)
+        vol.planner.add(record, partition, offset)
+        w = min(_complete_through(record), self.to_ts)
         if w <= vol.planner.applied_w:
             return []
         ops = vol.planner.take(w)
@@ -145,8 +146,8 @@ class ReplayPlan:
         planner.ready(self.to_ts, {})
         return _VolumePlan(planner, partition)
 
-    def _note_epoch(self, record: Mapping[str, Any], partition: int, offset: int) -> None:
-        key = (record["interceptor_id"], record["epoch"], partition)
+    def _note_epoch(self, record: LogRecord, partition: int, offset: int) -> None:
+        key = (record.interceptor_id, record.epoch, partition)
         if key in self._facts:
             return
         self._facts[key] = offset
@@ -195,7 +196,7 @@ class ReplayResult:
     to_ts: int
     #: per partition: where a replay continuing from to_ts must start reading
     resume_offsets: dict[int, int]
-    markers: list[dict[str, Any]]
+    markers: list[Marker]
     progress: ReplayProgress
 
 
@@ -231,14 +232,14 @@ def replay(
             prog.records_done += 1
             prog.bytes_read += len(value)
             try:
-                dec = codec.decode(value, LOG_TYPES)
+                dec = codec.decode(value, LOG_RECORDS)
             except RecordError as exc:
                 raise ApplyError(
                     f"record {topic}[{msg.partition()}]@{msg.offset()} is bad "
                     f"({type(exc).__name__}: {exc}); nothing after it was applied, so the "
                     "images are incomplete. Inspect it with `lowmark tail` or kcat"
                 ) from None
-            for op in plan.add(dec.type, dec.record, msg.partition(), msg.offset()):
+            for op in plan.add(dec, msg.partition(), msg.offset()):
                 _apply(images, op, prog)
             if on_progress is not None and prog.records_done % 256 == 0:
                 on_progress(prog)
@@ -256,4 +257,4 @@ def replay(
 def _apply(images: ImageSet, op: ApplyOp, prog: ReplayProgress) -> None:
     images.apply(op)
     prog.ops_applied += 1
-    prog.bytes_applied += op.length if op.kind == "write" else 0
+    prog.bytes_applied += op.length if op.kind is OpKind.WRITE else 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from pipeline.ops.replay import ProgressFn, ReplayResult, replay
 from pipeline.primary.clock import format_ts, wall_us
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
+from schemas.records import Checkpoint, Marker, Watermark
 
 MANIFEST = RESTORE_MANIFEST
 MANIFEST_FORMAT = 1
@@ -54,7 +56,7 @@ def log_bounds(kafka_conf: Mapping[str, Any], cg: str) -> dict[int, tuple[int, i
     return found
 
 
-def latest_watermark(kafka_conf: Mapping[str, Any], cg: str) -> dict[str, Any]:
+def latest_watermark(kafka_conf: Mapping[str, Any], cg: str) -> Watermark:
     best = latest(dict(kafka_conf), CgTopics(cg).watermark, decode_watermark, newer_watermark)
     if best is None:
         raise RestoreError(
@@ -64,38 +66,45 @@ def latest_watermark(kafka_conf: Mapping[str, Any], cg: str) -> dict[str, Any]:
     return best[0]
 
 
-def find_marker(kafka_conf: Mapping[str, Any], cg: str, name: str) -> dict[str, Any]:
-    """The newest Marker record named ``name`` in the retained log (with ``count``)."""
+def find_marker(kafka_conf: Mapping[str, Any], cg: str, name: str) -> tuple[Marker, int]:
+    """The newest Marker record named ``name`` in the retained log, and how many have it."""
     topic = CgTopics(cg).log
-    found: list[dict[str, Any]] = []
+    found: list[Marker] = []
     for p, (low, high) in log_bounds(kafka_conf, cg).items():
         for msg in iter_range(dict(kafka_conf), topic, p, low, high, timeout_s=120):
             kind = dict(msg.headers() or []).get("type")
-            if kind not in (None, b"Marker"):
+            if kind not in (None, Marker.TYPE.encode()):
                 continue  # the plain-text type header saves decoding every write
             try:
-                dec = codec.decode(msg.value() or b"", "Marker")
+                marker = codec.decode(msg.value() or b"", Marker)
             except RecordError:
                 continue
-            if dec.record["name"] == name:
-                found.append(dec.record)
+            if marker.name == name:
+                found.append(marker)
     if not found:
         raise RestoreError(
             f"no marker named {name!r} in the retained log of {cg}; list markers with "
             f"`lowmark tail --no-follow --type Marker --cg {cg}`"
         )
-    best = max(found, key=lambda r: r["ts"])
-    return {**best, "count": len(found)}
+    return max(found, key=lambda r: r.ts), len(found)
 
 
 # ---------------------------------------------------------------- the base
+
+
+class BaseKind(StrEnum):
+    """Where a restore's images start (``restore.json`` base.kind)."""
+
+    SNAPSHOT = "snapshot"  # a copy from the site's snapshot store
+    LOG_START = "log-start"  # empty images, the whole log replayed
+    REPLAY = "replay"  # images already in the directory (``replay_range``)
 
 
 @dataclass(frozen=True)
 class Base:
     """Images holding exactly the records with ts <= w, and where to replay from."""
 
-    kind: str  # "snapshot" | "log-start"
+    kind: BaseKind
     w: int
     offsets: dict[int, int]
     path: Path | None = None
@@ -118,16 +127,15 @@ def site_snapshots(site_dir: Path | None, site: str | None = None) -> list[Snaps
     for w, snap in SiteDir(Path(site_dir)).snapshots():
         path = snap.root
         try:
-            ck = codec.decode(snap.checkpoint_path.read_bytes(), "Checkpoint").record
+            ck = codec.decode(snap.checkpoint_path.read_bytes(), Checkpoint)
         except (OSError, RecordError):
             continue  # pruned while we looked, or damaged: not a base
-        if site is not None and ck["site"] != site:
+        if site is not None and ck.site != site:
             raise RestoreError(
-                f"the snapshot store in {site_dir} belongs to site {ck['site']!r}, not "
+                f"the snapshot store in {site_dir} belongs to site {ck.site!r}, not "
                 f"{site!r}; pass that site's data dir with --site-dir"
             )
-        offsets = {po["partition"]: po["offset"] for po in ck["log_offsets"]}
-        out.append(SnapshotInfo(w, offsets, path, ck["site"]))
+        out.append(SnapshotInfo(w, dict(ck.log_offsets), path, ck.site))
     return out
 
 
@@ -151,13 +159,13 @@ def choose_base(
     if below:
         snap = max(below, key=lambda s: s.w)
         if _in_retention(snap.offsets, low):
-            return Base("snapshot", snap.w, dict(snap.offsets), snap.path, snap.site)
+            return Base(BaseKind.SNAPSHOT, snap.w, dict(snap.offsets), snap.path, snap.site)
         why = (
             f"the newest snapshot at or below it (W {snap.w}) needs log offsets "
             f"{_fmt_offsets(snap.offsets)}, but retention has deleted up to {_fmt_offsets(low)}"
         )
     elif all(lo == 0 for lo in low.values()):
-        return Base("log-start", 0, {p: 0 for p in low})
+        return Base(BaseKind.LOG_START, 0, {p: 0 for p in low})
     else:
         why = (
             "no snapshot of the site lies at or below it, and the log no longer starts at "
@@ -177,19 +185,19 @@ def _fmt_offsets(offsets: Mapping[int, int]) -> str:
     return "{" + ", ".join(f"{p}: {o}" for p, o in sorted(offsets.items())) + "}"
 
 
-def check_below_w(ts: int, wm: Mapping[str, Any]) -> None:
-    if ts > wm["w"]:
+def check_below_w(ts: int, wm: Watermark) -> None:
+    if ts > wm.w:
         raise RestoreError(
-            f"ts {ts} ({format_ts(ts)}) is above the latest published W {wm['w']} "
-            f"({format_ts(wm['w'])}): a cut above W is not known to be complete. Choose a ts "
+            f"ts {ts} ({format_ts(ts)}) is above the latest published W {wm.w} "
+            f"({format_ts(wm.w)}): a cut above W is not known to be complete. Choose a ts "
             "at or below W, or wait until W passes it"
         )
 
 
-def _end_offsets(wm: Mapping[str, Any], bounds: Mapping[int, tuple[int, int]]) -> dict[int, int]:
+def _end_offsets(wm: Watermark, bounds: Mapping[int, tuple[int, int]]) -> dict[int, int]:
     # every record with ts <= W lies below W's offsets; a partition W does not name is
     # read to its current end
-    from_w = {po["partition"]: po["offset"] for po in wm["log_offsets"]}
+    from_w = wm.log_offsets
     return {p: from_w.get(p, high) for p, (_low, high) in bounds.items()}
 
 
@@ -242,7 +250,7 @@ def _restore_into(
     cg: str,
     ts: int,
     to_dir: Path,
-    wm: Mapping[str, Any],
+    wm: Watermark,
     bounds: Mapping[int, tuple[int, int]],
     site_dir: Path | None,
     site: str | None,
@@ -282,7 +290,7 @@ def _prepare(to_dir: Path, base: Base) -> None:
     """Empty ``to_dir`` and put the base images there."""
     _empty(to_dir)
     SiteDir(to_dir).create()
-    if base.kind != "snapshot":
+    if base.kind is not BaseKind.SNAPSHOT:
         return
     assert base.path is not None
     snapshot_store.copy_site(base.path, to_dir)
@@ -305,7 +313,7 @@ def _manifest(
     base: Base,
     result: ReplayResult,
     volumes: list[dict[str, Any]],
-    wm: Mapping[str, Any],
+    wm: Watermark,
     marker: str | None,
 ) -> dict[str, Any]:
     prog = result.progress
@@ -324,7 +332,7 @@ def _manifest(
         },
         # where a replay continuing from w starts reading (every ts > w lies at or above)
         "log_offsets": {str(p): o for p, o in sorted(result.resume_offsets.items())},
-        "published_w": wm["w"],
+        "published_w": wm.w,
         "records_read": prog.records_done,
         "ops_applied": prog.ops_applied,
         "bytes_applied": prog.bytes_applied,
@@ -387,7 +395,7 @@ def replay_range(
             f"the images hold {held}, not a cut in [--from-ts, --to-ts]: the result is that "
             f"state plus the records in ({from_ts}, {to_ts}], a drill, not a consistent cut"
         )
-    if old_w is not None and old_w <= from_ts:
+    if old is not None and old_w is not None and old_w <= from_ts:
         start = {p: int(old["log_offsets"].get(str(p), 0)) for p in bounds}
     else:
         start = {p: 0 for p in bounds}
@@ -409,7 +417,7 @@ def replay_range(
             on_progress=on_progress,
         )
         volumes = images.volumes()
-    base = Base("replay", from_ts, start, images_dir)
+    base = Base(BaseKind.REPLAY, from_ts, start, images_dir)
     manifest = _manifest(cg, to_ts, base, result, volumes, wm, None)
     manifest["base"]["restored_w"] = old_w
     if not exact:

@@ -17,18 +17,19 @@ from pipeline.errors import RecordError
 from pipeline.primary.clock import format_ts, ts_physical_us, wall_us
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
+from schemas.records import Checkpoint
 
 
-def latest_checkpoints(kafka_conf: dict[str, Any], cg: str) -> dict[str, dict[str, Any]]:
+def latest_checkpoints(kafka_conf: dict[str, Any], cg: str) -> dict[str, Checkpoint]:
     """The newest checkpoint of every site (the topic is compacted by site)."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Checkpoint] = {}
     for msg in iter_range(kafka_conf, CgTopics(cg).checkpoints):
         try:
-            rec = codec.decode(msg.value(), "Checkpoint").record
+            rec = codec.decode(msg.value(), Checkpoint)
         except RecordError:
             continue
-        if rec["site"] not in out or rec["w"] >= out[rec["site"]]["w"]:
-            out[rec["site"]] = rec
+        if rec.site not in out or rec.w >= out[rec.site].w:
+            out[rec.site] = rec
     return out
 
 
@@ -74,34 +75,32 @@ def cg_status(
     status: dict[str, Any] = {
         "cg": cg,
         "time_us": now,
-        "w": wm["w"] if wm else None,
-        "w_time": format_ts(wm["w"]) if wm and wm["w"] else None,
-        "rpo_s": (now - ts_physical_us(wm["w"])) / 1e6 if wm and wm["w"] else None,
-        "watermark_published_age_s": (now - wm["published_us"]) / 1e6 if wm else None,
+        "w": wm.w if wm else None,
+        "w_time": format_ts(wm.w) if wm and wm.w else None,
+        "rpo_s": (now - ts_physical_us(wm.w)) / 1e6 if wm and wm.w else None,
+        "watermark_published_age_s": (now - wm.published_us) / 1e6 if wm else None,
         "interceptors": [
             {
-                "id": m["interceptor_id"],
-                "epoch": m["epoch"],
-                "s": m["s"],
-                "lag_s": (now - ts_physical_us(m["s"])) / 1e6,
+                "id": m.interceptor_id,
+                "epoch": m.epoch,
+                "s": m.s,
+                "lag_s": (now - ts_physical_us(m.s)) / 1e6,
             }
-            for m in (wm["members"] if wm else [])
+            for m in (wm.members if wm else ())
         ],
         "log_end_offsets": ends,
         "sites": {},
     }
     for site, ck in sorted(latest_checkpoints(kafka_conf, cg).items()):
-        offsets = {po["partition"]: po["offset"] for po in ck["log_offsets"]}
+        offsets = ck.log_offsets
         lag_records = sum(max(0, end - offsets.get(p, 0)) for p, end in ends.items())
         status["sites"][site] = {
-            "checkpoint_w": ck["w"],
-            "checkpoint_rpo_s": (now - ts_physical_us(ck["w"])) / 1e6 if ck["w"] else None,
-            "checkpoint_age_s": (now - ck["written_us"]) / 1e6,
+            "checkpoint_w": ck.w,
+            "checkpoint_rpo_s": (now - ts_physical_us(ck.w)) / 1e6 if ck.w else None,
+            "checkpoint_age_s": (now - ck.written_us) / 1e6,
             "lag_records": lag_records,
             "lag_bytes_estimate": int(lag_records * avg),
-            "volumes": {
-                v["volume_id"]: {"size": v["size"], "digest": v["digest"]} for v in ck["volumes"]
-            },
+            "volumes": {v.volume_id: {"size": v.size, "digest": v.digest} for v in ck.volumes},
         }
     for name, url in (metrics_urls or {}).items():
         if url:

@@ -21,10 +21,20 @@ from connectors.kafka.errors import PARTITION_EOF, as_error
 from connectors.kafka.settings import ToolSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import RecordError
-from pipeline.ops.replay import LOG_TYPES
 from pipeline.ops.restore import log_bounds
 from pipeline.primary.clock import format_ts
 from schemas import codec
+from schemas.records import (
+    LOG_RECORDS,
+    LogRecord,
+    Marker,
+    Snapshot,
+    VolumeChange,
+    Write,
+    WriteExtent,
+    Zero,
+    record_class,
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ def describe(
         "key": key.decode(errors="replace") if key is not None else None,
     }
     try:
-        dec = codec.decode(value or b"", LOG_TYPES)
+        rec = codec.decode(value or b"", LOG_RECORDS)
     except RecordError as exc:
         hdr = {k: v.decode(errors="replace") for k, v in (headers or [])}
         return {
@@ -76,28 +86,51 @@ def describe(
             "bytes": len(value or b""),
             "ts_list": [],
         }
-    rec = dec.record
-    item: dict[str, Any] = {**base, "type": dec.type, "bytes": len(value or b"")}
-    for k, v in rec.items():
+    item: dict[str, Any] = {**base, "type": rec.TYPE, "bytes": len(value or b"")}
+    for k, v in rec.to_avro().items():
         if k != "extents":
             item[k] = v
-    if dec.type == "Write":
-        item["extents"] = [_extent(x, with_data) for x in rec["extents"]]
-        item["ts_list"] = [x["ts"] for x in rec["extents"]]
+    item["ts_list"] = rec.timestamps()
+    if isinstance(rec, Write):
+        item["extents"] = [_extent(x, with_data) for x in rec.extents]
         item["ts"] = item["ts_list"][0]
-        item["data_bytes"] = sum(len(x["data"]) for x in rec["extents"])
-    else:
-        item["ts_list"] = [rec["ts"]]
+        item["data_bytes"] = sum(len(x.data) for x in rec.extents)
     return item
 
 
-def _extent(x: Mapping[str, Any], with_data: bool) -> dict[str, Any]:
-    out = {k: v for k, v in x.items() if k != "data"}
-    out["data_len"] = len(x["data"])
-    out["data_crc32c"] = crc32c(x["data"])
+def _extent(x: WriteExtent, with_data: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "ts": x.ts,
+        "offset": x.offset,
+        "write_length": x.write_length,
+        "fragment_index": x.fragment_index,
+        "fragment_count": x.fragment_count,
+        "data_len": len(x.data),
+        "data_crc32c": crc32c(x.data),
+    }
     if with_data:
-        out["data_hex"] = bytes(x["data"]).hex()
+        out["data_hex"] = bytes(x.data).hex()
     return out
+
+
+def _write_detail(item: Mapping[str, Any]) -> str:
+    ext = item["extents"]
+    first = ext[0]
+    span = f"off={first['offset']} len={sum(x['data_len'] for x in ext)}"
+    frag = ""
+    if any(x["fragment_count"] > 1 for x in ext):
+        frag = f" frag={first['fragment_index'] + 1}/{first['fragment_count']}"
+    return f"{span} ext={len(ext)}{frag} data={item['data_bytes']}B"
+
+
+#: the detail column of ``render_line``, per record class (a new log record adds its line)
+_DETAIL: dict[type[LogRecord], Callable[[Mapping[str, Any]], str]] = {
+    Write: _write_detail,
+    Zero: lambda i: f"off={i['offset']} len={i['length']} {i['kind']}",
+    VolumeChange: lambda i: f"{i['op']} name={i['name']} size={i['size']}",
+    Marker: lambda i: f"name={i['name']}",
+    Snapshot: lambda i: f"name={i['name']} volumes={','.join(i['volume_ids'])}",
+}
 
 
 def render_line(item: Mapping[str, Any]) -> str:
@@ -111,22 +144,8 @@ def render_line(item: Mapping[str, Any]) -> str:
     when = format_ts(item["ts"])
     who = f"{item['interceptor_id']}/e{item['epoch']}"
     vol = item.get("volume_id") or "-"
-    if kind == "Write":
-        ext = item["extents"]
-        first = ext[0]
-        span = f"off={first['offset']} len={sum(x['data_len'] for x in ext)}"
-        frag = ""
-        if any(x["fragment_count"] > 1 for x in ext):
-            frag = f" frag={first['fragment_index'] + 1}/{first['fragment_count']}"
-        detail = f"{span} ext={len(ext)}{frag} data={item['data_bytes']}B"
-    elif kind == "Zero":
-        detail = f"off={item['offset']} len={item['length']} {item['kind']}"
-    elif kind == "VolumeChange":
-        detail = f"{item['op']} name={item['name']} size={item['size']}"
-    elif kind == "Marker":
-        detail = f"name={item['name']}"
-    else:  # Snapshot
-        detail = f"name={item['name']} volumes={','.join(item['volume_ids'])}"
+    cls = record_class(kind)
+    detail = _DETAIL[cls](item) if cls in _DETAIL else ""
     return f"{when:<32} {kind:<12} {vol:<16} {detail}  {who}  {where}"
 
 

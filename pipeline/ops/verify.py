@@ -103,7 +103,7 @@ def verify_site(
             f"site {site!r} has no checkpoint in lowmark.{cg}.checkpoints; sites that have: "
             f"{sorted(ckpts) or 'none'}"
         )
-    w = ck["w"]
+    w = ck.w
     low = {p: lo for p, (lo, _hi) in log_bounds(kafka_conf, cg).items()}
     independent = all(lo == 0 for lo in low.values())
     with tempfile.TemporaryDirectory(prefix="lowmark-verify-", dir=work_dir) as tmp:
@@ -124,7 +124,7 @@ def verify_site(
             f"own snapshot at W {m['base']['w']}, so it checks only what came after it"
         )
     replayed = {v["volume_id"]: (v["size"], v["digest"]) for v in m["volumes"]}
-    claimed = {v["volume_id"]: (v["size"], v["digest"]) for v in ck["volumes"]}
+    claimed = {v.volume_id: (v.size, v.digest) for v in ck.volumes}
     report.verdicts = compare(claimed, replayed)
     if at_checkpoint:
         report.verdicts += _snapshot_verdicts(site_dir, w, replayed, report)

@@ -217,7 +217,7 @@ class CutFollower:
         if msg.value() is None:
             return
         try:
-            w = int(decode_watermark(msg.value())["w"])
+            w = int(decode_watermark(msg.value()).w)
         except Exception:
             # the applier dead-letters a corrupt W; here it just covers nothing
             self.stats["errors"] += 1

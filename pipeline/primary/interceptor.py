@@ -50,6 +50,7 @@ from pipeline.primary.cut_follower import CutFollower
 from pipeline.primary.outbox import Entry, Message, encode_batch, entry_bytes
 from pipeline.watermark.state import JOIN_EPOCH_FROM_OFFSET, join_clock_floor, join_epoch
 from schemas import codec
+from schemas.records import LogRecord, Progress, ProgressKind, Watermark
 
 log = logging.getLogger("lowmark.interceptor")
 
@@ -217,7 +218,7 @@ class Interceptor:
         self._thread = None
         if self.failure is None and self._producer is not None:
             try:
-                self._transaction([], self._progress("LEAVE", self.last_s))
+                self._transaction([], self._progress(ProgressKind.LEAVE, self.last_s))
             except LowmarkError as exc:
                 log.warning("could not publish LEAVE: %s", exc)
         if self._producer is not None:
@@ -249,7 +250,7 @@ class Interceptor:
             if err is None:
                 offsets.append(msg.offset())
 
-        rec = self._progress("JOIN", s)
+        rec = self._progress(ProgressKind.JOIN, s)
         self._transaction([], rec, progress_cb=on_delivery)
         self._producer.poll(0)  # type: ignore[union-attr]
         if not offsets:
@@ -261,17 +262,14 @@ class Interceptor:
         best = latest(
             self.kafka_conf,
             self.topics.watermark,
-            lambda v: codec.decode(v, "Watermark").record,
-            lambda a, b: (
-                a["w"] > b["w"]
-                or (a["w"] == b["w"] and a["progress_offset"] > b["progress_offset"])
-            ),
+            lambda v: codec.decode(v, Watermark),
+            Watermark.newer_than,
         )
-        max_s, start = (best[0]["max_s"], best[0]["progress_offset"] + 1) if best else (0, 0)
+        max_s, start = (best[0].max_s, best[0].progress_offset + 1) if best else (0, 0)
         events = []
         for msg in iter_range(self.kafka_conf, self.topics.progress, 0, start, self.epoch):
             try:
-                events.append(codec.decode(msg.value(), "Progress").record)
+                events.append(codec.decode(msg.value(), Progress))
             except LowmarkError:
                 continue
         return join_clock_floor(max_s, events)
@@ -296,30 +294,43 @@ class Interceptor:
         with self._lock:
             self._inflight.pop(token, None)
 
-    def append(
-        self,
-        token: int,
-        volume_id: str,
-        kind: str,
-        ts: int,
-        offset: int,
-        data: bytes | None = None,
-        length: int = 0,
-        extra: dict[str, Any] | None = None,
-    ) -> Ticket:
-        """Queue the record of a local write that took effect with ``ts``."""
-        nbytes = len(data) if data is not None else 0
+    def append(self, token: int, volume_id: str, ts: int, offset: int, data: bytes) -> Ticket:
+        """Queue the data of a local write that took effect with ``ts``."""
+        return self._queue(token, Entry(0, volume_id, ts, offset, data))
+
+    def append_record(self, token: int, record: LogRecord) -> Ticket:
+        """Queue any other log record (a Zero, VolumeChange, Marker, ...) stamped by ``token``.
+
+        It must carry this instance's interceptor id and epoch (``origin``): a record
+        with another epoch would be judged against the wrong instance by every backup.
+        """
+        if (record.interceptor_id, record.epoch) != self.origin:
+            raise ReplicationError(
+                f"{record.TYPE} record from ({record.interceptor_id}, epoch {record.epoch}) "
+                f"handed to interceptor {self.origin}; build it with Interceptor.origin"
+            )
+        return self._queue(token, Entry(0, getattr(record, "volume_id", ""), 0, 0, None, record))
+
+    @property
+    def origin(self) -> tuple[str, int]:
+        """(interceptor_id, epoch) every record of this instance carries."""
+        return self.config.interceptor_id, self.epoch
+
+    def _queue(self, token: int, entry: Entry) -> Ticket:
+        if entry.record is not None:
+            entry.ts = max(entry.record.timestamps())
+        nbytes = len(entry.data) if entry.data is not None else 0
         with self._lock:
             self._inflight.pop(token, None)
-            seq = self._next_seq
+            entry.seq = seq = self._next_seq
             self._next_seq += 1
-            self._outbox.append(Entry(seq, volume_id, kind, ts, offset, data, length, extra))
+            self._outbox.append(entry)
             self._outbox_bytes += nbytes + 64  # == entry_bytes of the new entry
             self._unreplicated_bytes += nbytes + 64
             big = self._outbox_bytes >= self.config.max_record_bytes * 4
         if big:
             self._wake.set()
-        return Ticket(self, seq, ts)
+        return Ticket(self, seq, entry.ts)
 
     def wait_for_space(self, nbytes: int, timeout_s: float | None = None) -> None:
         """Backpressure: block while too many bytes wait for Kafka."""
@@ -445,7 +456,7 @@ class Interceptor:
             max_record_bytes=self.config.max_record_bytes,
         )
         t0 = self.time_source.monotonic()
-        self._transaction(records, self._progress("PROGRESS", s))
+        self._transaction(records, self._progress(ProgressKind.PROGRESS, s))
         commit_ms = (self.time_source.monotonic() - t0) * 1000
         nbytes = sum(entry_bytes(e) for e in batch)
         with self._lock:
@@ -485,22 +496,16 @@ class Interceptor:
         for _seq, _t, fn in waiters:
             fn(exc)
 
-    def _progress(self, kind: str, s: int) -> Message:
-        rec = {
-            "interceptor_id": self.config.interceptor_id,
-            "epoch": self.epoch,
-            "kind": kind,
-            "s": s,
-            "partition_offsets": [
-                {"partition": p, "offset": o} for p, o in sorted(self._delivered.items())
-            ],
-            "wall_us": self.time_source.wall_us(),
-        }
-        return (
+    def _progress(self, kind: ProgressKind, s: int) -> Message:
+        rec = Progress(
             self.config.interceptor_id,
-            codec.encode("Progress", rec),
-            codec.headers_for("Progress", rec),
+            self.epoch,
+            kind,
+            s,
+            dict(self._delivered),
+            self.time_source.wall_us(),
         )
+        return self.config.interceptor_id, codec.encode(rec), codec.headers_for(rec)
 
     # ---------------------------------------------------------------- Kafka
 

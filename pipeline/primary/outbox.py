@@ -7,9 +7,9 @@ here and produces what comes back in one transaction with its PROGRESS record.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from schemas import codec
+from schemas.records import LogRecord, Write, WriteExtent
 
 #: (key, value, headers) of one Kafka message
 Message = tuple[str, bytes, list[tuple[str, bytes]]]
@@ -17,14 +17,14 @@ Message = tuple[str, bytes, list[tuple[str, bytes]]]
 
 @dataclass
 class Entry:
+    """One outbox entry: a write's data, or any other log record, complete."""
+
     seq: int
-    volume_id: str
-    kind: str  # "write" | "zero" | "trim" | "volume_change" | "marker" | "snapshot"
+    volume_id: str  # "" for CG-wide records (markers, snapshots): their Kafka key
     ts: int
     offset: int
-    data: bytes | None
-    length: int
-    extra: dict[str, Any] | None = None
+    data: bytes | None  # a write's data (None for a record)
+    record: LogRecord | None = None  # every other entry: the record, as it is encoded
 
 
 def entry_bytes(e: Entry) -> int:
@@ -43,7 +43,8 @@ def encode_batch(
     """Log records in per-volume ts order; consecutive writes of a volume coalesce.
 
     A write larger than ``fragment_bytes`` is cut into fragments sharing its ts, so a
-    record never exceeds ``max_record_bytes`` (Kafka's message size limit).
+    record never exceeds ``max_record_bytes`` (Kafka's message size limit). Entries that
+    carry a record are encoded as they are, whatever their type.
     """
     out: list[Message] = []
     by_volume: dict[str, list[Entry]] = {}
@@ -52,14 +53,14 @@ def encode_batch(
     frag = fragment_bytes
     for volume_id, entries in by_volume.items():
         entries.sort(key=lambda e: e.ts)
-        extents: list[dict[str, Any]] = []
+        extents: list[WriteExtent] = []
         size = 0
         for e in entries:
-            if e.kind != "write":
+            if e.record is not None:
                 if extents:
                     out.append(_write_record(interceptor_id, epoch, volume_id, extents))
                     extents, size = [], 0
-                out.append(_other_record(interceptor_id, epoch, e))
+                out.append((e.volume_id, codec.encode(e.record), codec.headers_for(e.record)))
                 continue
             data = e.data or b""
             count = max(1, -(-len(data) // frag))
@@ -68,16 +69,7 @@ def encode_batch(
                 if size + len(piece) + 64 > max_record_bytes and extents:
                     out.append(_write_record(interceptor_id, epoch, volume_id, extents))
                     extents, size = [], 0
-                extents.append(
-                    {
-                        "ts": e.ts,
-                        "offset": e.offset + i * frag,
-                        "write_length": len(data),
-                        "fragment_index": i,
-                        "fragment_count": count,
-                        "data": piece,
-                    }
-                )
+                extents.append(WriteExtent(e.ts, e.offset + i * frag, len(data), i, count, piece))
                 size += len(piece) + 64
         if extents:
             out.append(_write_record(interceptor_id, epoch, volume_id, extents))
@@ -85,37 +77,7 @@ def encode_batch(
 
 
 def _write_record(
-    interceptor_id: str, epoch: int, volume_id: str, extents: list[dict[str, Any]]
+    interceptor_id: str, epoch: int, volume_id: str, extents: list[WriteExtent]
 ) -> Message:
-    rec = {
-        "volume_id": volume_id,
-        "interceptor_id": interceptor_id,
-        "epoch": epoch,
-        "extents": extents,
-    }
-    return volume_id, codec.encode("Write", rec), codec.headers_for("Write", rec)
-
-
-def _other_record(interceptor_id: str, epoch: int, e: Entry) -> Message:
-    base = {"interceptor_id": interceptor_id, "epoch": epoch, "ts": e.ts}
-    if e.kind in ("zero", "trim"):
-        rec = {
-            **base,
-            "volume_id": e.volume_id,
-            "offset": e.offset,
-            "length": e.length,
-            "kind": "ZERO" if e.kind == "zero" else "TRIM",
-        }
-        rtype = "Zero"
-    elif e.kind == "volume_change":
-        rec = {**base, "volume_id": e.volume_id, **(e.extra or {})}
-        rtype = "VolumeChange"
-    elif e.kind == "marker":
-        rec = {**base, **(e.extra or {})}
-        rtype = "Marker"
-    elif e.kind == "snapshot":
-        rec = {**base, **(e.extra or {})}
-        rtype = "Snapshot"
-    else:  # pragma: no cover - programmer error
-        raise AssertionError(f"unknown entry kind {e.kind}")
-    return e.volume_id, codec.encode(rtype, rec), codec.headers_for(rtype, rec)
+    rec = Write(volume_id, interceptor_id, epoch, tuple(extents))
+    return volume_id, codec.encode(rec), codec.headers_for(rec)

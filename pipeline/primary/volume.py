@@ -39,6 +39,7 @@ from pipeline.backup.site import SiteDir, check_volume_id
 from pipeline.errors import ConfigError, VolumeError
 from pipeline.primary.clock import REAL_TIME, TimeSource
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
+from schemas.records import VolumeChange, VolumeOp, Zero, ZeroKind
 
 log = logging.getLogger("lowmark.volume")
 
@@ -112,7 +113,7 @@ class Volume:
             except OSError:
                 engine.abandon(token)
                 raise
-            ticket = engine.append(token, self.volume_id, "write", ts, offset, data, len(data))
+            ticket = engine.append(token, self.volume_id, ts, offset, data)
         if commit_wait:
             engine.clock.commit_wait(ts)
         return ticket
@@ -137,8 +138,10 @@ class Volume:
             except OSError:
                 engine.abandon(token)
                 raise
-            kind = "trim" if trim else "zero"
-            ticket = engine.append(token, self.volume_id, kind, ts, offset, None, length)
+            kind = ZeroKind.TRIM if trim else ZeroKind.ZERO
+            iid, epoch = engine.origin
+            rec = Zero(self.volume_id, iid, epoch, ts, offset, length, kind)
+            ticket = engine.append_record(token, rec)
         if commit_wait:
             engine.clock.commit_wait(ts)
         return ticket
@@ -267,7 +270,7 @@ class ConsistencyGroup:
             self._save_catalog()
         if mode == "sync":
             self.interceptor.cuts.start()
-        self._announce(vol, "CREATE")
+        self._announce(vol, VolumeOp.CREATE)
         return vol
 
     def resize_volume(self, name: str, size: int) -> Volume:
@@ -277,20 +280,17 @@ class ConsistencyGroup:
             vol.info = replace(vol.info, size=size)
         with self._lock:
             self._save_catalog()
-        self._announce(vol, "RESIZE")
+        self._announce(vol, VolumeOp.RESIZE)
         return vol
 
-    def _announce(self, vol: Volume, op: str) -> None:
+    def _announce(self, vol: Volume, op: VolumeOp) -> None:
         engine = self.interceptor
         with vol._lock:
             token, ts = engine.stamp()
-            extra = {
-                "op": op,
-                "name": vol.name,
-                "size": vol.size,
-                "metadata": dict(vol.info.metadata or {}),
-            }
-            ticket = engine.append(token, vol.volume_id, "volume_change", ts, 0, None, 0, extra)
+            iid, epoch = engine.origin
+            meta = dict(vol.info.metadata or {})
+            rec = VolumeChange(op, vol.volume_id, vol.name, vol.size, meta, ts, iid, epoch)
+            ticket = engine.append_record(token, rec)
         ticket.wait()
 
     def flush(self, timeout_s: float | None = None) -> None:

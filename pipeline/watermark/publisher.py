@@ -34,6 +34,7 @@ from connectors.kafka.topics import CgTopics
 from pipeline.errors import FencedError, KafkaError, KafkaUnavailableError
 from pipeline.logs import event
 from schemas import codec
+from schemas.records import Watermark
 
 log = logging.getLogger("lowmark.watermark")
 
@@ -45,15 +46,17 @@ class PublisherTimeouts:
     read_floor_s: float = 30.0
 
 
-def decode_watermark(value: bytes) -> dict[str, Any]:
-    return codec.decode(value, "Watermark").record
+def decode_watermark(value: bytes) -> Watermark:
+    return codec.decode(value, Watermark)
 
 
-def newer_watermark(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (a["w"], a["progress_offset"]) > (b["w"], b["progress_offset"])
+def newer_watermark(a: Watermark, b: Watermark) -> bool:
+    return a.newer_than(b)
 
 
-def latest_watermark(kafka_conf: dict[str, Any], cg: str, timeout_s: float = 30.0) -> Any:
+def latest_watermark(
+    kafka_conf: dict[str, Any], cg: str, timeout_s: float = 30.0
+) -> Watermark | None:
     """The highest committed Watermark record of the CG, or None (read_committed)."""
     best = latest(kafka_conf, CgTopics(cg).watermark, decode_watermark, newer_watermark, timeout_s)
     return None if best is None else best[0]
@@ -78,7 +81,7 @@ class WatermarkPublisher:
         self.active = False
         self.acquired = 0  # how often this instance took the id (metrics)
 
-    def acquire(self) -> dict[str, Any] | None:
+    def acquire(self) -> Watermark | None:
         """Become the only publisher; return the floor (highest committed W record).
 
         Raises ``KafkaUnavailableError`` (retriable) when the cluster does not answer.
@@ -104,11 +107,11 @@ class WatermarkPublisher:
             log,
             "watermark publisher acquired",
             cg=self.cg,
-            floor_w=None if floor is None else floor["w"],
+            floor_w=None if floor is None else floor.w,
         )
         return floor
 
-    def publish(self, rec: dict[str, Any]) -> bool:
+    def publish(self, rec: Watermark) -> bool:
         """Write one Watermark in its own transaction.
 
         True: committed. False: another instance fenced this one (now inactive; nothing
@@ -119,12 +122,10 @@ class WatermarkPublisher:
         if not self.active:
             return False
         p = self._producer
-        value = codec.encode("Watermark", rec)
+        value = codec.encode(rec)
         try:
             p.begin_transaction()
-            p.produce(
-                self.topics.watermark, value, self.cg, headers=codec.headers_for("Watermark", rec)
-            )
+            p.produce(self.topics.watermark, value, self.cg, headers=codec.headers_for(rec))
             p.commit_transaction(self.timeouts.commit_s)
             return True
         except FencedError as err:

@@ -64,6 +64,7 @@ from pipeline.watermark.publisher import (
 )
 from pipeline.watermark.state import WatermarkState
 from schemas import codec
+from schemas.records import Progress, ProgressKind, Watermark
 
 log = logging.getLogger("lowmark.watermark")
 
@@ -242,11 +243,11 @@ class WatermarkService:
             self._watch = None
         if self._resumed:
             self.stats.takeovers += 1
-        ahead = floor is not None and floor["progress_offset"] > self.state.progress_offset
+        ahead = floor is not None and floor.progress_offset > self.state.progress_offset
         if ahead or not self._resumed:
             self._resume(floor)  # a floor ahead of our fold is the same fold, further on
         if floor is not None:
-            self.published_w = max(self.published_w, floor["w"])
+            self.published_w = max(self.published_w, floor.w)
         self._recovered(self._now())
         event(
             log,
@@ -258,9 +259,9 @@ class WatermarkService:
             members=len(self.state.members),
         )
 
-    def _resume(self, snapshot: dict[str, Any] | None) -> None:
+    def _resume(self, floor: Watermark | None) -> None:
         assert self._consumer is not None
-        self.state = WatermarkState.from_snapshot(snapshot) if snapshot else WatermarkState()
+        self.state = WatermarkState.from_watermark(floor) if floor else WatermarkState()
         now_us = int(self._now() * 1e6)
         for member in self.state.members:
             # a resumed service gives everyone a full timeout
@@ -283,7 +284,7 @@ class WatermarkService:
                 self._active_seen = now
                 # an unreadable W only means we know less about the floor
                 with contextlib.suppress(LowmarkError):
-                    self.published_w = max(self.published_w, decode_watermark(msg.value())["w"])
+                    self.published_w = max(self.published_w, decode_watermark(msg.value()).w)
         if now - self._active_seen >= self.config.takeover_after_s:
             event(
                 log,
@@ -298,7 +299,7 @@ class WatermarkService:
 
     def _fold(self, msg: Any, now: float) -> None:
         try:
-            rec = codec.decode(msg.value(), "Progress").record
+            rec = codec.decode(msg.value(), Progress)
         except LowmarkError as exc:
             if msg.offset() in self.config.skip_progress:
                 event(
@@ -315,13 +316,13 @@ class WatermarkService:
         outcome = self.state.apply(rec, msg.offset())
         self.stats.events += 1
         if outcome.accepted:
-            self._last_seen[rec["interceptor_id"]] = int(now * 1e6)
+            self._last_seen[rec.interceptor_id] = int(now * 1e6)
         else:
             reason = str(outcome.reason)
             self.stats.ignored += 1
             self.stats.ignored_reasons[reason] = self.stats.ignored_reasons.get(reason, 0) + 1
-        if rec["kind"] in ("LEAVE", "FENCE"):
-            self._last_seen.pop(rec["interceptor_id"], None)
+        if rec.kind in (ProgressKind.LEAVE, ProgressKind.FENCE):
+            self._last_seen.pop(rec.interceptor_id, None)
 
     def _halt(self, msg: Any, exc: LowmarkError) -> None:
         """Freeze W at the bad progress record: it may be a JOIN W must not pass blindly."""
@@ -354,7 +355,7 @@ class WatermarkService:
 
     # ---------------------------------------------------------------- publishing
 
-    def _log_end_offsets(self) -> list[dict[str, int]]:
+    def _log_end_offsets(self) -> dict[int, int]:
         """Every log partition's high watermark, in one ListOffsets request.
 
         A partition without a leader answers an error, or an offset below 0 (-1001 seen
@@ -371,24 +372,14 @@ class WatermarkService:
             # after the election); a new client starts from fresh metadata
             self._admin = Admin(self.settings.admin())
             raise KafkaUnavailableError(f"{exc}; W waits", code=exc.code) from None
-        return [{"partition": p, "offset": o} for p, o in sorted(out.items())]
+        return out
 
     def _publish(self, now: float) -> None:
         w = self.state.w
         if w < self.published_w:
             return  # behind the floor (a takeover): publish again once the fold caught up
-        snap = self.state.snapshot()
         try:
-            rec = {
-                "cg": self.config.cg,
-                "w": w,
-                "log_offsets": self._log_end_offsets(),
-                "progress_offset": snap["progress_offset"],
-                "max_s": snap["max_s"],
-                "members": snap["members"],
-                "departed": snap["departed"],
-                "published_us": self._wall_us(),
-            }
+            rec = self.state.watermark(self.config.cg, self._log_end_offsets(), self._wall_us())
             committed = self.publisher.publish(rec)
         except KafkaUnavailableError as exc:
             self.stats.publish_failures += 1
@@ -403,7 +394,7 @@ class WatermarkService:
         self._dirty_since = None
         self._last_publish = now
         self.stats.published += 1
-        self.stats.last_publish_us = rec["published_us"]
+        self.stats.last_publish_us = rec.published_us
         self._recovered(now)
 
     # ---------------------------------------------------------------- faults
@@ -484,21 +475,14 @@ class WatermarkService:
             return
         finally:
             fencer.flush(1)
-        rec = {
-            "interceptor_id": interceptor_id,
-            "epoch": epoch,
-            "kind": "FENCE",
-            "s": s,
-            "partition_offsets": [],
-            "wall_us": self._wall_us(),
-        }
+        rec = Progress(interceptor_id, epoch, ProgressKind.FENCE, s, {}, self._wall_us())
         assert self._producer is not None
         try:
             self._producer.produce(
                 self.topics.progress,
-                codec.encode("Progress", rec),
+                codec.encode(rec),
                 interceptor_id,
-                headers=codec.headers_for("Progress", rec),
+                headers=codec.headers_for(rec),
             )
             undelivered = self._producer.flush(30)
         except KafkaError:

@@ -40,8 +40,7 @@ from enum import StrEnum
 from typing import Any
 
 from pipeline.errors import CorruptRecordError, WatermarkError
-
-KINDS = ("JOIN", "PROGRESS", "LEAVE", "FENCE")
+from schemas.records import Departed, Progress, ProgressKind, Watermark, WatermarkMember
 
 #: the ``epoch`` a JOIN carries to say "my epoch is this record's offset"
 JOIN_EPOCH_FROM_OFFSET = -1
@@ -109,7 +108,7 @@ class WatermarkState:
     def w(self) -> int:
         return self._w
 
-    def apply(self, event: Mapping[str, Any], offset: int) -> EventOutcome:
+    def apply(self, event: Progress, offset: int) -> EventOutcome:
         """Fold one progress event read at ``offset``."""
         if offset <= self.progress_offset:
             # replay of something already folded (a restart re-reading its tail)
@@ -117,16 +116,17 @@ class WatermarkState:
             return EventOutcome(False, Reason.DUPLICATE_OFFSET)
         iid, epoch, kind, s = _parse(event, offset)
         self.progress_offset = offset
-        if kind != "FENCE":
+        if kind is not ProgressKind.FENCE:
             self.max_s = max(self.max_s, s)
-        if kind == "JOIN":
-            reason = self._join(iid, join_epoch(epoch, offset), s, offset)
-        elif kind == "PROGRESS":
-            reason = self._progress(iid, epoch, s, offset)
-        elif kind == "LEAVE":
-            reason = self._leave(iid, epoch)
-        else:
-            reason = self._fence(iid, epoch)
+        match kind:
+            case ProgressKind.JOIN:
+                reason = self._join(iid, join_epoch(epoch, offset), s, offset)
+            case ProgressKind.PROGRESS:
+                reason = self._progress(iid, epoch, s, offset)
+            case ProgressKind.LEAVE:
+                reason = self._leave(iid, epoch)
+            case ProgressKind.FENCE:
+                reason = self._fence(iid, epoch)
         self.counts[reason] += 1
         if reason is Reason.ACCEPTED and self.members:
             self._set_w(min(m.effective_s for m in self.members.values()))
@@ -203,6 +203,32 @@ class WatermarkState:
                 for k, (e, s) in sorted(self.departed.items())
             ],
         }
+
+    def watermark(self, cg: str, log_offsets: Mapping[int, int], published_us: int) -> Watermark:
+        """The Watermark record of this state (members and departed sorted by id)."""
+        return Watermark(
+            cg,
+            self._w,
+            dict(log_offsets),
+            self.progress_offset,
+            self.max_s,
+            tuple(
+                WatermarkMember(**dataclasses.asdict(self.members[k])) for k in sorted(self.members)
+            ),
+            published_us,
+            tuple(Departed(k, e, s) for k, (e, s) in sorted(self.departed.items())),
+        )
+
+    @classmethod
+    def from_watermark(cls, wm: Watermark) -> WatermarkState:
+        """Resume from a decoded Watermark record."""
+        return cls(
+            w=wm.w,
+            max_s=wm.max_s,
+            members=[Member(**dataclasses.asdict(m)) for m in wm.members],
+            progress_offset=wm.progress_offset,
+            departed={d.interceptor_id: (d.epoch, d.s) for d in wm.departed},
+        )
 
     @classmethod
     def from_snapshot(cls, d: Mapping[str, Any]) -> WatermarkState:
@@ -294,9 +320,7 @@ def join_epoch(epoch: int, offset: int) -> int:
     return offset if epoch == JOIN_EPOCH_FROM_OFFSET else epoch
 
 
-def join_clock_floor(
-    watermark_max_s: int, progress_events_after: Iterable[Mapping[str, Any]]
-) -> int:
+def join_clock_floor(watermark_max_s: int, progress_events_after: Iterable[Progress]) -> int:
     """The value a joining interceptor must raise its clock above before emitting records.
 
     ``progress_events_after``: the events after the latest Watermark's ``progress_offset``
@@ -305,28 +329,22 @@ def join_clock_floor(
     """
     floor = watermark_max_s
     for ev in progress_events_after:
-        s = ev.get("s")
+        s = ev.s
         if type(s) is int and s > floor:
             floor = s
     return floor
 
 
-def _parse(event: Mapping[str, Any], offset: int) -> tuple[str, int, str, int]:
-    try:
-        iid, epoch, kind = event["interceptor_id"], event["epoch"], event["kind"]
-        s = event.get("s", 0) if kind == "FENCE" else event["s"]
-    except KeyError as e:
-        raise CorruptRecordError(
-            f"progress event at offset {offset} lacks field {e}; the progress topic holds a "
-            "record lowmark did not write. Inspect it with kcat"
-        ) from None
+def _parse(event: Progress, offset: int) -> tuple[str, int, ProgressKind, int]:
+    # the codec refuses these already; a fold fed by other code must not trust them either
+    iid, epoch, kind, s = event.interceptor_id, event.epoch, event.kind, event.s
     bad = (
-        kind not in KINDS
+        not isinstance(kind, ProgressKind)
         or type(iid) is not str
         or type(epoch) is not int
         or type(s) is not int
         or s < 0
-        or (epoch < 0 and not (kind == "JOIN" and epoch == JOIN_EPOCH_FROM_OFFSET))
+        or (epoch < 0 and not (kind is ProgressKind.JOIN and epoch == JOIN_EPOCH_FROM_OFFSET))
     )
     if bad:
         raise CorruptRecordError(

@@ -15,57 +15,54 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import TYPE_CHECKING, cast
 
-from pipeline.backup.plan import ApplyOp, ApplyPlanner
-
-if TYPE_CHECKING:
-    from pipeline.backup.plan import OpKind
+from pipeline.backup.plan import ApplyOp, ApplyPlanner, OpKind
+from schemas.records import (
+    LogRecord,
+    Marker,
+    Snapshot,
+    VolumeChange,
+    VolumeOp,
+    Write,
+    WriteExtent,
+    Zero,
+    ZeroKind,
+)
 
 IMAGE_SIZE = 64
 
 
 def extent(
     ts: int, offset: int, data: bytes, index: int = 0, count: int = 1, length: int | None = None
-) -> dict:
-    return {
-        "ts": ts,
-        "offset": offset,
-        "write_length": len(data) if length is None else length,
-        "fragment_index": index,
-        "fragment_count": count,
-        "data": data,
-    }
+) -> WriteExtent:
+    return WriteExtent(ts, offset, len(data) if length is None else length, index, count, data)
 
 
-def write(vol: str, *extents: dict, iid: str = "i0", epoch: int = 0) -> dict:
-    return {"volume_id": vol, "interceptor_id": iid, "epoch": epoch, "extents": list(extents)}
+def write(vol: str, *extents: WriteExtent, iid: str = "i0", epoch: int = 0) -> Write:
+    return Write(vol, iid, epoch, tuple(extents))
 
 
 def zero(
-    vol: str, ts: int, offset: int, length: int, kind: str = "ZERO", iid: str = "i0", epoch: int = 0
-) -> dict:
-    return {
-        "volume_id": vol,
-        "interceptor_id": iid,
-        "epoch": epoch,
-        "ts": ts,
-        "offset": offset,
-        "length": length,
-        "kind": kind,
-    }
+    vol: str,
+    ts: int,
+    offset: int,
+    length: int,
+    kind: ZeroKind = ZeroKind.ZERO,
+    iid: str = "i0",
+    epoch: int = 0,
+) -> Zero:
+    return Zero(vol, iid, epoch, ts, offset, length, kind)
 
 
-def marker(name: str, ts: int, iid: str = "i0", epoch: int = 0) -> dict:
-    return {"name": name, "ts": ts, "interceptor_id": iid, "epoch": epoch, "created_us": 0}
+def marker(name: str, ts: int, iid: str = "i0", epoch: int = 0) -> Marker:
+    return Marker(name, ts, iid, epoch, 0)
 
 
 @dataclasses.dataclass
 class Rec:
     partition: int
     offset: int
-    type: str
-    record: dict
+    record: LogRecord
     zombie: bool
     min_ts: int
     max_ts: int
@@ -109,22 +106,22 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
     parts: list[list[Rec]] = [[] for _ in range(n_part)]
     next_off = [rng.randrange(3) for _ in range(n_part)]
     ops: list[ApplyOp] = []
-    batch: dict[str, list[dict]] = {v: [] for v in vols}
+    batch: dict[str, list[WriteExtent]] = {v: [] for v in vols}
     batch_epoch: dict[str, int] = {}
     newest_in_part: dict[tuple[str, int], int] = {}  # (iid, partition) -> epoch seen there
     ts = rng.randrange(1, 50)
 
-    def emit(p: int, typ: str, rec: dict, tss: list[int], zombie: bool = False) -> None:
-        parts[p].append(Rec(p, next_off[p], typ, rec, zombie, min(tss), max(tss)))
+    def emit(p: int, rec: LogRecord, tss: list[int], zombie: bool = False) -> None:
+        parts[p].append(Rec(p, next_off[p], rec, zombie, min(tss), max(tss)))
         next_off[p] += 1 + (rng.random() < 0.2)  # gaps, as transaction markers leave
         if not zombie:
-            key = (rec["interceptor_id"], p)
-            newest_in_part[key] = max(newest_in_part.get(key, -1), rec["epoch"])
+            key = (rec.interceptor_id, p)
+            newest_in_part[key] = max(newest_in_part.get(key, -1), rec.epoch)
 
     def flush(v: str) -> None:
         if batch[v]:
             rec = write(v, *batch[v], iid=owner[v], epoch=batch_epoch[v])
-            emit(part_of[v], "Write", rec, [x["ts"] for x in batch[v]])
+            emit(part_of[v], rec, [x.ts for x in batch[v]])
             batch[v] = []
 
     last_ts: dict[str | None, int] = {}
@@ -139,19 +136,10 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
 
     for v in vols:
         t = tick(v)
-        rec = {
-            "op": "CREATE",
-            "volume_id": v,
-            "name": v,
-            "size": IMAGE_SIZE,
-            "metadata": {},
-            "ts": t,
-            "interceptor_id": owner[v],
-            "epoch": epoch[owner[v]],
-        }
-        emit(part_of[v], "VolumeChange", rec, [t])
+        rec = VolumeChange(VolumeOp.CREATE, v, v, IMAGE_SIZE, {}, t, owner[v], epoch[owner[v]])
+        emit(part_of[v], rec, [t])
         ops.append(
-            ApplyOp("volume_change", v, t, 0, IMAGE_SIZE, None, rec, owner[v], epoch[owner[v]])
+            ApplyOp(OpKind.VOLUME_CHANGE, v, t, 0, IMAGE_SIZE, None, rec, owner[v], epoch[owner[v]])
         )
 
     for _ in range(steps):
@@ -176,7 +164,7 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
                 if rng.random() < 0.3:
                     flush(v)
                     batch_epoch[v] = e
-            ops.append(ApplyOp("write", v, t, off, length, data, None, iid, e))
+            ops.append(ApplyOp(OpKind.WRITE, v, t, off, length, data, None, iid, e))
             if rng.random() < 0.4:
                 flush(v)
         elif r < 0.58:
@@ -184,36 +172,25 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
             t = tick(v)
             off = rng.randrange(IMAGE_SIZE)
             length = rng.randint(0, IMAGE_SIZE - off)
-            kind = rng.choice(["ZERO", "TRIM"])
-            emit(part_of[v], "Zero", zero(v, t, off, length, kind, iid, e), [t])
-            ops.append(ApplyOp(cast("OpKind", kind.lower()), v, t, off, length, None, None, iid, e))
+            kind = rng.choice([ZeroKind.ZERO, ZeroKind.TRIM])
+            emit(part_of[v], zero(v, t, off, length, kind, iid, e), [t])
+            ops.append(ApplyOp(OpKind(kind.lower()), v, t, off, length, None, None, iid, e))
         elif r < 0.66:
             t = tick(None)
-            typ = rng.choice(["Marker", "Snapshot"])
             iid = rng.choice(iids)
-            rec = marker(f"m{t}", t, iid, epoch[iid])
-            if typ == "Snapshot":
-                rec = {k: rec[k] for k in ("name", "ts", "interceptor_id", "epoch")} | {
-                    "volume_ids": vols
-                }
-            emit(rng.randrange(n_part), typ, rec, [t])
-            op_kind = cast("OpKind", typ.lower())
-            ops.append(ApplyOp(op_kind, None, t, 0, 0, None, rec, iid, epoch[iid]))
+            cg_rec: Marker | Snapshot = marker(f"m{t}", t, iid, epoch[iid])
+            kind_of = OpKind.MARKER
+            if rng.random() < 0.5:
+                cg_rec = Snapshot(f"m{t}", t, tuple(vols), iid, epoch[iid])
+                kind_of = OpKind.SNAPSHOT
+            emit(rng.randrange(n_part), cg_rec, [t])
+            ops.append(ApplyOp(kind_of, None, t, 0, 0, None, cg_rec, iid, epoch[iid]))
         elif r < 0.70:
             flush(v)
             t = tick(v)
-            rec = {
-                "op": "RESIZE",
-                "volume_id": v,
-                "name": v,
-                "size": IMAGE_SIZE,
-                "metadata": {"k": "x"},
-                "ts": t,
-                "interceptor_id": iid,
-                "epoch": e,
-            }
-            emit(part_of[v], "VolumeChange", rec, [t])
-            ops.append(ApplyOp("volume_change", v, t, 0, IMAGE_SIZE, None, rec, iid, e))
+            rec = VolumeChange(VolumeOp.RESIZE, v, v, IMAGE_SIZE, {"k": "x"}, t, iid, e)
+            emit(part_of[v], rec, [t])
+            ops.append(ApplyOp(OpKind.VOLUME_CHANGE, v, t, 0, IMAGE_SIZE, None, rec, iid, e))
         elif r < 0.75:
             # restart: the old instance's records are all out before the new one writes
             for u in vols:
@@ -230,11 +207,10 @@ def make_log(rng: random.Random, n_vol: int, n_part: int, steps: int) -> Log:
                 zv = rng.choice([u for u in vols if part_of[u] == p] or vols)
                 if rng.random() < 0.5:
                     rec = write(zv, extent(zts, 0, b"Z" * 8), iid=zi, epoch=old)
-                    emit(p, "Write", rec, [zts], zombie=True)
+                    emit(p, rec, [zts], zombie=True)
                 else:
-                    emit(
-                        p, "Zero", zero(zv, zts, 0, IMAGE_SIZE, "ZERO", zi, old), [zts], zombie=True
-                    )
+                    rec0 = zero(zv, zts, 0, IMAGE_SIZE, ZeroKind.ZERO, zi, old)
+                    emit(p, rec0, [zts], zombie=True)
         else:
             flush(v)
     for v in vols:
@@ -254,10 +230,10 @@ def image_at(log: Log, w: int) -> dict[str, bytearray]:
 
 
 def apply_to(images: dict[str, bytearray], op: ApplyOp) -> None:
-    if op.kind == "write":
+    if op.kind is OpKind.WRITE:
         assert op.data is not None and op.volume_id is not None
         images[op.volume_id][op.offset : op.offset + op.length] = op.data
-    elif op.kind in ("zero", "trim"):
+    elif op.kind in (OpKind.ZERO, OpKind.TRIM):
         assert op.volume_id is not None
         images[op.volume_id][op.offset : op.offset + op.length] = bytes(op.length)
 

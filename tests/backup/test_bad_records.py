@@ -31,6 +31,7 @@ from pipeline.errors import ApplierHaltedError
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Checkpoint, Write
 from tests.replication_helpers import FAST, ServiceThread, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -67,7 +68,7 @@ def _bad_value(rng: random.Random, good: bytes) -> bytes:
     if kind == 0:
         return rng.randbytes(rng.randrange(1, 200))
     if kind == 1:  # a header any Avro tool accepts, then garbage
-        return codec.MAGIC + codec.fingerprint("Write").to_bytes(8, "little") + rng.randbytes(50)
+        return codec.MAGIC + codec.fingerprint(Write).to_bytes(8, "little") + rng.randbytes(50)
     flipped = bytearray(good)
     flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
     return bytes(flipped)
@@ -150,8 +151,7 @@ def _check_cut(applier: Applier, site: Path, model: Model, pending: list[Bad]) -
         assert _image(site, vid) == model.image_at(vid, w), f"volume {vid} is not the cut at {w}"
     ckpt_file = site / "checkpoint.avro"
     if ckpt_file.exists():
-        ckpt = codec.decode(ckpt_file.read_bytes(), "Checkpoint").record
-        offsets = {po["partition"]: po["offset"] for po in ckpt["log_offsets"]}
+        offsets = codec.decode(ckpt_file.read_bytes(), Checkpoint).log_offsets
         for bad in pending:
             assert offsets.get(bad.partition, 0) <= bad.offset, (
                 f"checkpoint offset {offsets[bad.partition]} of partition {bad.partition} "

@@ -11,17 +11,18 @@ import pytest
 
 from pipeline.backup.plan import ApplyPlanner
 from pipeline.errors import ApplierHaltedError
+from schemas.records import WriteExtent
 from tests.backup.plan_logs import extent, ready_take, write
 
 
 def test_fragments_join_across_records_in_index_order() -> None:
     p = ApplyPlanner()
-    p.add("Write", write("a", extent(7, 0, b"x"), extent(10, 106, b"EF", 2, 3, 8)), 0, 0)
+    p.add(write("a", extent(7, 0, b"x"), extent(10, 106, b"EF", 2, 3, 8)), 0, 0)
     assert [o.ts for o in ready_take(p, 8)] == [7]
-    p.add("Write", write("b", extent(9, 0, b"q")), 0, 1)
-    p.add("Write", write("a", extent(10, 100, b"ABCD", 0, 3, 8)), 0, 2)
+    p.add(write("b", extent(9, 0, b"q")), 0, 1)
+    p.add(write("a", extent(10, 100, b"ABCD", 0, 3, 8)), 0, 2)
     assert p.checkpoint_offsets() == {0: 0}
-    p.add("Write", write("a", extent(10, 104, b"??", 1, 3, 8)), 0, 3)
+    p.add(write("a", extent(10, 104, b"??", 1, 3, 8)), 0, 3)
     (op,) = [o for o in ready_take(p, 10) if o.volume_id == "a"]
     assert (op.offset, op.length, op.data) == (100, 8, b"ABCD??EF")
     assert p.checkpoint_offsets() == {0: 4}
@@ -30,10 +31,10 @@ def test_fragments_join_across_records_in_index_order() -> None:
 def test_fragment_tiling_gap() -> None:
     # index 2 claims offset 104 but index 1 ends at 106
     p = ApplyPlanner()
-    p.add("Write", write("a", extent(10, 100, b"ABCD", 0, 3, 6)), 0, 0)
-    p.add("Write", write("a", extent(10, 104, b"EF", 1, 3, 6)), 0, 1)
+    p.add(write("a", extent(10, 100, b"ABCD", 0, 3, 6)), 0, 0)
+    p.add(write("a", extent(10, 104, b"EF", 1, 3, 6)), 0, 1)
     with pytest.raises(ApplierHaltedError, match="must tile"):
-        p.add("Write", write("a", extent(10, 104, b"", 2, 3, 6)), 0, 2)
+        p.add(write("a", extent(10, 104, b"", 2, 3, 6)), 0, 2)
 
 
 @pytest.mark.parametrize(
@@ -53,17 +54,17 @@ def test_fragment_tiling_gap() -> None:
         ([extent(10, 0, b"ab"), extent(10, 2, b"ab", 1, 2, 4)], "does not belong"),
     ],
 )
-def test_fragment_errors(extents: list[dict], match: str) -> None:
+def test_fragment_errors(extents: list[WriteExtent], match: str) -> None:
     p = ApplyPlanner()
     with pytest.raises(ApplierHaltedError, match=match):
         for k, x in enumerate(extents):
-            p.add("Write", write("a", x), 0, k)
+            p.add(write("a", x), 0, k)
 
 
 def test_missing_fragments_at_take_halt() -> None:
     p = ApplyPlanner()
-    p.add("Write", write("a", extent(10, 0, b"ab", 0, 2, 4)), 0, 0)
-    p.add("Write", write("b", extent(5, 0, b"z")), 0, 1)
+    p.add(write("a", extent(10, 0, b"ab", 0, 2, 4)), 0, 0)
+    p.add(write("b", extent(5, 0, b"z")), 0, 1)
     with pytest.raises(ApplierHaltedError, match=r"has fragments \[0\] of 2"):
         ready_take(p, 10)
     # nothing was taken by the failed call

@@ -44,7 +44,7 @@ class Driver:
                 return
             r = recs[self.cursor[p]]
             applied = self.planner.applied_w
-            out = self.planner.add(r.type, r.record, p, r.offset)
+            out = self.planner.add(r.record, p, r.offset)
             if r.zombie:
                 assert out is AddOutcome.REJECTED_STALE_EPOCH, r
             elif r.max_ts <= applied:

@@ -31,6 +31,7 @@ from pipeline.primary.clock import make_ts, wall_us
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Checkpoint, Progress, ProgressKind, Watermark, Write
 from tests.oracles import claimed_digest, first_difference, read_image
 from tests.replication_helpers import (
     FAST,
@@ -86,7 +87,7 @@ def test_backup_converges_byte_identical(kafka_conf, unique_name, tmp_path):
     for vid, data in primary.items():
         backup = read_image(SiteDir(tmp_path / "backup").image_path(vid), len(data))
         assert backup == data, f"backup {vid}: {first_difference(backup, data)}"
-    claimed = {v["volume_id"]: v["digest"] for v in ckpt["volumes"]}
+    claimed = {v.volume_id: v.digest for v in ckpt.volumes}
     assert claimed == {vid: claimed_digest(data) for vid, data in primary.items()}, (
         "the checkpoint's digests are not those of the primary's bytes"
     )
@@ -109,22 +110,22 @@ def test_watermark_never_decreases_and_checkpoints_are_cuts(kafka_conf, unique_n
             target = cg.interceptor.last_s
             wait_until(lambda: ap.service.applied_w >= target, 30, "backup reaches W")
     ws = [
-        codec.decode(m.value(), "Watermark").record["w"]
+        codec.decode(m.value(), Watermark).w
         for m in iter_range(kafka_conf, CgTopics(unique_name).watermark)
     ]
     assert len(ws) > 5 and ws == sorted(ws), "W went backwards"
     # every checkpoint's digests equal the log replayed to exactly its W
     log_records = read_log(kafka_conf, unique_name)
     ckpts = [
-        codec.decode(m.value(), "Checkpoint").record
+        codec.decode(m.value(), Checkpoint)
         for m in iter_range(kafka_conf, CgTopics(unique_name).checkpoints)
     ]
     assert len(ckpts) >= 2
     for ck in ckpts:
-        ref = rebuild_from_log(log_records, sizes, upto_ts=ck["w"])
-        for v in ck["volumes"]:
-            assert v["digest"] == claimed_digest(ref[v["volume_id"]]), (
-                f"checkpoint at W={ck['w']} is not the cut of the log at W"
+        ref = rebuild_from_log(log_records, sizes, upto_ts=ck.w)
+        for v in ck.volumes:
+            assert v.digest == claimed_digest(ref[v.volume_id]), (
+                f"checkpoint at W={ck.w} is not the cut of the log at W"
             )
 
 
@@ -264,8 +265,8 @@ def _fence_records(kafka_conf: dict[str, Any], cg: str, interceptor_id: str) -> 
     return sum(
         1
         for m in iter_range(kafka_conf, CgTopics(cg).progress)
-        if (rec := codec.decode(m.value(), "Progress").record)["kind"] == "FENCE"
-        and rec["interceptor_id"] == interceptor_id
+        if (rec := codec.decode(m.value(), Progress)).kind is ProgressKind.FENCE
+        and rec.interceptor_id == interceptor_id
     )
 
 
@@ -382,7 +383,7 @@ def test_corrupt_record_halts_the_applier_with_a_dead_letter_copy(
             good = next(
                 m
                 for m in iter_range(kafka_conf, topics.log, _partition_of(kafka_conf, topics.log))
-                if codec.type_of(m.value()) == "Write"
+                if codec.class_of(m.value()) is Write
             )
             bad = bytearray(good.value())
             bad[len(bad) // 2] ^= 0x40

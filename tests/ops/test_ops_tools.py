@@ -14,6 +14,7 @@ check goes through the product's digest code.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -39,6 +40,7 @@ from pipeline.ops.verify import verify_site
 from pipeline.primary.clock import format_ts, wall_us
 from pipeline.primary.volume import ConsistencyGroup
 from schemas import codec
+from schemas.records import Checkpoint, Marker, VolumeChange, VolumeOp, Write, WriteExtent
 from tests.kafka_helpers import unique
 from tests.oracles import claimed_digest, first_difference, read_image
 from tests.replication_helpers import read_log, rebuild_from_log, running_backup, wait_until
@@ -66,9 +68,8 @@ def _marker(cg: ConsistencyGroup, name: str) -> int:
     engine = cg.interceptor
     with cg.quiesced():
         token, ts = engine.stamp()
-        ticket = engine.append(
-            token, "", "marker", ts, 0, None, 0, {"name": name, "created_us": wall_us()}
-        )
+        iid, epoch = engine.origin
+        ticket = engine.append_record(token, Marker(name, ts, iid, epoch, wall_us()))
     ticket.wait(10)
     return ts
 
@@ -165,20 +166,20 @@ def cg_run(kafka, tmp_path_factory) -> dict[str, Any]:
             # one last checkpoint that is also a snapshot, for verify --at-checkpoint: the
             # applier stopped, checkpoint until one is due for a snapshot (its interval)
             ap.stop(close=False)
-            checkpoints: list[dict[str, Any]] = []
+            checkpoints: list[Checkpoint] = []
 
             def snapshot_at_checkpoint() -> bool:
                 checkpoints.append(ap.service.checkpoint())
-                return _newest_snapshot_w(site_dir) == checkpoints[-1]["w"]
+                return _newest_snapshot_w(site_dir) == checkpoints[-1].w
 
             wait_until(snapshot_at_checkpoint, 10, "a checkpoint that is a snapshot", 0.05)
             last_ckpt = checkpoints[-1]
             wm.check()
     records = read_log(conf, name)
-    w = rs.latest_watermark(conf, name)["w"]
+    w = rs.latest_watermark(conf, name).w
     snaps = snapshot_store.list_snapshots(site_dir)
     assert len(snaps) >= 3, "the applier took too few snapshots for a snapshot base test"
-    assert snaps[-1][0] == last_ckpt["w"]
+    assert snaps[-1][0] == last_ckpt.w
     return {
         "conf": conf,
         "cg": name,
@@ -348,7 +349,7 @@ def test_restore_outside_retention_fails_naming_the_oldest_point(kafka_conf, uni
             wait_until(lambda: ap.error is not None or ap.service.applied_w >= target, 30, "W")
             ap.check()
     records = read_log(kafka_conf, unique_name)
-    w = rs.latest_watermark(kafka_conf, unique_name)["w"]
+    w = rs.latest_watermark(kafka_conf, unique_name).w
     snaps = rs.site_snapshots(site_dir, SITE)
     assert len(snaps) >= 2
     keep = snaps[-2]  # delete the log's head up to this snapshot's replay offsets
@@ -459,12 +460,12 @@ def test_tail_json_matches_the_log(cg_run):
 
 def test_tail_prints_bad_records_and_keeps_going(kafka_conf, unique_name):
     topics = ensure_topics(kafka_conf, unique_name)
-    good = {"name": "m", "ts": 12345 << 12, "interceptor_id": "x", "epoch": 0, "created_us": 1}
-    value = codec.encode("Marker", good)
+    good = Marker("m", 12345 << 12, "x", 0, 1)
+    value = codec.encode(good)
     p = Producer(kafka_conf)
     p.produce(topics.log, b"\x00garbage", b"k", partition=0)
     p.produce(topics.log, value[:-3], b"k", partition=0)  # truncated
-    p.produce(topics.log, value, b"k", partition=0, headers=codec.headers_for("Marker", good))
+    p.produce(topics.log, value, b"k", partition=0, headers=codec.headers_for(good))
     p.flush(10)
     res = CliRunner().invoke(
         CMD["tail"],
@@ -495,22 +496,23 @@ def test_verify_ok_then_mismatch_on_a_wrong_checkpoint_or_snapshot(cg_run, tmp_p
 
     # a site whose checkpoint claims a digest one bit off: MISMATCH, exit 1
     ck = latest_checkpoints(conf, cg)[SITE]
-    forged = {**ck, "site": "forged"}
-    vol = forged["volumes"][0]
-    bad_digest = vol["digest"][:-1] + ("0" if vol["digest"][-1] != "0" else "1")
-    forged["volumes"] = [{**vol, "digest": bad_digest}, *forged["volumes"][1:]]
+    vol = ck.volumes[0]
+    bad_digest = vol.digest[:-1] + ("0" if vol.digest[-1] != "0" else "1")
+    forged = dataclasses.replace(
+        ck, site="forged", volumes=(dataclasses.replace(vol, digest=bad_digest), *ck.volumes[1:])
+    )
     p = Producer(conf)
-    p.produce(CgTopics(cg).checkpoints, codec.encode("Checkpoint", forged), b"forged")
+    p.produce(CgTopics(cg).checkpoints, codec.encode(forged), b"forged")
     p.flush(10)
     res = _cli(conf, cg, "verify", "--site", "forged")
     assert res.exit_code == 1, res.output
-    assert f"{vol['volume_id']}" in res.stdout and "MISMATCH" in res.stdout
+    assert f"{vol.volume_id}" in res.stdout and "MISMATCH" in res.stdout
 
     # a snapshot copy with one byte changed on disk: --at-checkpoint catches it
     copy = tmp_path / "site-copy"
     shutil.copytree(SiteDir(run["site_dir"]).snapshots_dir, SiteDir(copy).snapshots_dir)
-    snap = snapshot_store.newest_at_or_below(copy, ck["w"])
-    assert snap is not None and snap[0]["w"] == ck["w"]
+    snap = snapshot_store.newest_at_or_below(copy, ck.w)
+    assert snap is not None and snap[0].w == ck.w
     img = SiteDir(snap[1]).image_path("a")
     data = bytearray(img.read_bytes())
     data[4097] ^= 0x01
@@ -526,41 +528,17 @@ def test_verify_ok_then_mismatch_on_a_wrong_checkpoint_or_snapshot(cg_run, tmp_p
 
 
 def _write(vid: str, iid: str, epoch: int, *extents: tuple[int, int, int, int, int, bytes]):
-    return "Write", {
-        "volume_id": vid,
-        "interceptor_id": iid,
-        "epoch": epoch,
-        "extents": [
-            {
-                "ts": t,
-                "offset": o,
-                "write_length": wl,
-                "fragment_index": i,
-                "fragment_count": n,
-                "data": d,
-            }
-            for t, o, wl, i, n, d in extents
-        ],
-    }
+    return Write(vid, iid, epoch, tuple(WriteExtent(*x) for x in extents))
 
 
 def _create(vid: str, iid: str, ts: int, size: int = 4096):
-    return "VolumeChange", {
-        "op": "CREATE",
-        "volume_id": vid,
-        "name": vid,
-        "size": size,
-        "metadata": {},
-        "ts": ts,
-        "interceptor_id": iid,
-        "epoch": 0,
-    }
+    return VolumeChange(VolumeOp.CREATE, vid, vid, size, {}, ts, iid, 0)
 
 
 def _feed(plan: ReplayPlan, records: list) -> list:
     ops = []
-    for off, (rtype, rec) in enumerate(records):
-        ops += plan.add(rtype, rec, 0, off)
+    for off, rec in enumerate(records):
+        ops += plan.add(rec, 0, off)
     return ops + plan.finish()
 
 
@@ -586,13 +564,13 @@ def test_plan_applies_a_fragmented_write_whole_or_not_at_all():
     head = _write("v", "A", 0, (40, 8, 1, 0, 1, b"x"), frag[0], frag[1])
     tail = _write("v", "A", 0, frag[2], (60, 0, 1, 0, 1, b"z"))
     plan = ReplayPlan(0, 50)
-    first = plan.add(*head, 0, 1)
+    first = plan.add(head, 0, 1)
     assert [op.ts for op in first] == [40], "a write was applied before all its fragments"
-    ops = plan.add(*tail, 0, 2) + plan.finish()
+    ops = plan.add(tail, 0, 2) + plan.finish()
     assert [(op.ts, op.offset, op.data) for op in ops] == [(50, 0, b"abcdef")]
     # the last fragment never came although its write is <= to_ts: refuse, never half-apply
     cut = ReplayPlan(0, 50)
-    assert [op.ts for op in cut.add(*head, 0, 1)] == [40]
+    assert [op.ts for op in cut.add(head, 0, 1)] == [40]
     with pytest.raises(ApplierHaltedError):
         cut.finish()
 

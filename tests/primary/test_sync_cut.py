@@ -26,6 +26,7 @@ from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Watermark
 from tests.oracles import read_image
 from tests.replication_helpers import FAST, ServiceThread, read_log, running_backup, wait_until
 
@@ -70,17 +71,7 @@ class FakeConsumer:
 
 
 def _watermark(w: int) -> _Msg:
-    rec = {
-        "cg": "cg1",
-        "w": w,
-        "log_offsets": [],
-        "progress_offset": w,
-        "max_s": w,
-        "members": [],
-        "departed": [],
-        "published_us": 0,
-    }
-    return _Msg(codec.encode("Watermark", rec))
+    return _Msg(codec.encode(Watermark("cg1", w, {}, w, w, (), 0, ())))
 
 
 class FakeClock:
@@ -270,7 +261,7 @@ def test_sync_ack_waits_until_a_dead_member_is_fenced_and_is_then_in_the_cut(
         )
         ap.stop(close=False)
         ckpt = ap.service.checkpoint()
-        assert ckpt["w"] >= acked["ts"]
+        assert ckpt.w >= acked["ts"]
         image = read_image(SiteDir(tmp_path / "backup").image_path(sv.volume_id), 1 << 20)
         assert image[4096 : 4096 + 28] == b"acked-while-a-member-is-dead"
         ap.service.close()

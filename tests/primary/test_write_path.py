@@ -22,6 +22,7 @@ from pipeline.errors import FencedError, ReplicationError
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Progress
 from tests.prereqs import require_tool
 from tests.replication_helpers import FAST, ServiceThread, read_log, rebuild_from_log, wait_until
 
@@ -182,7 +183,7 @@ def test_idle_interceptor_progress_keeps_advancing(kafka_conf, unique_name, tmp_
         second = cg.interceptor.last_s
         assert second > first
     s_values = [
-        codec.decode(m.value(), "Progress").record["s"]
+        codec.decode(m.value(), Progress).s
         for m in iter_range(kafka_conf, CgTopics(unique_name).progress)
     ]
     assert len(s_values) > 20, "an idle interceptor must still report progress every tick"

@@ -141,7 +141,7 @@ def test_services_ride_out_a_log_leader_kill(kafka3, kafka3_conf, unique_name, t
             )
             # through the election, every committed W is at least the one before it
             ws = [
-                decode_watermark(m.value())["w"]
+                decode_watermark(m.value()).w
                 for m in iter_range(kafka3_conf, topics.watermark)
             ]
             assert ws and all(b >= a for a, b in itertools.pairwise(ws)), "W went down"

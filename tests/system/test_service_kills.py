@@ -45,6 +45,7 @@ from pipeline.primary.clock import wall_us
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Checkpoint, Watermark
 from tests.kafka_helpers import unique
 from tests.oracles import claimed_digest, first_difference, reader_bytes
 from tests.replication_helpers import (
@@ -175,7 +176,7 @@ class Observer(threading.Thread):
             while not self.stop_event.is_set():
                 for msg in self._consumer.consume(500, 0.1):
                     if not msg.error():
-                        w = codec.decode(msg.value(), "Watermark").record["w"]
+                        w = codec.decode(msg.value(), Watermark).w
                         self.seen.append((msg.offset(), w))
         except BaseException as exc:
             self.error = exc
@@ -202,7 +203,7 @@ def _workload(cg: ConsistencyGroup, stop: threading.Event, seed: int) -> None:
 
 def _read_checkpoint(path: Path) -> dict[str, Any] | None:
     try:
-        return codec.decode(path.read_bytes(), "Checkpoint").record
+        return codec.decode(path.read_bytes(), Checkpoint).to_avro()
     except FileNotFoundError:
         return None
 
@@ -277,7 +278,7 @@ def run_kills(kafka_conf: dict[str, Any], cg: str, root: Path, kills: int, seed:
     run.history = watermark_history(kafka_conf, cg)
     run.records, _ends = read_log_from(kafka_conf, cg)
     run.checkpoints = [
-        codec.decode(m.value(), "Checkpoint").record
+        codec.decode(m.value(), Checkpoint).to_avro()
         for m in iter_range(kafka_conf, CgTopics(cg).checkpoints)
     ]
     print(
@@ -406,7 +407,7 @@ def test_restarted_applier_checkpoints_only_cuts(kafka_conf, unique_name, tmp_pa
                 block += 1
                 first.step(0.002)
                 if not ckpt_w and time.monotonic() - t0 > 0.5:
-                    ckpt_w = first.checkpoint()["w"]
+                    ckpt_w = first.checkpoint().w
             cg.flush()
             wait_until(lambda: first.step(0.01) or first.applied_w >= last, 30, "the first applier")
             applied_w = first.applied_w

@@ -28,6 +28,7 @@ from pipeline.backup.site import SiteDir
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Progress
 from tests.replication_helpers import FAST, ServiceThread, stop_all, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -58,7 +59,7 @@ def test_corrupt_progress_record_freezes_w_until_the_operator_skips_it(
             before = vol.write(0, b"a" * 4096)
             cg.flush()
             wait_until(lambda: wm.service.published_w >= before, 20, "W passing a write")
-            garbage = codec.MAGIC + codec.fingerprint("Progress").to_bytes(8, "little") + b"junk"
+            garbage = codec.MAGIC + codec.fingerprint(Progress).to_bytes(8, "little") + b"junk"
             bad = _raw(kafka_conf, topics.progress, b"primary", garbage)
             after = vol.write(0, b"b" * 4096)
             cg.flush()

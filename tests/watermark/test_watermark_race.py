@@ -67,7 +67,7 @@ class CommittedWs:
                 raise AssertionError(f"reading the watermark topic timed out at {len(self.ws)}")
             for m in self._c.consume(5000, 0.2):
                 if not m.error() and m.value():
-                    self.ws.append(decode_watermark(m.value())["w"])
+                    self.ws.append(decode_watermark(m.value()).w)
         return self.ws
 
     def close(self) -> None:

@@ -1,0 +1,671 @@
+"""The record types lowmark writes: one frozen dataclass per ``schemas/*.avsc``, registered once.
+
+``RECORDS`` is the registry: the codec (``schemas.codec``) builds its schema table from it
+and refuses to load when a class and its schema file disagree on a field. Each class knows
+its Avro name and Kafka header ``type`` (``TYPE``), its schema file (``SCHEMA``), how it
+converts to and from the plain Avro dict fastavro reads and writes (``to_avro`` /
+``from_avro``), which of its values are impossible (``check``), and the ts its ``ts``
+header shows (``header_ts``). The base classes say where a record lives: a ``LogRecord``
+is on the CG's log, a ``VolumeRecord`` changes one volume, a ``CgRecord`` is CG-wide.
+
+Adding a record type: its ``.avsc``, its class here (and in ``RECORDS``), the handlers of
+the consumers that act on it (they dispatch on the class), and its row in
+``schemas/README.md``. Nothing else names the list.
+
+Objects are not checked when built (that would tax the write path twice); the codec
+checks them when encoding and after decoding, so an impossible record is refused at
+both ends, as before.
+
+Per-partition offsets (``Progress.partition_offsets``, ``Watermark.log_offsets``,
+``Checkpoint.log_offsets``) are ``{partition: offset}`` dicts in Python; their Avro shape,
+a list of ``{partition, offset}`` records sorted by partition, is built and parsed only in
+``offsets_to_avro`` / ``offsets_from_avro``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, ClassVar, Self
+
+from pipeline.errors import UnknownSchemaError
+from schemas.checks import INT64_MAX, check_extents
+from schemas.checks import bad as _bad
+from schemas.checks import integer as _int
+from schemas.checks import member as _enum
+from schemas.checks import offsets as _offsets
+from schemas.checks import text as _text
+
+__all__ = [
+    "LOG_RECORDS",
+    "RECORDS",
+    "CgRecord",
+    "Checkpoint",
+    "Departed",
+    "LogRecord",
+    "Marker",
+    "Progress",
+    "ProgressKind",
+    "Record",
+    "Snapshot",
+    "VolumeChange",
+    "VolumeDigest",
+    "VolumeOp",
+    "VolumeRecord",
+    "Watermark",
+    "WatermarkMember",
+    "Write",
+    "WriteExtent",
+    "Zero",
+    "ZeroKind",
+    "offsets_from_avro",
+    "offsets_to_avro",
+    "record_class",
+]
+
+# ---------------------------------------------------------------- enums (Avro enums)
+
+
+class ProgressKind(StrEnum):
+    """What a Progress record says (``progress.avsc`` enum ProgressKind; grows at the end)."""
+
+    JOIN = "JOIN"
+    PROGRESS = "PROGRESS"
+    LEAVE = "LEAVE"
+    FENCE = "FENCE"
+
+
+class ZeroKind(StrEnum):
+    """ZERO keeps the range allocated, TRIM may deallocate it (``zero.avsc`` ZeroKind)."""
+
+    ZERO = "ZERO"
+    TRIM = "TRIM"
+
+
+class VolumeOp(StrEnum):
+    """What happened to a volume (``volume_change.avsc`` VolumeOp)."""
+
+    CREATE = "CREATE"
+    RESIZE = "RESIZE"
+    DELETE = "DELETE"
+
+
+# ---------------------------------------------------------------- base classes
+
+
+class Record:
+    """A lowmark record. Subclasses are frozen slotted dataclasses whose fields are the
+    schema's fields in schema order, ``crc32c`` excepted (the codec owns it)."""
+
+    __slots__ = ()
+    #: the Avro record name (``lowmark.<TYPE>``) and the Kafka header ``type``
+    TYPE: ClassVar[str]
+    #: the schema file stem: ``schemas/<SCHEMA>.avsc``
+    SCHEMA: ClassVar[str]
+
+    @property
+    def header_ts(self) -> int | None:
+        """The ts the ``ts`` header shows (None: no header)."""
+        raise NotImplementedError
+
+    def to_avro(self) -> dict[str, Any]:
+        """The fields as the plain dict fastavro writes (no crc32c)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        """From the dict fastavro reads (crc32c removed); raises CorruptRecordError."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise ``CorruptRecordError`` if a value is impossible (README, "Impossible values")."""
+        raise NotImplementedError
+
+
+class LogRecord(Record):
+    """A record of the CG's log, written by interceptor ``interceptor_id`` at ``epoch``."""
+
+    __slots__ = ()
+    interceptor_id: str
+    epoch: int
+
+    def timestamps(self) -> list[int]:
+        """Every ts the record carries, in record order."""
+        raise NotImplementedError
+
+
+class VolumeRecord(LogRecord):
+    """A log record that changes one volume; its volume's records share one partition."""
+
+    __slots__ = ()
+    volume_id: str
+
+
+class CgRecord(LogRecord):
+    """A CG-wide log record at one ts (a marker or snapshot point); changes no image."""
+
+    __slots__ = ()
+    name: str
+    ts: int
+
+    @property
+    def header_ts(self) -> int | None:
+        return self.ts
+
+    def timestamps(self) -> list[int]:
+        return [self.ts]
+
+
+# ---------------------------------------------------------------- per-partition offsets
+
+
+def offsets_to_avro(offsets: Mapping[int, int]) -> list[dict[str, int]]:
+    """``{partition: offset}`` -> the Avro ``PartitionOffset`` list, by partition."""
+    return [{"partition": p, "offset": o} for p, o in sorted(offsets.items())]
+
+
+def offsets_from_avro(rt: str, name: str, items: Iterable[Mapping[str, int]]) -> dict[int, int]:
+    """The Avro ``PartitionOffset`` list -> ``{partition: offset}``; a repeated partition
+    is impossible (a dict could not say which offset holds)."""
+    out: dict[int, int] = {}
+    for po in items:
+        p = po["partition"]
+        if p in out:
+            raise _bad(rt, f"{name} has a negative or repeated partition {p}")
+        out[p] = po["offset"]
+    return out
+
+
+# ---------------------------------------------------------------- the log
+
+
+@dataclass(frozen=True, slots=True)
+class WriteExtent:
+    """One whole write, or one fragment of a large one (fragments share the write's ts)."""
+
+    ts: int
+    offset: int
+    write_length: int
+    fragment_index: int
+    fragment_count: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Write(VolumeRecord):
+    """Writes to one volume from one interceptor tick (``write.avsc``)."""
+
+    TYPE: ClassVar[str] = "Write"
+    SCHEMA: ClassVar[str] = "write"
+    volume_id: str
+    interceptor_id: str
+    epoch: int
+    extents: tuple[WriteExtent, ...]
+
+    @property
+    def header_ts(self) -> int | None:
+        return self.extents[-1].ts if self.extents else None
+
+    def timestamps(self) -> list[int]:
+        return [x.ts for x in self.extents]
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "volume_id": self.volume_id,
+            "interceptor_id": self.interceptor_id,
+            "epoch": self.epoch,
+            "extents": [
+                {
+                    "ts": x.ts,
+                    "offset": x.offset,
+                    "write_length": x.write_length,
+                    "fragment_index": x.fragment_index,
+                    "fragment_count": x.fragment_count,
+                    "data": x.data,
+                }
+                for x in self.extents
+            ],
+        }
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            d["volume_id"],
+            d["interceptor_id"],
+            d["epoch"],
+            tuple(WriteExtent(**x) for x in d["extents"]),
+        )
+
+    def check(self) -> None:
+        vid, iid, epoch = self.volume_id, self.interceptor_id, self.epoch
+        # inline for the common case (every Write is checked on encode and on decode)
+        if not (type(vid) is str and vid and type(iid) is str and iid) or not (
+            type(epoch) is int and 0 <= epoch <= INT64_MAX
+        ):
+            _text("Write", "volume_id", vid)
+            _text("Write", "interceptor_id", iid)
+            _int("Write", "epoch", epoch)
+        check_extents(self.extents)
+
+
+# The write path builds a WriteExtent per write and a Write per record, and the appliers
+# one per decoded extent. Python 3.11's frozen __init__ goes through object.__setattr__
+# per field, twice the cost of the slots' own setters, which bypass the frozen check the
+# same way; so these two take an __init__ that calls those (same signature, no defaults).
+_x = [getattr(WriteExtent, f.name).__set__ for f in dataclasses.fields(WriteExtent)]
+_w = [getattr(Write, f.name).__set__ for f in dataclasses.fields(Write)]
+
+
+def _extent_init(
+    self: WriteExtent,
+    ts: int,
+    offset: int,
+    write_length: int,
+    fragment_index: int,
+    fragment_count: int,
+    data: bytes,
+) -> None:
+    _x[0](self, ts)
+    _x[1](self, offset)
+    _x[2](self, write_length)
+    _x[3](self, fragment_index)
+    _x[4](self, fragment_count)
+    _x[5](self, data)
+
+
+def _write_init(
+    self: Write, volume_id: str, interceptor_id: str, epoch: int, extents: tuple[WriteExtent, ...]
+) -> None:
+    _w[0](self, volume_id)
+    _w[1](self, interceptor_id)
+    _w[2](self, epoch)
+    _w[3](self, extents)
+
+
+WriteExtent.__init__ = _extent_init  # type: ignore[method-assign]
+Write.__init__ = _write_init  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True, slots=True)
+class Zero(VolumeRecord):
+    """A range of a volume made to read as zeros (``zero.avsc``)."""
+
+    TYPE: ClassVar[str] = "Zero"
+    SCHEMA: ClassVar[str] = "zero"
+    volume_id: str
+    interceptor_id: str
+    epoch: int
+    ts: int
+    offset: int
+    length: int
+    kind: ZeroKind
+
+    @property
+    def header_ts(self) -> int | None:
+        return self.ts
+
+    def timestamps(self) -> list[int]:
+        return [self.ts]
+
+    def to_avro(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            d["volume_id"],
+            d["interceptor_id"],
+            d["epoch"],
+            d["ts"],
+            d["offset"],
+            d["length"],
+            ZeroKind(d["kind"]),
+        )
+
+    def check(self) -> None:
+        rt = "Zero"
+        _text(rt, "volume_id", self.volume_id)
+        _text(rt, "interceptor_id", self.interceptor_id)
+        for name in ("epoch", "ts", "offset"):
+            _int(rt, name, getattr(self, name))
+        _int(rt, "length", self.length, 1)
+        if self.offset > INT64_MAX - self.length:
+            raise _bad(rt, f"offset {self.offset} + length {self.length} overflows")
+        _enum(rt, "kind", self.kind, ZeroKind)
+
+
+@dataclass(frozen=True, slots=True)
+class Marker(CgRecord):
+    """An application-consistent point of the CG, restorable by name (``marker.avsc``)."""
+
+    TYPE: ClassVar[str] = "Marker"
+    SCHEMA: ClassVar[str] = "marker"
+    name: str
+    ts: int
+    interceptor_id: str
+    epoch: int
+    created_us: int
+
+    def to_avro(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(d["name"], d["ts"], d["interceptor_id"], d["epoch"], d["created_us"])
+
+    def check(self) -> None:
+        _text("Marker", "name", self.name)
+        _text("Marker", "interceptor_id", self.interceptor_id)
+        for name in ("ts", "epoch", "created_us"):
+            _int("Marker", name, getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot(CgRecord):
+    """A point-in-time copy every backup takes at exactly ts (``snapshot.avsc``)."""
+
+    TYPE: ClassVar[str] = "Snapshot"
+    SCHEMA: ClassVar[str] = "snapshot"
+    name: str
+    ts: int
+    volume_ids: tuple[str, ...]
+    interceptor_id: str
+    epoch: int
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            **{f: getattr(self, f) for f in self.__slots__},
+            "volume_ids": list(self.volume_ids),
+        }
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(d["name"], d["ts"], tuple(d["volume_ids"]), d["interceptor_id"], d["epoch"])
+
+    def check(self) -> None:
+        rt = "Snapshot"
+        _text(rt, "name", self.name)
+        _text(rt, "interceptor_id", self.interceptor_id)
+        _int(rt, "ts", self.ts)
+        _int(rt, "epoch", self.epoch)
+        ids = self.volume_ids
+        if not all(isinstance(v, str) and v for v in ids) or len(set(ids)) != len(ids):
+            raise _bad(rt, f"volume_ids must be distinct non-empty strings, got {ids!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeChange(VolumeRecord):
+    """A volume created, resized or deleted at the primary at ts (``volume_change.avsc``)."""
+
+    TYPE: ClassVar[str] = "VolumeChange"
+    SCHEMA: ClassVar[str] = "volume_change"
+    op: VolumeOp
+    volume_id: str
+    name: str
+    size: int
+    metadata: Mapping[str, str]
+    ts: int
+    interceptor_id: str
+    epoch: int
+
+    @property
+    def header_ts(self) -> int | None:
+        return self.ts
+
+    def timestamps(self) -> list[int]:
+        return [self.ts]
+
+    def to_avro(self) -> dict[str, Any]:
+        return {**{f: getattr(self, f) for f in self.__slots__}, "metadata": dict(self.metadata)}
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            VolumeOp(d["op"]),
+            d["volume_id"],
+            d["name"],
+            d["size"],
+            dict(d["metadata"]),
+            d["ts"],
+            d["interceptor_id"],
+            d["epoch"],
+        )
+
+    def check(self) -> None:
+        rt = "VolumeChange"
+        _text(rt, "volume_id", self.volume_id)
+        _text(rt, "interceptor_id", self.interceptor_id)
+        for name in ("size", "ts", "epoch"):
+            _int(rt, name, getattr(self, name))
+        _enum(rt, "op", self.op, VolumeOp)
+        if not isinstance(self.name, str) or not isinstance(self.metadata, Mapping):
+            raise _bad(rt, "name must be a string and metadata a map of strings")
+
+
+# ---------------------------------------------------------------- progress, W, checkpoints
+
+
+@dataclass(frozen=True, slots=True)
+class Progress(Record):
+    """An interceptor's promise about S (``progress.avsc``); the progress topic's records."""
+
+    TYPE: ClassVar[str] = "Progress"
+    SCHEMA: ClassVar[str] = "progress"
+    interceptor_id: str
+    epoch: int
+    kind: ProgressKind
+    s: int
+    partition_offsets: Mapping[int, int]
+    wall_us: int
+
+    @property
+    def header_ts(self) -> int | None:
+        return self.s
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            **{f: getattr(self, f) for f in self.__slots__},
+            "partition_offsets": offsets_to_avro(self.partition_offsets),
+        }
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            d["interceptor_id"],
+            d["epoch"],
+            ProgressKind(d["kind"]),
+            d["s"],
+            offsets_from_avro("Progress", "partition_offsets", d["partition_offsets"]),
+            d["wall_us"],
+        )
+
+    def check(self) -> None:
+        rt = "Progress"
+        _text(rt, "interceptor_id", self.interceptor_id)
+        # A JOIN is written before its own offset (the epoch) is known: -1 means "not yet".
+        _int(rt, "epoch", self.epoch, -1)
+        _int(rt, "s", self.s)
+        _int(rt, "wall_us", self.wall_us)
+        _enum(rt, "kind", self.kind, ProgressKind)
+        _offsets(rt, "partition_offsets", self.partition_offsets)
+
+
+@dataclass(frozen=True, slots=True)
+class WatermarkMember:
+    """A member of the watermark's fold (Avro ``Member``)."""
+
+    interceptor_id: str
+    epoch: int
+    s: int
+    effective_s: int
+    last_progress_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """The last instance of an interceptor that left or was fenced, and its final S."""
+
+    interceptor_id: str
+    epoch: int
+    s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark(Record):
+    """The CG's W and the fold state a service resumes from (``watermark.avsc``)."""
+
+    TYPE: ClassVar[str] = "Watermark"
+    SCHEMA: ClassVar[str] = "watermark"
+    cg: str
+    w: int
+    log_offsets: Mapping[int, int]
+    progress_offset: int
+    max_s: int
+    members: tuple[WatermarkMember, ...]
+    published_us: int
+    departed: tuple[Departed, ...] = ()
+
+    @property
+    def header_ts(self) -> int | None:
+        return self.w
+
+    def newer_than(self, other: Watermark) -> bool:
+        """The later of two records: higher W, then the later fold."""
+        return (self.w, self.progress_offset) > (other.w, other.progress_offset)
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "cg": self.cg,
+            "w": self.w,
+            "log_offsets": offsets_to_avro(self.log_offsets),
+            "progress_offset": self.progress_offset,
+            "max_s": self.max_s,
+            "members": [dataclasses.asdict(m) for m in self.members],
+            "published_us": self.published_us,
+            "departed": [dataclasses.asdict(d) for d in self.departed],
+        }
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            d["cg"],
+            d["w"],
+            offsets_from_avro("Watermark", "log_offsets", d["log_offsets"]),
+            d["progress_offset"],
+            d["max_s"],
+            tuple(WatermarkMember(**m) for m in d["members"]),
+            d["published_us"],
+            tuple(Departed(**x) for x in d.get("departed", ())),  # schema default: []
+        )
+
+    def check(self) -> None:
+        rt = "Watermark"
+        _text(rt, "cg", self.cg)
+        for name in ("w", "max_s", "published_us"):
+            _int(rt, name, getattr(self, name))
+        _int(rt, "progress_offset", self.progress_offset, -1)  # -1: no progress folded yet
+        _offsets(rt, "log_offsets", self.log_offsets)
+        seen: set[str] = set()
+        for m in self.members:
+            _text(rt, "interceptor_id", m.interceptor_id)
+            for name in ("epoch", "s", "effective_s", "last_progress_offset"):
+                _int(rt, name, getattr(m, name))
+            if m.interceptor_id in seen:
+                raise _bad(rt, f"member {m.interceptor_id!r} listed twice")
+            seen.add(m.interceptor_id)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeDigest:
+    """A volume of a checkpoint: its size and content digest ("" when not computed)."""
+
+    volume_id: str
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint(Record):
+    """A site's applied state: images equal the primary's after the records with ts <= w."""
+
+    TYPE: ClassVar[str] = "Checkpoint"
+    SCHEMA: ClassVar[str] = "checkpoint"
+    site: str
+    cg: str
+    w: int
+    log_offsets: Mapping[int, int]
+    volumes: tuple[VolumeDigest, ...]
+    written_us: int
+
+    @property
+    def header_ts(self) -> int | None:
+        return self.w
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "cg": self.cg,
+            "w": self.w,
+            "log_offsets": offsets_to_avro(self.log_offsets),
+            "volumes": [dataclasses.asdict(v) for v in self.volumes],
+            "written_us": self.written_us,
+        }
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(
+            d["site"],
+            d["cg"],
+            d["w"],
+            offsets_from_avro("Checkpoint", "log_offsets", d["log_offsets"]),
+            tuple(VolumeDigest(**v) for v in d["volumes"]),
+            d["written_us"],
+        )
+
+    def check(self) -> None:
+        rt = "Checkpoint"
+        _text(rt, "site", self.site)
+        _text(rt, "cg", self.cg)
+        _int(rt, "w", self.w)
+        _int(rt, "written_us", self.written_us)
+        _offsets(rt, "log_offsets", self.log_offsets)
+        seen: set[str] = set()
+        for v in self.volumes:
+            _text(rt, "volume_id", v.volume_id)
+            _int(rt, "size", v.size)
+            if not isinstance(v.digest, str) or v.volume_id in seen:
+                raise _bad(rt, f"volume {v.volume_id!r} listed twice or without a digest")
+            seen.add(v.volume_id)
+
+
+# ---------------------------------------------------------------- the registry
+
+#: every record type lowmark writes, once; the codec and the consumers derive from it
+RECORDS: tuple[type[Record], ...] = (
+    Write,
+    Zero,
+    Marker,
+    Snapshot,
+    VolumeChange,
+    Progress,
+    Watermark,
+    Checkpoint,
+)
+
+#: the record types the CG's log holds
+LOG_RECORDS: tuple[type[LogRecord], ...] = tuple(c for c in RECORDS if issubclass(c, LogRecord))
+
+_BY_TYPE: dict[str, type[Record]] = {c.TYPE: c for c in RECORDS}
+
+
+def record_class(type_name: str) -> type[Record]:
+    """The class whose header ``type`` is ``type_name``; UnknownSchemaError if none is."""
+    try:
+        return _BY_TYPE[type_name]
+    except KeyError:
+        raise UnknownSchemaError(
+            f"unknown record type {type_name!r}; known: {', '.join(_BY_TYPE)}. A record "
+            "written by a newer lowmark, or a header set by another producer"
+        ) from None
