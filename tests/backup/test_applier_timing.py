@@ -15,8 +15,9 @@ import pytest
 
 from pipeline.backup import applier as applier_mod
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.backup.plan import ApplyOp
+from pipeline.backup.plan import ApplyOp, OpKind
 from schemas import codec
+from schemas.records import Marker, Watermark
 from tests.fake_time import FakeTime
 
 
@@ -73,13 +74,13 @@ def test_the_checkpoint_record_and_rpo_read_the_injected_wall_clock(tmp_path: Pa
     a = _applier(tmp_path, clock)
     a.site = type("NoImages", (), {"images": {}})()  # type: ignore[assignment]
     rec = a._checkpoint_record(digests=False)
-    assert rec["written_us"] == clock.wall_us()
+    assert rec.written_us == clock.wall_us()
     assert a.metrics()["rpo_s"] is None  # nothing applied yet
 
 
 def _marker(ts: int) -> ApplyOp:
-    rec = {"name": f"m{ts}", "ts": ts, "interceptor_id": "i", "epoch": 0, "created_us": 1}
-    return ApplyOp("marker", None, ts, 0, 0, None, rec, "i", 0)
+    rec = Marker(f"m{ts}", ts, "i", 0, 1)
+    return ApplyOp(OpKind.MARKER, None, ts, 0, 0, None, rec, "i", 0)
 
 
 def test_markers_are_bounded_newest_kept_dropped_counted(
@@ -91,7 +92,7 @@ def test_markers_are_bounded_newest_kept_dropped_counted(
     for ts in range(1, n + 1):
         a._apply(_marker(ts))
     assert len(a.markers) == applier_mod.MAX_MARKERS
-    assert a.markers[0]["ts"] == n - applier_mod.MAX_MARKERS + 1 and a.markers[-1]["ts"] == n
+    assert a.markers[0].ts == n - applier_mod.MAX_MARKERS + 1 and a.markers[-1].ts == n
     assert a.stats.markers_dropped == 37 == a.metrics()["markers_dropped"]
 
 
@@ -119,17 +120,9 @@ class _WatermarkTopic:
 
 
 def _watermark(w: int, offset: int) -> _Msg:
-    rec = {
-        "cg": "cg",
-        "w": w,
-        "log_offsets": [{"partition": 0, "offset": 10**9}],  # never ready: they pile up
-        "progress_offset": w,
-        "max_s": w,
-        "members": [],
-        "departed": [],
-        "published_us": 1,
-    }
-    return _Msg(codec.encode("Watermark", rec), offset)
+    # log_offsets never reached: they pile up
+    rec = Watermark("cg", w, {0: 10**9}, w, w, (), 1)
+    return _Msg(codec.encode(rec), offset)
 
 
 def test_watermarks_waiting_to_be_applied_are_bounded(
@@ -140,7 +133,7 @@ def test_watermarks_waiting_to_be_applied_are_bounded(
     a._wm = _WatermarkTopic([_watermark(w, w) for w in range(1, 101)])  # type: ignore[assignment]
     while a._read_watermarks(0):
         pass
-    ws = [t["w"] for t in a._targets]
+    ws = [t.w for t in a._targets]
     assert len(ws) == 8 and a.stats.targets_dropped == 92 == a.metrics()["targets_dropped"]
     # the next to apply stays; the newest (which covers every dropped one) is kept
     assert ws[0] == 1 and ws[-1] == 100 and ws == sorted(ws)

@@ -18,10 +18,11 @@ import pytest
 from connectors.image.image import Image
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.images import ImageSet
-from pipeline.backup.plan import ApplyOp
+from pipeline.backup.plan import ApplyOp, OpKind
 from pipeline.backup.site import SiteDir, check_volume_id
 from pipeline.errors import ApplyError, ConfigError, VolumeError
 from schemas import codec
+from schemas.records import Checkpoint, VolumeChange, VolumeOp
 
 SIZE = 1 << 16
 
@@ -37,17 +38,16 @@ def _old_layout(root: Path, volumes: dict[str, bytes]) -> None:
 
 
 def _create(vid: str, size: int = SIZE, ts: int = 1) -> ApplyOp:
-    rec = {"op": "CREATE", "volume_id": vid, "name": vid, "size": size, "metadata": {}, "ts": ts}
-    return ApplyOp("volume_change", vid, ts, 0, 0, None, rec, "i", 0)
+    rec = VolumeChange(VolumeOp.CREATE, vid, vid, size, {}, ts, "i", 0)
+    return ApplyOp(OpKind.VOLUME_CHANGE, vid, ts, 0, 0, None, rec, "i", 0)
 
 
 def _write(vid: str, offset: int, data: bytes, ts: int = 2) -> ApplyOp:
-    return ApplyOp("write", vid, ts, offset, len(data), data, None, "i", 0)
+    return ApplyOp(OpKind.WRITE, vid, ts, offset, len(data), data, None, "i", 0)
 
 
 def _checkpoint(w: int) -> bytes:
-    rec = {"site": "dr", "cg": "cg", "w": w, "log_offsets": [], "volumes": [], "written_us": 1}
-    return codec.encode("Checkpoint", rec)
+    return codec.encode(Checkpoint("dr", "cg", w, {}, (), 1))
 
 
 # ---------------------------------------------------------------- the layout
@@ -229,8 +229,8 @@ def test_imageset_round_trip_create_write_delete(tmp_path: Path) -> None:
         images.apply(_create("v1"))
         images.apply(_create("v2"))
         images.apply(_write("v1", 100, b"hello"))
-        delete = {"op": "DELETE", "volume_id": "v2", "ts": 3}
-        images.apply(ApplyOp("volume_change", "v2", 3, 0, 0, None, delete, "i", 0))
+        delete = VolumeChange(VolumeOp.DELETE, "v2", "v2", 0, {}, 3, "i", 0)
+        images.apply(ApplyOp(OpKind.VOLUME_CHANGE, "v2", 3, 0, 0, None, delete, "i", 0))
     site = SiteDir(tmp_path)
     assert [e["volume_id"] for e in site.read_catalog()] == ["v1"]
     assert site.deleted_path("v2").exists() and not site.image_path("v2").exists()
@@ -253,8 +253,8 @@ def test_snapshot_round_trip_and_restore_copy(tmp_path: Path) -> None:
     snap = site.snapshot(7)
     assert [e["volume_id"] for e in snap.read_catalog()] == ["v1"]
     assert snap.image_path("v1").read_bytes()[:4] == b"snap"
-    ck, where = snapshot_store.newest_at_or_below(data, 100) or ({}, None)
-    assert ck["w"] == 7 and where == path
+    found = snapshot_store.newest_at_or_below(data, 100)
+    assert found is not None and found[0].w == 7 and found[1] == path
     assert snapshot_store.newest_at_or_below(data, 6) is None
     snapshot_store.copy_site(path, tmp_path / "restored")
     with ImageSet(tmp_path / "restored") as restored:

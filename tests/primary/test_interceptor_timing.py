@@ -34,7 +34,7 @@ def test_backpressure_gives_up_at_the_fake_deadline(tmp_path: Path) -> None:
     limit = 4 * 900 * 1024
     engine = _engine(tmp_path, clock, max_unreplicated_bytes=limit)
     token, ts = engine.stamp()
-    engine.append(token, "v", "write", ts, 0, bytes(limit), limit)  # Kafka takes nothing
+    engine.append(token, "v", ts, 0, bytes(limit))  # Kafka takes nothing
     clock.step_s = 6.0
     with pytest.raises(ReplicationError, match="still wait for Kafka after 5"):
         engine.wait_for_space(1, timeout_s=5.0)

@@ -24,6 +24,7 @@ from pipeline.backup.plan import ApplyOp, OpKind
 from pipeline.backup.site import SiteDir
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
+from schemas.records import VolumeChange, VolumeOp
 from tests.nbd_helpers import ServerThread
 from tests.prereqs import require_tool, unavailable
 from tests.replication_helpers import FAST, read_log, running_backup, wait_until
@@ -73,15 +74,15 @@ def _op(kind: OpKind, ts: int, offset: int = 0, length: int = 0) -> ApplyOp:
     return ApplyOp(kind, "v", ts, offset, length, None, None, "i0", 0)
 
 
-@pytest.mark.parametrize(("kind", "expect"), [("zero", 2 * K64), ("trim", 0)])
+@pytest.mark.parametrize(("kind", "expect"), [(OpKind.ZERO, 2 * K64), (OpKind.TRIM, 0)])
 def test_imageset_apply_zero_allocates_trim_deallocates(
     punching_fs: Path, kind: OpKind, expect: int
 ) -> None:
     """The one apply rule the applier, restore and replay share."""
     site = ImageSet(punching_fs / "site")
-    create = {"volume_id": "v", "op": "CREATE", "name": "v", "size": SIZE, "metadata": {}}
-    site.apply(ApplyOp("volume_change", "v", 1, 0, 0, None, create, "i0", 0))
-    site.apply(ApplyOp("write", "v", 2, 0, K64, b"w" * K64, None, "i0", 0))
+    create = VolumeChange(VolumeOp.CREATE, "v", "v", SIZE, {}, 1, "i0", 0)
+    site.apply(ApplyOp(OpKind.VOLUME_CHANGE, "v", 1, 0, 0, None, create, "i0", 0))
+    site.apply(ApplyOp(OpKind.WRITE, "v", 2, 0, K64, b"w" * K64, None, "i0", 0))
     site.apply(_op(kind, 3, 0, K64))  # over data
     site.apply(_op(kind, 4, 4 * K64, K64))  # over a hole
     img = site.images["v"]

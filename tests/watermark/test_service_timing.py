@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
+from schemas.records import Progress, ProgressKind
 from tests.fake_time import FakeTime
 
 LIVENESS_S = 10.0
@@ -37,15 +38,8 @@ class Msg:
 
 
 def _progress(iid: str, kind: str, epoch: int, s: int, offset: int) -> Msg:
-    rec = {
-        "interceptor_id": iid,
-        "epoch": epoch,
-        "kind": kind,
-        "s": s,
-        "partition_offsets": [],
-        "wall_us": 1,
-    }
-    return Msg(codec.encode("Progress", rec), offset)
+    rec = Progress(iid, epoch, ProgressKind(kind), s, {}, 1)
+    return Msg(codec.encode(rec), offset)
 
 
 @pytest.fixture
@@ -99,7 +93,7 @@ def test_silence_does_not_count_through_kafka_trouble(svc: Any) -> None:
 def test_a_member_never_heard_counts_from_the_service_start(svc: Any) -> None:
     service, clock, fenced = svc
     # known only from a snapshot (not folded by this instance): no last-seen entry
-    service.state.apply({"interceptor_id": "z", "epoch": 5, "kind": "JOIN", "s": 0}, 0)
+    service.state.apply(Progress("z", 5, ProgressKind.JOIN, 0, {}, 0), 0)
     clock.advance(LIVENESS_S)
     service._fence_silent(clock.t)
     assert fenced == []  # a fresh start gives everyone a full timeout

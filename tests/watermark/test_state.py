@@ -242,7 +242,7 @@ def test_silences_cover_members_only_in_id_order() -> None:
     assert fold([]).silences(seen, 100, not_before_us=0) == {}
     # a member that left or was fenced is not silent any more, whatever the map says
     st_.apply(ev("LEAVE", "a", 1, 0), 3)
-    st_.apply({**ev("FENCE", "b", 2), "s": 0}, 4)
+    st_.apply(ev("FENCE", "b", 2, 0), 4)
     assert st_.silent_members(seen, 10**9, 1, not_before_us=0) == [st_.members["c"]]
 
 
