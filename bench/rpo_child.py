@@ -31,7 +31,7 @@ from bench.rpo_status import (
     TIMERS,
     StatusBlock,
 )
-from pipeline.primary.clock import wall_us
+from pipeline.timesource import wall_us
 from schemas import codec
 
 

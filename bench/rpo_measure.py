@@ -21,9 +21,9 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from bench.common import Broker, MiB, percentile, run_id
 from bench.rpo_status import TIMERS
-from pipeline.primary.clock import ts_physical_us
 from schemas import codec
 from schemas.records import LOG_RECORDS
+from schemas.ts import ts_physical_us
 
 
 def rpo_stats(samples: Sequence[tuple[int, int, int, int]], t0_us: int, t1_us: int

@@ -19,8 +19,9 @@ from bench.rpo_measure import Snap, raw_consume, rpo_stats, timer_split
 from bench.rpo_workload import Sampler, ServiceProcess, Writers
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import SetupError
-from pipeline.primary.clock import ts_physical_us, wall_us
 from pipeline.primary.volume import ConsistencyGroup, Volume
+from pipeline.timesource import wall_us
+from schemas.ts import ts_physical_us
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from bench.common import REPO, Broker, process_cpu_s, run_id, stop_process
 from bench.rpo_status import RUNNING, StatusBlock
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import SetupError
-from pipeline.primary.clock import wall_us
 from pipeline.primary.volume import ConsistencyGroup, Volume
+from pipeline.timesource import wall_us
 from schemas import codec
 from schemas.records import Watermark
 

@@ -512,7 +512,7 @@ def headers_for(record: Record) -> list[tuple[str, bytes]]:
     exactly); it is the record's ``header_ts``: for a Write the ts of its last (largest)
     extent, for Progress ``s``, for Watermark and Checkpoint ``w``.
     """
-    from pipeline.primary.clock import format_ts  # late: keeps `import schemas.codec` light
+    from schemas.ts import format_ts
 
     _entry(type(record))
     headers: list[tuple[str, bytes]] = [("type", record.TYPE.encode())]

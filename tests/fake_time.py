@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pipeline.primary.clock import TimeSource
+from pipeline.timesource import TimeSource
 
 
 class FakeTime:

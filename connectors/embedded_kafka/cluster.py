@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from connectors.embedded_kafka.jars import ensure_jars, jars_dir, kafka_pom, kafka_version
 from connectors.embedded_kafka.java import check_java, find_java
@@ -522,6 +523,10 @@ def _admin(bootstrap: str) -> object:
 
     quiet = logging.getLogger("lowmark.embedded_kafka.librdkafka")
     quiet.setLevel(logging.CRITICAL)  # "connection refused" while a node boots is expected
-    return AdminClient({"bootstrap.servers": bootstrap, "logger": quiet,
-                        "socket.connection.setup.timeout.ms": 2000})
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "logger": quiet,
+        "socket.connection.setup.timeout.ms": 2000,
+    }
+    return AdminClient(conf)
 

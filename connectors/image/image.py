@@ -37,7 +37,7 @@ def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     fn.restype = ctypes.c_int
-    return fn  # type: ignore[no-any-return]  # a ctypes function pointer
+    return fn
 
 
 _fallocate = _load_fallocate()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from connectors.kafka.errors import TOPIC_ALREADY_EXISTS, as_error
 from pipeline.errors import KafkaUnavailableError
@@ -72,7 +72,7 @@ class Admin:
         or an offset below 0, -1001 while a cluster elects) is ``KafkaUnavailableError``."""
         parts = list(partitions)
         level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
-        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        latest = OffsetSpec.latest()
         request = {TopicPartition(topic, p): latest for p in parts}
         try:
             futures = self._a.list_offsets(

@@ -88,7 +88,7 @@ class Connection(Transmission, asyncio.Protocol):
         self._write_paused = False
         self._update_blocked()
 
-    def data_received(self, data: bytes | memoryview) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._phase == PHASE_CLOSED:
             return  # closing: nothing more is read, let alone passed to the export
         try:

@@ -263,10 +263,12 @@ class ExportFacts(Protocol):
     """What the handshake needs to know about an export."""
 
     name: str
-    size: int
     description: str
     read_only: bool
     can_multi_conn: bool
+
+    @property
+    def size(self) -> int: ...
 
 
 class Next(enum.Enum):

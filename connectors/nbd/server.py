@@ -67,10 +67,13 @@ class Export(Protocol):
     """
 
     name: str
-    size: int
     description: str
     read_only: bool
     can_multi_conn: bool
+
+    @property
+    def size(self) -> int:  # read-only: a volume's size changes only through its own API
+        ...
 
     def pread(self, offset: int, length: int) -> bytes: ...
 

@@ -20,8 +20,8 @@ from pipeline.app.cli_services import build_config, config_options
 from pipeline.app.config import LowmarkConfig
 from pipeline.errors import ConfigError
 from pipeline.ops.replay import ReplayProgress
-from pipeline.primary.clock import format_ts, parse_ts
 from schemas.records import LOG_RECORDS
+from schemas.ts import format_ts, parse_ts
 
 _TYPES = (*(c.TYPE for c in LOG_RECORDS), "BAD")
 
@@ -193,8 +193,9 @@ def restore(
             more = f" (newest of {count} with that name)" if count > 1 else ""
             click.echo(f"marker {marker!r} is at ts {ts} ({format_ts(ts)}){more}")
     else:
-        ts = _ts(at, "--at")
-        assert ts is not None
+        at_ts = _ts(at, "--at")
+        assert at_ts is not None
+        ts = at_ts
     _name, sdir = _site(cfg, site, site_dir)
     bar = ProgressLine("restoring")
     try:

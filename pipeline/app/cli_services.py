@@ -11,8 +11,8 @@ import orjson
 
 from connectors.embedded_kafka.state import find_bootstrap
 from pipeline.app.config import LowmarkConfig, load_config
-from pipeline.backup.site import SiteDir
 from pipeline.errors import ConfigError
+from pipeline.site import SiteDir
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:

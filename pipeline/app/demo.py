@@ -22,12 +22,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connectors.image.image import file_digest
 from pipeline.app.config import parse_size
-from pipeline.backup.site import SiteDir
 from pipeline.errors import SetupError
 from pipeline.ops.status import scrape
+from pipeline.site import SiteDir
+
+if TYPE_CHECKING:
+    from connectors.embedded_kafka.cluster import KafkaCluster
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ class Demo:
         self.opts = opts
         self.out = out
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.kafka = None
+        self.kafka: KafkaCluster | None = None
         self.cg = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         self.dir = (opts.workdir / self.cg).absolute()
         self.ports = {n: _free_port() for n in ("nbd", "serve", "watermark", "apply")}
@@ -71,9 +75,9 @@ class Demo:
             self.out(f"using the embedded Kafka cluster at {found}")
             return found
         self.out("starting the embedded Kafka cluster (Apache Kafka, KRaft, 1 node) ...")
-        self.kafka = KafkaCluster("default").start()
-        self.out(f"Kafka is up at {self.kafka.bootstrap_servers}")
-        return self.kafka.bootstrap_servers
+        self.kafka = cluster = KafkaCluster("default").start()
+        self.out(f"Kafka is up at {cluster.bootstrap_servers}")
+        return cluster.bootstrap_servers
 
     def _write_config(self, bootstrap: str) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -19,15 +19,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from connectors.nbd.server import NbdServer, NbdServerConfig
+from connectors.nbd.server import Export, NbdServer, NbdServerConfig
 from pipeline.app.config import LowmarkConfig, parse_hostport, parse_size
 from pipeline.app.metrics import serve_metrics
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import LowmarkError
 from pipeline.logs import event
-from pipeline.primary.clock import REAL_TIME, TimeSource
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 
 log = logging.getLogger("lowmark.services")
@@ -115,7 +115,7 @@ def run_serve(
 async def _serve_async(
     cfg: LowmarkConfig, cg: ConsistencyGroup, stop: threading.Event, ready: threading.Event | None
 ) -> None:
-    exports = {name: VolumeExport(vol) for name, vol in cg.volumes.items()}
+    exports: dict[str, Export] = {name: VolumeExport(vol) for name, vol in cg.volumes.items()}
     server = NbdServer(exports, nbd_config(cfg))
     await server.start()
     if cfg.serve.metrics:

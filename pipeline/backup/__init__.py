@@ -2,8 +2,9 @@
 
 Owns the pure apply plan (``plan``: per-volume ts order, fragments, epochs, blocks on bad
 records, checkpoint offsets), the applier service (``applier``), the site's files
-(``site``, ``images``, ``snapshots``) and its checkpoints.
+(``images``, ``snapshots``; their layout is ``pipeline.site``) and its checkpoints
+(``checkpointer``).
 
-May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.primary.clock``,
-``pipeline.watermark`` (the W it applies up to).
+May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.watermark`` (the W
+it applies up to).
 """

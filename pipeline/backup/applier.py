@@ -36,7 +36,6 @@ from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.checkpointer import Checkpointer
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
-from pipeline.backup.site import SiteDir
 from pipeline.errors import (
     ApplierHaltedError,
     ApplyError,
@@ -46,9 +45,11 @@ from pipeline.errors import (
     RecordError,
 )
 from pipeline.logs import event
-from pipeline.primary.clock import REAL_TIME, TimeSource, ts_physical_us
+from pipeline.site import SiteDir
+from pipeline.timesource import REAL_TIME, TimeSource
 from schemas import codec
 from schemas.records import LOG_RECORDS, CgRecord, Checkpoint, VolumeChange, VolumeDigest, Watermark
+from schemas.ts import ts_physical_us
 
 log = logging.getLogger("lowmark.applier")
 

@@ -2,7 +2,7 @@
 
 One implementation of "apply an op to the images", shared by the backup applier and by
 restore / replay / verify (``pipeline.ops``), so a restore and a backup agree byte for
-byte. Where the files live is ``SiteDir``'s business (``pipeline.backup.site``).
+byte. Where the files live is ``SiteDir``'s business (``pipeline.site``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 from connectors.image.image import Image
 from pipeline.backup.plan import ApplyOp, OpKind
-from pipeline.backup.site import SiteDir
 from pipeline.errors import ApplyError, VolumeError
+from pipeline.site import SiteDir
 from schemas.records import VolumeChange, VolumeOp
 
 

@@ -1,7 +1,7 @@
 """A backup site's snapshot store: image copies at checkpoints, the base of restore/replay.
 
 Each snapshot is itself a site directory (``SiteDir.snapshot(w)``, see
-``pipeline.backup.site`` for the layout): its ``checkpoint.avro`` is the Checkpoint record
+``pipeline.site`` for the layout): its ``checkpoint.avro`` is the Checkpoint record
 (Avro, as in Kafka), its ``volumes.json`` the site's catalog at W, and its ``images/`` sparse
 copies of the images at exactly W.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from connectors.image.image import Image
-from pipeline.backup.site import SiteDir
 from pipeline.fsutil import atomic_write
+from pipeline.site import SiteDir
 from schemas import codec
 from schemas.records import Checkpoint
 

@@ -17,7 +17,7 @@ at an offset) are shared by every planner of a partition, so a zombie record of 
 volume is caught by evidence from another, as in the applier.
 
 The images are an ``ImageSet`` (``pipeline.backup.images``) over a directory with a site's
-layout (``pipeline.backup.site``), so the result can seed a site.
+layout (``pipeline.site``), so the result can seed a site.
 """
 
 from __future__ import annotations

@@ -29,14 +29,15 @@ from connectors.kafka.reading import bounds, iter_range, latest
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.images import ImageSet
-from pipeline.backup.site import RESTORE_MANIFEST, SiteDir
 from pipeline.errors import ConfigError, RecordError, RestoreError
 from pipeline.fsutil import atomic_write
 from pipeline.ops.replay import ProgressFn, ReplayResult, replay
-from pipeline.primary.clock import format_ts, wall_us
+from pipeline.site import RESTORE_MANIFEST, SiteDir
+from pipeline.timesource import wall_us
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
 from schemas.records import Checkpoint, Marker, Watermark
+from schemas.ts import format_ts
 
 MANIFEST = RESTORE_MANIFEST
 MANIFEST_FORMAT = 1

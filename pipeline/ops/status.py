@@ -14,10 +14,11 @@ from typing import Any
 from connectors.kafka.reading import end_offsets, iter_range, latest
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import RecordError
-from pipeline.primary.clock import format_ts, ts_physical_us, wall_us
+from pipeline.timesource import wall_us
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
 from schemas.records import Checkpoint
+from schemas.ts import format_ts, ts_physical_us
 
 
 def latest_checkpoints(kafka_conf: dict[str, Any], cg: str) -> dict[str, Checkpoint]:

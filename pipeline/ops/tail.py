@@ -22,7 +22,6 @@ from connectors.kafka.settings import ToolSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import RecordError
 from pipeline.ops.restore import log_bounds
-from pipeline.primary.clock import format_ts
 from schemas import codec
 from schemas.records import (
     LOG_RECORDS,
@@ -35,6 +34,7 @@ from schemas.records import (
     Zero,
     record_class,
 )
+from schemas.ts import format_ts
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from connectors.image.image import file_digest
-from pipeline.backup.site import SiteDir
 from pipeline.errors import RestoreError
 from pipeline.ops.replay import ProgressFn
 from pipeline.ops.restore import log_bounds, restore
 from pipeline.ops.status import latest_checkpoints
+from pipeline.site import SiteDir
 
 OK = "OK"
 MISMATCH = "MISMATCH"

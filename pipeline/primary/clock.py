@@ -1,16 +1,15 @@
-"""The hybrid logical clock: ts encoding, a monotonic clock with a persisted bound, commit wait.
+"""The hybrid logical clock: a monotonic clock with a persisted bound, commit wait.
 
-A ts is one signed 64-bit integer ``physical_us << 12 | logical``: integer order is causal
-order. ``physical_us`` follows the wall clock when it moves forward; when the wall clock
-stalls or goes backwards the 12-bit logical counter advances instead, carrying into the
-physical part when it overflows, so ``now()`` never repeats or goes back.
+A ts (``schemas.ts``) is one signed 64-bit integer ``physical_us << 12 | logical``:
+integer order is causal order. ``physical_us`` follows the wall clock when it moves
+forward; when the wall clock stalls or goes backwards the 12-bit logical counter advances
+instead, carrying into the physical part when it overflows, so ``now()`` never repeats or
+goes back.
 
 With a ``state_path`` the clock also survives restarts: it never issues a ts whose
 physical part has not been reserved durably on disk beforehand, so a restarted process,
 even on a host whose clock jumped back, starts above everything it issued before. The
 reservation runs ``reserve_us`` ahead, costing one fsync per ``reserve_us`` of time.
-
-The 63-bit ts leaves 51 bits of physical µs: the encoding runs out in year 2041.
 """
 
 from __future__ import annotations
@@ -20,112 +19,20 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pipeline.errors import ClockError
-
-LOGICAL_BITS = 12
-LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
-MAX_TS = 2**63 - 1
-MAX_PHYSICAL_US = MAX_TS >> LOGICAL_BITS
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_US = timedelta(microseconds=1)
+from pipeline.timesource import wall_us
+from schemas.ts import (
+    LOGICAL_BITS,
+    MAX_PHYSICAL_US,
+    MAX_TS,
+    format_ts,
+    ts_physical_us,
+)
 
 # Below this, commit_wait yields instead of sleeping: a sleep overshoots by ~50-100 µs.
 _SPIN_BELOW_US = 2_000
-
-
-def make_ts(physical_us: int, logical: int = 0) -> int:
-    """Compose a ts. Raises ValueError when either part is out of range."""
-    if not 0 <= physical_us <= MAX_PHYSICAL_US:
-        raise ValueError(f"physical_us {physical_us} outside [0, {MAX_PHYSICAL_US}]")
-    if not 0 <= logical <= LOGICAL_MASK:
-        raise ValueError(f"logical {logical} outside [0, {LOGICAL_MASK}]")
-    return physical_us << LOGICAL_BITS | logical
-
-
-def ts_physical_us(ts: int) -> int:
-    """Microseconds since the Unix epoch of ``ts``."""
-    return ts >> LOGICAL_BITS
-
-
-def ts_logical(ts: int) -> int:
-    """The logical counter of ``ts``."""
-    return ts & LOGICAL_MASK
-
-
-def format_ts(ts: int) -> str:
-    """Render ``ts`` exactly, e.g. ``2026-05-09T07:35:25.123456Z+3``; ``parse_ts`` reverses it."""
-    when = _EPOCH + timedelta(microseconds=ts_physical_us(ts))
-    return f"{when:%Y-%m-%dT%H:%M:%S.%f}Z+{ts_logical(ts)}"
-
-
-def parse_ts(text: str | int) -> int:
-    """Read a ts: an integer (``123``), or an ISO-8601 time with an optional ``+logical``.
-
-    Accepts ``format_ts`` output, ``2026-05-09T07:35:25Z``, ``2026-05-09T09:35:25+02:00``;
-    a time without a zone is taken as UTC. Raises ValueError with the reason.
-    """
-    if isinstance(text, int):
-        return _checked(text, text)
-    raw = text.strip()
-    if raw.lstrip("+-").isdigit():
-        return _checked(int(raw), text)
-    logical = 0
-    zulu, plus, tail = raw.partition("Z+")
-    if plus:
-        if not tail.isdigit():
-            raise ValueError(f"cannot read ts {text!r}: logical part {tail!r} is not a number")
-        raw, logical = zulu + "Z", int(tail)
-    try:
-        when = datetime.fromisoformat(raw)
-    except ValueError:
-        raise ValueError(
-            f"cannot read ts {text!r}: give an integer ts or an ISO-8601 time "
-            "such as 2026-05-09T07:35:25.123456Z"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    physical = (when - _EPOCH) // _ONE_US
-    try:
-        return make_ts(physical, logical)
-    except ValueError as exc:
-        raise ValueError(f"cannot read ts {text!r}: {exc}") from None
-
-
-def _checked(ts: int, text: object) -> int:
-    if not 0 <= ts <= MAX_TS:
-        raise ValueError(f"ts {text!r} outside [0, 2**63)")
-    return ts
-
-
-def wall_us() -> int:
-    """The wall clock in µs since the Unix epoch."""
-    return time.time_ns() // 1000
-
-
-@dataclass(frozen=True)
-class TimeSource:
-    """The time a service reads and waits on, injected so a test can drive its timing
-    decisions (fencing after liveness, checkpoint intervals, deadlines, backoff) with a
-    fake clock instead of waiting. Every service takes one; the default is the real time.
-
-    ``monotonic``: seconds, for intervals and deadlines. ``sleep``: seconds, a plain wait
-    (waits that must wake on an event use the event with a timeout computed from
-    ``monotonic``). ``wall_us``: µs since the Unix epoch, for what is written into
-    records and reported (RPO); never for intervals.
-    """
-
-    monotonic: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
-    wall_us: Callable[[], int] = wall_us
-
-
-#: the real time, the default of every service
-REAL_TIME = TimeSource()
 
 
 class HybridClock:

@@ -33,7 +33,8 @@ from connectors.kafka.settings import InterceptorSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import LowmarkError, ReplicationError
 from pipeline.logs import event
-from pipeline.watermark.publisher import decode_watermark
+from schemas import codec
+from schemas.records import Watermark
 
 log = logging.getLogger("lowmark.interceptor")
 
@@ -217,7 +218,7 @@ class CutFollower:
         if msg.value() is None:
             return
         try:
-            w = int(decode_watermark(msg.value()).w)
+            w = codec.decode(msg.value(), Watermark).w
         except Exception:
             # the applier dead-letters a corrupt W; here it just covers nothing
             self.stats["errors"] += 1

@@ -45,9 +45,10 @@ from pipeline.errors import (
     ReplicationError,
 )
 from pipeline.logs import event
-from pipeline.primary.clock import REAL_TIME, HybridClock, TimeSource
+from pipeline.primary.clock import HybridClock
 from pipeline.primary.cut_follower import CutFollower
 from pipeline.primary.outbox import Entry, Message, encode_batch, entry_bytes
+from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.watermark.state import JOIN_EPOCH_FROM_OFFSET, join_clock_floor, join_epoch
 from schemas import codec
 from schemas.records import LogRecord, Progress, ProgressKind, Watermark

@@ -96,7 +96,7 @@ class VolumeExport:
         await (self._covered(ticket) if covered else self._durable(ticket))
 
     async def _slow(self, submit: object, fua: bool) -> None:
-        ticket = await self._get_loop().run_in_executor(None, submit)  # type: ignore[arg-type]
+        ticket: Ticket = await self._get_loop().run_in_executor(None, submit)  # type: ignore[arg-type]
         done = self._finish(ticket, fua)
         if done is not None:
             await done
@@ -112,7 +112,10 @@ class VolumeExport:
                 else:
                     fut.set_exception(exc)
 
-        ticket.add_done_callback(lambda exc: loop.call_soon_threadsafe(settle, exc))
+        def wake(exc: BaseException | None) -> None:  # on the tick thread
+            loop.call_soon_threadsafe(settle, exc)
+
+        ticket.add_done_callback(wake)
         return fut
 
     def _covered(self, ticket: Ticket) -> asyncio.Future[None]:

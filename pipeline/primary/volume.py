@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from connectors.image.image import Image
-from pipeline.backup.site import SiteDir, check_volume_id
 from pipeline.errors import ConfigError, VolumeError
-from pipeline.primary.clock import REAL_TIME, TimeSource
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
+from pipeline.site import SiteDir, check_volume_id
+from pipeline.timesource import REAL_TIME, TimeSource
 from schemas.records import VolumeChange, VolumeOp, Zero, ZeroKind
 
 log = logging.getLogger("lowmark.volume")

@@ -55,7 +55,7 @@ from pipeline.errors import (
     WatermarkHaltedError,
 )
 from pipeline.logs import event
-from pipeline.primary.clock import REAL_TIME, TimeSource, ts_physical_us
+from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.watermark.publisher import (
     PublisherTimeouts,
     WatermarkPublisher,
@@ -65,6 +65,7 @@ from pipeline.watermark.publisher import (
 from pipeline.watermark.state import WatermarkState
 from schemas import codec
 from schemas.records import Progress, ProgressKind, Watermark
+from schemas.ts import ts_physical_us
 
 log = logging.getLogger("lowmark.watermark")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from connectors.image.image import file_digest
-from pipeline.backup.site import SiteDir
 from pipeline.ops.status import scrape
+from pipeline.site import SiteDir
 from tests.prereqs import require_tools
 from tests.replication_helpers import read_log, rebuild_from_log, wait_until
 

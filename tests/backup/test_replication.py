@@ -25,13 +25,14 @@ from connectors.kafka.errors import as_error
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.backup.site import SiteDir
 from pipeline.errors import ApplierHaltedError
-from pipeline.primary.clock import make_ts, wall_us
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
+from pipeline.timesource import wall_us
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from schemas.records import Checkpoint, Progress, ProgressKind, Watermark, Write
+from schemas.ts import make_ts
 from tests.oracles import claimed_digest, first_difference, read_image
 from tests.replication_helpers import (
     FAST,

@@ -31,16 +31,17 @@ from connectors.kafka.config import KafkaConnection
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.app.cli_ops import COMMANDS
 from pipeline.backup import snapshots as snapshot_store
-from pipeline.backup.site import SiteDir
 from pipeline.errors import ApplierHaltedError, RestoreError
 from pipeline.ops import restore as rs
 from pipeline.ops.replay import ReplayPlan
 from pipeline.ops.status import latest_checkpoints
 from pipeline.ops.verify import verify_site
-from pipeline.primary.clock import format_ts, wall_us
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
+from pipeline.timesource import wall_us
 from schemas import codec
 from schemas.records import Checkpoint, Marker, VolumeChange, VolumeOp, Write, WriteExtent
+from schemas.ts import format_ts
 from tests.kafka_helpers import unique
 from tests.oracles import claimed_digest, first_difference, read_image
 from tests.replication_helpers import read_log, rebuild_from_log, running_backup, wait_until

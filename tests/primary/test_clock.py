@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from pipeline.errors import ClockError
 from pipeline.primary import clock as clock_mod
-from pipeline.primary.clock import (
+from pipeline.primary.clock import HybridClock
+from schemas.ts import (
     LOGICAL_MASK,
     MAX_PHYSICAL_US,
     MAX_TS,
-    HybridClock,
     format_ts,
     make_ts,
     parse_ts,

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.backup.site import SiteDir
 from pipeline.errors import ReplicationError
 from pipeline.primary.cut_follower import CutFollower
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from schemas.records import Watermark

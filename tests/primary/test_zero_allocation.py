@@ -21,9 +21,9 @@ import pytest
 from connectors.image.image import Image, file_digest
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, OpKind
-from pipeline.backup.site import SiteDir
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
 from schemas.records import VolumeChange, VolumeOp
 from tests.nbd_helpers import ServerThread
 from tests.prereqs import require_tool, unavailable

@@ -37,7 +37,6 @@ from pipeline.errors import (
     TruncatedRecordError,
     UnknownSchemaError,
 )
-from pipeline.primary.clock import parse_ts
 from schemas import codec
 from schemas.records import (
     RECORDS,
@@ -53,6 +52,7 @@ from schemas.records import (
     WriteExtent,
     Zero,
 )
+from schemas.ts import parse_ts
 
 SCHEMA_DIR = Path(codec.__file__).parent
 LONG = st.integers(0, 2**63 - 1)

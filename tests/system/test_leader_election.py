@@ -18,9 +18,9 @@ import pytest
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.backup.site import SiteDir
 from pipeline.errors import LowmarkError
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig, decode_watermark
 from tests.kafka_helpers import kill_broker, partition_leader, restart_broker, volume_partitions
 from tests.oracles import read_image

@@ -40,9 +40,9 @@ from connectors.kafka.config import KafkaConnection
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.backup.site import SiteDir
-from pipeline.primary.clock import wall_us
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
+from pipeline.timesource import wall_us
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from schemas.records import Checkpoint, Watermark

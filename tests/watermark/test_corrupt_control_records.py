@@ -24,8 +24,8 @@ from confluent_kafka import Producer
 from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.backup.site import SiteDir
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from schemas.records import Progress

@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.backup.site import SiteDir
-from pipeline.primary.clock import make_ts, wall_us
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.site import SiteDir
+from pipeline.timesource import wall_us
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
+from schemas.ts import make_ts
 from tests.oracles import read_image
 from tests.replication_helpers import (
     FAST,

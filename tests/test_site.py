@@ -19,8 +19,8 @@ from connectors.image.image import Image
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, OpKind
-from pipeline.backup.site import SiteDir, check_volume_id
 from pipeline.errors import ApplyError, ConfigError, VolumeError
+from pipeline.site import SiteDir, check_volume_id
 from schemas import codec
 from schemas.records import Checkpoint, VolumeChange, VolumeOp
 
