@@ -45,6 +45,7 @@ from pipeline.errors import (
     UnknownSchemaError,
 )
 from schemas.records import RECORDS, Record, Write, WriteExtent
+from schemas.ts import format_ts
 
 __all__ = [
     "class_of",
@@ -508,12 +509,10 @@ def _read_write(buf: bytes) -> tuple[Write, int]:
 def headers_for(record: Record) -> list[tuple[str, bytes]]:
     """Plain-text Kafka headers so ``kcat -f '%k %h\\n'`` shows what a record is.
 
-    ``ts`` is rendered by ``pipeline.primary.clock.format_ts`` (``parse_ts`` reads it back
+    ``ts`` is rendered by ``schemas.ts.format_ts`` (``parse_ts`` reads it back
     exactly); it is the record's ``header_ts``: for a Write the ts of its last (largest)
     extent, for Progress ``s``, for Watermark and Checkpoint ``w``.
     """
-    from schemas.ts import format_ts
-
     _entry(type(record))
     headers: list[tuple[str, bytes]] = [("type", record.TYPE.encode())]
     ts = record.header_ts

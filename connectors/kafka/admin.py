@@ -72,7 +72,7 @@ class Admin:
         or an offset below 0, -1001 while a cluster elects) is ``KafkaUnavailableError``."""
         parts = list(partitions)
         level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
-        latest = OffsetSpec.latest()
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]  # unannotated upstream
         request = {TopicPartition(topic, p): latest for p in parts}
         try:
             futures = self._a.list_offsets(
