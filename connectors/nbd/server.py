@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from connectors.nbd import protocol as p
+from connectors.nbd.allocator import reuse_receive_buffers
 from connectors.nbd.connection import Connection
 from connectors.nbd.transmission import CMD_SLOTS
 from pipeline.errors import ConfigError, SetupError
@@ -178,6 +179,7 @@ class NbdServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        reuse_receive_buffers()  # see connectors/nbd/allocator.py: receive buffers reused
         try:
             if cfg.host is not None and cfg.port is not None:
                 self._servers.append(
