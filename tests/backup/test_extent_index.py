@@ -4,6 +4,8 @@ zeroes over writes and back, drops that split extents, take_some in the middle o
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -137,7 +139,7 @@ class IndexMachine(RuleBasedStateMachine):
             assert got == bytes(self.truth[vol][s : s + n])
         assert pos == offset + length
         # no two adjacent None segments: every gap is one segment
-        assert all(not (a[2] is None and b[2] is None) for a, b in zip(segs, segs[1:], strict=False))
+        assert all(not (a[2] is None and b[2] is None) for a, b in itertools.pairwise(segs))
 
     @invariant()
     def totals(self) -> None:
@@ -148,7 +150,7 @@ class IndexMachine(RuleBasedStateMachine):
         for vol in VOLUMES:
             ext = self.index.extents(vol)
             count += len(ext)
-            for e, f in zip(ext, ext[1:], strict=False):
+            for e, f in itertools.pairwise(ext):
                 assert e.offset + e.length <= f.offset  # sorted, non-overlapping
         assert self.index.extent_count == count == len(self.index)
 
@@ -168,7 +170,9 @@ class IndexMachine(RuleBasedStateMachine):
 
 TestIndexMachine = IndexMachine.TestCase
 TestIndexMachine.settings = settings(
-    max_examples=300, stateful_step_count=60, deadline=None,
+    max_examples=300,
+    stateful_step_count=60,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
