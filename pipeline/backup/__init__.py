@@ -2,8 +2,10 @@
 
 Owns the pure apply plan (``plan``: per-volume ts order, fragments, epochs, blocks on bad
 records, checkpoint offsets), the applier service (``applier``), the site's files
-(``images``, ``snapshots``; their layout is ``pipeline.site``) and its checkpoints
-(``checkpointer``).
+(``images``, ``snapshots``; their layout is ``pipeline.site``), its checkpoints
+(``checkpointer``) and roll-forward with reads (``extent_index``: the pure index of the
+newest bytes per range; ``rollforward``: the backlog, the export that serves reads from
+it, and the worker that writes it into the images).
 
 May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.watermark`` (the W
 it applies up to).
