@@ -339,7 +339,6 @@ class RollForward:
         }
 
 
-
 def extent_op(backlog: Backlog, extent: Extent) -> ApplyOp:
     """The op that writes an extent into the images (ts 0: it carries no log position)."""
     piece = extent.piece

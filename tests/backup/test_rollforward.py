@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.backup.images import ImageSet
-from pipeline.backup.plan import ApplyOp, OpKind
+from pipeline.backup.plan import ApplyOp, ApplyPlanner, OpKind
 from pipeline.backup.rollforward import (
     Backlog,
     RollForward,
@@ -25,14 +25,22 @@ from pipeline.backup.rollforward import (
     apply_volume_changes,
 )
 from schemas.records import VolumeChange, VolumeOp
+from tests.backup.plan_logs import IMAGE_SIZE, expected_ops, image_at, make_log, ready_take
 from tests.prereqs import require_tool, unavailable
 
 SIZE = 4096
 VOLS = ("v0", "v1")
 
 
-def op(kind: OpKind, vol: str, ts: int, offset: int, length: int, data: bytes | None = None,
-       record: VolumeChange | None = None) -> ApplyOp:
+def op(
+    kind: OpKind,
+    vol: str,
+    ts: int,
+    offset: int,
+    length: int,
+    data: bytes | None = None,
+    record: VolumeChange | None = None,
+) -> ApplyOp:
     return ApplyOp(kind, vol, ts, offset, length, data, record, "i0", 0)
 
 
@@ -139,8 +147,12 @@ def setup(rng: random.Random, n_ops: int, **backlog_kw: object):  # type: ignore
     return base, ops, model, backlog, sink, exports
 
 
-def foreground(rng: random.Random, exports: dict[str, RollForwardExport],
-               model: dict[str, bytearray], wrote: list[tuple[str, int, int]]) -> None:
+def foreground(
+    rng: random.Random,
+    exports: dict[str, RollForwardExport],
+    model: dict[str, bytearray],
+    wrote: list[tuple[str, int, int]],
+) -> None:
     """One random foreground request, checked against the model."""
     vol = rng.choice(VOLS)
     exp = exports[vol]
@@ -155,8 +167,11 @@ def foreground(rng: random.Random, exports: dict[str, RollForwardExport],
         exp.write(offset, data, False)
     else:
         data = bytes(length)
-        (exp.trim(offset, length, False) if r < 0.92
-         else exp.write_zeroes(offset, length, False, r < 0.96))
+        (
+            exp.trim(offset, length, False)
+            if r < 0.92
+            else exp.write_zeroes(offset, length, False, r < 0.96)
+        )
     model[vol][offset : offset + length] = data
     wrote.append((vol, offset, length))
 
@@ -350,6 +365,39 @@ def test_settling_export_never_shows_pre_cut_bytes_before_a_deferred_write_lands
     assert sink.images == model
 
 
+@pytest.mark.parametrize("seed", range(15))
+def test_backlog_from_the_planner_serves_the_cut(seed: int) -> None:
+    """The real feed: generated logs (fragments, epochs, zombies, volume changes) through
+    ApplyPlanner from the site's applied W to the target cut, in its order."""
+    rng = random.Random(4000 + seed)
+    log = make_log(rng, rng.randint(1, 3), rng.randint(1, 3), 150)
+    tss = sorted({o.ts for o in log.ops})
+    w0 = rng.choice([0, *tss[: len(tss) // 2]])
+    w1 = rng.choice(tss[len(tss) // 2 :])
+    planner = ApplyPlanner(applied_w=w0)
+    for p, recs in enumerate(log.parts):
+        for r in recs:
+            planner.add(r.record, p, r.offset)
+        planner.note_position(p, recs[-1].offset + 1 if recs else 0)
+    ops = ready_take(planner, w1, log.required_offsets(w1))
+    assert ops == expected_ops(log, w0, w1)
+    backlog = Backlog()
+    backlog.add_all(ops)
+    sink = MemImages(image_at(log, w0))
+    apply_volume_changes(backlog, sink)
+    cut = image_at(log, w1)
+    exports = {v: RollForwardExport(MemExport(sink, v), backlog, v) for v in log.volumes}
+    worker = RollForward(backlog, sink, batch_bytes=rng.choice((1, 16, 64)))
+    while True:
+        for v in log.volumes:
+            offset = rng.randrange(IMAGE_SIZE)
+            length = rng.randrange(IMAGE_SIZE - offset + 1)
+            assert exports[v].pread(offset, length) == bytes(cut[v][offset : offset + length])
+        if not worker.step():
+            break
+    assert sink.images == cut
+
+
 def test_volume_changes_are_applied_first_and_trim_the_index() -> None:
     ops = [
         op(OpKind.WRITE, "v0", 1, 100, 8, b"a" * 8),
@@ -460,7 +508,10 @@ def test_nbd_client_reads_the_cut_while_rolling_forward(tmp_path: Path) -> None:
             worker.start()
             proc = subprocess.run(
                 ["nbdsh", "-u", srv.uri("v0"), "-c", READ_SCRIPT, str(tmp_path / "read")],
-                env=env, capture_output=True, text=True, timeout=120,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
             running_during_reads = not worker.done.is_set()
             assert proc.returncode == 0, proc.stderr[-2000:]
