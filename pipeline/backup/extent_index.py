@@ -15,20 +15,22 @@ Per volume the extents are non-overlapping half-open ranges ``[start, end)``, ea
   the range allocated (ZERO) or punches it (TRIM), as the record said;
 - ``Spilled(pos)``: the bytes are in the caller's spill file from ``pos`` on.
 
-The starts are kept sorted in a ``sortedcontainers.SortedList`` (a list of short sorted
-lists, bisected): O(log n) insert and delete where a plain sorted ``list`` pays a memmove of
-the whole list per insert, which for the 262k extents of a 1 GiB backlog of random 4 KiB
-writes is ~30 s instead of ~2 s. It is pure Python, maintained, and already installed with
-hypothesis. Every operation is O(log n + k) for the k extents it touches.
+The starts are kept sorted in ``_Starts``, a list of short sorted lists (at most
+``2 * _Starts.LOAD`` each) found by ``bisect`` over their last elements: an insert or delete
+moves at most one short list, where one plain sorted ``list`` pays a memmove of the whole
+list per insert (for the 262k extents of a 1 GiB backlog of random 4 KiB writes, ~30 s of
+inserts). ``sortedcontainers.SortedList`` is the same structure, but its generic range
+iteration cost more than the index's whole insert; this one offers just the three queries
+the index needs. Every operation is O(log n + k) for the k extents it touches (plus moving
+one short list).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
-
-from sortedcontainers import SortedList
+from typing import Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,35 +76,131 @@ def cut(piece: Piece, delta: int, length: int) -> Piece:
     return piece
 
 
+class _Starts:
+    """A sorted set of ints as short sorted lists (module docstring); no duplicates are
+    ever added (extents never share a start)."""
+
+    LOAD = 256  # a list splits beyond 2 * LOAD elements
+
+    __slots__ = ("lists", "maxes", "size")
+
+    def __init__(self) -> None:
+        self.lists: list[list[int]] = []
+        self.maxes: list[int] = []  # maxes[i] == lists[i][-1]; no list is ever empty
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        for lst in self.lists:
+            yield from lst
+
+    def add(self, x: int) -> None:
+        self.size += 1
+        maxes = self.maxes
+        if not maxes:
+            self.lists.append([x])
+            maxes.append(x)
+            return
+        i = bisect_left(maxes, x)
+        if i == len(maxes):  # beyond every element: the last list grows
+            i -= 1
+            self.lists[i].append(x)
+            maxes[i] = x
+        else:
+            insort(self.lists[i], x)
+        lst = self.lists[i]
+        if len(lst) > 2 * self.LOAD:
+            half = len(lst) // 2
+            self.lists[i : i + 1] = [lst[:half], lst[half:]]
+            maxes[i : i + 1] = [lst[half - 1], lst[-1]]
+
+    def remove(self, x: int) -> None:
+        i = bisect_left(self.maxes, x)
+        lst = self.lists[i]
+        j = bisect_left(lst, x)
+        assert lst[j] == x
+        self._delete(i, j)
+
+    def pop(self) -> int:
+        """Remove and return the greatest element."""
+        x = self.lists[-1][-1]
+        self._delete(len(self.lists) - 1, len(self.lists[-1]) - 1)
+        return x
+
+    def floor(self, x: int) -> int | None:
+        """The greatest element <= x, if any."""
+        i = bisect_left(self.maxes, x)
+        if i < len(self.maxes):
+            lst = self.lists[i]
+            j = bisect_right(lst, x)
+            if j:
+                return lst[j - 1]
+        return self.maxes[i - 1] if i else None
+
+    def between(self, lo: int, hi: int) -> list[int]:
+        """The elements e with lo < e < hi, ascending."""
+        maxes, lists = self.maxes, self.lists
+        i = bisect_right(maxes, lo)  # the first list holding an element > lo
+        out: list[int] = []
+        j = bisect_right(lists[i], lo) if i < len(maxes) else 0
+        while i < len(maxes):
+            lst = lists[i]
+            k = bisect_left(lst, hi, j)
+            out.extend(lst[j:k])
+            if k < len(lst):  # lst[k] >= hi: done
+                break
+            i, j = i + 1, 0
+        return out
+
+    def around(self, lo: int, hi: int) -> tuple[int | None, list[int]]:
+        """``(floor(lo), between(lo, hi))`` in one descent: what an insert needs."""
+        maxes, lists = self.maxes, self.lists
+        i = bisect_left(maxes, lo)  # the first list whose greatest element is >= lo
+        if i == len(maxes):
+            return (maxes[-1] if maxes else None), []
+        lst = lists[i]
+        j = bisect_right(lst, lo)
+        floor = lst[j - 1] if j else (maxes[i - 1] if i else None)
+        if j < len(lst) and lst[j] >= hi:  # the usual insert: nothing starts inside
+            return floor, []
+        out: list[int] = []
+        while True:
+            k = bisect_left(lst, hi, j)
+            out.extend(lst[j:k])
+            i += 1
+            if k < len(lst) or i == len(maxes):
+                return floor, out
+            lst, j = lists[i], 0
+
+    def _delete(self, i: int, j: int) -> None:
+        self.size -= 1
+        lst = self.lists[i]
+        del lst[j]
+        if not lst:
+            del self.lists[i]
+            del self.maxes[i]
+        else:
+            self.maxes[i] = lst[-1]  # merging short neighbours back is not worth its code
+
+
 class _Volume:
     """One volume's extents: sorted starts, and start -> (end, piece)."""
 
     __slots__ = ("extents", "starts")
 
     def __init__(self) -> None:
-        self.starts: Any = SortedList()  # of int; sortedcontainers ships no type hints
+        self.starts = _Starts()
         self.extents: dict[int, tuple[int, Piece]] = {}
 
-    def first_overlapping(self, offset: int) -> int:
-        """The index in ``starts`` of the first extent that ends after ``offset``."""
-        i: int = self.starts.bisect_right(offset) - 1
-        if i >= 0:
-            start: int = self.starts[i]
-            if self.extents[start][0] > offset:
-                return i
-        return i + 1
-
-    def overlapping(self, offset: int, end: int) -> Iterator[int]:
+    def overlapping(self, offset: int, end: int) -> list[int]:
         """The starts of the extents overlapping ``[offset, end)``, ascending."""
-        i = self.first_overlapping(offset)
-        starts = self.starts
-        n = len(starts)
-        while i < n:
-            start: int = starts[i]
-            if start >= end:
-                return
-            yield start
-            i += 1
+        first, inside = self.starts.around(offset, end)
+        # the one extent that may start at or before offset and reach into the range
+        if first is not None and self.extents[first][0] > offset:
+            return [first, *inside]
+        return inside
 
 
 class ExtentIndex:
@@ -145,7 +243,7 @@ class ExtentIndex:
         vol = self._volumes.get(volume_id)
         if vol is None or not vol.extents:
             return 0
-        last: int = vol.starts[-1]
+        last = vol.starts.maxes[-1]
         return self.drop(volume_id, offset, max(0, vol.extents[last][0] - offset))
 
     def drop_volume(self, volume_id: str) -> int:
@@ -154,18 +252,22 @@ class ExtentIndex:
 
     def take_some(self, max_bytes: int) -> list[Extent]:
         """Remove and return extents of about ``max_bytes`` in all (at least one, if any),
-        lowest offsets first, volume by volume: the next batch to roll forward."""
+        volume by volume: the next batch to roll forward. Each volume's batch is taken from
+        its highest offsets (a SortedList pops its tail fastest) and handed out ascending."""
         out: list[Extent] = []
         budget = max_bytes
         for vid in list(self._volumes):
             vol = self._volumes[vid]
             starts = vol.starts
-            while len(starts) and (budget > 0 or not out):
-                start: int = starts.pop(0)
+            batch: list[Extent] = []
+            while starts and (budget > 0 or not (out or batch)):
+                start = starts.pop()
                 end, piece = vol.extents.pop(start)
                 self._account(end - start, piece, -1)
-                out.append(Extent(vid, start, end - start, piece))
+                batch.append(Extent(vid, start, end - start, piece))
                 budget -= end - start
+            batch.reverse()
+            out.extend(batch)
             self._forget_if_empty(vid, vol)
             if budget <= 0:
                 break
@@ -197,7 +299,7 @@ class ExtentIndex:
     def covers_any(self, volume_id: str, offset: int, length: int) -> bool:
         """Whether any byte of the range is indexed."""
         vol = self._volumes.get(volume_id)
-        return vol is not None and next(vol.overlapping(offset, offset + length), None) is not None
+        return vol is not None and bool(vol.overlapping(offset, offset + length))
 
     def volumes(self) -> list[str]:
         """The volumes with at least one extent, sorted."""
@@ -231,7 +333,7 @@ class ExtentIndex:
         """Remove ``[offset, end)`` from the volume's extents, keeping what sticks out of it
         on either side; the bytes removed."""
         removed = 0
-        for start in list(vol.overlapping(offset, end)):
+        for start in vol.overlapping(offset, end):
             e_end, piece = vol.extents[start]
             if start < offset:  # the head that precedes the carved range stays, shortened
                 vol.extents[start] = (offset, cut(piece, 0, offset - start))

@@ -7,11 +7,11 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pipeline.backup.extent_index import ExtentIndex, Piece, Spilled, Zeroes
+from pipeline.backup.extent_index import ExtentIndex, Piece, Spilled, Zeroes, _Starts
 
 SIZE = 256
 VOLUMES = ("a", "b")
@@ -32,6 +32,8 @@ def piece_bytes(piece: Piece, length: int, spill: bytes) -> bytes:
 class IndexMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        self.load = _Starts.LOAD
+        _Starts.LOAD = 2  # short lists: splits and emptied lists on every run
         self.index = ExtentIndex()
         self.model = {v: bytearray(SIZE) for v in VOLUMES}
         self.known = {v: [False] * SIZE for v in VOLUMES}
@@ -165,7 +167,10 @@ class IndexMachine(RuleBasedStateMachine):
             assert self.image[vol] == self.truth[vol]
 
     def teardown(self) -> None:
-        self.roll_all_forward()
+        try:
+            self.roll_all_forward()
+        finally:
+            _Starts.LOAD = self.load
 
 
 TestIndexMachine = IndexMachine.TestCase
@@ -199,3 +204,37 @@ def test_empty_and_out_of_range() -> None:
         index.add_zero("v", -1, 4)
     index.add_zero("v", 0, 0)
     assert index.extent_count == 0 and index.volumes() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.sampled_from("arp"), st.integers(0, 60)), max_size=200),
+    queries=st.lists(st.tuples(st.integers(-2, 62), st.integers(-2, 62)), max_size=20),
+    load=st.integers(1, 4),
+)
+def test_starts_against_a_sorted_list(
+    ops: list[tuple[str, int]], queries: list[tuple[int, int]], load: int
+) -> None:
+    saved, _Starts.LOAD = _Starts.LOAD, load
+    try:
+        starts, model = _Starts(), set()
+        for what, x in ops:
+            if what == "a" and x not in model:
+                starts.add(x)
+                model.add(x)
+            elif what == "r" and x in model:
+                starts.remove(x)
+                model.discard(x)
+            elif what == "p" and model:
+                assert starts.pop() == max(model)
+                model.discard(max(model))
+            assert list(starts) == sorted(model) and len(starts) == len(model)
+            assert all(len(lst) <= 2 * load and lst for lst in starts.lists)
+            assert starts.maxes == [lst[-1] for lst in starts.lists]
+        for lo, hi in queries:
+            assert starts.between(lo, hi) == sorted(e for e in model if lo < e < hi)
+            below = [e for e in model if e <= lo]
+            assert starts.floor(lo) == (max(below) if below else None)
+            assert starts.around(lo, hi) == (starts.floor(lo), starts.between(lo, hi))
+    finally:
+        _Starts.LOAD = saved
