@@ -265,6 +265,7 @@ class RollForward:
         self.images = images
         self.batch_bytes = batch_bytes
         self.done = threading.Event()  # set once the index is empty and the images synced
+        self.ended = threading.Event()  # set when run() returns: done, stopped or failed
         self.error: BaseException | None = None
         self.bytes_total = backlog.bytes_left
         self.bytes_done = 0
@@ -302,20 +303,29 @@ class RollForward:
         except BaseException as exc:
             self.error = exc
             raise
+        finally:
+            self.ended.set()
 
     def start(self) -> None:
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self.run, name="roll-forward", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the worker to stop after the batch in progress, without waiting for it."""
+        self._stop.set()
+
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop after the batch in progress; the rest stays in the index."""
+        """Stop after the batch in progress and wait; the rest stays in the index."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        return self.done.wait(timeout_s)
+        """Whether everything was rolled forward; returns early if the worker stopped or
+        failed (see ``error``)."""
+        self.ended.wait(timeout_s)
+        return self.done.is_set()
 
     @property
     def bytes_left(self) -> int:
@@ -333,6 +343,7 @@ class RollForward:
             "batches": self.batches,
             "spilled_bytes": self.backlog.spilled_bytes,
             "dropped_by_writes": self.backlog.dropped_by_writes,
+            "progress": 1.0 - self.bytes_left / self.bytes_total if self.bytes_total else 1.0,
             "elapsed_s": elapsed,
             "done": self.done.is_set(),
             "error": repr(self.error) if self.error else None,

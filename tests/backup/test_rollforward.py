@@ -202,7 +202,7 @@ def test_threaded_worker_with_foreground_requests(seed: int) -> None:
     fg = random.Random(seed)
     worker.start()
     n = 0
-    while not worker.done.is_set() or n < 200:
+    while not worker.ended.is_set() or n < 200:
         foreground(fg, exports, model, wrote)
         n += 1
     assert worker.wait(30)
@@ -261,6 +261,31 @@ def test_crash_mid_way_then_rebuild_converges(seed: int) -> None:
         assert again[vol].pread(0, SIZE) == bytes(model[vol])
     RollForward(rebuilt, sink).run()
     assert sink.images == model
+
+
+def test_stop_mid_way_keeps_the_rest_and_a_failure_is_reported() -> None:
+    rng = random.Random(9)
+    _, _, model, backlog, sink, exports = setup(rng, 500)
+    worker = RollForward(backlog, sink, batch_bytes=256)
+    sink.on_apply.append(lambda _o: sink.applied == 20 and worker.request_stop())
+    worker.start()
+    assert worker.ended.wait(10)
+    worker.stop()
+    assert worker.ended.is_set() and not worker.done.is_set() and worker.error is None
+    m = worker.metrics()
+    assert 0 < m["bytes_left"] < m["bytes_total"] and 0 < m["progress"] < 1
+    for v in VOLS:  # half rolled forward, still the cut
+        assert exports[v].pread(0, SIZE) == bytes(model[v])
+
+    def broken(_o: ApplyOp) -> None:
+        raise OSError(5, "EIO")
+
+    sink.on_apply.append(broken)
+    failing = RollForward(backlog, sink)
+    with pytest.raises(OSError):
+        failing.run()
+    assert not failing.wait(1) and isinstance(failing.error, OSError)
+    assert failing.metrics()["error"]
 
 
 def test_foreground_write_waits_for_a_batch_in_flight_and_wins() -> None:
