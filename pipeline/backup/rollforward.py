@@ -31,7 +31,9 @@ gives), a delete drops the whole volume (a recreate starts from zeroes).
 A crash during roll-forward restarts cleanly: the index is rebuilt from the same ops, the
 ranges written in the foreground since then are dropped from it (the caller knows them:
 they are the new generation's log), and rolling forward again writes the same newest bytes
-over whatever the crashed run had written, which is idempotent.
+over whatever the crashed run had written, which is idempotent. The volume changes are
+not applied again once serving began (the caller records that phase durably): a shrink and
+a grow re-applied would zero the foreground writes beyond the smaller size.
 """
 
 from __future__ import annotations
@@ -363,7 +365,8 @@ def extent_op(backlog: Backlog, extent: Extent) -> ApplyOp:
 
 
 def apply_volume_changes(backlog: Backlog, images: ImageSink) -> int:
-    """Apply the backlog's volume changes, in order, before serving; how many."""
+    """Apply the backlog's volume changes, in order, before serving; how many. Once only:
+    after a restart that follows serving, skip it (module docstring)."""
     for op in backlog.volume_changes:
         images.apply(op)
     return len(backlog.volume_changes)

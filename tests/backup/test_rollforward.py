@@ -480,15 +480,12 @@ def nbdsh_env() -> dict[str, str]:
 
 
 NBD_SIZE = 4 * 1024 * 1024
+# reads the whole export three times, writes 64 KiB at 1 MiB, reads it three times more
 READ_SCRIPT = """
-import sys
-out = sys.argv[1]
-for i in range(3):
-    with open(f"{out}.{i}", "wb") as f:
-        f.write(h.pread(h.get_size(), 0))
-h.pwrite(b"W" * 65536, 1048576)
-h.flush()
-for i in range(3, 6):
+for i in range(6):
+    if i == 3:
+        h.pwrite(b"W" * 65536, 1048576)
+        h.flush()
     with open(f"{out}.{i}", "wb") as f:
         f.write(h.pread(h.get_size(), 0))
 h.shutdown()
@@ -532,7 +529,13 @@ def test_nbd_client_reads_the_cut_while_rolling_forward(tmp_path: Path) -> None:
         with ServerThread({"v0": export}) as srv:
             worker.start()
             proc = subprocess.run(
-                ["nbdsh", "-u", srv.uri("v0"), "-c", READ_SCRIPT, str(tmp_path / "read")],
+                [
+                    "nbdsh",
+                    "-u",
+                    srv.uri("v0"),
+                    "-c",
+                    f"out = {str(tmp_path / 'read')!r}\n" + READ_SCRIPT,
+                ],
                 env=env,
                 capture_output=True,
                 text=True,
