@@ -88,8 +88,10 @@ class Backlog:
             self._add(op)
 
     def add_all(self, ops: Iterable[ApplyOp]) -> None:
-        for op in ops:
-            self.add(op)
+        """Fold many ops in under one hold of the lock (building, before serving)."""
+        with self.lock:
+            for op in ops:
+                self._add(op)
 
     def _add(self, op: ApplyOp) -> None:
         self.ops_added += 1
