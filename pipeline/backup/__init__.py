@@ -5,6 +5,6 @@ records, checkpoint offsets), the applier service (``applier``), the site's file
 (``images``, ``snapshots``; their layout is ``pipeline.site``) and its checkpoints
 (``checkpointer``).
 
-May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.watermark`` (the W
-it applies up to).
+May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.topology``,
+``pipeline.watermark`` (the W it applies up to).
 """
