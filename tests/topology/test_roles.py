@@ -159,3 +159,14 @@ def test_any_sequence_of_changes_keeps_the_invariants(
         assert gens == list(range(1, roles.generation + 1))
         ws = [t.w for t in roles.history]
         assert ws == sorted(ws)
+
+
+def test_a_commit_that_is_not_the_next_generation_is_refused_before_any_client() -> None:
+    from pipeline.topology.store import RolesStore
+
+    store = RolesStore({"bootstrap.servers": "127.0.0.1:1"}, timeout_s=0.1)  # no broker there
+    g0 = initial_roles("cg1", "main", now_us=0)
+    g1 = plan_failover(g0, "cg1", "dr", 5, {}, True, 1)
+    for cg, expected, roles in (("cg1", 0, g0), ("cg1", None, g1), ("cg1", 1, g1), ("cg2", 0, g1)):
+        with pytest.raises(RolesError, match="plan it from the latest roles"):
+            store.commit(cg, expected, roles)
