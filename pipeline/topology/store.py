@@ -172,6 +172,9 @@ class RolesStore:
             producer.produce(
                 CONFIG_TOPIC, payload, key=roles_key(cg), headers=codec.headers_for(roles)
             )
+            # on the brokers, inside the open transaction: what a writer that dies now
+            # leaves behind (commit would flush anyway)
+            producer.flush(self.timeout_s)
             self._hook("produced")
             producer.commit_transaction(self.timeout_s)
         except FencedError as exc:

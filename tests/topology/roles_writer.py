@@ -34,16 +34,18 @@ def plan_from(store: RolesStore, cg: str, expected: int, to_site: str, w: int) -
 
 
 def contend(
-    store: RolesStore, cg: str, expected: int, to_site: str, w: int, tries: int = 40
+    store: RolesStore, cg: str, expected: int, to_site: str, w: int, tries: int = 12
 ) -> dict[str, object]:
     """Commit until won, lost (another writer committed ``expected + 1``) or out of tries."""
     planned = plan_from(store, cg, expected, to_site, w)
-    for _ in range(tries):
+    for attempt in range(tries):
         try:
             got = store.commit(cg, expected, planned)
         except RolesConflictError as exc:
             if exc.retriable:
-                time.sleep(random.uniform(0.05, 0.5))  # both fencing each other: back off
+                # fenced mid-commit: back off (exponential, jittered) so that two writers
+                # fencing each other in turn leave one of them a quiet window to commit
+                time.sleep(random.uniform(0, min(4.0, 0.2 * 2**attempt)))
                 continue
             return {"result": "lost", "generation": expected + 1, "why": str(exc)}
         return {"result": "won", "generation": got.generation, "primary": got.primary_site}
