@@ -14,8 +14,9 @@ writer per CG (``transactional.id`` = ``lowmark.config.roles.<cg>``):
 2. re-read the latest committed roles and check the precondition (the expected
    generation); if the roles already are what we wanted (a re-run after a crash), return
    them; if another writer got there first, raise ``RolesConflictError`` naming it;
-3. produce the new roles and commit. A writer fenced in between lost the race:
-   ``RolesConflictError`` with ``retriable`` set, and nothing of it is visible.
+3. produce the new roles and commit, and return once readers see them. A writer fenced in
+   between lost the race: ``RolesConflictError`` with ``retriable`` set, and nothing of it
+   is visible.
 
 So two writers with the same expected generation never both commit: one of them always
 takes the id after the other's transaction is decided, and then sees it.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,7 +35,14 @@ from connectors.kafka.reading import BEGINNING, bounds, read_range
 from connectors.kafka.settings import TopologySettings
 from connectors.kafka.topics import CONFIG_TOPIC, ensure_config_topic, roles_key
 from connectors.kafka.topics import roles_transactional_id as _txid
-from pipeline.errors import FencedError, KafkaError, RecordError, RolesConflictError, RolesError
+from pipeline.errors import (
+    FencedError,
+    KafkaError,
+    KafkaUnavailableError,
+    RecordError,
+    RolesConflictError,
+    RolesError,
+)
 from pipeline.logs import event
 from pipeline.topology.roles import already_applied
 from schemas import codec
@@ -191,6 +200,7 @@ class RolesStore:
                     producer.abort_transaction(self.timeout_s)
             raise
         self._hook("committed")
+        self._await_visible(cg, roles)
         event(
             log,
             "roles committed",
@@ -200,6 +210,24 @@ class RolesStore:
             base_w=roles.base_w,
         )
         return roles
+
+    def _await_visible(self, cg: str, roles: CgRoles) -> None:
+        """Wait until readers see ``roles``: commit_transaction returns once the commit is
+        decided, but the partition's transaction marker (which lets read_committed readers
+        past the record) is written just after. Returning only once it is readable makes
+        a commit read-your-writes for the caller and for every later reader."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            seen = self.latest(cg)
+            if seen is not None and seen.generation >= roles.generation:
+                return
+            if time.monotonic() > deadline:
+                raise KafkaUnavailableError(
+                    f"generation {roles.generation} of CG {cg!r} is committed but not readable "
+                    f"after {self.timeout_s} s; check the brokers. A re-run completes without "
+                    "writing it again"
+                )
+            time.sleep(0.02)
 
 
 def _lost(cg: str, expected: int | None, current: CgRoles | None) -> str:

@@ -225,7 +225,8 @@ def test_roles_cli_and_status(kafka_conf: dict[str, str], unique_name: str) -> N
 
     ensure_topics(kafka_conf, cg)
     st = cg_status(kafka_conf, cg)
-    assert (st["generation"], st["primary_site"]) == (0, None) and "roles" not in render(st)
+    assert (st["generation"], st["primary_site"]) == (0, None)
+    assert "  roles " not in render(st)
 
     res = runner.invoke(main, ["roles", "init", *bs, "--primary-site", "main"])
     assert res.exit_code == 0, res.output
