@@ -3,6 +3,8 @@
 A write walks the rooms in this order; a room may import the rooms before it (and the
 shared ground), never one after it:
 
+    topology/   the roles of a CG: its generation and primary, in ``lowmark.config``; the
+                pure rules of a failover and their compare-and-set commit
     primary/    a volume's writes are stamped (HLC), batched with progress into one Kafka
                 transaction per tick, and acknowledged per mode
     watermark/  the progress log folded into W, the consistent cut over every interceptor

@@ -23,7 +23,11 @@ The message says what happened and what the operator can do about it.
      │    └── WatermarkHaltedError   a bad progress record froze W; operator must skip it
      ├── ApplyError                  the applier stopped; the message says why and what to do
      │    └── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
-     └── RestoreError                a cut cannot be restored/replayed (above W, out of retention)
+     ├── RestoreError                a cut cannot be restored/replayed (above W, out of retention)
+     └── RolesError                  the roles of a CG cannot change as asked (already primary,
+          │                          a cut below the generation's base)
+          └── RolesConflictError     another writer changed the roles first (.retriable: re-read
+                                     and retry; not retriable: it won, look before acting again)
 """
 
 from __future__ import annotations
@@ -153,3 +157,23 @@ class RestoreError(LowmarkError):
     Above the published W (not known to be complete), older than the log's retention and
     every snapshot, or an unknown marker. The message names the restorable range.
     """
+
+
+class RolesError(LowmarkError):
+    """The roles of a consistency group cannot change as asked.
+
+    The site is already the primary, the cut lies below the current generation's base, or
+    the recorded roles are not what the change expected. ``lowmark roles show`` prints them.
+    """
+
+
+class RolesConflictError(RolesError):
+    """Another writer changed (or is changing) the roles of the CG first.
+
+    ``retriable``: it took the roles' writer while we committed; re-read and retry. Not
+    retriable: it committed another generation; the message names it, look before acting.
+    """
+
+    def __init__(self, message: str = "", *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable

@@ -7,6 +7,8 @@ converts to and from the plain Avro dict fastavro reads and writes (``to_avro`` 
 ``from_avro``), which of its values are impossible (``check``), and the ts its ``ts``
 header shows (``header_ts``). The base classes say where a record lives: a ``LogRecord``
 is on the CG's log, a ``VolumeRecord`` changes one volume, a ``CgRecord`` is CG-wide.
+``CgRoles`` (the roles of a CG, in ``lowmark.config``) is defined in ``schemas.roles`` and
+registered here like the rest.
 
 Adding a record type: its ``.avsc``, its class here (and in ``RECORDS``), the handlers of
 the consumers that act on it (they dispatch on the class), and its row in
@@ -47,11 +49,13 @@ from schemas.record_base import (
     offsets_from_avro,
     offsets_to_avro,
 )
+from schemas.roles import CgRoles, Transition, TransitionKind
 
 __all__ = [
     "LOG_RECORDS",
     "RECORDS",
     "CgRecord",
+    "CgRoles",
     "Checkpoint",
     "Departed",
     "LogRecord",
@@ -60,6 +64,8 @@ __all__ = [
     "ProgressKind",
     "Record",
     "Snapshot",
+    "Transition",
+    "TransitionKind",
     "VolumeChange",
     "VolumeDigest",
     "VolumeOp",
@@ -549,6 +555,7 @@ RECORDS: tuple[type[Record], ...] = (
     Progress,
     Watermark,
     Checkpoint,
+    CgRoles,
 )
 
 #: the record types the CG's log holds

@@ -30,10 +30,11 @@ BELOW_ROOMS = ("schemas", "connectors")
 # What each room may import besides itself, the shared ground and the layers below the
 # rooms (pipeline/__init__.py and each room's docstring say the same in words).
 ROOM_MAY_IMPORT: dict[str, tuple[str, ...]] = {
-    "primary": ("pipeline.watermark.state",),
-    "watermark": (),
-    "backup": ("pipeline.watermark",),
-    "ops": ("pipeline.primary", "pipeline.watermark", "pipeline.backup"),
+    "topology": (),
+    "primary": ("pipeline.topology", "pipeline.watermark.state"),
+    "watermark": ("pipeline.topology",),
+    "backup": ("pipeline.topology", "pipeline.watermark"),
+    "ops": ("pipeline.topology", "pipeline.primary", "pipeline.watermark", "pipeline.backup"),
     "app": ("pipeline",),
 }
 KAFKA_CLIENT_HOMES = ("connectors/kafka/", "connectors/embedded_kafka/")

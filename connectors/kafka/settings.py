@@ -10,6 +10,8 @@ differs from librdkafka's default says why. The roles:
   silent member, the standby's watch, and the producer of FENCE records and dead letters;
 - ``ApplierSettings``: the readers of the log and the watermark topic, the producer of
   checkpoints and dead letters;
+- ``TopologySettings``: the one transactional writer of a CG's roles and the reader of
+  ``lowmark.config``;
 - ``ToolSettings``: short reads by start-up code and the operator tools (status, restore,
   replay, tail, verify) and the admin client.
 """
@@ -153,6 +155,32 @@ class ApplierSettings(_Role):
             **self.base,
             "enable.idempotence": True,  # a retried checkpoint is not written twice
             "acks": "all",  # a checkpoint must survive a broker loss
+        }
+
+
+class TopologySettings(_Role):
+    def roles_producer(self, transactional_id: str) -> Settings:
+        return {
+            **self.base,
+            # one writer per CG: taking the id fences a concurrent writer and aborts what
+            # it left open, so a role change is compare-and-set on what is committed
+            "transactional.id": transactional_id,
+            "enable.idempotence": True,  # a retried send is not written twice
+            "acks": "all",  # a role change must survive a broker loss
+            "linger.ms": 0,  # one tiny record per change: send it at once
+            # a writer that died mid-change holds back the LSO of lowmark.config (every
+            # read_committed reader of roles) until the next writer fences it or this
+            # passes: half the default 60 s, as a change is one record
+            "transaction.timeout.ms": 30_000,
+        }
+
+    def reader(self) -> Settings:
+        """A bounded read of ``lowmark.config``."""
+        return {
+            # a group of its own: no offsets are ever committed
+            **self._reader(f"lowmark-config-{uuid.uuid4().hex[:8]}"),
+            # the read stops at the end of what is committed
+            "enable.partition.eof": True,
         }
 
 

@@ -1,7 +1,16 @@
-"""Topic names of a consistency group and their creation.
+"""Topic names of a consistency group and their creation; the shared config topic.
 
 See docs/ARCHITECTURE.md for why each topic is shaped the way it is (the progress topic
 has one partition so the watermark is a deterministic fold of a total order).
+
+Generations are separate topics: generation 0 keeps the names a CG always had
+(``lowmark.<cg>.log``, ...), generation g >= 1 uses ``lowmark.<cg>.g<g>.log``, ... and
+transactional ids scoped the same way, so an old primary can only ever write into its own
+generation's topics, which no applier of a newer generation reads. A CG name has no '.',
+so no generation's names can be another CG's.
+
+``lowmark.config`` (one partition, compacted) holds what is not one CG's data, such as
+the roles of every CG (key ``roles/<cg>``, written by ``pipeline.topology.store``).
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from connectors.kafka.admin import Admin, TopicSpec
 from pipeline.errors import ConfigError, KafkaUnavailableError
@@ -25,36 +35,66 @@ def check_cg_name(cg: str) -> str:
     return cg
 
 
+#: the shared, compacted config topic (roles of every CG, ...)
+CONFIG_TOPIC = "lowmark.config"
+
+
+def roles_key(cg: str) -> str:
+    """The key of a CG's roles in ``CONFIG_TOPIC`` (compaction keeps the latest per key)."""
+    return f"roles/{cg}"
+
+
+def roles_transactional_id(cg: str) -> str:
+    """The one writer of a CG's roles: taking this id fences any concurrent writer. Not
+    generation-scoped: it is what decides which generation comes next."""
+    return f"{CONFIG_TOPIC}.roles.{cg}"
+
+
 @dataclass(frozen=True)
 class CgTopics:
+    """The topics and transactional ids of one generation of a CG (default: generation 0,
+    the names every CG had before generations existed)."""
+
     cg: str
+    generation: int = 0
+
+    def __post_init__(self) -> None:
+        g = self.generation
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise ConfigError(f"generation must be an integer >= 0, got {g!r}")
+
+    @property
+    def prefix(self) -> str:
+        """``lowmark.<cg>`` for generation 0, ``lowmark.<cg>.g<g>`` after it."""
+        g = self.generation
+        return f"lowmark.{self.cg}.g{g}" if g else f"lowmark.{self.cg}"
 
     @property
     def log(self) -> str:
-        return f"lowmark.{self.cg}.log"
+        return f"{self.prefix}.log"
 
     @property
     def progress(self) -> str:
-        return f"lowmark.{self.cg}.progress"
+        return f"{self.prefix}.progress"
 
     @property
     def watermark(self) -> str:
-        return f"lowmark.{self.cg}.watermark"
+        return f"{self.prefix}.watermark"
 
     @property
     def checkpoints(self) -> str:
-        return f"lowmark.{self.cg}.checkpoints"
+        return f"{self.prefix}.checkpoints"
 
     @property
     def deadletter(self) -> str:
-        return f"lowmark.{self.cg}.deadletter"
+        return f"{self.prefix}.deadletter"
 
     def transactional_id(self, interceptor_id: str) -> str:
-        return f"lowmark.{self.cg}.interceptor.{interceptor_id}"
+        return f"{self.prefix}.interceptor.{interceptor_id}"
 
     def watermark_transactional_id(self) -> str:
         """Shared by every watermark service instance of the CG: one publisher at a time."""
-        return f"lowmark.{self.cg}.watermark-publisher"
+        return f"{self.prefix}.watermark-publisher"
 
 
 def ensure_topics(
@@ -64,13 +104,14 @@ def ensure_topics(
     log_partitions: int = 4,
     replication_factor: int | None = None,
     timeout_s: float = 30.0,
+    generation: int = 0,
 ) -> CgTopics:
-    """Create the CG's topics if missing; existing ones are left as they are."""
-    topics = CgTopics(check_cg_name(cg))
+    """Create the topics of the CG's ``generation`` if missing; existing ones are left as
+    they are."""
+    topics = CgTopics(check_cg_name(cg), generation)
     admin = Admin(conf)
     md = admin.metadata(timeout_s)
-    rf = replication_factor or min(3, len(md.brokers))
-    min_isr = "2" if rf >= 3 else "1"
+    rf, min_isr = _replication(md, replication_factor)
     compacted = {"cleanup.policy": "compact", "min.insync.replicas": min_isr}
     wanted = [
         TopicSpec(topics.log, log_partitions, rf, {"min.insync.replicas": min_isr}),
@@ -83,6 +124,29 @@ def ensure_topics(
     # another process may have created them a moment ago: wait for leaders either way
     _wait_for_topics(admin, [t.name for t in wanted], timeout_s)
     return topics
+
+
+def ensure_config_topic(
+    conf: dict[str, str], *, replication_factor: int | None = None, timeout_s: float = 30.0
+) -> str:
+    """Create ``lowmark.config`` if missing (one partition: one order of every change;
+    compacted: the latest record per key is kept forever); returns its name."""
+    admin = Admin(conf)
+    md = admin.metadata(timeout_s)
+    rf, min_isr = _replication(md, replication_factor)
+    spec = TopicSpec(
+        CONFIG_TOPIC, 1, rf, {"cleanup.policy": "compact", "min.insync.replicas": min_isr}
+    )
+    admin.create_topics([spec] if CONFIG_TOPIC not in md.topics else [], timeout_s)
+    _wait_for_topics(admin, [CONFIG_TOPIC], timeout_s)
+    return CONFIG_TOPIC
+
+
+def _replication(md: Any, replication_factor: int | None) -> tuple[int, str]:
+    """The replication factor (default: 3, or every broker of a smaller cluster) and the
+    min.insync.replicas that goes with it."""
+    rf = replication_factor or min(3, len(md.brokers))
+    return rf, "2" if rf >= 3 else "1"
 
 
 def _wait_for_topics(admin: Admin, names: list[str], timeout_s: float) -> None:

@@ -7,6 +7,6 @@ records, checkpoint offsets), the applier service (``applier``), the site's file
 newest bytes per range; ``rollforward``: the backlog, the export that serves reads from
 it, and the worker that writes it into the images).
 
-May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.watermark`` (the W
-it applies up to).
+May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.topology``,
+``pipeline.watermark`` (the W it applies up to).
 """

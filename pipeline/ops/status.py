@@ -15,6 +15,7 @@ from connectors.kafka.reading import end_offsets, iter_range, latest
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import RecordError
 from pipeline.timesource import wall_us
+from pipeline.topology.store import RolesStore
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
 from schemas.records import Checkpoint
@@ -73,9 +74,13 @@ def cg_status(
     wm = best[0] if best else None
     ends = end_offsets(kafka_conf, topics.log)
     avg = _avg_record_bytes(kafka_conf, topics.log, ends)
+    roles = RolesStore(kafka_conf).latest(cg)
     status: dict[str, Any] = {
         "cg": cg,
         "time_us": now,
+        # generation 0 and no primary when no roles are recorded (`lowmark roles init`)
+        "generation": roles.generation if roles else 0,
+        "primary_site": roles.primary_site if roles else None,
         "w": wm.w if wm else None,
         "w_time": format_ts(wm.w) if wm and wm.w else None,
         "rpo_s": (now - ts_physical_us(wm.w)) / 1e6 if wm and wm.w else None,
@@ -115,8 +120,11 @@ def render(status: dict[str, Any]) -> str:
     def secs(v: float | None) -> str:
         return "-" if v is None else (f"{v * 1000:.0f} ms" if v < 10 else f"{v:.1f} s")
 
-    lines = [
-        f"consistency group {status['cg']}",
+    lines = [f"consistency group {status['cg']}"]
+    if status.get("primary_site"):
+        g, primary = status["generation"], status["primary_site"]
+        lines.append(f"  roles    generation {g}, primary {primary}")
+    lines += [
         f"  W        {status['w']}  ({status['w_time'] or 'none yet'})",
         f"  RPO      {secs(status['rpo_s'])}   "
         f"(W published {secs(status['watermark_published_age_s'])} ago)",

@@ -5,6 +5,7 @@ tick batch and its records (``outbox``), the replicating interceptor and its tic
 (``interceptor``), the follower of published cuts that sync acknowledgements wait on
 (``cut_follower``), and the NBD face of a replicating volume (``nbd_volume``).
 
-May import: the shared ground, ``schemas``, ``connectors``, and ``pipeline.watermark.state``
-(the pure rules of the watermark protocol: an interceptor obeys the JOIN clock floor).
+May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.topology``, and
+``pipeline.watermark.state`` (the pure rules of the watermark protocol: an interceptor
+obeys the JOIN clock floor).
 """

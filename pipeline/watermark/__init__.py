@@ -5,5 +5,5 @@ epoch rules), the CG's single W writer (``publisher``: one transactional.id, one
 transaction per W, never lower than the last), and the service that reads progress,
 fences the silent and stands by or takes over (``service``).
 
-May import: the shared ground, ``schemas``, ``connectors``.
+May import: the shared ground, ``schemas``, ``connectors``, ``pipeline.topology``.
 """

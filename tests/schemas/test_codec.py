@@ -41,6 +41,7 @@ from schemas import codec
 from schemas.records import (
     RECORDS,
     CgRecord,
+    CgRoles,
     Checkpoint,
     Marker,
     Progress,
@@ -109,6 +110,23 @@ def _po() -> st.SearchStrategy[list[dict[str, int]]]:
     )
 
 
+@st.composite
+def roles(draw: st.DrawFn) -> dict[str, Any]:  # generations rise, cuts never fall
+    gens = sorted(draw(st.sets(st.integers(1, 2**40), max_size=4)))
+    ws = sorted(draw(st.lists(LONG, min_size=len(gens), max_size=len(gens))))
+    sites = draw(st.lists(NAME, min_size=len(gens) + 1, max_size=len(gens) + 1))
+    history = [
+        {"generation": g, "kind": draw(st.sampled_from(["FAILOVER", "SWITCHOVER"])),
+         "from_site": sites[i], "to_site": sites[i + 1] + "'", "w": w,
+         "forced": draw(st.booleans()), "at_us": draw(LONG)}
+        for i, (g, w) in enumerate(zip(gens, ws, strict=True))
+    ]
+    return {"cg": draw(NAME), "generation": gens[-1] if gens else 0,
+            "primary_site": history[-1]["to_site"] if history else sites[0],
+            "base_w": ws[-1] if ws else 0, "base_offsets": draw(_po()) if gens else [],
+            "history": history, "updated_us": draw(LONG)}
+
+
 AVRO_STRATEGIES: dict[type[Record], st.SearchStrategy[dict[str, Any]]] = {
     Write: writes(),
     Zero: st.fixed_dictionaries({
@@ -154,6 +172,7 @@ AVRO_STRATEGIES: dict[type[Record], st.SearchStrategy[dict[str, Any]]] = {
         }), unique_by=lambda v: v["volume_id"], max_size=4),
         "written_us": LONG,
     }),
+    CgRoles: roles(),
 }
 
 
@@ -319,6 +338,14 @@ IMPOSSIBLE: list[tuple[type[Record], dict[str, Any]]] = [
                                 "last_progress_offset": 0}] * 2, "published_us": 0}),
     (Checkpoint, {"site": "s", "cg": "c", "w": -1, "log_offsets": [], "volumes": [],
                     "written_us": 0}),
+    (CgRoles, {"cg": "c", "generation": 1, "primary_site": "dr", "base_w": 5,
+                 "base_offsets": [], "history": [], "updated_us": 0}),  # no transition made it
+    (CgRoles, {"cg": "c", "generation": 0, "primary_site": "a", "base_w": 5,
+                 "base_offsets": [], "history": [], "updated_us": 0}),  # gen 0 has no cut
+    (CgRoles, {"cg": "c", "generation": 1, "primary_site": "a", "base_w": 5,
+                 "base_offsets": [], "updated_us": 0, "history": [
+                     {"generation": 1, "kind": "FAILOVER", "from_site": "a", "to_site": "a",
+                      "w": 5, "forced": False, "at_us": 0}]}),  # to itself
 ]
 
 
@@ -351,6 +378,13 @@ SAMPLES: list[tuple[type[Record], dict[str, Any]]] = [
     (Checkpoint, {"site": "dr", "cg": "cg1", "w": 2**58, "log_offsets": [],
                     "volumes": [{"volume_id": "v1", "size": 1 << 30, "digest": "blake2b:00ff"}],
                     "written_us": 7}),
+    (CgRoles, {"cg": "cg1", "generation": 2, "primary_site": "main", "base_w": 2**58,
+                 "base_offsets": [{"partition": 0, "offset": 40}],
+                 "history": [{"generation": 1, "kind": "FAILOVER", "from_site": "main",
+                              "to_site": "dr", "w": 2**57, "forced": True, "at_us": 5},
+                             {"generation": 2, "kind": "SWITCHOVER", "from_site": "dr",
+                              "to_site": "main", "w": 2**58, "forced": False, "at_us": 9}],
+                 "updated_us": 9}),
 ]
 
 

@@ -18,6 +18,7 @@ from connectors.kafka.settings import (
     ApplierSettings,
     InterceptorSettings,
     ToolSettings,
+    TopologySettings,
     WatermarkSettings,
 )
 from pipeline.errors import FencedError, KafkaError, KafkaUnavailableError
@@ -37,6 +38,7 @@ def _every_client() -> dict[str, dict[str, object]]:
     a = ApplierSettings(CONN, "cg", "site1")
     t = ToolSettings(CONN)
     i = InterceptorSettings(CONN)
+    o = TopologySettings(CONN)
     return {
         "interceptor.producer": i.producer("lowmark.cg.interceptor.i1", "lz4"),
         "interceptor.cuts": i.cuts_consumer(),
@@ -51,6 +53,8 @@ def _every_client() -> dict[str, dict[str, object]]:
         "applier.producer": a.producer(),
         "tool.reader": t.reader(),
         "tool.log_reader": t.log_reader(),
+        "topology.roles": o.roles_producer("lowmark.config.roles.cg"),
+        "topology.reader": o.reader(),
     }
 
 
@@ -83,6 +87,10 @@ def test_role_keys_lowmark_depends_on():
     assert c["tool.log_reader"]["auto.offset.reset"] == "error"
     assert "auto.offset.reset" not in c["tool.reader"], "short reads keep librdkafka's reset"
     assert ToolSettings(CONN).reader()["group.id"] != ToolSettings(CONN).reader()["group.id"]
+    roles = c["topology.roles"]
+    assert roles["transactional.id"] == "lowmark.config.roles.cg" and roles["acks"] == "all"
+    assert roles["enable.idempotence"] is True and roles["transaction.timeout.ms"] == 30_000
+    assert c["topology.reader"]["enable.partition.eof"] is True
 
 
 @pytest.mark.parametrize(
