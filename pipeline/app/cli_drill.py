@@ -87,7 +87,13 @@ def start(
     cfg = build_config(config_path, bootstrap_servers, cg_name)
     kafka_conf, cg = cfg.kafka_conf(), cfg.cg.name
     site_name, sdir = _site(cfg, site, site_dir)
-    ck = dr.check_site(kafka_conf, cg, site_name)
+    ck = dr.check_site(kafka_conf, cg, site_name, sdir)
+    if sdir is None:
+        click.echo(
+            f"note: no data dir for site {site_name} (--site-dir): the clone is built from "
+            "the log's start, without the site's snapshots",
+            err=True,
+        )
     cut = dr.choose_cut(kafka_conf, cg, at=at_ts, marker=marker)
     if cut.marker is not None:
         more = f" (newest of {cut.markers_named} with that name)" if cut.markers_named > 1 else ""

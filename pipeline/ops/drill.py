@@ -93,8 +93,16 @@ def choose_cut(
     return cut
 
 
-def check_site(kafka_conf: Mapping[str, Any], cg: str, site: str) -> Checkpoint:
-    """The site's newest checkpoint; a site that never checkpointed in this CG is refused."""
+def check_site(
+    kafka_conf: Mapping[str, Any], cg: str, site: str, site_dir: Path | None = None
+) -> Checkpoint:
+    """The site's newest checkpoint; a site that never checkpointed in this CG is refused,
+    and so is a ``site_dir`` without a site's layout (a typo would silently lose the base)."""
+    if site_dir is not None and not SiteDir(Path(site_dir)).is_site():
+        raise DrillError(
+            f"{site_dir} is not a site's data dir (no images/ in it); pass the data dir of "
+            f"site {site!r} with --site-dir"
+        )
     found = latest_checkpoints(dict(kafka_conf), cg)
     if site not in found:
         known = ", ".join(sorted(found)) or "none has checkpointed yet"
