@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ from pipeline.app.services import _stop_on_signals
 from pipeline.logs import event
 
 log = logging.getLogger("lowmark.drill")
+
+#: a served drill logs its counters this often (as the services do)
+STATUS_EVERY_S = 10.0
 
 
 @click.group()
@@ -143,10 +147,17 @@ def start(
             )
         return out_m
 
+    last_status = [time.monotonic()]
+
+    def status_line() -> None:
+        if time.monotonic() - last_status[0] >= STATUS_EVERY_S:
+            last_status[0] = time.monotonic()
+            event(log, "drill status", cg=cg, site=site_name, **_flat(drill_metrics()))
+
     with dr.DrillLock(to_dir):
         if metrics:
             serve_metrics(metrics, "drill", drill_metrics, {"cg": cg, "site": site_name})
-        dr.serve(to_dir, nbd, stop, on_ready)
+        dr.serve(to_dir, nbd, stop, on_ready, status_line)
         event(log, "drill stopped", cg=cg, site=site_name, w=cut.ts, **_flat(drill_metrics()))
     click.echo(f"drill stopped; the clone stays in {to_dir} (`lowmark drill delete {to_dir}`)")
 

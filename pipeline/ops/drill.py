@@ -360,11 +360,16 @@ def serve(
     config: NbdServerConfig,
     stop: threading.Event,
     on_ready: Callable[[Served], None] | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> None:
-    """Serve the clone's volumes until ``stop`` is set; the caller holds the ``DrillLock``."""
+    """Serve the clone's volumes until ``stop`` is set; the caller holds the ``DrillLock``.
+
+    ``on_ready`` gets the bound address once listening; ``on_tick`` is called about every
+    0.1 s while serving (status lines).
+    """
     exports = open_exports(drill_dir)
     try:
-        asyncio.run(_serve_async(exports, config, stop, on_ready))
+        asyncio.run(_serve_async(exports, config, stop, on_ready, on_tick))
     finally:
         for ex in exports.values():
             with contextlib.suppress(OSError):
@@ -377,6 +382,7 @@ async def _serve_async(
     config: NbdServerConfig,
     stop: threading.Event,
     on_ready: Callable[[Served], None] | None,
+    on_tick: Callable[[], None] | None,
 ) -> None:
     as_exports: dict[str, Export] = dict(exports)
     server = NbdServer(as_exports, config)
@@ -387,5 +393,7 @@ async def _serve_async(
             on_ready(served)
         while not stop.is_set():
             await asyncio.sleep(0.1)
+            if on_tick is not None:
+                on_tick()
     finally:
         await server.close()

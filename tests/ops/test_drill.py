@@ -222,6 +222,13 @@ class Writer:
         assert self.error is None, self.error
 
 
+def _published_w(conf: dict[str, Any], cg: str) -> int:
+    try:
+        return rs.latest_watermark(conf, cg).w
+    except RestoreError:
+        return -1  # none published yet
+
+
 def _site_w(conf: dict[str, Any], cg: str) -> int:
     found = latest_checkpoints(conf, cg)
     return found[SITE].w if SITE in found else -1
@@ -252,8 +259,8 @@ def test_drill_at_a_ts_and_a_marker_while_the_site_keeps_applying(kafka, tmp_pat
                 if round_ == 3:
                     marker_ts = _marker(cg, "pre-drill")
                 cg.flush()
-                time.sleep(0.1)
-            wait_until(lambda: rs.latest_watermark(conf, name).w >= max(write_ts), 30, "W")
+                time.sleep(0.3)  # snapshots (every 0.2 s) spread over the log
+            wait_until(lambda: _published_w(conf, name) >= max(write_ts), 30, "W past the writes")
             cut = sorted(write_ts)[len(write_ts) * 2 // 3]
             assert cut != marker_ts
             writer = Writer(cg, 13)  # the site keeps applying through the drill
@@ -307,6 +314,7 @@ def test_drill_at_a_ts_and_a_marker_while_the_site_keeps_applying(kafka, tmp_pat
             site = SiteDir(site_dir)
             before = {v: read_image(site.image_path(v), SIZES[v]) for v in SIZES}
             log_end = end_offsets(conf, CgTopics(name).log)
+            log_before = read_log(conf, name)
             clone_a = doc["exports"]["a"]
             proc = subprocess.run(
                 ["qemu-io", "-f", "raw", "-c", "write -P 0xa5 0 65536", "-c", "flush", clone_a],
@@ -325,6 +333,7 @@ def test_drill_at_a_ts_and_a_marker_while_the_site_keeps_applying(kafka, tmp_pat
             clone_img = read_image(SiteDir(tmp_path / "d1").image_path("a"))
             assert clone_img[:65536] == b"\xa5" * 65536
             time.sleep(0.5)  # anything the write would have set off has had time
+            assert read_log(conf, name) == log_before, "the clone's write reached the log"
             assert end_offsets(conf, CgTopics(name).log) == log_end
             for v in SIZES:
                 now = read_image(site.image_path(v), SIZES[v])
