@@ -38,6 +38,7 @@ from pipeline.ops import restore as rs
 from pipeline.ops.status import latest_checkpoints
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.site import SiteDir
+from schemas.ts import make_ts, ts_physical_us
 from tests.kafka_helpers import unique
 from tests.ops.test_ops_tools import FAST, _marker, _workload
 from tests.oracles import first_difference, read_image
@@ -111,9 +112,9 @@ class DrillProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self) -> int:
+    def stop(self, sig: signal.Signals = signal.SIGINT) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         code = self.proc.wait(60)
         self.out.close()
         return code
@@ -303,7 +304,8 @@ def test_drill_at_a_ts_and_a_marker_while_the_site_keeps_applying(kafka, tmp_pat
                     "the site's checkpoint W to advance during the drill",
                 )
                 ap.check()
-                assert d2.stop() == 0, d2.output()
+                assert d2.stop(signal.SIGTERM) == 0, d2.output()
+                assert not Path(sock).exists()  # the server removed its socket
             finally:
                 writer.stop()
             # the clone's writes stay in the clone: the site applied everything, quiet now
@@ -353,19 +355,20 @@ def test_drill_at_a_ts_and_a_marker_while_the_site_keeps_applying(kafka, tmp_pat
             assert SiteDir(site_dir).is_site() and ap.error is None
 
             # a wrong site, a cut above W, a marker that does not exist: nothing starts
-            w = rs.latest_watermark(conf, name).w
+            # an hour past W: the idle primary's ticks move W on meanwhile, by milliseconds
+            above = make_ts(ts_physical_us(rs.latest_watermark(conf, name).w) + 3600 * 10**6)
             with pytest.raises(dr.DrillError, match="site 'nope' has no checkpoint"):
                 dr.check_site(conf, name, "nope")
             with pytest.raises(dr.DrillError, match="not a site's data dir"):
                 dr.check_site(conf, name, SITE, tmp_path / "no-such-dir")
             with pytest.raises(RestoreError, match="above the latest published W"):
-                dr.choose_cut(conf, name, at=w + 10**9)
+                dr.choose_cut(conf, name, at=above)
             with pytest.raises(RestoreError, match="no marker named"):
                 dr.choose_cut(conf, name, marker="never-set")
             base = ["start", "--bootstrap-servers", conf["bootstrap.servers"], "--cg", name]
             for args, why in (
                 (["--site", "nope", "--to", str(tmp_path / "x")], "has no checkpoint"),
-                (["--site", SITE, "--at", str(w + 10**9), "--to", str(tmp_path / "y")], "above"),
+                (["--site", SITE, "--at", str(above), "--to", str(tmp_path / "y")], "above"),
             ):
                 res = CliRunner().invoke(drill_cli, [*base, *args])
                 assert isinstance(res.exception, RestoreError), res.output
