@@ -9,7 +9,8 @@ shared ground), never one after it:
                 transaction per tick, and acknowledged per mode
     watermark/  the progress log folded into W, the consistent cut over every interceptor
     backup/     records with ts <= W applied to the site's images, checkpointed
-    ops/        operator tools on the log and the site: restore, replay, verify, tail, status
+    ops/        operator tools on the log and the site: restore, replay, verify, tail,
+                status, drill (test failover)
     app/        configuration, the long-lived services, metrics, the `lowmark` command, demo
 
 Shared ground, importable from every room: ``errors`` (the ``LowmarkError`` tree), ``logs``
