@@ -130,8 +130,9 @@ def start(
         state["served"] = served
         address = {"host": nbd.host, "port": served.port, "unix": nbd.unix_path}
         doc.update(address={"serving": True, **address}, exports=served.exports)
-        dr.write_manifest(to_dir, doc)
+        # printed before the manifest says "serving": whoever waits on it sees the URIs
         _print_started(cg, site_name, cut, m, ck.w, served.exports, to_dir)
+        dr.write_manifest(to_dir, doc)
         event(log, "drill serving", cg=cg, site=site_name, w=cut.ts, exports=served.exports)
 
     def drill_metrics() -> dict[str, Any]:

@@ -274,6 +274,8 @@ def test_drill_at_a_ts_and_a_marker_while_the_site_keeps_applying(kafka, tmp_pat
                 doc = d1.wait_serving()
                 assert doc["cut"]["w"] == cut and doc["site"] == SITE and doc["cg"] == name
                 assert doc["base"]["kind"] == "snapshot", f"no snapshot base: {doc['base']}"
+                # the summary is printed before the manifest says serving; a slow pipe may lag
+                wait_until(lambda: "RPO of this cut" in d1.output(), 10, "the drill summary")
                 out = d1.output()
                 assert f"at W {cut} " in out and "RPO of this cut" in out
                 for uri in doc["exports"].values():
