@@ -9,7 +9,7 @@ is bounded: by a deadline, or by how long no message arrived.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from connectors.kafka.consumer import BEGINNING, Consumer
@@ -144,10 +144,32 @@ def latest(
     decode: Callable[[bytes], Any],
     better: Callable[[Any, Any], bool],
     timeout_s: float = 30.0,
+    *,
+    tail: int | None = None,
 ) -> tuple[Any, int] | None:
-    """The best decodable record of a (compacted, single-partition) topic and its offset."""
+    """The best decodable record of a (compacted, single-partition) topic and its offset.
+
+    ``tail``: the best record is known to be among the last ``tail`` records when any of
+    them decodes (a topic whose one writer never publishes a worse record after a better
+    one, such as the watermark topic); only those are read, not the whole topic, which
+    before compaction holds every record ever published. None decodes: the whole topic.
+    """
+    if tail is not None:
+        found = bounds(conf, topic, timeout_s)
+        if found and 0 in found:
+            low, high = found[0]
+            start = max(low, high - tail)
+            best = _best(iter_range(conf, topic, 0, start, high, timeout_s), decode, better)
+            if best is not None or start == low:
+                return best
+    return _best(iter_range(conf, topic, 0, BEGINNING, None, timeout_s), decode, better)
+
+
+def _best(
+    msgs: Iterable[Any], decode: Callable[[bytes], Any], better: Callable[[Any, Any], bool]
+) -> tuple[Any, int] | None:
     best: tuple[Any, int] | None = None
-    for msg in iter_range(conf, topic, 0, BEGINNING, None, timeout_s):
+    for msg in msgs:
         if msg.value() is None:
             continue
         try:

@@ -181,6 +181,9 @@ class TopologySettings(_Role):
             **self._reader(f"lowmark-config-{uuid.uuid4().hex[:8]}"),
             # the read stops at the end of what is committed
             "enable.partition.eof": True,
+            # a topic that ends in a transaction marker says so (EOF) only once a fetch
+            # returns: waiting the default 500 ms for more data there is pure latency
+            "fetch.wait.max.ms": 10,
         }
 
 
@@ -192,6 +195,8 @@ class ToolSettings(_Role):
             **self._reader(f"lowmark-reader-{uuid.uuid4().hex[:8]}"),
             # the reader stops at the end
             "enable.partition.eof": True,
+            # as for lowmark.config: the EOF after a transaction marker comes with a fetch
+            "fetch.wait.max.ms": 10,
         }
 
     def log_reader(self, auto_offset_reset: str = "error") -> Settings:
@@ -203,4 +208,8 @@ class ToolSettings(_Role):
             "auto.offset.reset": auto_offset_reset,
             # a partition at its end must not hold up the others for the default 500 ms
             "fetch.wait.max.ms": 50,
+            # a backlog is read in bulk: 1 MiB per partition and fetch is the default, and
+            # 16 MiB read 1 GiB of log in 1.6 s instead of 2.5 s on a 2-core machine
+            "max.partition.fetch.bytes": 16 << 20,
+            "fetch.max.bytes": 128 << 20,
         }

@@ -155,7 +155,13 @@ class RolesStore:
         else it committed another generation, named in the message), ``RolesError`` when
         ``roles`` is not the generation after ``expected_generation``.
         """
+        # no record is generation 0 unrecorded: its successor is its record
+        # (``initial_roles``) or generation 1 planned from nothing (``plan_failover(None,
+        # ...)``: one transition, from no recorded primary)
         want = 0 if expected_generation is None else expected_generation + 1
+        last = roles.last_transition
+        if expected_generation is None and len(roles.history) == 1 and last and not last.from_site:
+            want = 1
         if roles.cg != cg or roles.generation != want:
             raise RolesError(
                 f"cannot commit generation {roles.generation} of CG {roles.cg!r} as the "

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import RolesError
+from pipeline.errors import KafkaError, RolesError
 from pipeline.topology.roles import already_applied, initial_roles, is_primary, plan_failover
 from schemas import codec
 from schemas.records import CgRoles, Transition, TransitionKind
@@ -167,6 +167,12 @@ def test_a_commit_that_is_not_the_next_generation_is_refused_before_any_client()
     store = RolesStore({"bootstrap.servers": "127.0.0.1:1"}, timeout_s=0.1)  # no broker there
     g0 = initial_roles("cg1", "main", now_us=0)
     g1 = plan_failover(g0, "cg1", "dr", 5, {}, True, 1)
-    for cg, expected, roles in (("cg1", 0, g0), ("cg1", None, g1), ("cg1", 1, g1), ("cg2", 0, g1)):
+    from_none = plan_failover(None, "cg1", "dr", 5, {}, True, 1)
+    bad = (("cg1", 0, g0), ("cg1", None, g1), ("cg1", 1, g1), ("cg2", 0, g1), ("cg2", None, from_none))
+    for cg, expected, roles in bad:
         with pytest.raises(RolesError, match="plan it from the latest roles"):
             store.commit(cg, expected, roles)
+    # generation 1 planned from no record is the successor of no record: it gets as far as
+    # the client (and fails there, no broker), not refused as a plan
+    with pytest.raises(KafkaError):
+        store.commit("cg1", None, from_none)
