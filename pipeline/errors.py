@@ -177,3 +177,12 @@ class RolesConflictError(RolesError):
     def __init__(self, message: str = "", *, retriable: bool = False) -> None:
         super().__init__(message)
         self.retriable = retriable
+
+
+class FailoverError(LowmarkError):
+    """A failover cannot start or continue as asked.
+
+    The site has no checkpoint or is past the cut, the primary is reachable but did not
+    stop, the roles moved on while the failover ran, or its state file is unreadable. The
+    message says what was (not) changed and what to run next.
+    """

@@ -93,6 +93,12 @@ class Backlog:
             for op in ops:
                 self._add(op)
 
+    # an ``ImageSink``: the replay engine folds the backlog in as it would apply it
+    apply = add
+
+    def sync(self) -> None:
+        """Nothing to make durable: the index is rebuilt from the log after a crash."""
+
     def _add(self, op: ApplyOp) -> None:
         self.ops_added += 1
         vid = op.volume_id or ""
@@ -263,11 +269,18 @@ class RollForward:
     """Writes the backlog's extents into the images in the background until none is left."""
 
     def __init__(
-        self, backlog: Backlog, images: ImageSink, *, batch_bytes: int = DEFAULT_BATCH_BYTES
+        self,
+        backlog: Backlog,
+        images: ImageSink,
+        *,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+        rate_bytes_s: float = 0.0,
     ) -> None:
         self.backlog = backlog
         self.images = images
         self.batch_bytes = batch_bytes
+        #: 0: as fast as the disk takes it; else leave the rest to the clients' I/O
+        self.rate_bytes_s = rate_bytes_s
         self.done = threading.Event()  # set once the index is empty and the images synced
         self.ended = threading.Event()  # set when run() returns: done, stopped or failed
         self.error: BaseException | None = None
@@ -303,12 +316,19 @@ class RollForward:
                     self._finished = time.monotonic()
                     self.done.set()
                     return
-                time.sleep(0)  # let a waiting foreground request have the lock
+                # let a waiting foreground request have the lock; keep to the rate
+                time.sleep(self._pause())
         except BaseException as exc:
             self.error = exc
             raise
         finally:
             self.ended.set()
+
+    def _pause(self) -> float:
+        if self.rate_bytes_s <= 0:
+            return 0.0
+        due = self._started + self.bytes_done / self.rate_bytes_s
+        return max(0.0, due - time.monotonic())
 
     def start(self) -> None:
         self._started = time.monotonic()

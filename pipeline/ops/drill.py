@@ -76,14 +76,22 @@ class Cut:
 
 
 def choose_cut(
-    kafka_conf: Mapping[str, Any], cg: str, *, at: int | None = None, marker: str | None = None
+    kafka_conf: Mapping[str, Any],
+    cg: str,
+    *,
+    at: int | None = None,
+    marker: str | None = None,
+    generation: int = 0,
+    wm: Watermark | None = None,
 ) -> Cut:
-    """The cut for ``--at TS`` / ``--at-marker M`` / neither (the latest published W)."""
+    """The cut for ``--at TS`` / ``--at-marker M`` / neither (the latest published W of
+    the CG's ``generation``; ``wm``: that W, when the caller has just read it)."""
     if at is not None and marker is not None:
         raise DrillError("give one of --at TS or --at-marker NAME, not both")
-    wm: Watermark = rs.latest_watermark(kafka_conf, cg)
+    if wm is None:
+        wm = rs.latest_watermark(kafka_conf, cg, generation)
     if marker is not None:
-        found, count = rs.find_marker(kafka_conf, cg, marker)
+        found, count = rs.find_marker(kafka_conf, cg, marker, generation)
         cut = Cut(found.ts, "marker", marker, wm.w, count)
     elif at is not None:
         cut = Cut(at, "at", None, wm.w)

@@ -17,7 +17,8 @@ at an offset) are shared by every planner of a partition, so a zombie record of 
 volume is caught by evidence from another, as in the applier.
 
 The images are an ``ImageSet`` (``pipeline.backup.images``) over a directory with a site's
-layout (``pipeline.site``), so the result can seed a site.
+layout (``pipeline.site``), so the result can seed a site; or any ``ImageSink``, such as a
+failover's ``Backlog``, which folds the ops into an extent index instead of writing them.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from typing import Any
 from connectors.kafka.errors import OFFSET_GONE
 from connectors.kafka.reading import read_range
 from connectors.kafka.settings import ToolSettings
-from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner, OpKind
+from pipeline.backup.rollforward import ImageSink
 from pipeline.errors import ApplyError, KafkaError, RecordError, RestoreError
 from schemas import codec
 from schemas.records import (
@@ -206,7 +207,7 @@ ProgressFn = Callable[[ReplayProgress], None]
 def replay(
     kafka_conf: Mapping[str, Any],
     topic: str,
-    images: ImageSet,
+    images: ImageSink,
     *,
     from_w: int,
     to_ts: int,
@@ -254,7 +255,7 @@ def replay(
     return ReplayResult(from_w, to_ts, resume, list(plan.markers), prog)
 
 
-def _apply(images: ImageSet, op: ApplyOp, prog: ReplayProgress) -> None:
+def _apply(images: ImageSink, op: ApplyOp, prog: ReplayProgress) -> None:
     images.apply(op)
     prog.ops_applied += 1
     prog.bytes_applied += op.length if op.kind is OpKind.WRITE else 0

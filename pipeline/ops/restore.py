@@ -41,14 +41,18 @@ from schemas.ts import format_ts
 
 MANIFEST = RESTORE_MANIFEST
 MANIFEST_FORMAT = 1
+#: the latest W is read from this many of the watermark topic's last records
+WM_TAIL = 64
 
 
 # ---------------------------------------------------------------- what Kafka holds
 
 
-def log_bounds(kafka_conf: Mapping[str, Any], cg: str) -> dict[int, tuple[int, int]]:
-    """(low, read_committed end) of every partition of the CG's log."""
-    topic = CgTopics(cg).log
+def log_bounds(
+    kafka_conf: Mapping[str, Any], cg: str, generation: int = 0
+) -> dict[int, tuple[int, int]]:
+    """(low, read_committed end) of every partition of the log of the CG's generation."""
+    topic = CgTopics(cg, generation).log
     found = bounds(kafka_conf, topic)
     if found is None:
         raise ConfigError(
@@ -57,8 +61,10 @@ def log_bounds(kafka_conf: Mapping[str, Any], cg: str) -> dict[int, tuple[int, i
     return found
 
 
-def latest_watermark(kafka_conf: Mapping[str, Any], cg: str) -> Watermark:
-    best = latest(dict(kafka_conf), CgTopics(cg).watermark, decode_watermark, newer_watermark)
+def latest_watermark(kafka_conf: Mapping[str, Any], cg: str, generation: int = 0) -> Watermark:
+    topic = CgTopics(cg, generation).watermark
+    # one publisher at a time, and W never goes down: the newest is among the last records
+    best = latest(dict(kafka_conf), topic, decode_watermark, newer_watermark, tail=WM_TAIL)
     if best is None:
         raise RestoreError(
             f"consistency group {cg} has no published watermark yet, so no cut is known to "
@@ -67,11 +73,13 @@ def latest_watermark(kafka_conf: Mapping[str, Any], cg: str) -> Watermark:
     return best[0]
 
 
-def find_marker(kafka_conf: Mapping[str, Any], cg: str, name: str) -> tuple[Marker, int]:
+def find_marker(
+    kafka_conf: Mapping[str, Any], cg: str, name: str, generation: int = 0
+) -> tuple[Marker, int]:
     """The newest Marker record named ``name`` in the retained log, and how many have it."""
-    topic = CgTopics(cg).log
+    topic = CgTopics(cg, generation).log
     found: list[Marker] = []
-    for p, (low, high) in log_bounds(kafka_conf, cg).items():
+    for p, (low, high) in log_bounds(kafka_conf, cg, generation).items():
         for msg in iter_range(dict(kafka_conf), topic, p, low, high, timeout_s=120):
             kind = dict(msg.headers() or []).get("type")
             if kind not in (None, Marker.TYPE.encode()):
@@ -195,7 +203,7 @@ def check_below_w(ts: int, wm: Watermark) -> None:
         )
 
 
-def _end_offsets(wm: Watermark, bounds: Mapping[int, tuple[int, int]]) -> dict[int, int]:
+def end_offsets(wm: Watermark, bounds: Mapping[int, tuple[int, int]]) -> dict[int, int]:
     # every record with ts <= W lies below W's offsets; a partition W does not name is
     # read to its current end
     from_w = wm.log_offsets
@@ -281,7 +289,7 @@ def _restore_into(
             from_w=base.w,
             to_ts=ts,
             start_offsets=start,
-            end_offsets=_end_offsets(wm, bounds),
+            end_offsets=end_offsets(wm, bounds),
             on_progress=on_progress,
         )
         return base, result, images.volumes()
@@ -414,7 +422,7 @@ def replay_range(
             from_w=from_ts,
             to_ts=to_ts,
             start_offsets=start,
-            end_offsets=_end_offsets(wm, bounds),
+            end_offsets=end_offsets(wm, bounds),
             on_progress=on_progress,
         )
         volumes = images.volumes()
