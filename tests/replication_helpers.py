@@ -111,14 +111,18 @@ def wait_until(pred: Any, timeout_s: float, what: str, interval_s: float = 0.02)
 
 
 def read_log(
-    kafka_conf: dict[str, Any], cg: str, partitions: int = 4, timeout_s: float = 60.0
+    kafka_conf: dict[str, Any],
+    cg: str,
+    partitions: int = 4,
+    timeout_s: float = 60.0,
+    generation: int = 0,
 ) -> list[tuple[str, dict[str, Any], int, int]]:
     """Every committed log record as (type, record, partition, offset); fails (never
     returns a partial log) when the end is not reached within ``timeout_s``.
 
     ``record`` is the plain Avro dict the schema file defines (``Record.to_avro()``): the
     tests' reference below reads the log independently of the typed records' helpers."""
-    return read_log_from(kafka_conf, cg, None, partitions, timeout_s)[0]
+    return read_log_from(kafka_conf, cg, None, partitions, timeout_s, generation)[0]
 
 
 def log_ops(
@@ -203,6 +207,7 @@ def read_log_from(
     start: dict[int, int] | None = None,
     partitions: int = 4,
     timeout_s: float = 60.0,
+    generation: int = 0,
 ) -> tuple[list[tuple[str, dict[str, Any], int, int]], dict[int, int]]:
     """Committed log records from ``start`` (per partition; default 0) to the end as of now.
 
@@ -210,7 +215,7 @@ def read_log_from(
     at. Raises AssertionError, saying how far it got, when the end is not reached within
     ``timeout_s``: a check over a partial log would pass on what it never saw.
     """
-    topic = CgTopics(cg).log
+    topic = CgTopics(cg, generation).log
     start = {p: (start or {}).get(p, 0) for p in range(partitions)}
     c = Consumer(
         {

@@ -27,12 +27,13 @@ def main(log_level: str, log_format: str) -> None:
 def _register() -> None:
     from connectors.embedded_kafka.cli import kafka
     from pipeline.app.cli_drill import COMMANDS as DRILL
+    from pipeline.app.cli_failover import COMMANDS as FAILOVER
     from pipeline.app.cli_ops import COMMANDS as OPS
     from pipeline.app.cli_roles import COMMANDS as ROLES
     from pipeline.app.cli_services import COMMANDS as SERVICES
 
     main.add_command(kafka)
-    for command in [*SERVICES, *OPS, *ROLES, *DRILL]:
+    for command in [*SERVICES, *OPS, *ROLES, *DRILL, *FAILOVER]:
         main.add_command(command)
 
 

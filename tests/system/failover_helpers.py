@@ -1,0 +1,211 @@
+"""A CG whose backup site has a backlog, and ``lowmark failover`` as the operator runs it.
+
+``make_site`` builds the scene of a disaster: a primary writes, the site's applier applies
+part of it and is stopped (paused), the primary writes the backlog, W passes it, and the
+primary dies without a word (``Interceptor.crash``: no LEAVE, nothing more published). The
+reference images are computed from the log by the tests' own replayer
+(``rebuild_from_log``), never by the product's.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.errors import RestoreError
+from pipeline.ops import restore as rs
+from pipeline.primary.volume import ConsistencyGroup
+from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
+from tests.ops.test_ops_tools import FAST, _marker, _workload
+from tests.replication_helpers import (
+    ServiceThread,
+    read_log,
+    rebuild_from_log,
+    wait_until,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SITE = "dr1"
+
+
+@dataclass
+class Scene:
+    conf: dict[str, str]
+    cg: str
+    root: Path
+    sizes: dict[str, int]
+    site_dir: Path
+    primary_dir: Path
+    wm: ServiceThread
+    write_ts: list[int] = field(default_factory=list)
+    site_w: int = 0
+    w: int = 0  # the latest W once the primary died
+    markers: dict[str, int] = field(default_factory=dict)
+
+    def reference(self, ts: int) -> dict[str, bytearray]:
+        return rebuild_from_log(read_log(self.conf, self.cg), self.sizes, upto_ts=ts)
+
+    def close(self) -> None:
+        self.wm.stop()
+
+
+def published_w(conf: dict[str, Any], cg: str, generation: int = 0) -> int:
+    try:
+        return rs.latest_watermark(conf, cg, generation).w
+    except RestoreError:
+        return -1
+
+
+def make_site(
+    conf: dict[str, str],
+    cg: str,
+    root: Path,
+    *,
+    sizes: dict[str, int],
+    applied_writes: int,
+    backlog_writes: int,
+    seed: int,
+    marker_at: int | None = None,
+) -> Scene:
+    """Primary writes, the site applies ``applied_writes`` of them and stops; the backlog
+    follows (with a marker after ``marker_at`` of its writes); the primary dies."""
+    rng = random.Random(seed)
+    site_dir = root / SITE
+    wm = ServiceThread(
+        WatermarkService(WatermarkServiceConfig(cg=cg, liveness_timeout_s=30), conf), "watermark"
+    ).start()
+    scene = Scene(conf, cg, root, sizes, site_dir, root / "primary", wm)
+    primary = ConsistencyGroup.open(cg, scene.primary_dir, conf, interceptor_id="prod", **FAST)
+    try:
+        for vid, size in sizes.items():
+            primary.create_volume(vid, size)
+        ap = ServiceThread(
+            Applier(
+                ApplierConfig(cg=cg, site=SITE, data_dir=site_dir, checkpoint_interval_s=0.05),
+                conf,
+            ),
+            "applier",
+        ).start()
+        _workload(primary, rng, applied_writes, scene.write_ts)
+        primary.flush()
+        last = max(scene.write_ts)
+        wait_until(lambda: ap.service.applied_w >= last or ap.error, 60, "the site to apply")
+        ap.stop()  # the applier is paused: it checkpoints and stops
+        scene.site_w = ap.service.applied_w
+        for i in range(backlog_writes):
+            _workload(primary, rng, 1, scene.write_ts)
+            if marker_at is not None and i == marker_at:
+                scene.markers["m1"] = _marker(primary, "m1")
+        primary.flush()
+        last = max(scene.write_ts)
+        wait_until(lambda: published_w(conf, cg) >= last, 60, "W past the backlog")
+    finally:
+        primary.interceptor.crash()  # kill -9: nothing more is published
+        for vol in primary.volumes.values():
+            vol.image.close()
+    scene.w = published_w(conf, cg)
+    return scene
+
+
+class FailoverProcess:
+    """``lowmark failover`` in a child process, serving NBD on a unix socket."""
+
+    def __init__(self, scene: Scene, *args: str, tag: str = "f", metrics: str = "") -> None:
+        self.scene = scene
+        self.sock = scene.root / f"{tag}.sock"
+        self.log = scene.root / f"{tag}.log"
+        cmd = [
+            sys.executable, "-m", "pipeline.app.cli", "failover",
+            "--bootstrap-servers", scene.conf["bootstrap.servers"],
+            "--cg", scene.cg, "--site", SITE, "--data-dir", str(scene.site_dir),
+            "--listen", "", "--unix-socket", str(self.sock), *args,
+        ]  # fmt: skip
+        if metrics:
+            cmd += ["--metrics", metrics]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "LOWMARK_SERVE_TICK_INTERVAL_MS": "5"}
+        self.out = open(self.log, "ab")  # noqa: SIM115 - closed in stop()/kill()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out, stderr=self.out)
+
+    def uri(self, volume: str) -> str:
+        return f"nbd+unix:///{volume}?socket={self.sock}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_for(self, text: str, timeout_s: float = 120) -> None:
+        def seen() -> bool:
+            if text in self.output():
+                return True
+            if self.proc.poll() is not None:
+                raise AssertionError(f"failover exited {self.proc.returncode}:\n{self.output()}")
+            return False
+
+        wait_until(seen, timeout_s, f"{text!r} in the failover's output", interval_s=0.02)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.out.close()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(60)
+        self.out.close()
+        return code
+
+
+def nbd_read(uri: str, offset: int, length: int, timeout_s: float = 30) -> bytes:
+    """``length`` bytes at ``offset`` as qemu-io (a client we did not write) reads them."""
+    out = subprocess.run(
+        ["qemu-io", "-f", "raw", "-r", "-c", f"read -v {offset} {length}", uri],
+        capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return _parse_dump(out.stdout, offset, length)
+
+
+def _parse_dump(text: str, offset: int, length: int) -> bytes:
+    data = bytearray()
+    for line in text.splitlines():
+        head, sep, rest = line.partition(":  ")
+        if not sep:
+            continue
+        try:
+            int(head, 16)
+        except ValueError:
+            continue
+        hexpart = rest[: 16 * 3].split()
+        data.extend(int(h, 16) for h in hexpart[:16])
+    assert len(data) == length, f"qemu-io dumped {len(data)} of {length} bytes at {offset}"
+    return bytes(data)
+
+
+def nbd_write(uri: str, offset: int, length: int, pattern: int, timeout_s: float = 30) -> bool:
+    """Write ``pattern`` bytes with qemu-io and flush; whether the server acknowledged."""
+    out = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset} {length}", "-c", "flush", uri],
+        capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
+    return out.returncode == 0 and "wrote" in out.stdout
+
+
+def nbd_copy(uri: str, out: Path) -> bytes:
+    proc = subprocess.run(["nbdcopy", uri, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = out.read_bytes()
+    out.unlink()
+    return data

@@ -1,0 +1,206 @@
+"""``lowmark failover`` on a real broker, read and written through real NBD clients.
+
+Tries to break: a read during the roll-forward that is not the cut's byte (indexed and
+unindexed ranges alike), a write during the roll-forward that the roll-forward then
+overwrites, a failover killed -9 at a random point that, run again, bumps the generation
+twice, loses an acknowledged write or ends with images other than the cut's, a cut at a
+marker or a ts that is not exactly that cut, and a failover that starts with the site's
+applier still running.
+
+The reference images come from the tests' own replay of the log (``rebuild_from_log``);
+the bytes are read by qemu-io and nbdcopy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from pipeline.topology.store import RolesStore
+from tests.kafka_helpers import unique
+from tests.oracles import first_difference
+from tests.prereqs import require_tools
+from tests.replication_helpers import read_log
+from tests.system.failover_helpers import (
+    SITE,
+    FailoverProcess,
+    make_site,
+    nbd_copy,
+    nbd_read,
+    nbd_write,
+)
+
+pytestmark = pytest.mark.tools
+
+SIZES = {"a": 2 << 20, "b": 1 << 20}
+
+
+def _writes_of(records: list, vid: str) -> list[tuple[int, int]]:
+    out = []
+    for t, rec, _p, _o in records:
+        if t == "Write" and rec["volume_id"] == vid:
+            out.extend((x["offset"], len(x["data"])) for x in rec["extents"])
+    return out
+
+
+def test_reads_during_roll_forward_are_the_cut_and_writes_survive_it(kafka_conf, tmp_path):
+    require_tools("qemu-io", "nbdcopy", "nbdinfo")
+    cg = unique("fo")
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=SIZES, applied_writes=60, backlog_writes=400, seed=1
+    )
+    try:
+        want = {v: bytearray(b) for v, b in scene.reference(scene.w).items()}
+        backlog = read_log(kafka_conf, cg)
+        # slow the roll-forward so the reads below happen while it runs
+        fo = FailoverProcess(scene, "--force", "--rollforward-rate", "256KiB")
+        try:
+            fo.wait_for("serving")
+            # reads spread over indexed (backlog writes) and unindexed ranges
+            rng = random.Random(5)
+            for vid, size in SIZES.items():
+                spots = rng.sample(_writes_of(backlog, vid), 10)
+                spots += [(rng.randrange(0, size - 4096) // 512 * 512, 4096) for _ in range(5)]
+                for off, n in spots:
+                    got = nbd_read(fo.uri(vid), off, n)
+                    assert got == bytes(want[vid][off : off + n]), f"{vid}@{off}+{n}"
+            # writes during the roll-forward: one over a backlog range, one elsewhere
+            fo.wait_for("new primary started")
+            w_off = _writes_of(backlog, "a")[-1][0] // 512 * 512
+            for vid, off, pat in (("a", w_off, 0xA5), ("b", 4096, 0x5A)):
+                assert nbd_write(fo.uri(vid), off, 65536, pat), fo.output()
+                want[vid][off : off + 65536] = bytes([pat]) * 65536
+            assert "rolled forward" not in fo.output(), "the roll-forward ended too soon"
+            for vid in SIZES:  # the whole volume, mid roll-forward
+                got = nbd_copy(fo.uri(vid), tmp_path / "copy.raw")
+                assert got == bytes(want[vid]), f"{vid}: " + first_difference(got, want[vid])
+            fo.wait_for("rolled forward", 120)
+            for vid in SIZES:
+                got = nbd_copy(fo.uri(vid), tmp_path / "copy.raw")
+                assert got == bytes(want[vid]), f"{vid}: " + first_difference(got, want[vid])
+        finally:
+            assert fo.stop() == 0, fo.output()
+        roles = RolesStore(kafka_conf).latest(cg)
+        assert roles is not None and roles.generation == 1 and roles.primary_site == SITE
+        assert roles.base_w == scene.w and roles.history[-1].forced
+        gen1 = read_log(kafka_conf, cg, generation=1)
+        wrote = {(rec["volume_id"], x["offset"]) for t, rec, _p, _o in gen1 if t == "Write"
+                 for x in rec["extents"]}  # fmt: skip
+        assert {("a", w_off), ("b", 4096)} <= wrote
+        assert all(x["ts"] > scene.w for t, rec, _p, _o in gen1 if t == "Write"
+                   for x in rec["extents"])  # fmt: skip
+    finally:
+        scene.close()
+
+
+@pytest.mark.parametrize("how", ["marker", "ts"])
+def test_failover_at_a_marker_and_at_a_ts_is_exactly_that_cut(kafka_conf, tmp_path, how):
+    require_tools("nbdcopy")
+    cg = unique("foat")
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=SIZES, applied_writes=40, backlog_writes=200, seed=2,
+        marker_at=100,
+    )  # fmt: skip
+    try:
+        if how == "marker":
+            cut, args = scene.markers["m1"], ["--at-marker", "m1"]
+        else:
+            later = sorted(t for t in scene.write_ts if t > scene.site_w)
+            cut = later[len(later) // 3]
+            args = ["--at", str(cut)]
+        assert scene.site_w < cut < scene.w
+        want = scene.reference(cut)
+        fo = FailoverProcess(scene, "--force", *args)
+        try:
+            fo.wait_for("rolled forward")
+            for vid in SIZES:
+                got = nbd_copy(fo.uri(vid), tmp_path / "copy.raw")
+                assert got == bytes(want[vid]), f"{vid}: " + first_difference(got, want[vid])
+        finally:
+            assert fo.stop() == 0, fo.output()
+        roles = RolesStore(kafka_conf).latest(cg)
+        assert roles is not None and roles.base_w == cut
+    finally:
+        scene.close()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_failover_killed_at_a_random_point_completes_when_run_again(kafka_conf, tmp_path, seed):
+    require_tools("qemu-io", "nbdcopy")
+    cg = unique(f"fok{seed}")
+    sizes = {"a": 512 << 10, "b": 256 << 10}
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=sizes, applied_writes=20, backlog_writes=80, seed=seed
+    )
+    rng = random.Random(seed)
+    try:
+        want = {v: bytearray(b) for v, b in scene.reference(scene.w).items()}
+        unsure: list[tuple[str, int, int]] = []  # writes in flight at a kill: either way
+        kills = []
+        for attempt in range(rng.randint(1, 3)):
+            fo = FailoverProcess(
+                scene, "--force", "--rollforward-rate", "128KiB", tag=f"k{attempt}"
+            )
+            delay = rng.uniform(0.2, 4.0)
+            deadline = time.monotonic() + delay
+            if rng.random() < 0.5:  # write once it takes writes, if that comes before the kill
+                while time.monotonic() < deadline and "new primary started" not in fo.output():
+                    time.sleep(0.02)
+                if "new primary started" in fo.output() and fo.alive():
+                    vid = rng.choice(sorted(sizes))
+                    off = rng.randrange(0, sizes[vid] - 8192) // 512 * 512
+                    pat = rng.randrange(1, 255)
+                    if nbd_write(fo.uri(vid), off, 8192, pat):
+                        want[vid][off : off + 8192] = bytes([pat]) * 8192
+                    else:
+                        unsure.append((vid, off, 8192))
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            kills.append(round(time.monotonic() - fo.started, 2))
+            fo.kill()
+        fo = FailoverProcess(scene, "--force", tag="final")
+        try:
+            fo.wait_for("rolled forward")
+            for vid in sizes:
+                got = bytearray(nbd_copy(fo.uri(vid), tmp_path / "copy.raw"))
+                ref = bytearray(want[vid])
+                for uvid, off, n in unsure:
+                    if uvid == vid:
+                        got[off : off + n] = ref[off : off + n]
+                assert got == ref, f"seed {seed}, kills at {kills} s, {vid}: " + first_difference(
+                    bytes(got), bytes(ref)
+                )
+        finally:
+            assert fo.stop() == 0, fo.output()
+        roles = RolesStore(kafka_conf).latest(cg)
+        assert roles is not None and roles.generation == 1, "a re-run bumped the generation again"
+        assert len(roles.history) == 1 and roles.primary_site == SITE
+    finally:
+        scene.close()
+
+
+def test_failover_refuses_while_the_sites_applier_runs_and_without_force(kafka_conf, tmp_path):
+    cg = unique("fobusy")
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=SIZES, applied_writes=10, backlog_writes=10, seed=3
+    )
+    try:
+        from pipeline.ops.failover import SiteLock
+        from pipeline.site import SiteDir
+
+        lock = SiteLock(SiteDir(scene.site_dir)).acquire()  # what a running applier holds
+        try:
+            fo = FailoverProcess(scene, "--force", tag="busy")
+            assert fo.proc.wait(60) == 2
+            assert "in use" in fo.output() and "lowmark apply" in fo.output()
+        finally:
+            lock.release()
+        # the primary died: without --force the failover refuses and says so
+        fo = FailoverProcess(scene, tag="noforce")
+        assert fo.proc.wait(60) == 2
+        out = fo.output()
+        assert "cannot be reached" in out and "--force" in out
+        assert RolesStore(kafka_conf).latest(cg) is None, "a refused failover changed the roles"
+    finally:
+        scene.close()
