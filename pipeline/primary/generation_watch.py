@@ -150,7 +150,9 @@ class GenerationWatch:
         )
         self._thread.start()
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = 1.0) -> None:
+        # short: a read in progress may wait for an unreachable cluster; a late answer is
+        # harmless (fencing a closed interceptor changes nothing)
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
