@@ -53,6 +53,7 @@ def build_config(
 
 @click.command()
 @config_options
+@click.option("--site", default=None, help="this primary's site, as the CG's roles name it")
 @click.option("--interceptor-id", default=None, help="stable id of this interceptor")
 @click.option("--data-dir", default=None, help="where the primary images and state live")
 @click.option("--listen", default=None, help="NBD host:port ('' disables TCP)")
@@ -68,6 +69,7 @@ def serve(
     config_path,
     bootstrap_servers,
     cg_name,
+    site,
     interceptor_id,
     data_dir,
     listen,
@@ -83,6 +85,7 @@ def serve(
         bootstrap_servers,
         cg_name,
         serve={
+            "site": site,
             "interceptor_id": interceptor_id,
             "data_dir": data_dir,
             "listen": listen,

@@ -8,6 +8,7 @@
     log_partitions = 4
 
     [serve]                      # the interceptor + NBD server of a primary
+    site = "site-a"              # this primary's site, as the roles name it ("" : unnamed)
     interceptor_id = "primary-a"
     data_dir = "/var/lib/lowmark/primary"
     listen = "127.0.0.1:10809"   # "" to disable TCP
@@ -85,6 +86,8 @@ class CgSection:
 
 @dataclass(frozen=True)
 class ServeSection:
+    #: the site this primary is (the roles' primary_site); "" runs only generation 0
+    site: str = ""
     interceptor_id: str = "primary"
     data_dir: str = "./.lowmark/primary"
     listen: str = "127.0.0.1:10809"
@@ -97,6 +100,8 @@ class ServeSection:
     max_clock_skew_us: int = 0
     max_unreplicated_bytes: str = "256MiB"
     replication_timeout_s: float = 30.0
+    #: how often the roles are read while serving: a newer generation fences this primary
+    generation_check_s: float = 1.0
     volumes: tuple[VolumeSpec, ...] = ()
 
 

@@ -23,11 +23,14 @@ from connectors.nbd.server import Export, NbdServer, NbdServerConfig
 from pipeline.app.config import LowmarkConfig, parse_hostport, parse_size
 from pipeline.app.metrics import serve_metrics
 from pipeline.backup.applier import Applier, ApplierConfig
-from pipeline.errors import LowmarkError
+from pipeline.errors import FencedError, LowmarkError
 from pipeline.logs import event
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.timesource import REAL_TIME, TimeSource
+from pipeline.topology.roles import Serving, serving_generation
+from pipeline.topology.store import RolesStore
+from pipeline.watermark.generations import GenerationalWatermark
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 
 log = logging.getLogger("lowmark.services")
@@ -50,8 +53,20 @@ def _stop_on_signals(stop: threading.Event) -> None:
 # ---------------------------------------------------------------- serve
 
 
-def open_primary(cfg: LowmarkConfig, time_source: TimeSource = REAL_TIME) -> ConsistencyGroup:
+def primary_serving(cfg: LowmarkConfig) -> Serving:
+    """The generation (and clock floor) this primary runs, from the CG's roles; a
+    ``RolesError`` saying what to do when serve.site is not the CG's primary."""
+    roles = RolesStore(cfg.kafka_conf()).latest(cfg.cg.name)
+    return serving_generation(roles, cfg.cg.name, cfg.serve.site)
+
+
+def open_primary(
+    cfg: LowmarkConfig, time_source: TimeSource = REAL_TIME, serving: Serving | None = None
+) -> ConsistencyGroup:
+    """The CG's primary per the config, in the generation the roles give it (``serving``,
+    default: ``primary_serving(cfg)``, which refuses a site that is not the primary)."""
     s = cfg.serve
+    serving = primary_serving(cfg) if serving is None else serving
     cg = ConsistencyGroup.open(
         cfg.cg.name,
         Path(s.data_dir),
@@ -64,6 +79,9 @@ def open_primary(cfg: LowmarkConfig, time_source: TimeSource = REAL_TIME) -> Con
         replication_timeout_s=s.replication_timeout_s,
         log_partitions=cfg.cg.log_partitions,
         replication_factor=cfg.replication_factor,
+        generation=serving.generation,
+        clock_floor_us=serving.clock_floor,
+        generation_check_s=s.generation_check_s,
     )
     for spec in s.volumes:
         if spec.name not in cg.volumes:
@@ -103,13 +121,17 @@ def run_serve(
     ready: threading.Event | None = None,
     time_source: TimeSource = REAL_TIME,
 ) -> None:
-    cg = open_primary(cfg, time_source)
+    cg = open_primary(cfg, time_source)  # refuses a site that is not the CG's primary
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
         asyncio.run(_serve_async(cfg, cg, stop, ready))
     finally:
         cg.close()  # publishes every stamped write and a final LEAVE progress
+    if isinstance(cg.interceptor.failure, FencedError):
+        # not the primary any more (a failover, or another instance took over): say so
+        # and exit non-zero, so nobody takes this stop for a clean one
+        raise cg.interceptor.failure
 
 
 async def _serve_async(
@@ -129,6 +151,8 @@ async def _serve_async(
         log,
         "serving",
         cg=cfg.cg.name,
+        generation=cg.interceptor.config.generation,
+        site=cfg.serve.site,
         exports=sorted(exports),
         listen=cfg.serve.listen,
         unix_socket=cfg.serve.unix_socket,
@@ -154,6 +178,7 @@ def make_watermark_service(
     cfg: LowmarkConfig,
     skip_progress: frozenset[int] = frozenset(),
     time_source: TimeSource = REAL_TIME,
+    generation: int = 0,
 ) -> WatermarkService:
     return WatermarkService(
         WatermarkServiceConfig(
@@ -162,9 +187,33 @@ def make_watermark_service(
             log_partitions=cfg.cg.log_partitions,
             replication_factor=cfg.replication_factor,
             skip_progress=skip_progress,
+            generation=generation,
         ),
         cfg.kafka_conf(),
         time_source,
+    )
+
+
+def make_generational_watermark(
+    cfg: LowmarkConfig,
+    skip_progress: frozenset[int] = frozenset(),
+    time_source: TimeSource = REAL_TIME,
+) -> GenerationalWatermark:
+    """The watermark service of the generation the roles name, moving on with them.
+
+    ``skip_progress`` names offsets of the progress topic of the generation it starts in;
+    a later generation's topic is another log, so they are not skipped there.
+    """
+    store = RolesStore(cfg.kafka_conf(), timeout_s=5.0)
+    first: list[int] = []
+
+    def make(generation: int) -> WatermarkService:
+        first.append(generation)
+        skip = skip_progress if first[0] == generation else frozenset()
+        return make_watermark_service(cfg, skip, time_source, generation)
+
+    return GenerationalWatermark(
+        cfg.cg.name, make, lambda: store.latest(cfg.cg.name), time_source
     )
 
 
@@ -172,9 +221,12 @@ def run_watermark(
     cfg: LowmarkConfig,
     skip_progress: frozenset[int] = frozenset(),
     time_source: TimeSource = REAL_TIME,
+    stop: threading.Event | None = None,
 ) -> None:
-    svc = make_watermark_service(cfg, skip_progress, time_source)
-    _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name}, time_source)
+    """Run the watermark service of the roles' generation until SIGINT/SIGTERM (or
+    ``stop``); it moves to a newer generation once the roles name one."""
+    svc = make_generational_watermark(cfg, skip_progress, time_source)
+    _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name}, time_source, stop)
 
 
 # ---------------------------------------------------------------- apply

@@ -63,6 +63,7 @@ class CutFollower:
         kafka_conf: dict[str, Any],
         cg: str,
         *,
+        generation: int = 0,
         max_waiters: int = 65536,
         poll_s: float = 0.05,
         now: Callable[[], float] = time.monotonic,
@@ -70,7 +71,8 @@ class CutFollower:
     ) -> None:
         self.kafka_conf = dict(kafka_conf)
         self.cg = cg
-        self.topic = CgTopics(cg).watermark
+        # the interceptor's own generation: a cut of another generation covers nothing
+        self.topic = CgTopics(cg, generation).watermark
         self.max_waiters = max_waiters
         # poll_s bounds how late a deadline is noticed; a new W wakes poll at once
         self._poll_s = poll_s
@@ -85,6 +87,7 @@ class CutFollower:
         self._pending = 0
         self._seq = itertools.count()
         self._closed = False
+        self._failure: LowmarkError | None = None  # ``fail``: what every waiter gets
         self._thread: threading.Thread | None = None
         self.stats = {"watermarks": 0, "covered": 0, "timeouts": 0, "errors": 0}
 
@@ -130,7 +133,9 @@ class CutFollower:
         self.start()
         deadline = self._now() + timeout_s
         with self._cv:
-            while self._w < ts:
+            while self._w < ts or self._failure is not None:
+                if self._failure is not None:
+                    raise self._failure
                 if self._closed:
                     raise self._closed_error(ts)
                 remaining = deadline - self._now()
@@ -144,8 +149,10 @@ class CutFollower:
         close; from the follower's thread (or at once from this one if already settled)."""
         self.start()
         with self._lock:
-            if self._w >= ts:
-                ready: BaseException | None = None
+            if self._failure is not None:
+                ready: BaseException | None = self._failure
+            elif self._w >= ts:
+                ready = None
             elif self._closed:
                 ready = self._closed_error(ts)
             elif self._pending >= self.max_waiters:
@@ -226,7 +233,7 @@ class CutFollower:
         self.stats["watermarks"] += 1
         fire: list[_Waiter] = []
         with self._cv:
-            if w <= self._w:
+            if w <= self._w or self._failure is not None:
                 return
             self._w = w
             while self._by_ts and self._by_ts[0][0] <= w:
@@ -261,7 +268,15 @@ class CutFollower:
         for wt in late:
             self._call(wt.fn, self._timeout_error(wt.ts, wt.timeout_s))
 
-    def _fail(self, exc: ReplicationError) -> None:
+    def fail(self, exc: LowmarkError) -> None:
+        """Cover nothing more: every waiter, now and later, fails with ``exc`` (the
+        interceptor was fenced; no W may acknowledge its writes any more)."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = exc
+        self._fail(exc)
+
+    def _fail(self, exc: LowmarkError) -> None:
         with self._lock:
             self._closed = True
             waiters = self._drain()

@@ -29,8 +29,6 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from connectors.kafka.producer import Producer
@@ -38,7 +36,6 @@ from connectors.kafka.reading import iter_range, latest
 from connectors.kafka.settings import InterceptorSettings
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.errors import (
-    ConfigError,
     FencedError,
     KafkaError,
     LowmarkError,
@@ -47,54 +44,15 @@ from pipeline.errors import (
 from pipeline.logs import event
 from pipeline.primary.clock import HybridClock
 from pipeline.primary.cut_follower import CutFollower
+from pipeline.primary.engine_config import InterceptorConfig
+from pipeline.primary.generation_watch import GenerationWatch
 from pipeline.primary.outbox import Entry, Message, encode_batch, entry_bytes
 from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.watermark.state import JOIN_EPOCH_FROM_OFFSET, join_clock_floor, join_epoch
 from schemas import codec
-from schemas.records import LogRecord, Progress, ProgressKind, Watermark
+from schemas.records import CgRoles, LogRecord, Progress, ProgressKind, Watermark
 
 log = logging.getLogger("lowmark.interceptor")
-
-MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class InterceptorConfig:
-    cg: str
-    interceptor_id: str
-    state_dir: Path
-    tick_interval_s: float = 0.01
-    max_clock_skew_us: int = 0
-    #: a large write is cut into fragments of at most this many bytes (one ts each write)
-    fragment_bytes: int = 512 * 1024
-    #: a Write record coalesces one volume's writes of a tick up to this size
-    max_record_bytes: int = 900 * 1024
-    max_unreplicated_bytes: int = 256 * MiB
-    #: one tick's transaction carries at most this much; the rest goes in the next one at
-    #: once, so S keeps moving and sync writes don't wait behind one huge commit
-    max_transaction_bytes: int = 16 * MiB
-    replication_timeout_s: float = 30.0
-    log_partitions: int = 4
-    replication_factor: int | None = None
-    #: Kafka compression of log batches; block data often compresses and lz4 costs little
-    #: (measured: random data gains nothing either way, bench/nbd.py)
-    compression: str = "lz4"
-
-    def validate(self) -> InterceptorConfig:
-        if not self.interceptor_id or "/" in self.interceptor_id:
-            raise ConfigError(f"interceptor id {self.interceptor_id!r} is invalid")
-        if not 0.0005 <= self.tick_interval_s <= 10:
-            raise ConfigError("tick_interval_s must be between 0.0005 and 10 seconds")
-        if self.fragment_bytes > self.max_record_bytes - 1024:
-            raise ConfigError("fragment_bytes must leave room for a record header")
-        if self.max_record_bytes > 1_000_000 - 4096:
-            raise ConfigError(
-                "max_record_bytes must stay below Kafka's default message.max.bytes (1 MB)"
-            )
-        if self.max_unreplicated_bytes < 4 * self.max_record_bytes:
-            raise ConfigError("max_unreplicated_bytes is too small to batch anything")
-        return self
-
 
 class Ticket:
     """Tells when a submitted record (and everything before it) is durable in Kafka."""
@@ -127,12 +85,13 @@ class Interceptor:
         kafka_conf: dict[str, Any],
         clock: HybridClock | None = None,
         time_source: TimeSource = REAL_TIME,
+        roles_reader: Callable[[], CgRoles | None] | None = None,
     ) -> None:
         self.config = config.validate()
         #: every wait, deadline, backoff and wall-clock stamp of this engine reads this
         self.time_source = time_source
         self.kafka_conf = dict(kafka_conf)
-        self.topics = CgTopics(config.cg)
+        self.topics = CgTopics(config.cg, config.generation)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock or HybridClock(
             state_path=config.state_dir / f"clock.{config.interceptor_id}",
@@ -146,6 +105,10 @@ class Interceptor:
         # the JOIN carries the sentinel; the fold's rule turns it into the JOIN's offset
         self.epoch = JOIN_EPOCH_FROM_OFFSET
         self.failure: LowmarkError | None = None
+        #: set once the roles named a newer generation (``generation_watch``)
+        self.fenced_by_generation: FencedError | None = None
+        #: writes acknowledged before that moment (none are after it)
+        self.acks_before_fence: int | None = None
         self.durable_seq = 0
         self.last_s = 0
         # outbox state, all under _lock
@@ -166,13 +129,19 @@ class Interceptor:
         self._delivered: dict[int, int] = {}  # log partition -> next offset after ours
         self._delivery_error: Any = None  # the last Kafka error seen (for messages)
         # sync acks wait for a cut; followed only once the CG has a sync volume
-        self.cuts = CutFollower(self.kafka_conf, config.cg, now=time_source.monotonic)
+        self.cuts = CutFollower(
+            self.kafka_conf, config.cg, generation=config.generation, now=time_source.monotonic
+        )
+        self.generation_watch = GenerationWatch.of(
+            config, self.kafka_conf, self.fence, time_source.monotonic, roles_reader
+        )
         self.stats = {
             "ticks": 0,
             "transactions": 0,
             "records": 0,
             "bytes": 0,
             "txn_retries": 0,
+            "acks": 0,
             "blocked_s": 0.0,
             "last_commit_ms": 0.0,
         }
@@ -180,12 +149,18 @@ class Interceptor:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Fence older instances, join the CG, raise the clock floor, start ticking."""
+        """Refuse a superseded generation, fence older instances, join the CG, raise the
+        clock floor, start ticking and watching the roles."""
+        # a primary whose generation was replaced must not even join: nobody reads it
+        self.generation_watch.check()
+        if self.fenced_by_generation is not None:
+            raise self.fenced_by_generation
         ensure_topics(
             self.kafka_conf,
             self.config.cg,
             log_partitions=self.config.log_partitions,
             replication_factor=self.config.replication_factor,
+            generation=self.config.generation,
         )
         self._producer = Producer(self._producer_conf())
         try:
@@ -195,22 +170,28 @@ class Interceptor:
                 f"interceptor {self.config.interceptor_id}: cannot initialise Kafka "
                 f"transactions: {exc}; check the brokers and the transaction log topic"
             ) from None
+        # the generation's base first: even the JOIN's S is above it, so no W of this
+        # generation is below the cut it starts from
+        self.clock.observe(self.config.clock_floor_us)
         self.epoch = self._join()
-        self.clock.observe(self._clock_floor())
+        self.clock.observe(max(self._clock_floor(), self.config.clock_floor_us))
         self._thread = threading.Thread(
             target=self._run, name=f"lowmark-tick-{self.config.interceptor_id}", daemon=True
         )
         self._thread.start()
+        self.generation_watch.start()
         event(
             log,
             "interceptor joined",
             cg=self.config.cg,
             interceptor=self.config.interceptor_id,
             epoch=self.epoch,
+            generation=self.config.generation,
         )
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Publish everything stamped so far and a final LEAVE progress, then stop."""
+        self.generation_watch.close()
         if self._thread is None:
             return
         self._stop.set()
@@ -230,6 +211,7 @@ class Interceptor:
     def crash(self) -> None:
         """Stop without publishing anything more (tests: a process that dies)."""
         self.failure = self.failure or ReplicationError("interceptor crashed (simulated)")
+        self.generation_watch.close()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -374,12 +356,38 @@ class Interceptor:
         """Someone waits for durability: tick now instead of at the next interval."""
         self._wake.set()
 
+    def fence(self, error: FencedError) -> None:
+        """A newer generation exists (``generation_watch``): acknowledge nothing from now on.
+
+        Under the lock every acknowledgement passes through (``admit_ack``), so a write is
+        either acknowledged before this or refused after it. Waiters fail, the tick
+        thread stops without publishing more (nobody applies this generation past its cut).
+        """
+        with self._lock:
+            if self.fenced_by_generation is not None:
+                return
+            self.fenced_by_generation = error
+            self.acks_before_fence = int(self.stats["acks"])
+            self.failure = error  # replaces a lesser failure: this is what to tell writers
+        self._fail(error)
+        self._stop.set()
+        self._wake.set()
+
+    def admit_ack(self, writes: int = 1) -> None:
+        """The last step before ``writes`` writes (0: a flush) are acknowledged: raises the
+        ``FencedError`` once this interceptor is fenced, else counts them."""
+        with self._lock:
+            if isinstance(self.failure, FencedError):
+                raise self.failure
+            self.stats["acks"] += writes
+
     def wait_durable(self, seq: int, timeout_s: float | None = None) -> None:
         timeout_s = self.config.replication_timeout_s if timeout_s is None else timeout_s
         deadline = self.time_source.monotonic() + timeout_s
         self._wake.set()
         with self._lock:
-            while self.durable_seq < seq:
+            while self.durable_seq < seq or isinstance(self.failure, FencedError):
+                # fenced: durable in this generation's log means nothing any more
                 if self.failure is not None:
                     raise self.failure
                 remaining = deadline - self.time_source.monotonic()
@@ -394,8 +402,10 @@ class Interceptor:
 
     def on_durable(self, seq: int, fn: Callable[[BaseException | None], None]) -> None:
         with self._lock:
-            if self.durable_seq >= seq:
-                ready: BaseException | None = None
+            if isinstance(self.failure, FencedError):
+                ready: BaseException | None = self.failure
+            elif self.durable_seq >= seq:
+                ready = None
             elif self.failure is not None:
                 ready = self.failure
             else:
@@ -424,8 +434,9 @@ class Interceptor:
                 self._wake.wait(self.config.tick_interval_s)
                 self._wake.clear()
                 self._tick()
-            # drain: a graceful stop publishes everything stamped before it
-            while self._outbox or self._inflight:
+            # drain: a graceful stop publishes everything stamped before it (a fenced
+            # one publishes nothing more: no reader of its generation wants it)
+            while (self._outbox or self._inflight) and self.fenced_by_generation is None:
                 self._tick()
                 if self._inflight:
                     self.time_source.sleep(0.001)
@@ -494,6 +505,10 @@ class Interceptor:
             self._durable_cv.notify_all()
             self._space_cv.notify_all()
         event(log, "interceptor stopped replicating", level=logging.ERROR, error=str(exc))
+        if isinstance(exc, FencedError):
+            # a durable sync write must not be acknowledged by a later W either: after a
+            # failover that W may lie above the new generation's cut
+            self.cuts.fail(exc)
         for _seq, _t, fn in waiters:
             fn(exc)
 
@@ -588,10 +603,11 @@ class Interceptor:
         self._delivery_error = err
         if isinstance(err, FencedError):
             raise FencedError(
-                f"interceptor {self.config.interceptor_id} (epoch {self.epoch}) was "
-                "fenced by a newer instance or the watermark service; it can add no "
-                "records. Restart it; resync its volumes' backups if it acknowledged "
-                "async writes after its last progress.",
+                f"interceptor {self.config.interceptor_id} (epoch {self.epoch}, generation "
+                f"{self.config.generation}) was fenced by a newer instance, the watermark "
+                "service or a failover (`lowmark roles show`); it can add no records. If "
+                "the roles still name this site, restart it; resync its volumes' backups "
+                "if it acknowledged async writes after its last progress.",
                 code=err.code,
                 fatal=err.fatal,
             ) from None
@@ -621,4 +637,6 @@ class Interceptor:
             "durable_seq": self.durable_seq,
             "w_seen": self.cuts.w,
             "failed": self.failure is not None,
+            "generation": self.config.generation,
+            "fenced_by_generation": int(self.fenced_by_generation is not None),
         }

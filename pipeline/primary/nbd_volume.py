@@ -11,6 +11,9 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
   and the record is durable in Kafka (not necessarily inside a cut yet).
 - a replication failure, or no W covering a sync write within ``replication_timeout_s``,
   is an EIO reply, never a success.
+- once the interceptor is fenced (a newer generation of the CG exists: this site is no
+  longer the primary), every WRITE, WRITE_ZEROES, TRIM and FLUSH gets an EIO reply, also
+  one already in flight: each success passes ``Interceptor.admit_ack`` just before it.
 - FLUSH: the primary image is fdatasynced and every record of this interceptor written
   before the flush is durable in Kafka. Because that covers all connections, the export
   advertises CAN_MULTI_CONN.
@@ -24,8 +27,9 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
+from pipeline.errors import LowmarkError
 from pipeline.primary.interceptor import Ticket
 from pipeline.primary.volume import Volume
 
@@ -54,6 +58,7 @@ class VolumeExport:
         return self.volume.image.pread(offset, length)
 
     def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
+        # an exception here (FencedError from stamp, ...) is an EIO reply (connectors/nbd)
         if not self._engine.has_space(len(data)):
             return self._slow(lambda: self.volume.submit_write(offset, data), fua)
         ticket = self.volume.submit_write(offset, data, commit_wait=False)
@@ -77,7 +82,7 @@ class VolumeExport:
     async def _flush(self) -> None:
         loop = self._get_loop()
         await loop.run_in_executor(None, self.volume.image.sync)
-        await self._durable(self._engine.barrier())
+        await self._durable(self._engine.barrier(), writes=0)
 
     def _finish(self, ticket: Ticket, fua: bool) -> Awaitable[None] | None:
         wait_us = self._engine.clock.commit_wait_us(ticket.ts)
@@ -85,8 +90,13 @@ class VolumeExport:
         if fua or sync:
             return self._acknowledge(ticket, wait_us, fua=fua, covered=sync)
         if wait_us > 0:
-            return asyncio.sleep(wait_us / 1e6)
+            return self._wait_then_admit(wait_us)
+        self._engine.admit_ack()  # raises once fenced: an EIO reply
         return None
+
+    async def _wait_then_admit(self, wait_us: int) -> None:
+        await asyncio.sleep(wait_us / 1e6)
+        self._engine.admit_ack()
 
     async def _acknowledge(self, ticket: Ticket, wait_us: int, *, fua: bool, covered: bool) -> None:
         if fua:
@@ -101,16 +111,31 @@ class VolumeExport:
         if done is not None:
             await done
 
-    def _durable(self, ticket: Ticket) -> asyncio.Future[None]:
-        loop = self._get_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+    def _settler(
+        self, fut: asyncio.Future[None], writes: int
+    ) -> Callable[[BaseException | None], None]:
+        """Settles ``fut`` on the loop thread; a success passes the fence gate first."""
+        engine = self._engine
 
         def settle(exc: BaseException | None) -> None:
-            if not fut.done():
-                if exc is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(exc)
+            if fut.done():
+                return
+            if exc is None:
+                try:
+                    engine.admit_ack(writes)
+                except LowmarkError as refused:
+                    exc = refused
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        return settle
+
+    def _durable(self, ticket: Ticket, writes: int = 1) -> asyncio.Future[None]:
+        loop = self._get_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        settle = self._settler(fut, writes)
 
         def wake(exc: BaseException | None) -> None:  # on the tick thread
             loop.call_soon_threadsafe(settle, exc)
@@ -124,13 +149,7 @@ class VolumeExport:
         loop = self._get_loop()
         fut: asyncio.Future[None] = loop.create_future()
         engine = self._engine
-
-        def settle(exc: BaseException | None) -> None:
-            if not fut.done():
-                if exc is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(exc)
+        settle = self._settler(fut, 1)
 
         def reply(exc: BaseException | None) -> None:
             loop.call_soon_threadsafe(settle, exc)

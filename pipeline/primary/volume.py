@@ -20,6 +20,11 @@ Promises, per mode (``flush`` is the same in both):
   when no W covers it within ``replication_timeout_s``.
 - flush returns (both): the image is fdatasynced and every earlier record is durable in
   Kafka (not necessarily inside a cut yet).
+- once the interceptor is fenced (a newer generation of the CG exists, or its
+  transactional id was taken), nothing is acknowledged any more: writes, sync waits and
+  flushes raise ``FencedError`` (``pipeline.primary.generation_watch``).
+- ``ConsistencyGroup.open(..., generation=g, clock_floor_us=base_w)`` runs generation g
+  (its own topics; every ts above base_w), as a failover's new primary does.
 - write_zeroes keeps the range allocated (FALLOC_FL_ZERO_RANGE); trim may deallocate it
   (punches a hole). Both read back as zeroes, at the primary and at every backup.
 """
@@ -171,6 +176,8 @@ class Volume:
             deadline = now() + engine.config.replication_timeout_s
             ticket.wait()
             engine.wait_covered(ticket.ts, max(0.0, deadline - now()))
+        # a fenced interceptor (a newer generation exists) acknowledges nothing
+        self._cg.interceptor.admit_ack()
         return ticket.ts
 
     def flush(self, timeout_s: float | None = None) -> None:

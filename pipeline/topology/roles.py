@@ -14,21 +14,29 @@ safe to commit are checked here, before anything is written:
 
 ``already_applied`` is the idempotency check: a failover re-run after a crash finds its own
 change already committed and completes instead of bumping the generation twice.
+
+``serving_generation`` is what a primary (``lowmark serve``) decides at start: which
+generation it runs and the cut its clock starts above, or that it must not run at all
+(its site is not the CG's primary any more).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import NamedTuple
 
 from pipeline.errors import CorruptRecordError, RolesError
 from schemas.records import CgRoles, Transition, TransitionKind
+from schemas.ts import format_ts
 
 __all__ = [
+    "Serving",
     "already_applied",
     "initial_roles",
     "is_primary",
     "plan_failover",
+    "serving_generation",
 ]
 
 
@@ -140,3 +148,50 @@ def _time(now_us: int) -> int:
     if isinstance(now_us, bool) or not isinstance(now_us, int) or now_us < 0:
         raise RolesError(f"now_us must be microseconds >= 0, got {now_us!r}")
     return now_us
+
+
+class Serving(NamedTuple):
+    """What a primary runs: the generation, and the ts every stamp is above (its base_w)."""
+
+    generation: int
+    clock_floor: int
+
+
+def serving_generation(roles: CgRoles | None, cg: str, site: str) -> Serving:
+    """The generation a primary at ``site`` ("" when not configured) runs for ``cg``, given
+    the CG's latest ``roles`` (None: none recorded); ``RolesError`` when it must not run.
+
+    - no roles: generation 0, as before roles existed;
+    - ``site`` is the recorded primary: its generation, above its base_w;
+    - generation 0 and no ``site``: generation 0 (roles recorded by ``roles init`` do not
+      stop a primary that was never told its site);
+    - otherwise (another site is the primary, or a failover happened and this primary does
+      not say which site it is): refused, since no backup would ever apply its writes.
+    """
+    if roles is None:
+        return Serving(0, 0)
+    if roles.cg != cg:
+        raise RolesError(f"the roles given are of CG {roles.cg!r}, not {cg!r}")
+    if site and roles.primary_site == site:
+        return Serving(roles.generation, roles.base_w)
+    if roles.generation == 0 and not site:
+        return Serving(0, 0)
+    last = roles.last_transition
+    since = (
+        f" since the {last.kind.value.lower()} from {last.from_site or 'an unrecorded site'} "
+        f"at W {last.w} ({format_ts(last.w)})"
+        if last is not None
+        else " (recorded by `lowmark roles init`)"
+    )
+    who = f"site {site!r} is" if site else "this primary (serve.site not set) is"
+    fix = (
+        "run `lowmark failback` (coming) to make this site a backup of the new primary, or "
+        "fail over to this site"
+        if roles.generation
+        else f"set serve.site to {roles.primary_site!r} if this is that site"
+    )
+    raise RolesError(
+        f"{who} not the primary of CG {cg!r}: generation {roles.generation}'s primary is "
+        f"{roles.primary_site!r}{since}; writes here would never be replicated. Do not "
+        f"serve here: {fix}. `lowmark roles show` prints the roles"
+    )

@@ -55,10 +55,12 @@ def newer_watermark(a: Watermark, b: Watermark) -> bool:
 
 
 def latest_watermark(
-    kafka_conf: dict[str, Any], cg: str, timeout_s: float = 30.0
+    kafka_conf: dict[str, Any], cg: str, timeout_s: float = 30.0, *, generation: int = 0
 ) -> Watermark | None:
-    """The highest committed Watermark record of the CG, or None (read_committed)."""
-    best = latest(kafka_conf, CgTopics(cg).watermark, decode_watermark, newer_watermark, timeout_s)
+    """The highest committed Watermark record of the CG's ``generation``, or None
+    (read_committed)."""
+    topic = CgTopics(cg, generation).watermark
+    best = latest(kafka_conf, topic, decode_watermark, newer_watermark, timeout_s)
     return None if best is None else best[0]
 
 
@@ -71,9 +73,12 @@ class WatermarkPublisher:
         cg: str,
         timeouts: PublisherTimeouts = PublisherTimeouts(),
         producer_factory: Callable[[dict[str, Any]], Any] = Producer,
+        *,
+        generation: int = 0,
     ) -> None:
         self.kafka_conf = dict(kafka_conf)
-        self.topics = CgTopics(cg)
+        # one publisher per generation: its own topic and transactional.id
+        self.topics = CgTopics(cg, generation)
         self.cg = cg
         self.timeouts = timeouts
         self._factory = producer_factory
@@ -99,7 +104,12 @@ class WatermarkPublisher:
                 code=exc.code,
             ) from None
         # every transaction of an earlier holder is decided now: the floor is final
-        floor = latest_watermark(self.kafka_conf, self.cg, self.timeouts.read_floor_s)
+        floor = latest_watermark(
+            self.kafka_conf,
+            self.cg,
+            self.timeouts.read_floor_s,
+            generation=self.topics.generation,
+        )
         self._producer = producer
         self.active = True
         self.acquired += 1

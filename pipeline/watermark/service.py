@@ -19,6 +19,10 @@ gives the same W on every instance). This module is the I/O around it:
   ``WatermarkState``'s (``silences``); this module only keeps the times, on its injected
   ``TimeSource``.
 
+Each generation of the CG (``WatermarkServiceConfig.generation``; ``CgTopics(cg,
+generation)``) has its own progress, watermark and publisher id: a service folds one
+generation. ``pipeline.watermark.generations`` moves on to the next one when the roles do.
+
 Several instances may run at once. The one that started (or took over) last publishes; a
 fenced one stands by, keeps folding, and takes over when no W has been committed for
 ``takeover_after_s``. A W lower than one already committed is never written.
@@ -90,6 +94,8 @@ class WatermarkServiceConfig:
     replication_factor: int | None = None
     #: offsets of undecodable progress records the operator chose to skip (logged)
     skip_progress: frozenset[int] = frozenset()
+    #: the CG generation whose progress is folded and whose W is published
+    generation: int = 0
     publisher: PublisherTimeouts = field(default_factory=PublisherTimeouts)
 
     def validate(self) -> WatermarkServiceConfig:
@@ -124,11 +130,13 @@ class WatermarkService:
     ) -> None:
         self.config = config.validate()
         self.kafka_conf = dict(kafka_conf)
-        self.topics = CgTopics(config.cg)
+        self.topics = CgTopics(config.cg, config.generation)
         self.settings = WatermarkSettings(self.kafka_conf, config.cg)
         self.state = WatermarkState()
         self.stats = WatermarkStats()
-        self.publisher = WatermarkPublisher(self.kafka_conf, config.cg, config.publisher)
+        self.publisher = WatermarkPublisher(
+            self.kafka_conf, config.cg, config.publisher, generation=config.generation
+        )
         self.published_w = -1
         self.halted: WatermarkHaltedError | None = None
         # monotonic: publish delays, heartbeats, takeover, backoff, liveness; wall: records
@@ -159,6 +167,7 @@ class WatermarkService:
             self.config.cg,
             log_partitions=self.config.log_partitions,
             replication_factor=self.config.replication_factor,
+            generation=self.config.generation,
         )
         self._consumer = Consumer(self.settings.progress_consumer())
         # W's log offsets are high watermarks, not last stable offsets: Kafka writes a
@@ -254,6 +263,7 @@ class WatermarkService:
             log,
             "watermark service active",
             cg=self.config.cg,
+            generation=self.config.generation,
             w=self.state.w,
             floor_w=self.published_w,
             progress_offset=self.state.progress_offset,
@@ -505,6 +515,7 @@ class WatermarkService:
     def metrics(self) -> dict[str, Any]:
         w = self.state.w
         return {
+            "generation": self.config.generation,
             "w": w,
             "published_w": self.published_w,
             "rpo_s": (self._wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
