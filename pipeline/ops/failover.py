@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from connectors.kafka.reading import BEGINNING, bounds, read_range
-from connectors.kafka.settings import ToolSettings
+from connectors.kafka.reading import BEGINNING, bounds
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.checkpointer import decode_checkpoint
 from pipeline.backup.images import ImageSet
@@ -50,13 +49,19 @@ from pipeline.ops import restore as rs
 from pipeline.ops.drill import choose_cut
 from pipeline.ops.failover_state import Action, FailoverRecord, Phase
 from pipeline.ops.replay import ReplayProgress, read_log, replay
+from pipeline.primary.fencing import (
+    Activity,
+    fence_interceptors,
+    interceptor_ids,
+    progress_activity,
+)
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.site import SiteDir
 from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.topology.roles import plan_failover
 from pipeline.topology.store import RolesStore
 from schemas import codec
-from schemas.records import LOG_RECORDS, CgRoles, Checkpoint, Progress, ProgressKind, Write, Zero
+from schemas.records import LOG_RECORDS, CgRoles, Checkpoint, ProgressKind, Write, Zero
 
 log = logging.getLogger("lowmark.failover")
 
@@ -88,39 +93,17 @@ class FailoverConfig:
         return self.interceptor_id or self.site
 
 
-@dataclass
-class OldPrimary:
-    """What the old generation's progress topic says about its interceptors."""
-
-    last: dict[str, Progress]  # interceptor id -> its newest progress record
-
-    def live(self, now_us: int, reachable_s: float) -> dict[str, Progress]:
-        """The interceptors that ticked within ``reachable_s`` and did not leave."""
-        return {
-            iid: p
-            for iid, p in self.last.items()
-            if p.kind is not ProgressKind.LEAVE and now_us - p.wall_us <= reachable_s * 1e6
-        }
-
-
-def read_old_primary(
-    kafka_conf: Mapping[str, Any], topics: CgTopics, tail: int = 5000
-) -> OldPrimary:
-    """The newest progress record of each interceptor in the last ``tail`` records."""
-    found = bounds(kafka_conf, topics.progress)
-    last: dict[str, Progress] = {}
-    if not found:
-        return OldPrimary(last)
-    low, high = found.get(0, (0, 0))
-    start = max(low, high - tail)
-    settings = ToolSettings(kafka_conf).reader()
-    for msg in read_range(settings, topics.progress, {0: start}, {0: high}, stall_timeout_s=30):
-        try:
-            rec = codec.decode(msg.value() or b"", Progress)
-        except RecordError:
-            continue  # the watermark service halts on it; here it only says who ticked
-        last[rec.interceptor_id] = rec
-    return OldPrimary(last)
+def live_interceptors(
+    activity: Mapping[str, Activity], now_us: int, reachable_s: float
+) -> dict[str, Activity]:
+    """The interceptors that reported within ``reachable_s`` and neither left nor were
+    fenced: a primary that can still be asked to stop."""
+    gone = (ProgressKind.LEAVE, ProgressKind.FENCE)
+    return {
+        iid: a
+        for iid, a in activity.items()
+        if a.kind not in gone and now_us - a.wall_us <= reachable_s * 1e6
+    }
 
 
 class SiteLock:
@@ -245,7 +228,6 @@ class Failover:
     def _plan(self, current: CgRoles | None) -> FailoverRecord:
         c = self.config
         gen = 0 if current is None else current.generation
-        old = CgTopics(c.cg, gen)
         ckpt = self._checkpoint()
         ckpt_gen = getattr(ckpt, "generation", 0)
         if ckpt_gen != gen:
@@ -254,12 +236,12 @@ class Failover:
                 f"generation {gen}: let its applier catch up to generation {gen} first"
             )
         if not c.force:  # --force fences alongside the commit (``fence_all``)
-            primary = read_old_primary(self.kafka_conf, old)
-            live = primary.live(self.time.wall_us(), c.reachable_s)
+            activity = progress_activity(self.kafka_conf, c.cg, gen)
+            live = live_interceptors(activity, self.time.wall_us(), c.reachable_s)
             if not live:
                 ages = {
-                    iid: round((self.time.wall_us() - p.wall_us) / 1e6, 1)
-                    for iid, p in primary.last.items()
+                    iid: round((self.time.wall_us() - a.wall_us) / 1e6, 1)
+                    for iid, a in activity.items()
                 }
                 raise FailoverError(
                     f"the primary of CG {c.cg} cannot be reached (its interceptors' last "
@@ -267,7 +249,7 @@ class Failover:
                     "stop. If it is down, run again with --force: the cut is then the latest "
                     "W, and writes it acknowledged after that W are lost"
                 )
-            self._fence(old, sorted(live))
+            self._fence(gen, sorted(live))
             self._await_final_w(gen, live)
         wm = rs.latest_watermark(self.kafka_conf, c.cg, gen)
         cut = choose_cut(self.kafka_conf, c.cg, at=c.at, marker=c.marker, generation=gen, wm=wm)
@@ -298,25 +280,22 @@ class Failover:
             started_us=self.time.wall_us(),
         )
 
-    def _fence(self, topics: CgTopics, interceptor_ids: list[str]) -> None:
+    def _fence(self, generation: int, ids: list[str]) -> None:
         """Take the old interceptors' transactional ids: their producers commit no more."""
-        from pipeline.primary.fencing import fence_interceptors  # the interceptors' own rule
-
-        self.fenced = fence_interceptors(self.kafka_conf, topics, interceptor_ids)
-        self._event("old primary fenced", generation=topics.generation, interceptors=self.fenced)
+        self.fenced = fence_interceptors(self.kafka_conf, self.config.cg, generation, ids)
+        self._event("old primary fenced", generation=generation, interceptors=self.fenced)
 
     def fence_all(self) -> None:
         """``--force``: fence every interceptor the old generation ever had (best effort:
         an unreachable cluster part is logged, the new generation is safe without it)."""
         assert self.record is not None
-        topics = CgTopics(self.config.cg, self.record.from_generation)
+        gen = self.record.from_generation
         try:
-            ids = sorted(read_old_primary(self.kafka_conf, topics).last)
-            self._fence(topics, ids)
+            self._fence(gen, sorted(interceptor_ids(self.kafka_conf, self.config.cg, gen)))
         except LowmarkError as exc:
             self._event("fencing the old primary failed", level=logging.WARNING, error=str(exc))
 
-    def _await_final_w(self, generation: int, live: Mapping[str, Progress]) -> None:
+    def _await_final_w(self, generation: int, live: Mapping[str, Activity]) -> None:
         """After the fence, wait until W reaches the last S of every fenced interceptor."""
         c = self.config
         target = min(p.s for p in live.values())

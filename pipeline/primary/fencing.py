@@ -59,6 +59,8 @@ class Activity:
     offset: int
     #: the wall clock of its writer (the interceptor; the watermark service for a FENCE)
     wall_us: int
+    #: the S it reported (the last S of a fenced member, for a FENCE)
+    s: int = 0
 
 
 def progress_activity(
@@ -84,7 +86,9 @@ def progress_activity(
             rec = codec.decode(msg.value(), Progress)
         except LowmarkError:
             continue  # the watermark service halts on it; here it names nobody
-        out[rec.interceptor_id] = Activity(rec.interceptor_id, rec.kind, msg.offset(), rec.wall_us)
+        out[rec.interceptor_id] = Activity(
+            rec.interceptor_id, rec.kind, msg.offset(), rec.wall_us, rec.s
+        )
     return out
 
 

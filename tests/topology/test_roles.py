@@ -168,7 +168,9 @@ def test_a_commit_that_is_not_the_next_generation_is_refused_before_any_client()
     g0 = initial_roles("cg1", "main", now_us=0)
     g1 = plan_failover(g0, "cg1", "dr", 5, {}, True, 1)
     from_none = plan_failover(None, "cg1", "dr", 5, {}, True, 1)
-    bad = (("cg1", 0, g0), ("cg1", None, g1), ("cg1", 1, g1), ("cg2", 0, g1), ("cg2", None, from_none))
+    bad = (
+        ("cg1", 0, g0), ("cg1", None, g1), ("cg1", 1, g1), ("cg2", 0, g1), ("cg2", None, from_none)
+    )  # fmt: skip
     for cg, expected, roles in bad:
         with pytest.raises(RolesError, match="plan it from the latest roles"):
             store.commit(cg, expected, roles)
