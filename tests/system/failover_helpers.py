@@ -111,14 +111,28 @@ def make_site(
         primary.interceptor.crash()  # kill -9: nothing more is published
         for vol in primary.volumes.values():
             vol.image.close()
-    scene.w = published_w(conf, cg)
+    # the watermark service may still fold the dead primary's last ticks: W settles
+    w, still_since = published_w(conf, cg), time.monotonic()
+    while time.monotonic() - still_since < 0.5:
+        time.sleep(0.05)
+        now = published_w(conf, cg)
+        if now != w:
+            w, still_since = now, time.monotonic()
+    scene.w = w
     return scene
 
 
 class FailoverProcess:
     """``lowmark failover`` in a child process, serving NBD on a unix socket."""
 
-    def __init__(self, scene: Scene, *args: str, tag: str = "f", metrics: str = "") -> None:
+    def __init__(
+        self,
+        scene: Scene,
+        *args: str,
+        tag: str = "f",
+        metrics: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.scene = scene
         self.sock = scene.root / f"{tag}.sock"
         self.log = scene.root / f"{tag}.log"
@@ -130,7 +144,12 @@ class FailoverProcess:
         ]  # fmt: skip
         if metrics:
             cmd += ["--metrics", metrics]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "LOWMARK_SERVE_TICK_INTERVAL_MS": "5"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "LOWMARK_SERVE_TICK_INTERVAL_MS": "5",
+            **(env or {}),
+        }
         self.out = open(self.log, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out, stderr=self.out)

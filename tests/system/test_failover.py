@@ -196,8 +196,12 @@ def test_failover_refuses_while_the_sites_applier_runs_and_without_force(kafka_c
             assert "in use" in fo.output() and "lowmark apply" in fo.output()
         finally:
             lock.release()
-        # the primary died: without --force the failover refuses and says so
-        fo = FailoverProcess(scene, tag="noforce")
+        # the primary died (no tick for more than the liveness timeout): without --force
+        # the failover refuses and says so
+        time.sleep(1.5)
+        fo = FailoverProcess(
+            scene, tag="noforce", env={"LOWMARK_WATERMARK_LIVENESS_TIMEOUT_S": "1"}
+        )
         assert fo.proc.wait(60) == 2
         out = fo.output()
         assert "cannot be reached" in out and "--force" in out
