@@ -20,6 +20,8 @@ Promises to callers (see ``Ticket``):
 - ``flush`` (and NBD FUA on async volumes): once every earlier record is durable in Kafka;
 - backpressure: at most ``max_unreplicated_bytes`` wait for Kafka; beyond that writers
   block (and say so in the log) until Kafka takes them. Nothing acknowledged is dropped.
+- fenced (a newer generation, ``generation_watch``; or its transactional id taken): no
+  acknowledgement after that moment (``admit_ack``), ``FencedError`` to every caller.
 """
 
 from __future__ import annotations
