@@ -60,8 +60,18 @@ from pipeline.site import SiteDir
 from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.topology.roles import plan_failover
 from pipeline.topology.store import RolesStore
+from pipeline.watermark.publisher import WatermarkPublisher
 from schemas import codec
-from schemas.records import LOG_RECORDS, CgRoles, Checkpoint, ProgressKind, Write, Zero
+from schemas.records import (
+    LOG_RECORDS,
+    CgRoles,
+    Checkpoint,
+    ProgressKind,
+    Watermark,
+    Write,
+    Zero,
+)
+from schemas.ts import ts_physical_us
 
 log = logging.getLogger("lowmark.failover")
 
@@ -251,6 +261,9 @@ class Failover:
                 )
             self._fence(gen, sorted(live))
             self._await_final_w(gen, live)
+            # and no W after the one read below: a sync write acknowledged by the old
+            # generation is acknowledged by a W <= the cut
+            self._fence_publisher(gen)
         wm = rs.latest_watermark(self.kafka_conf, c.cg, gen)
         cut = choose_cut(self.kafka_conf, c.cg, at=c.at, marker=c.marker, generation=gen, wm=wm)
         if cut.ts < ckpt.w:
@@ -285,15 +298,45 @@ class Failover:
         self.fenced = fence_interceptors(self.kafka_conf, self.config.cg, generation, ids)
         self._event("old primary fenced", generation=generation, interceptors=self.fenced)
 
-    def fence_all(self) -> None:
-        """``--force``: fence every interceptor the old generation ever had (best effort:
-        an unreachable cluster part is logged, the new generation is safe without it)."""
-        assert self.record is not None
-        gen = self.record.from_generation
+    def _fence_publisher(self, generation: int) -> Watermark | None:
+        """Take the old generation's watermark publisher id: no W is published after the
+        latest one, which this returns (a standby takes the id back only after
+        ``takeover_after_s``, when every fenced interceptor knows it is fenced)."""
+        publisher = WatermarkPublisher(self.kafka_conf, self.config.cg, generation=generation)
         try:
+            floor = publisher.acquire()
+        finally:
+            publisher.release()
+        self._event(
+            "old watermark publisher fenced",
+            generation=generation,
+            final_w=None if floor is None else floor.w,
+        )
+        return floor
+
+    def fence_all(self) -> None:
+        """``--force``: fence the old generation's watermark publisher, then every
+        interceptor it had (best effort: an unreachable cluster part is logged; the new
+        generation is safe without it: nobody applies the old one past the cut). A W of
+        the old generation above the cut means the old primary was still running: said
+        loudly, with how far it got."""
+        r = self._require()
+        gen = r.from_generation
+        try:
+            floor = self._fence_publisher(gen)
             self._fence(gen, sorted(interceptor_ids(self.kafka_conf, self.config.cg, gen)))
         except LowmarkError as exc:
             self._event("fencing the old primary failed", level=logging.WARNING, error=str(exc))
+            return
+        if floor is not None and floor.w > r.cut_ts:
+            self._event(
+                "the old primary was still running when the cut was chosen: its writes "
+                "acknowledged above the cut are not in the new generation",
+                level=logging.WARNING,
+                cut_ts=r.cut_ts,
+                old_generation_w=floor.w,
+                lost_s=round((ts_physical_us(floor.w) - ts_physical_us(r.cut_ts)) / 1e6, 3),
+            )
 
     def _await_final_w(self, generation: int, live: Mapping[str, Activity]) -> None:
         """After the fence, wait until W reaches the last S of every fenced interceptor."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from connectors.kafka.reading import bounds, iter_range, latest
+from connectors.kafka.reading import bounds, iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.images import ImageSet
@@ -34,15 +34,13 @@ from pipeline.fsutil import atomic_write
 from pipeline.ops.replay import ProgressFn, ReplayResult, replay
 from pipeline.site import RESTORE_MANIFEST, SiteDir
 from pipeline.timesource import wall_us
-from pipeline.watermark.service import decode_watermark, newer_watermark
+from pipeline.watermark.publisher import latest_watermark as published_watermark
 from schemas import codec
 from schemas.records import Checkpoint, Marker, Watermark
 from schemas.ts import format_ts
 
 MANIFEST = RESTORE_MANIFEST
 MANIFEST_FORMAT = 1
-#: the latest W is read from this many of the watermark topic's last records
-WM_TAIL = 64
 
 
 # ---------------------------------------------------------------- what Kafka holds
@@ -62,15 +60,13 @@ def log_bounds(
 
 
 def latest_watermark(kafka_conf: Mapping[str, Any], cg: str, generation: int = 0) -> Watermark:
-    topic = CgTopics(cg, generation).watermark
-    # one publisher at a time, and W never goes down: the newest is among the last records
-    best = latest(dict(kafka_conf), topic, decode_watermark, newer_watermark, tail=WM_TAIL)
+    best = published_watermark(dict(kafka_conf), cg, generation=generation)
     if best is None:
         raise RestoreError(
             f"consistency group {cg} has no published watermark yet, so no cut is known to "
             "be complete; start `lowmark watermark` and retry"
         )
-    return best[0]
+    return best
 
 
 def find_marker(

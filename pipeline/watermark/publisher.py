@@ -46,6 +46,10 @@ class PublisherTimeouts:
     read_floor_s: float = 30.0
 
 
+#: the latest W is read from this many of the watermark topic's last records
+WM_TAIL = 64
+
+
 def decode_watermark(value: bytes) -> Watermark:
     return codec.decode(value, Watermark)
 
@@ -60,7 +64,8 @@ def latest_watermark(
     """The highest committed Watermark record of the CG's ``generation``, or None
     (read_committed)."""
     topic = CgTopics(cg, generation).watermark
-    best = latest(kafka_conf, topic, decode_watermark, newer_watermark, timeout_s)
+    # one publisher at a time, and W never goes down: the newest is among the last records
+    best = latest(kafka_conf, topic, decode_watermark, newer_watermark, timeout_s, tail=WM_TAIL)
     return None if best is None else best[0]
 
 
