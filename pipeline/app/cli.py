@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -9,8 +10,44 @@ import click
 from pipeline.errors import LowmarkError
 from pipeline.logs import setup_logging
 
+#: command name -> the module that defines it (as ``COMMANDS``); imported when run, so a
+#: command starts without importing every other one (``lowmark failover`` counts its
+#: time to the first read from the moment it is started)
+_COMMAND_MODULES = {
+    "serve": "pipeline.app.cli_services",
+    "watermark": "pipeline.app.cli_services",
+    "apply": "pipeline.app.cli_services",
+    "status": "pipeline.app.cli_services",
+    "demo": "pipeline.app.cli_services",
+    "tail": "pipeline.app.cli_ops",
+    "restore": "pipeline.app.cli_ops",
+    "replay": "pipeline.app.cli_ops",
+    "verify": "pipeline.app.cli_ops",
+    "roles": "pipeline.app.cli_roles",
+    "drill": "pipeline.app.cli_drill",
+    "failover": "pipeline.app.cli_failover",
+    "kafka": "connectors.embedded_kafka.cli",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is not None or cmd_name not in _COMMAND_MODULES:
+            return found
+        module = importlib.import_module(_COMMAND_MODULES[cmd_name])
+        commands = getattr(module, "COMMANDS", None) or [getattr(module, cmd_name)]
+        for command in commands:
+            if command.name == cmd_name:
+                self.add_command(command)
+                return command
+        raise LookupError(f"{_COMMAND_MODULES[cmd_name]} defines no command {cmd_name!r}")
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", default="info", envvar="LOWMARK_LOG_LEVEL", show_default=True)
 @click.option(
     "--log-format",
@@ -22,22 +59,6 @@ from pipeline.logs import setup_logging
 def main(log_level: str, log_format: str) -> None:
     """lowmark: consistent block replication through Apache Kafka."""
     setup_logging(log_level, log_format)
-
-
-def _register() -> None:
-    from connectors.embedded_kafka.cli import kafka
-    from pipeline.app.cli_drill import COMMANDS as DRILL
-    from pipeline.app.cli_failover import COMMANDS as FAILOVER
-    from pipeline.app.cli_ops import COMMANDS as OPS
-    from pipeline.app.cli_roles import COMMANDS as ROLES
-    from pipeline.app.cli_services import COMMANDS as SERVICES
-
-    main.add_command(kafka)
-    for command in [*SERVICES, *OPS, *ROLES, *DRILL, *FAILOVER]:
-        main.add_command(command)
-
-
-_register()
 
 
 def run() -> None:

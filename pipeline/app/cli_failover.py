@@ -27,7 +27,7 @@ from pipeline.app.metrics import serve_metrics
 from pipeline.app.services import _stop_on_signals, nbd_config, primary_metrics
 from pipeline.backup.images import ImageSet
 from pipeline.backup.rollforward import Backlog, RollForward
-from pipeline.errors import FailoverError
+from pipeline.errors import FailoverError, LowmarkError
 from pipeline.logs import event
 from pipeline.ops.failover import Failover, FailoverConfig
 from pipeline.ops.failover_export import FailoverExport, Gate, exports_for
@@ -87,31 +87,34 @@ class Run:
             click.echo(f"fenced the old primary's interceptors: {self.f.fenced}", err=True)
 
     def commit_and_start(self) -> None:
-        """In its own thread: commit, fence (forced), apply volume changes, start the
-        interceptor, then let writes through and roll forward."""
+        """In its own thread: commit (and fence, forced), apply the volume changes, roll
+        forward in the background, start the new interceptor and let writes through."""
         try:
             self.phase = "committing"
             self.f.commit()
             self._mark("committed_s")
             if self.fc.force:
-                self.f.fence_all()
+                threading.Thread(target=self.f.fence_all, name="fence", daemon=True).start()
             self._index_built.wait()
             if self.backlog is None:
                 return  # indexing failed; the main thread reports it
             self.f.apply_changes(self.backlog)
             self._catalog_ready.set()
-            cg = self.f.open_primary()
             self._exports_ready.wait()
-            for name, exp in self.exports.items():
-                exp.attach(VolumeExport(cg.volume(name)))
-            self.gate.open(cg)
-            self._mark("writes_s")
-            self.phase = "rolling forward"
             assert self.images is not None
+            # the images are the new primary's from the commit on: roll forward now, the
+            # interceptor starts alongside (writes wait for it, reads never do)
+            self.phase = "rolling forward"
             self.worker = RollForward(
                 self.backlog, self.images, rate_bytes_s=self.fc.rollforward_rate_bytes_s
             )
             self.worker.start()
+            self._topics.join()
+            cg = self.f.open_primary()
+            for name, exp in self.exports.items():
+                exp.attach(VolumeExport(cg.volume(name)))
+            self.gate.open(cg)
+            self._mark("writes_s")
             self.worker.wait()
             if self.worker.error is not None:
                 raise self.worker.error
@@ -128,11 +131,19 @@ class Run:
         finally:
             self._catalog_ready.set()
 
+    def _prepare_topics(self) -> None:
+        try:
+            self.f.prepare_topics()
+        except LowmarkError as exc:  # open_primary creates them again, and says why not
+            event(log, "could not create the new generation's topics yet", error=str(exc))
+
     def run(self, stop: threading.Event, ready: threading.Event | None = None) -> None:
         self.prepare()
         done_already = self.f.action is Action.DONE
         if done_already:
             self.gate.rolled_forward.set()
+        self._topics = threading.Thread(target=self._prepare_topics, name="topics", daemon=True)
+        self._topics.start()
         starter = threading.Thread(target=self.commit_and_start, name="failover", daemon=True)
         starter.start()
         try:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.kafka.reading import BEGINNING, bounds
-from connectors.kafka.topics import CgTopics
+from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.backup.checkpointer import decode_checkpoint
 from pipeline.backup.images import ImageSet
 from pipeline.backup.rollforward import DEFAULT_MAX_MEMORY_BYTES, Backlog, apply_volume_changes
@@ -469,6 +469,19 @@ class Failover:
         self._advance(Phase.CHANGES_APPLIED)
         self._event("volume changes applied", changes=n)
         return n
+
+    def prepare_topics(self) -> None:
+        """Create the new generation's topics ahead of the commit (while the backlog is
+        read): an uncommitted generation's topics are empty and harmless."""
+        r = self._require()
+        c = self.config
+        ensure_topics(
+            self.kafka_conf,
+            c.cg,
+            log_partitions=c.log_partitions,
+            replication_factor=c.replication_factor,
+            generation=r.generation,
+        )
 
     def open_primary(self) -> ConsistencyGroup:
         """The new generation's interceptor over the site's images (after the commit)."""

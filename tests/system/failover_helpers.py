@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import RestoreError
 from pipeline.ops import restore as rs
 from pipeline.primary.volume import ConsistencyGroup
+from pipeline.topology.store import RolesStore
+from pipeline.watermark.generations import GenerationalWatermark
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from tests.ops.test_ops_tools import FAST, _marker, _workload
 from tests.replication_helpers import (
@@ -74,14 +77,26 @@ def make_site(
     backlog_writes: int,
     seed: int,
     marker_at: int | None = None,
+    generational: bool = False,
+    before_backlog: Callable[[], object] | None = None,
 ) -> Scene:
     """Primary writes, the site applies ``applied_writes`` of them and stops; the backlog
-    follows (with a marker after ``marker_at`` of its writes); the primary dies."""
+    follows (with a marker after ``marker_at`` of its writes); the primary dies.
+
+    ``generational``: the watermark service follows the roles into the next generation
+    (as ``lowmark watermark`` does). ``before_backlog`` runs just before the backlog."""
     rng = random.Random(seed)
     site_dir = root / SITE
-    wm = ServiceThread(
-        WatermarkService(WatermarkServiceConfig(cg=cg, liveness_timeout_s=30), conf), "watermark"
-    ).start()
+    service: Any = WatermarkService(WatermarkServiceConfig(cg=cg, liveness_timeout_s=30), conf)
+    if generational:
+        store = RolesStore(conf, timeout_s=5.0)
+
+        def make(generation: int) -> WatermarkService:
+            wcfg = WatermarkServiceConfig(cg=cg, liveness_timeout_s=30, generation=generation)
+            return WatermarkService(wcfg, conf)
+
+        service = GenerationalWatermark(cg, make, lambda: store.latest(cg), check_every_s=0.2)
+    wm = ServiceThread(service, "watermark").start()
     scene = Scene(conf, cg, root, sizes, site_dir, root / "primary", wm)
     primary = ConsistencyGroup.open(cg, scene.primary_dir, conf, interceptor_id="prod", **FAST)
     try:
@@ -100,6 +115,8 @@ def make_site(
         wait_until(lambda: ap.service.applied_w >= last or ap.error, 60, "the site to apply")
         ap.stop()  # the applier is paused: it checkpoints and stops
         scene.site_w = ap.service.applied_w
+        if before_backlog is not None:
+            before_backlog()
         for i in range(backlog_writes):
             _workload(primary, rng, 1, scene.write_ts)
             if marker_at is not None and i == marker_at:

@@ -208,3 +208,84 @@ def test_failover_refuses_while_the_sites_applier_runs_and_without_force(kafka_c
         assert RolesStore(kafka_conf).latest(cg) is None, "a refused failover changed the roles"
     finally:
         scene.close()
+
+
+def test_the_old_primary_never_gets_a_write_replicated_into_the_new_generation(
+    kafka_conf, tmp_path
+):
+    """The old primary comes back after the failover: its `lowmark serve` refuses to start,
+    and a raw producer with its transactional id gets records into the old generation's
+    log, which the new generation's backup (a second site that kept applying through the
+    failover) never applies: that site ends at the cut plus the new primary's writes."""
+    require_tools("qemu-io", "nbdcopy")
+    import subprocess
+    import sys
+
+    from connectors.kafka.producer import Producer
+    from connectors.kafka.settings import InterceptorSettings
+    from connectors.kafka.topics import CgTopics
+    from pipeline.backup.applier import Applier, ApplierConfig
+    from pipeline.site import SiteDir
+    from schemas import codec
+    from schemas.records import Write, WriteExtent
+    from schemas.ts import make_ts
+    from tests.oracles import read_image
+    from tests.replication_helpers import ServiceThread, wait_until
+
+    cg = unique("fosplit")
+    dr2_dir = tmp_path / "dr2"
+    dr2 = ServiceThread(
+        Applier(ApplierConfig(cg=cg, site="dr2", data_dir=dr2_dir, checkpoint_interval_s=0.05),
+                kafka_conf),
+        "applier-dr2",
+    )  # fmt: skip
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=SIZES, applied_writes=40, backlog_writes=100, seed=4,
+        generational=True, before_backlog=dr2.start,
+    )  # fmt: skip
+    try:
+        want = {v: bytearray(b) for v, b in scene.reference(scene.w).items()}
+        fo = FailoverProcess(scene, "--force")
+        try:
+            fo.wait_for("rolled forward")
+            assert nbd_write(fo.uri("a"), 8192, 65536, 0x3C), fo.output()
+            want["a"][8192 : 8192 + 65536] = b"\x3c" * 65536
+            # the old primary restarted with its own config refuses to start
+            old = subprocess.run(
+                [sys.executable, "-m", "pipeline.app.cli", "serve",
+                 "--bootstrap-servers", kafka_conf["bootstrap.servers"], "--cg", cg,
+                 "--data-dir", str(scene.primary_dir), "--listen", "127.0.0.1:0"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert old.returncode == 2, old.stdout + old.stderr
+            assert "generation 1" in old.stderr and "dr1" in old.stderr, old.stderr
+            # a raw producer with the old primary's transactional id: Kafka takes the
+            # record (into the old generation's log), nobody of generation 1 applies it
+            tid = CgTopics(cg, 0).transactional_id("prod")
+            p = Producer(InterceptorSettings(kafka_conf).producer(tid, "none"))
+            p.init_transactions(30)
+            p.begin_transaction()
+            ts = make_ts(int(time.time() * 1e6) + 10_000_000, 0)
+            stale = Write("b", "prod", 0, (WriteExtent(ts, 0, 65536, 0, 1, b"\xee" * 65536),))
+            p.produce(CgTopics(cg, 0).log, codec.encode(stale), key=b"b",
+                      headers=codec.headers_for(stale))  # fmt: skip
+            p.commit_transaction(30)
+            # dr2 applied generation 0 up to the cut, switched, and applies generation 1
+            gen1 = read_log(kafka_conf, cg, generation=1)
+            last = max(x["ts"] for t, rec, _p, _o in gen1 if t == "Write" for x in rec["extents"])
+            wait_until(
+                lambda: dr2.service.applied_w >= last or dr2.error, 60, "dr2 in generation 1"
+            )
+            dr2.check()
+            time.sleep(1.0)  # time enough to (wrongly) apply the stale record
+            site = SiteDir(dr2_dir)
+            for vid, size in SIZES.items():
+                got = read_image(site.image_path(vid), size)
+                assert got == bytes(want[vid]), f"dr2 {vid}: " + first_difference(
+                    got, bytes(want[vid])
+                )
+        finally:
+            assert fo.stop() == 0, fo.output()
+    finally:
+        dr2.stop(check=False)
+        scene.close()
