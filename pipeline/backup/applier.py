@@ -3,7 +3,8 @@
 The ordering brain is the pure ``ApplyPlanner``; this module is its I/O:
 
 1. resume from the site's checkpoint (local file first, else the compacted checkpoints
-   topic, else the beginning of the log): seek every log partition to the checkpoint's
+   topics of the current generation and the ones before it, else the beginning of
+   generation 0's log): seek every log partition of the checkpoint's generation to its
    replay offsets; records with ts <= checkpoint W are skipped (all were applied);
 2. read the log (read_committed) and the watermark topic in order; for each W that is
    higher than the applied one, once the log position of every partition has reached W's
@@ -13,7 +14,9 @@ The ordering brain is the pure ``ApplyPlanner``; this module is its I/O:
    then commit consumer offsets. A crash anywhere replays at most (W_ckpt, W_applied],
    which re-applied in order lands on the same bytes (writes are blind overwrites);
 4. a record that fails to decode halts the applier: a raw copy goes to the dead-letter
-   topic, nothing after it is applied, and the error says how to skip it.
+   topic, nothing after it is applied, and the error says how to skip it;
+5. it follows the CG's generations (``follow``, ``generations``) and holds the site's
+   lock (``SiteLock``) from start to close, so a failover cannot touch its images.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from connectors.kafka.deadletter import deadletter_headers
 from connectors.kafka.errors import PARTITION_EOF, as_error
 from connectors.kafka.producer import Producer
 from connectors.kafka.settings import ApplierSettings
-from connectors.kafka.topics import CgTopics, ensure_topics
+from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.checkpointer import Checkpointer
+from pipeline.backup.follow import FollowGenerations
+from pipeline.backup.generations import Action, Cut, RolesPoll
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import (
@@ -45,8 +50,9 @@ from pipeline.errors import (
     RecordError,
 )
 from pipeline.logs import event
-from pipeline.site import SiteDir
+from pipeline.site import SiteDir, SiteLock
 from pipeline.timesource import REAL_TIME, TimeSource
+from pipeline.topology.store import RolesStore
 from schemas import codec
 from schemas.records import LOG_RECORDS, CgRecord, Checkpoint, VolumeChange, VolumeDigest, Watermark
 from schemas.ts import ts_physical_us
@@ -106,10 +112,13 @@ class ApplierStats:
     last_checkpoint_us: int = 0
     markers_dropped: int = 0
     targets_dropped: int = 0
+    generation_switches: int = 0
+    #: records of a generation at or above its failover cut: dropped unread, never applied
+    beyond_cut: int = 0
     started_mono: float = 0.0
 
 
-class Applier:
+class Applier(FollowGenerations):
     def __init__(
         self,
         config: ApplierConfig,
@@ -120,6 +129,7 @@ class Applier:
         self._now = time_source.monotonic  # intervals: checkpoints, digests, snapshots, logs
         self._wall_us = time_source.wall_us  # what a checkpoint says, RPO
         self.kafka_conf = dict(kafka_conf)
+        self.generation = 0  # whose log this site applies (its checkpoint's), and its topics
         self.topics = CgTopics(config.cg)
         self.site: ImageSet = None  # type: ignore[assignment]  # opened by start()
         self.stats = ApplierStats(started_mono=self._now())
@@ -145,6 +155,15 @@ class Applier:
         self._wm: Consumer | None = None
         self._producer: Producer | None = None
         self.checkpointer: Checkpointer = None  # type: ignore[assignment]  # made by start()
+        self.lock = SiteLock(config.data_dir, f"applier of site {config.site}")
+        roles_store = RolesStore(self.kafka_conf, timeout_s=5.0)
+        self.roles = RolesPoll(lambda: roles_store.latest(config.cg), self._now)
+        #: where the current generation ends, once the roles name the next one
+        self._cut: Cut | None = None
+        self._cut_wm_end = 0  # the watermark topic's end when the cut was learnt
+        self._refused: ApplyError | None = None
+        self.finished: str | None = None  # why it stopped on its own (the site is primary)
+        self.on_finish: Any = None  # called once when ``finished`` is set
 
     # ---------------------------------------------------------------- paths & state
 
@@ -158,35 +177,25 @@ class Applier:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        ensure_topics(
-            self.kafka_conf,
-            self.config.cg,
-            log_partitions=self.config.log_partitions,
-            replication_factor=self.config.replication_factor,
-        )
-        self.site = ImageSet(self.config.data_dir, keep_deleted=True)
+        self.lock.acquire()  # before anything touches the images; close() releases it
         settings = ApplierSettings(self.kafka_conf, self.config.cg, self.config.site)
         self._producer = Producer(settings.producer())
         self.checkpointer = Checkpointer(
             self.config.cg, self.config.site, self.checkpoint_path, self.kafka_conf, self._producer
         )
-        ckpt = self.checkpointer.load()
-        start_offsets = {p: 0 for p in range(self.config.log_partitions)}
-        if ckpt is not None:
-            self.applied_w = self.checkpoint_w = ckpt.w
-            self._max_seen_w = ckpt.w
-            start_offsets.update(ckpt.log_offsets)
-        self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
-        for p, off in start_offsets.items():
-            self.planner.note_position(p, off)
-        self._log = Consumer(settings.log_consumer())
-        self._log.assign(self.topics.log, start_offsets)
-        self._wm = Consumer(settings.watermark_consumer())
-        self._wm.assign(self.topics.watermark, {0: 0})
+        offsets, decision = self._resume_point()
+        if decision.action is Action.STOP_PRIMARY:
+            self._finish(decision.reason)
+            return
+        if decision.action is Action.REFUSE:
+            raise ApplyError(decision.reason)
+        self.site = ImageSet(self.config.data_dir, keep_deleted=True)
+        self._open_generation(self.generation, offsets)
         # Before a crash this site may have applied up to any W published so far, beyond its
         # checkpoint; replaying from the checkpoint then re-applies onto those bytes. Until it
         # has passed every W published before this start, its images are not a cut of any
         # W, so it must not checkpoint (or snapshot) them.
+        assert self._wm is not None
         self._wm_end_at_start = self._wm.watermark_offsets(self.topics.watermark, 0)[1]
         self._restart_floor = self.applied_w
         event(
@@ -194,25 +203,33 @@ class Applier:
             "applier started",
             cg=self.config.cg,
             site=self.config.site,
+            generation=self.generation,
             w=self.applied_w,
-            offsets=start_offsets,
+            offsets=self.planner.positions(),
         )
+        if decision.cut is not None:
+            self._learn_cut(decision.cut)
 
     def close(self, checkpoint: bool = True) -> None:
         self._finish_background_checkpoint(wait=True)
         if checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
             self.checkpoint()
+        self._close_consumers()
+        if self._producer is not None:
+            self._producer.flush(5)
+        self._producer = None
+        if self.site is not None:
+            self.site.close()
+        self.lock.release()
+
+    def _close_consumers(self) -> None:
         for c in (self._log, self._wm):
             if c is not None:
                 c.close()
-        if self._producer is not None:
-            self._producer.flush(5)
-        self._log = self._wm = self._producer = None
-        if self.site is not None:
-            self.site.close()
+        self._log = self._wm = None
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and self.finished is None:
             self.step()
 
     # ---------------------------------------------------------------- one step
@@ -220,7 +237,14 @@ class Applier:
     def step(self, poll_timeout_s: float = 0.02) -> None:
         if self.halted is not None:
             raise self.halted
+        if self._refused is not None:
+            raise self._refused
+        if self.finished is not None:
+            return
         self._finish_background_checkpoint()
+        self._follow_roles()
+        if self.finished is not None:
+            return
         got = self._read_log(0) + self._read_watermarks(0)
         applied = self._apply_ready()
         if self.planner.over_budget():
@@ -274,6 +298,8 @@ class Applier:
                 self.planner.note_epoch(m.interceptor_id, m.epoch, rec.log_offsets)
             for d in rec.departed:
                 self.planner.note_departed(d.interceptor_id, d.epoch, d.s)
+            if self._cut is not None and rec.w > self._cut.base_w:
+                continue  # above the failover cut: never a target (its epochs still count)
             if rec.w > self._max_seen_w:  # consumers ignore a lower W
                 self._max_seen_w = rec.w
                 if len(self._targets) >= MAX_TARGETS:
@@ -300,6 +326,9 @@ class Applier:
                 self._consumer_error(msg.error())
                 continue
             off = msg.offset()
+            if self._cut is not None and self._cut.beyond(p, off):
+                self._beyond_cut(p, off)
+                continue
             if self.planner.is_blocked(p, off):
                 # at or behind a bad record (same fetch batch, or re-read after a spill): not
                 # consumed, not counted. It does prove everything before it was read, and the
@@ -358,6 +387,8 @@ class Applier:
                 self._apply(op)
             self.applied_w = target.w
             applied = True
+        if self._cut is not None and not self._targets:
+            applied = self._apply_cut() or applied
         return applied
 
     def _spill(self) -> None:
@@ -512,6 +543,7 @@ class Applier:
                 for vid, img in sorted(self.images.items())
             ),
             self._wall_us(),
+            self.generation,
         )
 
     def _checkpoint_written(self, rec: Checkpoint) -> None:
@@ -611,4 +643,8 @@ class Applier:
             "consumer_errors": self.stats.consumer_errors,
             "markers_dropped": self.stats.markers_dropped,
             "targets_dropped": self.stats.targets_dropped,
+            "generation": self.generation,
+            "generation_switches": self.stats.generation_switches,
+            "beyond_cut": self.stats.beyond_cut,
+            "roles_poll_errors": self.roles.errors,
         }
