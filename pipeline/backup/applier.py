@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from connectors.kafka.producer import Producer
 from connectors.kafka.settings import ApplierSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.applier_config import ApplierConfig, ApplierStats
 from pipeline.backup.checkpointer import Checkpointer
 from pipeline.backup.follow import FollowGenerations
 from pipeline.backup.generations import Action, Cut, RolesPoll
@@ -44,7 +44,6 @@ from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import (
     ApplierHaltedError,
     ApplyError,
-    ConfigError,
     KafkaError,
     LowmarkError,
     RecordError,
@@ -66,56 +65,6 @@ MAX_MARKERS = 1024
 #: after a restart far behind); past this many the oldest but one is dropped (counted in
 #: ``targets_dropped``): any later W is a cut too, applying it covers the dropped one
 MAX_TARGETS = 4096
-
-
-@dataclass(frozen=True)
-class ApplierConfig:
-    cg: str
-    site: str
-    data_dir: Path
-    checkpoint_interval_s: float = 1.0
-    max_pending_bytes: int = 256 << 20
-    log_partitions: int = 4
-    replication_factor: int | None = None
-    #: (partition, offset) of bad records the operator chose to skip (logged, counted)
-    skip: frozenset[tuple[int, int]] = frozenset()
-    #: per-volume content digests cost a read of every allocated byte (seconds per GiB),
-    #: during which nothing is applied: a checkpoint carries them only this often (None:
-    #: only at explicit checkpoints, e.g. ``lowmark verify``; 0: at every checkpoint).
-    #: Without them a checkpoint's digests are "".
-    digest_interval_s: float | None = None
-    #: False: never compute digests (tests that compare the images themselves)
-    compute_digests: bool = True
-    #: copy the images into the site's snapshot store at a checkpoint this often (0: never);
-    #: restore and replay start from the newest snapshot at or below the wanted cut
-    snapshot_interval_s: float = 0.0
-    snapshots_kept: int = 4
-
-    def validate(self) -> ApplierConfig:
-        if not self.site or "/" in self.site:
-            raise ConfigError(f"site name {self.site!r} is invalid")
-        if self.checkpoint_interval_s <= 0:
-            raise ConfigError("checkpoint_interval_s must be positive")
-        return self
-
-
-@dataclass
-class ApplierStats:
-    applied_ops: int = 0
-    applied_bytes: int = 0
-    checkpoints: int = 0
-    skipped_bad: int = 0
-    records_read: int = 0
-    bytes_read: int = 0
-    watermarks_seen: int = 0
-    consumer_errors: int = 0
-    last_checkpoint_us: int = 0
-    markers_dropped: int = 0
-    targets_dropped: int = 0
-    generation_switches: int = 0
-    #: records of a generation at or above its failover cut: dropped unread, never applied
-    beyond_cut: int = 0
-    started_mono: float = 0.0
 
 
 class Applier(FollowGenerations):
@@ -161,6 +110,7 @@ class Applier(FollowGenerations):
         #: where the current generation ends, once the roles name the next one
         self._cut: Cut | None = None
         self._cut_wm_end = 0  # the watermark topic's end when the cut was learnt
+        self._next_wm_end = 0  # the next generation's, when the site may hold some of it
         self._refused: ApplyError | None = None
         self.finished: str | None = None  # why it stopped on its own (the site is primary)
         self.on_finish: Any = None  # called once when ``finished`` is set
@@ -265,6 +215,8 @@ class Applier(FollowGenerations):
 
     def may_checkpoint(self) -> bool:
         """Whether the images are a cut: every W published before start has been passed."""
+        if self._cut is not None and self._next_wm_end:
+            return False  # they may hold the next generation's records (follow.py)
         return self._wm_read_to >= self._wm_end_at_start and self.applied_w >= self._restart_floor
 
     def _read_watermarks(self, timeout_s: float = 0) -> int:
@@ -355,7 +307,12 @@ class Applier(FollowGenerations):
                     continue
                 self._block(msg, exc)
                 continue
-            self.planner.add(dec, p, off)
+            try:
+                self.planner.add(dec, p, off)
+            except ApplierHaltedError:
+                if self._halt_past_cut():
+                    return len(msgs)  # the rest of this batch is re-read, with the cut
+                raise
             self.planner.note_position(p, off + 1)
         return len(msgs)
 
@@ -383,7 +340,15 @@ class Applier(FollowGenerations):
             self._targets.pop(0)
             if target.w <= self.applied_w:
                 continue
-            for op in self.planner.take(target.w):
+            try:
+                ops = self.planner.take(target.w)
+            except ApplierHaltedError:
+                if self._halt_past_cut():  # pending records past the cut: re-read them
+                    if self._cut is not None and target.w <= self._cut.base_w:
+                        self._targets.insert(0, target)
+                    return applied
+                raise
+            for op in ops:
                 self._apply(op)
             self.applied_w = target.w
             applied = True
@@ -391,7 +356,7 @@ class Applier(FollowGenerations):
             applied = self._apply_cut() or applied
         return applied
 
-    def _spill(self) -> None:
+    def _spill(self, why: str = "pending records exceeded the memory budget") -> None:
         """Bounded memory: forget pending records and re-read them from Kafka later."""
         offsets = self.planner.drop_pending()
         assert self._log is not None
@@ -404,7 +369,7 @@ class Applier(FollowGenerations):
             self._log.resume(self.topics.log, blocked)
         event(
             log,
-            "pending records exceeded the memory budget; re-reading from Kafka",
+            f"{why}; re-reading from Kafka",
             level=logging.WARNING,
             offsets=offsets,
         )

@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 from connectors.kafka.consumer import Consumer
+from connectors.kafka.reading import bounds
 from connectors.kafka.settings import ApplierSettings
 from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.backup.checkpointer import Checkpointer
@@ -31,6 +32,7 @@ from pipeline.backup.generations import Action, Cut, Decision, RolesPoll, decide
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import ApplyError, KafkaUnavailableError
 from pipeline.logs import event
+from pipeline.site import SiteDir
 
 log = logging.getLogger("lowmark.applier")
 
@@ -54,6 +56,8 @@ class FollowGenerations:
     on_finish: Any
     _cut: Cut | None
     _cut_wm_end: int
+    _next_wm_end: int
+    _fresh = False
     _refused: ApplyError | None
     _targets: list[Any]
     _wm: Any
@@ -66,11 +70,13 @@ class FollowGenerations:
 
     # provided by Applier
     def _apply(self, op: ApplyOp) -> None: ...
-    def _spill(self) -> None: ...
+    def _spill(self, why: str = "") -> None: ...
     def _halt(self, partition: int) -> None: ...
     def _finish_background_checkpoint(self, wait: bool = False) -> None: ...
     def _close_consumers(self) -> None: ...
     def checkpoint(self, digests: bool | None = True) -> Any: ...
+    def may_checkpoint(self) -> bool:
+        raise NotImplementedError
 
     kafka_conf: dict[str, Any]
     _log: Any
@@ -87,11 +93,22 @@ class FollowGenerations:
                 "check the brokers"
             )
         roles = self.roles.roles
+        local = self.checkpointer.path.exists()
         ckpt = self.checkpointer.load(roles.generation if roles is not None else 0)
         self.generation = ckpt.generation if ckpt is not None else 0
+        # a site that never checkpointed and holds no volume has applied nothing at all
+        self._fresh = ckpt is None and not SiteDir(self.config.data_dir).read_catalog(
+            require_images=False
+        )
         if ckpt is not None:
             self.applied_w = self.checkpoint_w = self._max_seen_w = ckpt.w
         decision = decide(self.config.cg, self.config.site, self.generation, self.applied_w, roles)
+        if decision.cut is not None and not local:
+            # Resuming in g from Kafka's copy: before it lost its local file this site may
+            # have switched and applied g + 1 (whose checkpoint did not reach Kafka). Until
+            # it has passed every W of g + 1 published before now, its images are no cut.
+            nxt = bounds(self.kafka_conf, CgTopics(self.config.cg, self.generation + 1).watermark)
+            self._next_wm_end = nxt[0][1] if nxt and 0 in nxt else 0
         return (dict(ckpt.log_offsets) if ckpt is not None else {}), decision
 
     def _open_generation(self, generation: int, offsets: dict[int, int]) -> None:
@@ -155,7 +172,23 @@ class FollowGenerations:
         event(log, "applier refuses to go on", logging.ERROR, cg=self.config.cg, why=reason)
         raise self._refused
 
-    def _learn_cut(self, cut: Cut) -> None:
+    def _halt_past_cut(self) -> bool:
+        """The planner halted on generation g's log (a record breaking watermark safety, a
+        ts going back, ...) while the cut was not known yet: the roles may already end g
+        below that record (the old primary's tail after a failover). Read them now; True
+        when a cut is learnt and what was read past it is dropped (the caller stops its
+        batch: everything is re-read with the cut in force, and a record below the cut
+        that is really bad halts again)."""
+        if self._cut is not None:
+            return False
+        self.roles.poll(force=True)
+        d = decide(
+            self.config.cg, self.config.site, self.generation, self.applied_w, self.roles.roles
+        )
+        return d.cut is not None and self._learn_cut(d.cut)
+
+    def _learn_cut(self, cut: Cut) -> bool:
+        """Follow ``cut`` from now on; whether records read past it were dropped."""
         self._cut = cut
         self._targets = [t for t in self._targets if t.w <= cut.base_w]
         self._cut_wm_end = self._wm.watermark_offsets(self.topics.watermark, 0)[1]
@@ -173,7 +206,9 @@ class FollowGenerations:
         if any(pos > cut.base_offsets.get(p, 0) for p, pos in self.planner.positions().items()):
             # read past the cut before it was known: forget what is pending and re-read
             # it with the cut in force, so nothing at or above it can be taken
-            self._spill()
+            self._spill("records were read past the failover cut before it was known")
+            return True
+        return False
 
     def _beyond_cut(self, partition: int, offset: int) -> None:
         """A record of this generation at or above the cut: dropped unread, counted."""
@@ -205,7 +240,7 @@ class FollowGenerations:
             if blocker is not None:
                 self._halt(blocker[0])
             return False
-        if self._restart_floor > cut.base_w:
+        if self._restart_floor > cut.base_w and not self._fresh:
             self._refuse(
                 f"site {self.config.site!r} restarted after it may have applied generation "
                 f"{cut.generation} up to W {self._restart_floor} (published before this "
@@ -229,11 +264,14 @@ class FollowGenerations:
         self._beyond_logged = frozenset()
         self._max_seen_w = self.applied_w
         self._open_generation(cut.next_generation, {})
-        # nothing of the new generation was applied before: its images are a cut now
-        self._wm_end_at_start = self._wm_read_to = 0
+        # nothing of the new generation was applied before (unless the site lost its local
+        # checkpoint, see _resume_point): its images are a cut now
+        self._wm_end_at_start, self._wm_read_to = self._next_wm_end, 0
+        self._next_wm_end = 0
         self._restart_floor = self.applied_w
         self.stats.generation_switches += 1
-        self.checkpoint(digests=False)  # (g + 1, base_w, offsets 0), images fdatasynced
+        if self.may_checkpoint():
+            self.checkpoint(digests=False)  # (g + 1, base_w, offsets 0), images fdatasynced
         event(
             log,
             "switched to the next generation",

@@ -44,9 +44,7 @@ def latest_checkpoints(
     return out
 
 
-def checkpoints_upto(
-    kafka_conf: dict[str, Any], cg: str, generation: int
-) -> dict[str, Checkpoint]:
+def checkpoints_upto(kafka_conf: dict[str, Any], cg: str, generation: int) -> dict[str, Checkpoint]:
     """Per site, its checkpoint of the newest generation <= ``generation`` it has one in."""
     out: dict[str, Checkpoint] = {}
     for g in range(generation, -1, -1):
