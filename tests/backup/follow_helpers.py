@@ -20,10 +20,13 @@ from typing import Any
 from confluent_kafka import Producer
 
 from connectors.kafka.reading import end_offsets
-from connectors.kafka.topics import CgTopics, ensure_topics
+from connectors.kafka.topics import ensure_topics
 from pipeline.site import SiteDir
+from pipeline.topology.roles import initial_roles, plan_failover
+from pipeline.topology.store import RolesStore
 from schemas import codec
 from schemas.records import (
+    CgRoles,
     Record,
     VolumeChange,
     VolumeOp,
@@ -147,5 +150,80 @@ def site_images(site_dir: Path, vids: list[str]) -> dict[str, bytes]:
     return {v: sd.image_path(v).read_bytes() if sd.image_path(v).exists() else b"" for v in vids}
 
 
-def topics_of(cg: str, generation: int) -> CgTopics:
-    return CgTopics(cg, generation)
+VIDS = ["v1", "v2", "v3"]
+
+
+@dataclass
+class World:
+    """A CG failed over once: what each generation holds, and the bounds."""
+
+    cg: str
+    gen0: GenLog
+    gen1: GenLog
+    base_w: int
+    base_offsets: dict[int, int]
+    w1: int
+    roles: CgRoles
+
+    def expected(self) -> dict[str, bytes]:
+        return oracle([(self.gen0.writes, self.base_w), (self.gen1.writes, self.w1)], VIDS)
+
+
+def old_primary_tail(conf: dict[str, Any], cg: str, base_w: int, rng: random.Random) -> GenLog:
+    """The old primary's split-brain tail, written after the cut into generation 0."""
+    raw = raw_producer(conf, cg, 0)  # fences generation 0's primary, writes on with its id
+    above = [
+        raw.write(v, base_w + 5 + i, 512 * i, rng.randbytes(512), record=False)
+        for i, v in enumerate(["v1", "v2"])
+    ]
+    raw.commit(above)
+    # ts <= base_w but at offsets >= base_offsets: W promised none would come
+    raw.commit(
+        [
+            raw.write("v1", base_w, 0, b"\xee" * 4096, record=False),
+            raw.write("v2", base_w - 1, 4096, b"\xdd" * 512, record=False),
+        ]
+    )
+    garbage = Producer({**conf, "transactional.id": raw.topics.transactional_id("i1")})
+    garbage.init_transactions(30)
+    garbage.begin_transaction()
+    garbage.produce(raw.topics.log, b"\xc3\x01not a record", key="v1", partition=PARTITION["v1"])
+    garbage.commit_transaction(30)
+    return raw
+
+
+def build_world(conf: dict[str, Any], cg: str, seed: int, applier_up: Any = None) -> World:
+    """Generation 0, the failover at its last W, the tail, generation 1 and its W.
+
+    ``applier_up(world_so_far)``: called at the points where a live applier should catch
+    up (after generation 0's first W, and after the roles commit)."""
+    rng = random.Random(seed)
+    store = RolesStore(conf)
+    g0roles = store.commit(cg, None, initial_roles(cg, "main", now_us=1))
+    gen0 = GenLog(conf, cg, 0)
+    gen0.create("v1", 1)
+    gen0.create("v2", 2)
+    t = gen0.random_writes(rng, 10, 25)
+    gen0.publish_w(t // 2)
+    gen0.publish_w(t)
+    if applier_up is not None:
+        applier_up("w0", t)
+    t = gen0.random_writes(rng, t + 1, 25)
+    cut = gen0.publish_w(t)  # the failover cut: the latest W of generation 0
+    base_w, base_offsets = cut.w, dict(cut.log_offsets)
+    if applier_up is not None:
+        applier_up("cut", base_w)
+    g1roles = store.commit(
+        cg, 0, plan_failover(g0roles, cg, "dr-new", base_w, base_offsets, True, 2)
+    )
+    old_primary_tail(conf, cg, base_w, rng)
+    if applier_up is not None:
+        applier_up("roles", base_w)
+    gen1 = GenLog(conf, cg, 1)
+    gen1.create("v3", base_w + 1)
+    t1 = gen1.random_writes(rng, base_w + 2, 20)
+    gen1.publish_w(t1 - 3)
+    gen1.publish_w(t1)
+    raw = raw_producer(conf, cg, 0)  # and the old primary still writes, later
+    raw.commit([raw.write("v1", base_w + 100, 0, b"\xaa" * 512, record=False)])
+    return World(cg, gen0, gen1, base_w, base_offsets, t1, g1roles)

@@ -22,14 +22,12 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from click.testing import CliRunner
-from confluent_kafka import Producer
 
 from pipeline.app.cli import main
 from pipeline.backup.applier import Applier, ApplierConfig
@@ -41,96 +39,19 @@ from pipeline.site import SiteDir
 from pipeline.topology.roles import initial_roles, plan_failover
 from pipeline.topology.store import RolesStore
 from schemas import codec
-from schemas.records import CgRoles, Checkpoint
-from tests.backup.follow_helpers import PARTITION, GenLog, oracle, raw_producer, site_images
+from schemas.records import Checkpoint
+from tests.backup.follow_helpers import VIDS, GenLog, World, build_world, site_images
 from tests.replication_helpers import ServiceThread, wait_until
 
 pytestmark = pytest.mark.kafka
 
 SEEDS = int(os.environ.get("LOWMARK_FOLLOW_SEEDS", "4"))
-VIDS = ["v1", "v2", "v3"]
-
-
-@dataclass
-class World:
-    """A CG failed over once: what each generation holds, and the bounds."""
-
-    cg: str
-    gen0: GenLog
-    gen1: GenLog
-    base_w: int
-    base_offsets: dict[int, int]
-    w1: int
-    roles: CgRoles
-
-    def expected(self) -> dict[str, bytes]:
-        return oracle([(self.gen0.writes, self.base_w), (self.gen1.writes, self.w1)], VIDS)
 
 
 def _applier(conf: dict[str, Any], cg: str, site: str, site_dir: Path, **opts: Any) -> Applier:
     opts.setdefault("checkpoint_interval_s", 0.05)
     opts.setdefault("compute_digests", False)
     return Applier(ApplierConfig(cg=cg, site=site, data_dir=site_dir, **opts), conf)
-
-
-def _tail(conf: dict[str, Any], cg: str, base_w: int, rng: random.Random) -> GenLog:
-    """The old primary's split-brain tail, written after the cut into generation 0."""
-    raw = raw_producer(conf, cg, 0)  # fences generation 0's primary, writes on with its id
-    above = [
-        raw.write(v, base_w + 5 + i, 512 * i, rng.randbytes(512), record=False)
-        for i, v in enumerate(["v1", "v2"])
-    ]
-    raw.commit(above)
-    # ts <= base_w but at offsets >= base_offsets: W promised none would come
-    raw.commit(
-        [
-            raw.write("v1", base_w, 0, b"\xee" * 4096, record=False),
-            raw.write("v2", base_w - 1, 4096, b"\xdd" * 512, record=False),
-        ]
-    )
-    garbage = Producer({**conf, "transactional.id": raw.topics.transactional_id("i1")})
-    garbage.init_transactions(30)
-    garbage.begin_transaction()
-    garbage.produce(raw.topics.log, b"\xc3\x01not a record", key="v1", partition=PARTITION["v1"])
-    garbage.commit_transaction(30)
-    return raw
-
-
-def _build(conf: dict[str, Any], cg: str, seed: int, applier_up: Any = None) -> World:
-    """Generation 0, the failover at its last W, the tail, generation 1 and its W.
-
-    ``applier_up(world_so_far)``: called at the points where a live applier should catch
-    up (after generation 0's first W, and after the roles commit)."""
-    rng = random.Random(seed)
-    store = RolesStore(conf)
-    g0roles = store.commit(cg, None, initial_roles(cg, "main", now_us=1))
-    gen0 = GenLog(conf, cg, 0)
-    gen0.create("v1", 1)
-    gen0.create("v2", 2)
-    t = gen0.random_writes(rng, 10, 25)
-    gen0.publish_w(t // 2)
-    gen0.publish_w(t)
-    if applier_up is not None:
-        applier_up("w0", t)
-    t = gen0.random_writes(rng, t + 1, 25)
-    cut = gen0.publish_w(t)  # the failover cut: the latest W of generation 0
-    base_w, base_offsets = cut.w, dict(cut.log_offsets)
-    if applier_up is not None:
-        applier_up("cut", base_w)
-    g1roles = store.commit(
-        cg, 0, plan_failover(g0roles, cg, "dr-new", base_w, base_offsets, True, 2)
-    )
-    _tail(conf, cg, base_w, rng)
-    if applier_up is not None:
-        applier_up("roles", base_w)
-    gen1 = GenLog(conf, cg, 1)
-    gen1.create("v3", base_w + 1)
-    t1 = gen1.random_writes(rng, base_w + 2, 20)
-    gen1.publish_w(t1 - 3)
-    gen1.publish_w(t1)
-    raw = raw_producer(conf, cg, 0)  # and the old primary still writes, later
-    raw.commit([raw.write("v1", base_w + 100, 0, b"\xaa" * 512, record=False)])
-    return World(cg, gen0, gen1, base_w, base_offsets, t1, g1roles)
 
 
 def _check_done(world: World, site: str, site_dir: Path) -> None:
@@ -166,7 +87,7 @@ def test_live_switch_with_the_old_primarys_tail(
         th.check()
 
     try:
-        world = _build(kafka_conf, cg, 7, applier_up)
+        world = build_world(kafka_conf, cg, 7, applier_up)
         wait_until(
             lambda: (th.check(), a.generation == 1 and a.applied_w >= world.w1)[1],
             90,
@@ -253,7 +174,7 @@ def test_kills_around_the_switch_converge(
 ) -> None:
     key = kafka_conf["bootstrap.servers"]
     if key not in world_cache:  # one failed-over CG; each seed is another site of it
-        world_cache[key] = _build(kafka_conf, f"follow-kills-{time.time_ns()}", 11)
+        world_cache[key] = build_world(kafka_conf, f"follow-kills-{time.time_ns()}", 11)
     world = world_cache[key]
     site, site_dir = f"dr-seed{seed}", tmp_path / "site"
     rng = random.Random(seed)
