@@ -250,8 +250,8 @@ class Applier(FollowGenerations):
                 self.planner.note_epoch(m.interceptor_id, m.epoch, rec.log_offsets)
             for d in rec.departed:
                 self.planner.note_departed(d.interceptor_id, d.epoch, d.s)
-            if self._cut is not None and rec.w > self._cut.base_w:
-                continue  # above the failover cut: never a target (its epochs still count)
+            if self._cut is not None and not self._cut.covers(rec):
+                continue  # not inside the failover cut: never a target (its epochs count)
             if rec.w > self._max_seen_w:  # consumers ignore a lower W
                 self._max_seen_w = rec.w
                 if len(self._targets) >= MAX_TARGETS:

@@ -30,7 +30,7 @@ from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.backup.checkpointer import Checkpointer
 from pipeline.backup.generations import Action, Cut, Decision, RolesPoll, decide
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
-from pipeline.errors import ApplyError, KafkaUnavailableError
+from pipeline.errors import ApplyError, KafkaUnavailableError, LowmarkError
 from pipeline.logs import event
 from pipeline.site import SiteDir
 
@@ -114,14 +114,8 @@ class FollowGenerations:
     def _open_generation(self, generation: int, offsets: dict[int, int]) -> None:
         """Read ``generation``'s log from ``offsets`` (missing partitions: from 0) and its
         watermarks from the start, with a new planner at ``applied_w``."""
+        self.topics = self._ensure_topics(generation)
         self.generation = generation
-        self.topics = ensure_topics(
-            self.kafka_conf,
-            self.config.cg,
-            log_partitions=self.config.log_partitions,
-            replication_factor=self.config.replication_factor,
-            generation=generation,
-        )
         start_offsets = {p: 0 for p in range(self.config.log_partitions)}
         start_offsets.update(offsets)
         self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
@@ -132,6 +126,15 @@ class FollowGenerations:
         self._log.assign(self.topics.log, start_offsets)
         self._wm = Consumer(settings.watermark_consumer())
         self._wm.assign(self.topics.watermark, {0: 0})
+
+    def _ensure_topics(self, generation: int) -> CgTopics:
+        return ensure_topics(
+            self.kafka_conf,
+            self.config.cg,
+            log_partitions=self.config.log_partitions,
+            replication_factor=self.config.replication_factor,
+            generation=generation,
+        )
 
     def _follow_roles(self) -> None:
         """Poll the roles when due (about once a second) and act on what they say."""
@@ -190,7 +193,7 @@ class FollowGenerations:
     def _learn_cut(self, cut: Cut) -> bool:
         """Follow ``cut`` from now on; whether records read past it were dropped."""
         self._cut = cut
-        self._targets = [t for t in self._targets if t.w <= cut.base_w]
+        self._targets = [t for t in self._targets if cut.covers(t)]
         self._cut_wm_end = self._wm.watermark_offsets(self.topics.watermark, 0)[1]
         event(
             log,
@@ -248,10 +251,21 @@ class FollowGenerations:
                 "starts: its images may hold records that generation does not. Rebuild this "
                 "site from another site's checkpoint and images (replacement backup)"
             )
+        # the next generation's topics first: a broker fault here changes nothing (retried)
+        self._ensure_topics(cut.next_generation)
         for op in self.planner.take(cut.base_w):
             self._apply(op)
         self.applied_w = cut.base_w
-        self._switch(cut)
+        try:
+            self._switch(cut)
+        except LowmarkError as exc:
+            if self._log is not None:
+                raise  # switched: what failed is the checkpoint, retried like any other
+            self._refuse(  # half-way: the clean way on is a restart from the checkpoint
+                f"site {self.config.site!r} failed switching to generation "
+                f"{cut.next_generation} ({type(exc).__name__}: {exc}); restart the applier: "
+                "it resumes from its checkpoint and switches again"
+            )
         return True
 
     def _switch(self, cut: Cut) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pipeline.errors import KafkaError
-from schemas.records import CgRoles
+from schemas.records import CgRoles, Watermark
 
 __all__ = ["Action", "Cut", "Decision", "RolesPoll", "decide"]
 
@@ -60,6 +60,14 @@ class Cut:
     @property
     def next_generation(self) -> int:
         return self.generation + 1
+
+    def covers(self, w: Watermark) -> bool:
+        """Whether ``w`` (a W of this generation) is a cut inside this one: at or below
+        base_w, its log offsets within base_offsets. Such a W may still be applied on the
+        way to the cut; any other never is."""
+        return w.w <= self.base_w and all(
+            off <= self.base_offsets.get(p, 0) for p, off in w.log_offsets.items() if off
+        )
 
     def beyond(self, partition: int, offset: int) -> bool:
         """Whether the record at (partition, offset) of this generation's log lies at or

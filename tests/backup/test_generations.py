@@ -21,7 +21,7 @@ from pipeline.errors import KafkaUnavailableError, SiteBusyError
 from pipeline.site import SiteDir, SiteLock
 from pipeline.topology.roles import initial_roles, plan_failover
 from schemas import codec
-from schemas.records import CgRoles, Checkpoint, VolumeDigest
+from schemas.records import CgRoles, Checkpoint, VolumeDigest, Watermark
 
 CG = "cg1"
 SITE = "dr1"
@@ -100,6 +100,19 @@ def test_cut_beyond() -> None:
     assert not cut.beyond(0, 6) and cut.beyond(0, 7) and cut.beyond(0, 100)
     assert cut.beyond(1, 0)
     assert cut.beyond(2, 0), "a partition the cut does not name held nothing by then"
+
+
+def test_cut_covers_only_the_ws_inside_it() -> None:
+    cut = Cut(0, 10, {0: 7, 1: 3})
+
+    def wm(w: int, offsets: dict[int, int]) -> Watermark:
+        return Watermark(CG, w, offsets, 0, w, (), 0)
+
+    assert cut.covers(wm(10, {0: 7, 1: 3})) and cut.covers(wm(4, {0: 2}))
+    assert cut.covers(wm(4, {0: 2, 2: 0})), "an empty partition is inside any cut"
+    assert not cut.covers(wm(11, {0: 7})), "above base_w"
+    assert not cut.covers(wm(9, {0: 8})), "its records reach past base_offsets"
+    assert not cut.covers(wm(9, {2: 1})), "a partition the cut does not name"
 
 
 class Clock:
