@@ -151,6 +151,14 @@ class ApplierHaltedError(ApplyError):
     """
 
 
+class SiteBusyError(LowmarkError):
+    """Another process holds the site directory's lock (``state/site.lock``).
+
+    A backup site's applier holds it while it runs; ``lowmark failover`` takes it before
+    it touches the images. The message names the holder's pid: stop that process first.
+    """
+
+
 class RestoreError(LowmarkError):
     """A point in time cannot be restored or replayed from what Kafka and the site hold.
 

@@ -10,6 +10,8 @@ site's store all share one layout (so any of them can seed another)::
     snapshots/<W, 20 digits>/    the snapshot store: each entry is itself a site directory
                                  (images/, volumes.json, checkpoint.avro) at exactly W
     state/                       a primary's interceptor state (its clock reservation)
+    state/site.lock              held (flock) by the one process that may change the images:
+                                 a backup's applier, or ``lowmark failover`` (``SiteLock``)
     restore.json                 a restore result's manifest (``lowmark restore``)
 
 What is a volume: the catalog says so, nothing else. An image file the catalog does not
@@ -25,15 +27,18 @@ Writes of the catalog are atomic (``atomic_write``): a crash leaves the old or t
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, NotRequired, TypedDict
 
 import orjson
 
-from pipeline.errors import ConfigError, VolumeError
+from pipeline.errors import ConfigError, SiteBusyError, VolumeError
 from pipeline.fsutil import atomic_write
 
 IMAGES = "images"
@@ -41,6 +46,7 @@ CATALOG = "volumes.json"
 CHECKPOINT = "checkpoint.avro"
 SNAPSHOTS = "snapshots"
 STATE = "state"
+SITE_LOCK = "site.lock"
 RESTORE_MANIFEST = "restore.json"
 IMAGE_SUFFIX = ".img"
 DELETED_SUFFIX = ".deleted"
@@ -101,6 +107,11 @@ class SiteDir:
     @property
     def state_dir(self) -> Path:
         return self.root / STATE
+
+    @property
+    def lock_path(self) -> Path:
+        """The site's lock file (``SiteLock``)."""
+        return self.state_dir / SITE_LOCK
 
     @property
     def restore_manifest_path(self) -> Path:
@@ -218,6 +229,83 @@ class SiteDir:
         body = {"volumes": [dict(e) for e in entries]}
         _check_catalog(body, self.catalog_path)
         atomic_write(self.catalog_path, orjson.dumps(body, option=orjson.OPT_INDENT_2))
+
+
+class SiteLock:
+    """An exclusive ``flock`` on a site directory's ``state/site.lock``.
+
+    One process at a time may change a site's images: its applier while it runs, or
+    ``lowmark failover`` (which takes it before it touches the images). The holder writes
+    its pid into the file, so a refusal names it. The kernel drops the lock when the holder
+    dies (kill -9 included): a stale file never blocks anyone. A flock is per open file,
+    so a second holder in the same process is refused as well::
+
+        with SiteLock(site_dir):
+            ...            # or lock = SiteLock(site_dir).acquire(); ...; lock.release()
+    """
+
+    def __init__(self, site_dir: Path | SiteDir, what: str = "") -> None:
+        self.site = site_dir if isinstance(site_dir, SiteDir) else SiteDir(site_dir)
+        #: who holds it, for the log and the file ("applier of site dr1", ...)
+        self.what = what
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def holder_pid(self) -> int | None:
+        """The pid the lock file names (the holder's, when it is held), or None."""
+        try:
+            text = self.site.lock_path.read_text().split()
+        except OSError:
+            return None
+        return int(text[0]) if text and text[0].isdigit() else None
+
+    def acquire(self) -> SiteLock:
+        """Take the lock or raise ``SiteBusyError`` naming the holder's pid. Never waits."""
+        if self._fd is not None:
+            return self
+        path = self.site.lock_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = self.holder_pid()
+            who = f"process {pid}" if pid is not None else "another process"
+            raise SiteBusyError(
+                f"site directory {self.site.root} is in use by {who} (it holds {path}): a "
+                "site's images have one writer at a time. Stop that process (its applier, "
+                "or a failover in progress) and try again"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the pid, for the next one refused; truncating after the lock is taken is safe
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; its pid is stale but nobody trusts it unheld)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> SiteLock:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
 
 
 def _check_catalog(doc: object, path: Path) -> list[CatalogEntry]:

@@ -501,6 +501,10 @@ class Checkpoint(Record):
     log_offsets: Mapping[int, int]
     volumes: tuple[VolumeDigest, ...]
     written_us: int
+    #: the generation whose log this site applies: ``log_offsets`` are offsets of
+    #: ``CgTopics(cg, generation).log`` (schema default 0: checkpoints from before
+    #: generations existed are of generation 0)
+    generation: int = 0
 
     @property
     def header_ts(self) -> int | None:
@@ -514,6 +518,7 @@ class Checkpoint(Record):
             "log_offsets": offsets_to_avro(self.log_offsets),
             "volumes": [dataclasses.asdict(v) for v in self.volumes],
             "written_us": self.written_us,
+            "generation": self.generation,
         }
 
     @classmethod
@@ -525,6 +530,7 @@ class Checkpoint(Record):
             offsets_from_avro("Checkpoint", "log_offsets", d["log_offsets"]),
             tuple(VolumeDigest(**v) for v in d["volumes"]),
             d["written_us"],
+            d.get("generation", 0),  # schema default: 0
         )
 
     def check(self) -> None:
@@ -533,6 +539,7 @@ class Checkpoint(Record):
         _text(rt, "cg", self.cg)
         _int(rt, "w", self.w)
         _int(rt, "written_us", self.written_us)
+        _int(rt, "generation", self.generation)
         _offsets(rt, "log_offsets", self.log_offsets)
         seen: set[str] = set()
         for v in self.volumes:

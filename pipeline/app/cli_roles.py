@@ -7,6 +7,7 @@ exist. Changing roles later is a failover's job, never an edit by hand.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -48,9 +49,10 @@ def render_roles(cg: str, roles: CgRoles | None) -> str:
         lines.append(f"  starts at W {roles.base_w} ({format_ts(roles.base_w)})")
     for t in roles.history:
         forced = ", forced" if t.forced else ""
+        when = datetime.fromtimestamp(t.at_us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         lines.append(
             f"  generation {t.generation}: {t.kind.value} {t.from_site or '(unrecorded)'} -> "
-            f"{t.to_site} at W {t.w}{forced}"
+            f"{t.to_site} at W {t.w}{forced} (cut {format_ts(t.w)}, made {when})"
         )
     return "\n".join(lines)
 

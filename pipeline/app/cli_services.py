@@ -175,7 +175,7 @@ def apply(config_path, bootstrap_servers, cg_name, site, data_dir, metrics, skip
 @click.option("--watch", is_flag=True, help="refresh until Ctrl-C")
 @click.option("--interval", type=float, default=1.0, show_default=True)
 def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval) -> None:
-    """W, RPO, lag and apply rate per CG and site."""
+    """Roles (generation, primary, failover history), W, RPO, lag and apply rate."""
     from pipeline.ops import status as st
 
     cfg = build_config(config_path, bootstrap_servers, cg_name)
@@ -185,11 +185,20 @@ def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval) ->
         "apply": cfg.apply.metrics,
     }
 
+    from pipeline.app.cli_roles import render_roles, roles_json
+
     def fetch() -> dict[str, Any]:
         return st.cg_status(cfg.kafka_conf(), cfg.cg.name, urls)
 
     def show(s: dict[str, Any]) -> str:
-        return orjson.dumps(s, option=orjson.OPT_NON_STR_KEYS).decode() if as_json else st.render(s)
+        roles = s.pop("roles", None)
+        if as_json:
+            # the roles as `lowmark roles show --json` prints them: one shape everywhere
+            s["roles"] = roles_json(cfg.cg.name, roles)
+            return orjson.dumps(s, option=orjson.OPT_NON_STR_KEYS).decode()
+        if roles is not None:
+            s["roles_lines"] = render_roles(cfg.cg.name, roles).splitlines()[1:]
+        return st.render(s)
 
     if watch:
         try:

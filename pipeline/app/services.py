@@ -263,7 +263,14 @@ def run_apply(
 ) -> None:
     svc = make_applier(cfg, skip, time_source)
     labels = {"cg": cfg.cg.name, "site": cfg.apply.site}
-    _run_loop(svc, cfg.apply.metrics, "applier", labels, time_source)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    # a site that became the CG's primary stops applying: a clean exit (status 0), so a
+    # supervisor does not restart it into the same answer
+    svc.on_finish = stop.set
+    _run_loop(svc, cfg.apply.metrics, "applier", labels, time_source, stop)
+    if svc.finished is not None:
+        event(log, "applier finished", cg=cfg.cg.name, site=cfg.apply.site, why=svc.finished)
 
 
 def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event) -> float:

@@ -3,7 +3,8 @@
 The ordering brain is the pure ``ApplyPlanner``; this module is its I/O:
 
 1. resume from the site's checkpoint (local file first, else the compacted checkpoints
-   topic, else the beginning of the log): seek every log partition to the checkpoint's
+   topics of the current generation and the ones before it, else the beginning of
+   generation 0's log): seek every log partition of the checkpoint's generation to its
    replay offsets; records with ts <= checkpoint W are skipped (all were applied);
 2. read the log (read_committed) and the watermark topic in order; for each W that is
    higher than the applied one, once the log position of every partition has reached W's
@@ -13,7 +14,9 @@ The ordering brain is the pure ``ApplyPlanner``; this module is its I/O:
    then commit consumer offsets. A crash anywhere replays at most (W_ckpt, W_applied],
    which re-applied in order lands on the same bytes (writes are blind overwrites);
 4. a record that fails to decode halts the applier: a raw copy goes to the dead-letter
-   topic, nothing after it is applied, and the error says how to skip it.
+   topic, nothing after it is applied, and the error says how to skip it;
+5. it follows the CG's generations (``follow``, ``generations``) and holds the site's
+   lock (``SiteLock``) from start to close, so a failover cannot touch its images.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +33,25 @@ from connectors.kafka.deadletter import deadletter_headers
 from connectors.kafka.errors import PARTITION_EOF, as_error
 from connectors.kafka.producer import Producer
 from connectors.kafka.settings import ApplierSettings
-from connectors.kafka.topics import CgTopics, ensure_topics
+from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
+from pipeline.backup.applier_config import ApplierConfig, ApplierStats
 from pipeline.backup.checkpointer import Checkpointer
+from pipeline.backup.follow import FollowGenerations
+from pipeline.backup.generations import Action, Cut, RolesPoll
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import (
     ApplierHaltedError,
     ApplyError,
-    ConfigError,
     KafkaError,
     LowmarkError,
     RecordError,
 )
 from pipeline.logs import event
-from pipeline.site import SiteDir
+from pipeline.site import SiteDir, SiteLock
 from pipeline.timesource import REAL_TIME, TimeSource
+from pipeline.topology.store import RolesStore
 from schemas import codec
 from schemas.records import LOG_RECORDS, CgRecord, Checkpoint, VolumeChange, VolumeDigest, Watermark
 from schemas.ts import ts_physical_us
@@ -62,54 +67,7 @@ MAX_MARKERS = 1024
 MAX_TARGETS = 4096
 
 
-@dataclass(frozen=True)
-class ApplierConfig:
-    cg: str
-    site: str
-    data_dir: Path
-    checkpoint_interval_s: float = 1.0
-    max_pending_bytes: int = 256 << 20
-    log_partitions: int = 4
-    replication_factor: int | None = None
-    #: (partition, offset) of bad records the operator chose to skip (logged, counted)
-    skip: frozenset[tuple[int, int]] = frozenset()
-    #: per-volume content digests cost a read of every allocated byte (seconds per GiB),
-    #: during which nothing is applied: a checkpoint carries them only this often (None:
-    #: only at explicit checkpoints, e.g. ``lowmark verify``; 0: at every checkpoint).
-    #: Without them a checkpoint's digests are "".
-    digest_interval_s: float | None = None
-    #: False: never compute digests (tests that compare the images themselves)
-    compute_digests: bool = True
-    #: copy the images into the site's snapshot store at a checkpoint this often (0: never);
-    #: restore and replay start from the newest snapshot at or below the wanted cut
-    snapshot_interval_s: float = 0.0
-    snapshots_kept: int = 4
-
-    def validate(self) -> ApplierConfig:
-        if not self.site or "/" in self.site:
-            raise ConfigError(f"site name {self.site!r} is invalid")
-        if self.checkpoint_interval_s <= 0:
-            raise ConfigError("checkpoint_interval_s must be positive")
-        return self
-
-
-@dataclass
-class ApplierStats:
-    applied_ops: int = 0
-    applied_bytes: int = 0
-    checkpoints: int = 0
-    skipped_bad: int = 0
-    records_read: int = 0
-    bytes_read: int = 0
-    watermarks_seen: int = 0
-    consumer_errors: int = 0
-    last_checkpoint_us: int = 0
-    markers_dropped: int = 0
-    targets_dropped: int = 0
-    started_mono: float = 0.0
-
-
-class Applier:
+class Applier(FollowGenerations):
     def __init__(
         self,
         config: ApplierConfig,
@@ -120,6 +78,7 @@ class Applier:
         self._now = time_source.monotonic  # intervals: checkpoints, digests, snapshots, logs
         self._wall_us = time_source.wall_us  # what a checkpoint says, RPO
         self.kafka_conf = dict(kafka_conf)
+        self.generation = 0  # whose log this site applies (its checkpoint's), and its topics
         self.topics = CgTopics(config.cg)
         self.site: ImageSet = None  # type: ignore[assignment]  # opened by start()
         self.stats = ApplierStats(started_mono=self._now())
@@ -145,6 +104,16 @@ class Applier:
         self._wm: Consumer | None = None
         self._producer: Producer | None = None
         self.checkpointer: Checkpointer = None  # type: ignore[assignment]  # made by start()
+        self.lock = SiteLock(config.data_dir, f"applier of site {config.site}")
+        roles_store = RolesStore(self.kafka_conf, timeout_s=5.0)
+        self.roles = RolesPoll(lambda: roles_store.latest(config.cg), self._now)
+        #: where the current generation ends, once the roles name the next one
+        self._cut: Cut | None = None
+        self._cut_wm_end = 0  # the watermark topic's end when the cut was learnt
+        self._next_wm_end = 0  # the next generation's, when the site may hold some of it
+        self._refused: ApplyError | None = None
+        self.finished: str | None = None  # why it stopped on its own (the site is primary)
+        self.on_finish: Any = None  # called once when ``finished`` is set
 
     # ---------------------------------------------------------------- paths & state
 
@@ -158,35 +127,25 @@ class Applier:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        ensure_topics(
-            self.kafka_conf,
-            self.config.cg,
-            log_partitions=self.config.log_partitions,
-            replication_factor=self.config.replication_factor,
-        )
-        self.site = ImageSet(self.config.data_dir, keep_deleted=True)
+        self.lock.acquire()  # before anything touches the images; close() releases it
         settings = ApplierSettings(self.kafka_conf, self.config.cg, self.config.site)
         self._producer = Producer(settings.producer())
         self.checkpointer = Checkpointer(
             self.config.cg, self.config.site, self.checkpoint_path, self.kafka_conf, self._producer
         )
-        ckpt = self.checkpointer.load()
-        start_offsets = {p: 0 for p in range(self.config.log_partitions)}
-        if ckpt is not None:
-            self.applied_w = self.checkpoint_w = ckpt.w
-            self._max_seen_w = ckpt.w
-            start_offsets.update(ckpt.log_offsets)
-        self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
-        for p, off in start_offsets.items():
-            self.planner.note_position(p, off)
-        self._log = Consumer(settings.log_consumer())
-        self._log.assign(self.topics.log, start_offsets)
-        self._wm = Consumer(settings.watermark_consumer())
-        self._wm.assign(self.topics.watermark, {0: 0})
+        offsets, decision = self._resume_point()
+        if decision.action is Action.STOP_PRIMARY:
+            self._finish(decision.reason)
+            return
+        if decision.action is Action.REFUSE:
+            raise ApplyError(decision.reason)
+        self.site = ImageSet(self.config.data_dir, keep_deleted=True)
+        self._open_generation(self.generation, offsets)
         # Before a crash this site may have applied up to any W published so far, beyond its
         # checkpoint; replaying from the checkpoint then re-applies onto those bytes. Until it
         # has passed every W published before this start, its images are not a cut of any
         # W, so it must not checkpoint (or snapshot) them.
+        assert self._wm is not None
         self._wm_end_at_start = self._wm.watermark_offsets(self.topics.watermark, 0)[1]
         self._restart_floor = self.applied_w
         event(
@@ -194,25 +153,33 @@ class Applier:
             "applier started",
             cg=self.config.cg,
             site=self.config.site,
+            generation=self.generation,
             w=self.applied_w,
-            offsets=start_offsets,
+            offsets=self.planner.positions(),
         )
+        if decision.cut is not None:
+            self._learn_cut(decision.cut)
 
     def close(self, checkpoint: bool = True) -> None:
         self._finish_background_checkpoint(wait=True)
         if checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
             self.checkpoint()
+        self._close_consumers()
+        if self._producer is not None:
+            self._producer.flush(5)
+        self._producer = None
+        if self.site is not None:
+            self.site.close()
+        self.lock.release()
+
+    def _close_consumers(self) -> None:
         for c in (self._log, self._wm):
             if c is not None:
                 c.close()
-        if self._producer is not None:
-            self._producer.flush(5)
-        self._log = self._wm = self._producer = None
-        if self.site is not None:
-            self.site.close()
+        self._log = self._wm = None
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and self.finished is None:
             self.step()
 
     # ---------------------------------------------------------------- one step
@@ -220,7 +187,14 @@ class Applier:
     def step(self, poll_timeout_s: float = 0.02) -> None:
         if self.halted is not None:
             raise self.halted
+        if self._refused is not None:
+            raise self._refused
+        if self.finished is not None:
+            return
         self._finish_background_checkpoint()
+        self._follow_roles()
+        if self.finished is not None:
+            return
         got = self._read_log(0) + self._read_watermarks(0)
         applied = self._apply_ready()
         if self.planner.over_budget():
@@ -241,6 +215,8 @@ class Applier:
 
     def may_checkpoint(self) -> bool:
         """Whether the images are a cut: every W published before start has been passed."""
+        if self._cut is not None and self._next_wm_end:
+            return False  # they may hold the next generation's records (follow.py)
         return self._wm_read_to >= self._wm_end_at_start and self.applied_w >= self._restart_floor
 
     def _read_watermarks(self, timeout_s: float = 0) -> int:
@@ -274,6 +250,8 @@ class Applier:
                 self.planner.note_epoch(m.interceptor_id, m.epoch, rec.log_offsets)
             for d in rec.departed:
                 self.planner.note_departed(d.interceptor_id, d.epoch, d.s)
+            if self._cut is not None and not self._cut.covers(rec):
+                continue  # not inside the failover cut: never a target (its epochs count)
             if rec.w > self._max_seen_w:  # consumers ignore a lower W
                 self._max_seen_w = rec.w
                 if len(self._targets) >= MAX_TARGETS:
@@ -300,6 +278,9 @@ class Applier:
                 self._consumer_error(msg.error())
                 continue
             off = msg.offset()
+            if self._cut is not None and self._cut.beyond(p, off):
+                self._beyond_cut(p, off)
+                continue
             if self.planner.is_blocked(p, off):
                 # at or behind a bad record (same fetch batch, or re-read after a spill): not
                 # consumed, not counted. It does prove everything before it was read, and the
@@ -326,7 +307,12 @@ class Applier:
                     continue
                 self._block(msg, exc)
                 continue
-            self.planner.add(dec, p, off)
+            try:
+                self.planner.add(dec, p, off)
+            except ApplierHaltedError:
+                if self._halt_past_cut():
+                    return len(msgs)  # the rest of this batch is re-read, with the cut
+                raise
             self.planner.note_position(p, off + 1)
         return len(msgs)
 
@@ -354,13 +340,23 @@ class Applier:
             self._targets.pop(0)
             if target.w <= self.applied_w:
                 continue
-            for op in self.planner.take(target.w):
+            try:
+                ops = self.planner.take(target.w)
+            except ApplierHaltedError:
+                if self._halt_past_cut():  # pending records past the cut: re-read them
+                    if self._cut is not None and target.w <= self._cut.base_w:
+                        self._targets.insert(0, target)
+                    return applied
+                raise
+            for op in ops:
                 self._apply(op)
             self.applied_w = target.w
             applied = True
+        if self._cut is not None and not self._targets:
+            applied = self._apply_cut() or applied
         return applied
 
-    def _spill(self) -> None:
+    def _spill(self, why: str = "pending records exceeded the memory budget") -> None:
         """Bounded memory: forget pending records and re-read them from Kafka later."""
         offsets = self.planner.drop_pending()
         assert self._log is not None
@@ -373,7 +369,7 @@ class Applier:
             self._log.resume(self.topics.log, blocked)
         event(
             log,
-            "pending records exceeded the memory budget; re-reading from Kafka",
+            f"{why}; re-reading from Kafka",
             level=logging.WARNING,
             offsets=offsets,
         )
@@ -512,6 +508,7 @@ class Applier:
                 for vid, img in sorted(self.images.items())
             ),
             self._wall_us(),
+            self.generation,
         )
 
     def _checkpoint_written(self, rec: Checkpoint) -> None:
@@ -611,4 +608,8 @@ class Applier:
             "consumer_errors": self.stats.consumer_errors,
             "markers_dropped": self.stats.markers_dropped,
             "targets_dropped": self.stats.targets_dropped,
+            "generation": self.generation,
+            "generation_switches": self.stats.generation_switches,
+            "beyond_cut": self.stats.beyond_cut,
+            "roles_poll_errors": self.roles.errors,
         }

@@ -1,10 +1,11 @@
 """Where a backup site's applied state is kept: its Checkpoint records.
 
 A checkpoint lives in two places: a local file (read first at a restart: it is never older
-than what this site wrote to Kafka) and the CG's compacted checkpoints topic, keyed by site
-(what a replacement node, ``lowmark status`` and ``lowmark verify`` read). The applier
-decides *when* to checkpoint (after fdatasync of the images it covers, invariant 4); this
-module only reads and writes the records.
+than what this site wrote to Kafka) and the compacted checkpoints topic of the generation
+it is of (``CgTopics(cg, generation).checkpoints``), keyed by site (what a replacement
+node, ``lowmark status`` and ``lowmark verify`` read). A checkpoint's ``generation`` says
+whose log its offsets are of. The applier decides *when* to checkpoint (after fdatasync
+of the images it covers, invariant 4); this module only reads and writes the records.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.kafka.producer import Producer
-from connectors.kafka.reading import latest
+from connectors.kafka.reading import bounds, latest
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import ApplyError, RecordError
 from pipeline.fsutil import atomic_write
@@ -25,21 +26,45 @@ def decode_checkpoint(value: bytes) -> Checkpoint:
     return codec.decode(value, Checkpoint)
 
 
+def topic_checkpoint(
+    kafka_conf: dict[str, Any], cg: str, site: str, generation: int
+) -> Checkpoint | None:
+    """The newest checkpoint of ``site`` in generation ``generation``'s checkpoints topic
+    (None: none, or no such topic: that generation never had one)."""
+    topic = CgTopics(cg, generation).checkpoints
+    if generation and bounds(kafka_conf, topic) is None:
+        return None  # generation 0's topic always exists (ensure_topics); later ones may not
+
+    def mine(value: bytes) -> Checkpoint | None:
+        rec = decode_checkpoint(value)
+        return rec if rec.site == site and rec.generation == generation else None
+
+    best = latest(
+        kafka_conf,
+        topic,
+        mine,
+        lambda a, b: b is None or (a is not None and a.w >= b.w),
+    )
+    return best[0] if best and best[0] is not None else None
+
+
 class Checkpointer:
     """Reads and writes the Checkpoint records of one site of one CG."""
 
     def __init__(
         self, cg: str, site: str, path: Path, kafka_conf: dict[str, Any], producer: Producer
     ) -> None:
+        self.cg = cg
         self.site = site
         self.path = path
-        self.topics = CgTopics(cg)
         self.kafka_conf = kafka_conf
         #: shared with the applier's dead-letter copies (thread-safe; one connection)
         self.producer = producer
 
-    def load(self) -> Checkpoint | None:
-        """The site's latest checkpoint: the local file, else the topic's, else None."""
+    def load(self, generation: int = 0) -> Checkpoint | None:
+        """The site's latest checkpoint: the local file (it says its generation), else the
+        newest of the checkpoints topics of ``generation`` (the CG's current one) and the
+        ones before it, newest generation first; else None."""
         if self.path.exists():
             try:
                 return decode_checkpoint(self.path.read_bytes())
@@ -48,26 +73,22 @@ class Checkpointer:
                     f"local checkpoint {self.path} is unreadable ({exc}); move it "
                     "away to resume from the Kafka copy, or rebuild the site"
                 ) from None
-        site = self.site
-
-        def mine(value: bytes) -> Checkpoint | None:
-            rec = decode_checkpoint(value)
-            return rec if rec.site == site else None
-
-        best = latest(
-            self.kafka_conf,
-            self.topics.checkpoints,
-            mine,
-            lambda a, b: b is None or (a is not None and a.w >= b.w),
-        )
-        return best[0] if best and best[0] is not None else None
+        for g in range(generation, -1, -1):
+            found = topic_checkpoint(self.kafka_conf, self.cg, self.site, g)
+            if found is not None:
+                return found
+        return None
 
     def persist(self, rec: Checkpoint) -> bytes:
-        """Local file first (atomically), then the compacted topic. Images already synced."""
+        """Local file first (atomically), then its generation's compacted topic. Images
+        already synced."""
         value = codec.encode(rec)
         atomic_write(self.path, value)
         self.producer.produce(
-            self.topics.checkpoints, value, self.site, headers=codec.headers_for(rec)
+            CgTopics(rec.cg, rec.generation).checkpoints,
+            value,
+            self.site,
+            headers=codec.headers_for(rec),
         )
         self.producer.flush(30)
         return value

@@ -1,8 +1,11 @@
 """``lowmark status``: W, RPO, lag and apply rate of a CG and each of its backup sites.
 
-Everything comes from Kafka (the watermark and checkpoint topics, the log's end offsets),
-so status works from any host that reaches the cluster; live rates come from the services'
-``/metrics`` endpoints when the config names them.
+Everything comes from Kafka (the roles in ``lowmark.config``, the current generation's
+watermark and log, every generation's checkpoints), so status works from any host that
+reaches the cluster; live rates come from the services' ``/metrics`` endpoints when the
+config names them. ``status["roles"]`` is the roles record itself (None: none recorded);
+the ``lowmark status`` command renders it (and its failover history) with ``lowmark
+roles``' renderer.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import time
 import urllib.request
 from typing import Any
 
-from connectors.kafka.reading import end_offsets, iter_range, latest
+from connectors.kafka.reading import bounds, end_offsets, iter_range, latest
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import RecordError
 from pipeline.timesource import wall_us
@@ -22,16 +25,31 @@ from schemas.records import Checkpoint
 from schemas.ts import format_ts, ts_physical_us
 
 
-def latest_checkpoints(kafka_conf: dict[str, Any], cg: str) -> dict[str, Checkpoint]:
-    """The newest checkpoint of every site (the topic is compacted by site)."""
+def latest_checkpoints(
+    kafka_conf: dict[str, Any], cg: str, generation: int = 0
+) -> dict[str, Checkpoint]:
+    """The newest checkpoint of every site in ``generation``'s checkpoints topic (compacted
+    by site); {} when that generation has no such topic."""
     out: dict[str, Checkpoint] = {}
-    for msg in iter_range(kafka_conf, CgTopics(cg).checkpoints):
+    topic = CgTopics(cg, generation).checkpoints
+    if generation and bounds(kafka_conf, topic) is None:
+        return out
+    for msg in iter_range(kafka_conf, topic):
         try:
             rec = codec.decode(msg.value(), Checkpoint)
         except RecordError:
             continue
         if rec.site not in out or rec.w >= out[rec.site].w:
             out[rec.site] = rec
+    return out
+
+
+def checkpoints_upto(kafka_conf: dict[str, Any], cg: str, generation: int) -> dict[str, Checkpoint]:
+    """Per site, its checkpoint of the newest generation <= ``generation`` it has one in."""
+    out: dict[str, Checkpoint] = {}
+    for g in range(generation, -1, -1):
+        for site, ck in latest_checkpoints(kafka_conf, cg, g).items():
+            out.setdefault(site, ck)
     return out
 
 
@@ -68,19 +86,28 @@ def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float]:
 def cg_status(
     kafka_conf: dict[str, Any], cg: str, metrics_urls: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    topics = CgTopics(cg)
+    roles = RolesStore(kafka_conf).latest(cg)
+    generation = roles.generation if roles else 0
+    topics = CgTopics(cg, generation)
     now = wall_us()
-    best = latest(kafka_conf, topics.watermark, decode_watermark, newer_watermark)
+    have_topics = generation == 0 or bounds(kafka_conf, topics.watermark) is not None
+    best = (
+        latest(kafka_conf, topics.watermark, decode_watermark, newer_watermark)
+        if have_topics
+        else None
+    )
     wm = best[0] if best else None
     ends = end_offsets(kafka_conf, topics.log)
     avg = _avg_record_bytes(kafka_conf, topics.log, ends)
-    roles = RolesStore(kafka_conf).latest(cg)
     status: dict[str, Any] = {
         "cg": cg,
         "time_us": now,
         # generation 0 and no primary when no roles are recorded (`lowmark roles init`)
-        "generation": roles.generation if roles else 0,
+        "generation": generation,
         "primary_site": roles.primary_site if roles else None,
+        "base_w": roles.base_w if roles else 0,
+        "base_w_time": format_ts(roles.base_w) if roles and roles.base_w else None,
+        "roles": roles,
         "w": wm.w if wm else None,
         "w_time": format_ts(wm.w) if wm and wm.w else None,
         "rpo_s": (now - ts_physical_us(wm.w)) / 1e6 if wm and wm.w else None,
@@ -97,15 +124,18 @@ def cg_status(
         "log_end_offsets": ends,
         "sites": {},
     }
-    for site, ck in sorted(latest_checkpoints(kafka_conf, cg).items()):
+    for site, ck in sorted(checkpoints_upto(kafka_conf, cg, generation).items()):
         offsets = ck.log_offsets
+        # a site still in an older generation: its lag is not in this generation's records
+        behind = ck.generation < generation
         lag_records = sum(max(0, end - offsets.get(p, 0)) for p, end in ends.items())
         status["sites"][site] = {
+            "generation": ck.generation,
             "checkpoint_w": ck.w,
             "checkpoint_rpo_s": (now - ts_physical_us(ck.w)) / 1e6 if ck.w else None,
             "checkpoint_age_s": (now - ck.written_us) / 1e6,
-            "lag_records": lag_records,
-            "lag_bytes_estimate": int(lag_records * avg),
+            "lag_records": None if behind else lag_records,
+            "lag_bytes_estimate": None if behind else int(lag_records * avg),
             "volumes": {v.volume_id: {"size": v.size, "digest": v.digest} for v in ck.volumes},
         }
     for name, url in (metrics_urls or {}).items():
@@ -123,7 +153,10 @@ def render(status: dict[str, Any]) -> str:
     lines = [f"consistency group {status['cg']}"]
     if status.get("primary_site"):
         g, primary = status["generation"], status["primary_site"]
-        lines.append(f"  roles    generation {g}, primary {primary}")
+        since = f", since W {status['base_w_time']}" if status.get("base_w_time") else ""
+        lines.append(f"  roles    generation {g}, primary {primary}{since}")
+    # the failover history, rendered by the caller (``lowmark status``: lowmark roles' lines)
+    lines += [f"           {line.strip()}" for line in status.get("roles_lines", ())]
     lines += [
         f"  W        {status['w']}  ({status['w_time'] or 'none yet'})",
         f"  RPO      {secs(status['rpo_s'])}   "
@@ -136,10 +169,13 @@ def render(status: dict[str, Any]) -> str:
     if not status["sites"]:
         lines.append("  no backup site has checkpointed yet")
     for site, s in status["sites"].items():
+        if s["lag_records"] is None:
+            lag = f"still in generation {s['generation']}"
+        else:
+            lag = f"lag {s['lag_records']} records (~{s['lag_bytes_estimate'] / 1e6:.1f} MB)"
         lines.append(
             f"  site {site:<12} checkpoint RPO {secs(s['checkpoint_rpo_s'])}, "
-            f"age {secs(s['checkpoint_age_s'])}, lag {s['lag_records']} records "
-            f"(~{s['lag_bytes_estimate'] / 1e6:.1f} MB)"
+            f"age {secs(s['checkpoint_age_s'])}, {lag}"
         )
     live = status.get("live", {})
     ap = live.get("apply", {})

@@ -170,7 +170,7 @@ AVRO_STRATEGIES: dict[type[Record], st.SearchStrategy[dict[str, Any]]] = {
         "volumes": st.lists(st.fixed_dictionaries({
             "volume_id": NAME, "size": LONG, "digest": st.text(max_size=16),
         }), unique_by=lambda v: v["volume_id"], max_size=4),
-        "written_us": LONG,
+        "written_us": LONG, "generation": SMALL,
     }),
     CgRoles: roles(),
 }
@@ -377,7 +377,7 @@ SAMPLES: list[tuple[type[Record], dict[str, Any]]] = [
                    "departed": [{"interceptor_id": "c", "epoch": 2, "s": 8}]}),
     (Checkpoint, {"site": "dr", "cg": "cg1", "w": 2**58, "log_offsets": [],
                     "volumes": [{"volume_id": "v1", "size": 1 << 30, "digest": "blake2b:00ff"}],
-                    "written_us": 7}),
+                    "written_us": 7, "generation": 1}),
     (CgRoles, {"cg": "cg1", "generation": 2, "primary_site": "main", "base_w": 2**58,
                  "base_offsets": [{"partition": 0, "offset": 40}],
                  "history": [{"generation": 1, "kind": "FAILOVER", "from_site": "main",
