@@ -28,9 +28,7 @@ after a crash continues where the last run stopped:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -56,7 +54,7 @@ from pipeline.primary.fencing import (
     progress_activity,
 )
 from pipeline.primary.volume import ConsistencyGroup
-from pipeline.site import SiteDir
+from pipeline.site import SiteDir, SiteLock
 from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.topology.roles import plan_failover
 from pipeline.topology.store import RolesStore
@@ -116,36 +114,6 @@ def live_interceptors(
     }
 
 
-class SiteLock:
-    """An exclusive flock on the site's ``state/site.lock``: one owner of the images."""
-
-    def __init__(self, site: SiteDir) -> None:
-        self.path = site.state_dir / "site.lock"
-        self._fd = -1
-
-    def acquire(self) -> SiteLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise FailoverError(
-                f"the site directory {self.path.parent.parent} is in use (pid {holder} holds "
-                f"{self.path}): stop the site's `lowmark apply` (or the other failover) first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 class Failover:
     """One run of ``lowmark failover`` (module docstring). Thread use: ``prepare`` and
     ``build_backlog`` in the caller's thread, ``commit`` may run in another."""
@@ -167,7 +135,7 @@ class Failover:
         self.roles: CgRoles | None = None
         self.cg: ConsistencyGroup | None = None
         self.fenced: list[str] = []
-        self._lock = SiteLock(self.site)
+        self._lock = SiteLock(self.site, f"failover of site {config.site}")
         self._on_event = on_event
         self._record_lock = threading.Lock()
 

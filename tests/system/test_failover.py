@@ -186,14 +186,13 @@ def test_failover_refuses_while_the_sites_applier_runs_and_without_force(kafka_c
         kafka_conf, cg, tmp_path, sizes=SIZES, applied_writes=10, backlog_writes=10, seed=3
     )
     try:
-        from pipeline.ops.failover import SiteLock
-        from pipeline.site import SiteDir
+        from pipeline.site import SiteLock
 
-        lock = SiteLock(SiteDir(scene.site_dir)).acquire()  # what a running applier holds
+        lock = SiteLock(scene.site_dir, "applier").acquire()  # what a running applier holds
         try:
             fo = FailoverProcess(scene, "--force", tag="busy")
             assert fo.proc.wait(60) == 2
-            assert "in use" in fo.output() and "lowmark apply" in fo.output()
+            assert "in use" in fo.output() and "its applier" in fo.output()
         finally:
             lock.release()
         # the primary died (no tick for more than the liveness timeout): without --force
