@@ -52,11 +52,14 @@ class Scene:
     site_w: int = 0
     w: int = 0  # the latest W once the primary died
     markers: dict[str, int] = field(default_factory=dict)
+    primary: ConsistencyGroup | None = None  # alive (``keep_primary``)
 
     def reference(self, ts: int) -> dict[str, bytearray]:
         return rebuild_from_log(read_log(self.conf, self.cg), self.sizes, upto_ts=ts)
 
     def close(self) -> None:
+        if self.primary is not None:
+            self.primary.interceptor.crash()
         self.wm.stop()
 
 
@@ -79,12 +82,14 @@ def make_site(
     marker_at: int | None = None,
     generational: bool = False,
     before_backlog: Callable[[], object] | None = None,
+    keep_primary: bool = False,
 ) -> Scene:
     """Primary writes, the site applies ``applied_writes`` of them and stops; the backlog
     follows (with a marker after ``marker_at`` of its writes); the primary dies.
 
     ``generational``: the watermark service follows the roles into the next generation
-    (as ``lowmark watermark`` does). ``before_backlog`` runs just before the backlog."""
+    (as ``lowmark watermark`` does). ``before_backlog`` runs just before the backlog.
+    ``keep_primary``: the primary stays alive (``Scene.primary``), its volumes included."""
     rng = random.Random(seed)
     site_dir = root / SITE
     service: Any = WatermarkService(WatermarkServiceConfig(cg=cg, liveness_timeout_s=30), conf)
@@ -99,6 +104,7 @@ def make_site(
     wm = ServiceThread(service, "watermark").start()
     scene = Scene(conf, cg, root, sizes, site_dir, root / "primary", wm)
     primary = ConsistencyGroup.open(cg, scene.primary_dir, conf, interceptor_id="prod", **FAST)
+    alive = False
     try:
         for vid, size in sizes.items():
             primary.create_volume(vid, size)
@@ -124,10 +130,15 @@ def make_site(
         primary.flush()
         last = max(scene.write_ts)
         wait_until(lambda: published_w(conf, cg) >= last, 60, "W past the backlog")
+        alive = keep_primary
     finally:
-        primary.interceptor.crash()  # kill -9: nothing more is published
-        for vol in primary.volumes.values():
-            vol.image.close()
+        if not alive:
+            primary.interceptor.crash()  # kill -9: nothing more is published
+            for vol in primary.volumes.values():
+                vol.image.close()
+    if alive:
+        scene.primary = primary
+        return scene
     # the watermark service may still fold the dead primary's last ticks: W settles
     w, still_since = published_w(conf, cg), time.monotonic()
     while time.monotonic() - still_since < 0.5:

@@ -288,3 +288,61 @@ def test_the_old_primary_never_gets_a_write_replicated_into_the_new_generation(
     finally:
         dr2.stop(check=False)
         scene.close()
+
+
+def test_a_reachable_primary_is_stopped_first_and_loses_no_acknowledged_sync_write(
+    kafka_conf, tmp_path
+):
+    """Without --force: the old primary keeps writing sync writes during the failover. It
+    is fenced, so every write after that fails (never a silent ack), and every sync write
+    it acknowledged is inside the cut the new primary starts from."""
+    require_tools("nbdcopy")
+    import threading
+
+    cg = unique("fostop")
+    sizes = {"a": 1 << 20, "s": 1 << 20}
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=sizes, applied_writes=20, backlog_writes=40, seed=6,
+        keep_primary=True,
+    )  # fmt: skip
+    assert scene.primary is not None
+    primary = scene.primary
+    sync = primary.create_volume("sync1", 1 << 20, mode="sync")
+    acked: list[tuple[int, bytes]] = []
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        for i in range(256):  # one 4 KiB block each, never overwritten
+            data = bytes([i % 251 + 1]) * 4096
+            try:
+                sync.write(i * 4096, data)
+            except Exception as exc:  # the fence: every later write fails too
+                errors.append(exc)
+                continue
+            acked.append((i * 4096, data))
+            time.sleep(0.01)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        time.sleep(0.3)
+        fo = FailoverProcess(scene, tag="stop")
+        try:
+            fo.wait_for("rolled forward")
+            t.join(30)
+            assert errors, "the old primary kept acknowledging writes after the failover"
+            n_acked = len(acked)
+            assert n_acked > 0
+            got = nbd_copy(fo.uri("sync1"), tmp_path / "sync.raw")
+            for off, data in acked:
+                assert got[off : off + 4096] == data, f"acknowledged sync write at {off} lost"
+            # and nothing after the last acknowledged one, in order: a prefix
+            assert got[n_acked * 4096 : (n_acked + 1) * 4096] in (bytes(4096),
+                   bytes([n_acked % 251 + 1]) * 4096)  # fmt: skip
+            assert "old watermark publisher fenced" in fo.output()
+        finally:
+            assert fo.stop() == 0, fo.output()
+        roles = RolesStore(kafka_conf).latest(cg)
+        assert roles is not None and not roles.history[-1].forced
+    finally:
+        scene.close()
