@@ -49,7 +49,7 @@ from schemas.record_base import (
     offsets_from_avro,
     offsets_to_avro,
 )
-from schemas.roles import CgRoles, Transition, TransitionKind
+from schemas.roles import CgRoles, DrainRequest, Transition, TransitionKind
 
 __all__ = [
     "LOG_RECORDS",
@@ -58,6 +58,7 @@ __all__ = [
     "CgRoles",
     "Checkpoint",
     "Departed",
+    "DrainRequest",
     "LogRecord",
     "Marker",
     "Progress",
@@ -563,6 +564,7 @@ RECORDS: tuple[type[Record], ...] = (
     Watermark,
     Checkpoint,
     CgRoles,
+    DrainRequest,
 )
 
 #: the record types the CG's log holds

@@ -19,7 +19,7 @@ from schemas.checks import offsets as _offsets
 from schemas.checks import text as _text
 from schemas.record_base import Record, offsets_from_avro, offsets_to_avro
 
-__all__ = ["CgRoles", "Transition", "TransitionKind"]
+__all__ = ["CgRoles", "DrainRequest", "Transition", "TransitionKind"]
 
 
 class TransitionKind(StrEnum):
@@ -148,3 +148,33 @@ class CgRoles(Record):
             )
         if self.generation and prev is None:
             raise _bad(rt, f"generation {self.generation} has no transition that made it")
+
+
+@dataclass(frozen=True, slots=True)
+class DrainRequest(Record):
+    """A switchover's request that generation ``generation`` of ``cg`` drain (``drain.avsc``)."""
+
+    TYPE: ClassVar[str] = "DrainRequest"
+    SCHEMA: ClassVar[str] = "drain"
+    cg: str
+    generation: int
+    to_site: str
+    requested_us: int
+
+    @property
+    def header_ts(self) -> int | None:
+        return None
+
+    def to_avro(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> Self:
+        return cls(d["cg"], d["generation"], d["to_site"], d["requested_us"])
+
+    def check(self) -> None:
+        rt = "DrainRequest"
+        _text(rt, "cg", self.cg)
+        _text(rt, "to_site", self.to_site)
+        _int(rt, "generation", self.generation)
+        _int(rt, "requested_us", self.requested_us)

@@ -26,6 +26,7 @@ _COMMAND_MODULES = {
     "roles": "pipeline.app.cli_roles",
     "drill": "pipeline.app.cli_drill",
     "failover": "pipeline.app.cli_failover",
+    "switchover": "pipeline.app.cli_failover",
     "kafka": "connectors.embedded_kafka.cli",
 }
 

@@ -34,6 +34,7 @@ from pipeline.ops.failover_export import FailoverExport, Gate, exports_for
 from pipeline.ops.failover_state import Action
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.timesource import REAL_TIME, TimeSource
+from schemas.records import TransitionKind
 from schemas.ts import format_ts, ts_physical_us
 
 log = logging.getLogger("lowmark.failover")
@@ -311,6 +312,8 @@ def failover_config(
     force: bool,
     interceptor_id: str | None,
     rollforward_rate: str | None = None,
+    kind: TransitionKind = TransitionKind.FAILOVER,
+    drain_timeout_s: float = 30.0,
 ) -> FailoverConfig:
     s = cfg.serve
     return FailoverConfig(
@@ -322,6 +325,8 @@ def failover_config(
         marker=marker,
         force=force,
         reachable_s=cfg.watermark.liveness_timeout_s,
+        kind=kind,
+        drain_timeout_s=drain_timeout_s,
         rollforward_rate_bytes_s=float(parse_size(rollforward_rate, "--rollforward-rate"))
         if rollforward_rate
         else 0.0,
@@ -350,57 +355,56 @@ def run_failover(
     return run
 
 
-@click.command()
-@config_options
-@click.option(
-    "--site", default=None, help="the backup site that becomes the primary ([apply] site)"
-)
-@click.option(
-    "--data-dir",
-    "site_dir",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="that site's data dir ([apply] data_dir when --site is the config's)",
-)
-@click.option("--at", "at", default=None, help="the cut: a ts (int or ISO time) <= W, or 'latest'")
-@click.option("--at-marker", "marker", default=None, help="the cut: the ts of this marker")
-@click.option("--force", is_flag=True, help="the primary cannot be reached: do not ask it to stop")
-@click.option(
-    "--interceptor-id", default=None, help="the new primary's interceptor (default: the site)"
-)
-@click.option("--listen", default=None, help="NBD host:port ([serve] listen; '' for none)")
-@click.option("--unix-socket", default=None, help="also serve NBD on this unix socket")
-@click.option("--metrics", default=None, help="host:port for the Prometheus /metrics endpoint")
-@click.option(
-    "--rollforward-rate",
-    default=None,
-    help="roll forward at most this much per second (e.g. 200MiB; default: as fast as it goes)",
-)
-def failover(
-    config_path,
-    bootstrap_servers,
-    cg_name,
-    site,
-    site_dir,
-    at,
-    marker,
-    force,
-    interceptor_id,
-    listen,
-    unix_socket,
-    metrics,
-    rollforward_rate,
-) -> None:
-    """Make SITE the primary of the next generation and serve its volumes over NBD.
+def _serving_options(fn: Any) -> Any:
+    """The options failover and switchover share: the site, its NBD server, the roll-forward."""
+    for option in reversed(
+        [
+            click.option(
+                "--site",
+                default=None,
+                help="the backup site that becomes the primary ([apply] site)",
+            ),
+            click.option(
+                "--data-dir",
+                "site_dir",
+                default=None,
+                type=click.Path(file_okay=False, path_type=Path),
+                help="that site's data dir ([apply] data_dir when --site is the config's)",
+            ),
+            click.option(
+                "--interceptor-id",
+                default=None,
+                help="the new primary's interceptor (default: the site)",
+            ),
+            click.option(
+                "--listen", default=None, help="NBD host:port ([serve] listen; '' for none)"
+            ),
+            click.option("--unix-socket", default=None, help="also serve NBD on this unix socket"),
+            click.option(
+                "--metrics", default=None, help="host:port for the Prometheus /metrics endpoint"
+            ),
+            click.option(
+                "--rollforward-rate",
+                default=None,
+                help="roll forward at most this much per second (e.g. 200MiB; default: no limit)",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return config_options(fn)
 
-    Chooses the cut (the latest W, --at TS or --at-marker NAME), fences the old primary,
-    commits the new generation's roles, indexes the site's backlog up to the cut and serves
-    at once: reads are answered from the index and the images while the roll-forward runs;
-    writes go to the new generation's log. Runs until Ctrl-C; run it again after a crash
-    and it completes (or says why it cannot).
-    """
-    if at is not None and marker is not None:
-        raise click.UsageError("give at most one of --at TS and --at-marker NAME")
+
+def _start(
+    config_path: Path | None,
+    bootstrap_servers: str | None,
+    cg_name: str | None,
+    site: str | None,
+    site_dir: Path | None,
+    listen: str | None,
+    unix_socket: str | None,
+    metrics: str | None,
+    **kw: Any,
+) -> None:
     serve = {
         k: v
         for k, v in (("listen", listen), ("unix_socket", unix_socket), ("metrics", metrics))
@@ -415,18 +419,44 @@ def failover(
     name, sdir = _site(cfg, site, site_dir)
     if sdir is None:
         raise FailoverError(f"no data dir for site {name}: pass --data-dir")
+    run_failover(cfg, failover_config(cfg, name, sdir, **kw))
+
+
+@click.command()
+@_serving_options
+@click.option("--at", "at", default=None, help="the cut: a ts (int or ISO time) <= W, or 'latest'")
+@click.option("--at-marker", "marker", default=None, help="the cut: the ts of this marker")
+@click.option("--force", is_flag=True, help="the primary cannot be reached: do not ask it to stop")
+def failover(at, marker, force, interceptor_id, rollforward_rate, **kw) -> None:
+    """Make SITE the primary of the next generation and serve its volumes over NBD.
+
+    Chooses the cut (the latest W, --at TS or --at-marker NAME), fences the old primary,
+    commits the new generation's roles, indexes the site's backlog up to the cut and serves
+    at once: reads are answered from the index and the images while the roll-forward runs;
+    writes go to the new generation's log. Runs until Ctrl-C; run it again after a crash
+    and it completes (or says why it cannot).
+    """
+    if at is not None and marker is not None:
+        raise click.UsageError("give at most one of --at TS and --at-marker NAME")
     at_ts = None if at in (None, "latest") else _ts(at, "--at")
-    fc = failover_config(
-        cfg,
-        name,
-        sdir,
-        at=at_ts,
-        marker=marker,
-        force=force,
-        interceptor_id=interceptor_id,
-        rollforward_rate=rollforward_rate,
-    )
-    run_failover(cfg, fc)
+    _start(at=at_ts, marker=marker, force=force, interceptor_id=interceptor_id,
+           rollforward_rate=rollforward_rate, **kw)  # fmt: skip
 
 
-COMMANDS = [failover]
+@click.command()
+@_serving_options
+@click.option("--drain-timeout-s", default=30.0, show_default=True,
+              help="how long the primary gets to drain")  # fmt: skip
+def switchover(interceptor_id, rollforward_rate, drain_timeout_s, **kw) -> None:
+    """Planned: move the primary to SITE, losing nothing, and serve its volumes over NBD.
+
+    The primary drains first (it stops taking writes, makes every acknowledged write
+    durable and publishes its last progress), the cut is the W that covers it, then SITE
+    takes over as `lowmark failover` does. Run it at SITE, with SITE's applier stopped.
+    """
+    _start(at=None, marker=None, force=False, interceptor_id=interceptor_id,
+           rollforward_rate=rollforward_rate, kind=TransitionKind.SWITCHOVER,
+           drain_timeout_s=drain_timeout_s, **kw)  # fmt: skip
+
+
+COMMANDS = [failover, switchover]

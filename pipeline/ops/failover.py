@@ -56,6 +56,7 @@ from pipeline.primary.fencing import (
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.site import SiteDir, SiteLock
 from pipeline.timesource import REAL_TIME, TimeSource
+from pipeline.topology.drain import request_drain
 from pipeline.topology.roles import plan_failover
 from pipeline.topology.store import RolesStore
 from pipeline.watermark.publisher import WatermarkPublisher
@@ -64,7 +65,9 @@ from schemas.records import (
     LOG_RECORDS,
     CgRoles,
     Checkpoint,
+    DrainRequest,
     ProgressKind,
+    TransitionKind,
     Watermark,
     Write,
     Zero,
@@ -92,6 +95,10 @@ class FailoverConfig:
     max_memory_bytes: int = 4 * DEFAULT_MAX_MEMORY_BYTES
     #: 0: roll forward as fast as the disk takes it; else bytes/s, leaving I/O to clients
     rollforward_rate_bytes_s: float = 0.0
+    #: SWITCHOVER: planned; the old primary drains first (``pipeline.topology.drain``)
+    kind: TransitionKind = TransitionKind.FAILOVER
+    #: how long the old primary's interceptors get to drain (a switchover)
+    drain_timeout_s: float = 30.0
     log_partitions: int = 4
     replication_factor: int | None = None
     engine_options: Mapping[str, Any] = field(default_factory=dict)
@@ -213,9 +220,13 @@ class Failover:
                 f"site {c.site!r} checkpointed generation {ckpt_gen} but the CG is at "
                 f"generation {gen}: let its applier catch up to generation {gen} first"
             )
+        if c.kind is TransitionKind.SWITCHOVER and c.force:
+            raise FailoverError("a switchover is planned: it cannot be forced; use failover")
         if not c.force:  # --force fences alongside the commit (``fence_all``)
             activity = progress_activity(self.kafka_conf, c.cg, gen)
             live = live_interceptors(activity, self.time.wall_us(), c.reachable_s)
+            if c.kind is TransitionKind.SWITCHOVER and live:
+                live = self._drain(gen, live)
             if not live:
                 ages = {
                     iid: round((self.time.wall_us() - a.wall_us) / 1e6, 1)
@@ -242,7 +253,9 @@ class Failover:
             )
         base = rs.end_offsets(wm, rs.log_bounds(self.kafka_conf, c.cg, gen))
         # planned now only to check it: the commit plans again from the roles it finds
-        plan_failover(current, c.cg, c.site, cut.ts, base, c.force, self.time.wall_us())
+        plan_failover(
+            current, c.cg, c.site, cut.ts, base, c.force, self.time.wall_us(), kind=c.kind
+        )
         return FailoverRecord(
             cg=c.cg,
             site=c.site,
@@ -260,6 +273,32 @@ class Failover:
             interceptor_id=c.new_interceptor_id,
             started_us=self.time.wall_us(),
         )
+
+    def _drain(self, generation: int, live: Mapping[str, Activity]) -> dict[str, Activity]:
+        """Ask the old primary to drain and wait until each live interceptor published its
+        LEAVE after the request: their final S (everything they acknowledged is below it)."""
+        c = self.config
+        request_drain(self.kafka_conf, DrainRequest(c.cg, generation, c.site, self.time.wall_us()))
+        self._event("drain requested", generation=generation, interceptors=sorted(live))
+        deadline = self.time.monotonic() + c.drain_timeout_s
+        while True:
+            now = progress_activity(self.kafka_conf, c.cg, generation)
+            left = {
+                iid: a
+                for iid, a in now.items()
+                if iid in live and a.kind is ProgressKind.LEAVE and a.offset > live[iid].offset
+            }
+            if len(left) == len(live):
+                self._event("old primary drained", final_s={k: a.s for k, a in left.items()})
+                return left
+            if self.time.monotonic() > deadline:
+                raise FailoverError(
+                    f"the old primary's interceptors {sorted(set(live) - set(left))} did not "
+                    f"drain within {c.drain_timeout_s} s; nothing was changed (they may have "
+                    "stopped taking writes: restart their `lowmark serve`). Check them, or "
+                    "fail over (with --force if they cannot be reached)"
+                )
+            self.time.sleep(0.05)
 
     def _fence(self, generation: int, ids: list[str]) -> None:
         """Take the old interceptors' transactional ids: their producers commit no more."""
@@ -397,7 +436,14 @@ class Failover:
                 self.roles = current
                 break
             planned = plan_failover(
-                current, c.cg, c.site, r.cut_ts, r.base_offsets, r.forced, self.time.wall_us()
+                current,
+                c.cg,
+                c.site,
+                r.cut_ts,
+                r.base_offsets,
+                r.forced,
+                self.time.wall_us(),
+                kind=c.kind,
             )
             if planned.generation != r.generation:
                 raise FailoverError(

@@ -22,8 +22,9 @@ from typing import Any
 from pipeline.errors import FencedError
 from pipeline.logs import event
 from pipeline.primary.engine_config import InterceptorConfig
+from pipeline.topology.drain import concerns, latest_drain
 from pipeline.topology.store import RolesStore
-from schemas.records import CgRoles
+from schemas.records import CgRoles, DrainRequest
 from schemas.ts import format_ts
 
 __all__ = ["GenerationWatch", "superseded"]
@@ -74,8 +75,13 @@ class GenerationWatch:
         on_superseded: Callable[[FencedError], None],
         interval_s: float = 1.0,
         now: Callable[[], float] | None = None,
+        read_drain: Callable[[], DrainRequest | None] | None = None,
+        on_drain: Callable[[DrainRequest], None] | None = None,
     ) -> None:
         self._read = read_roles
+        self._read_drain = read_drain
+        self._on_drain = on_drain
+        self.drained: DrainRequest | None = None
         self.cg = cg
         self.generation = generation
         self.interceptor_id = interceptor_id
@@ -98,8 +104,16 @@ class GenerationWatch:
         on_superseded: Callable[[FencedError], None],
         now: Callable[[], float],
         read_roles: Callable[[], CgRoles | None] | None = None,
+        on_drain: Callable[[DrainRequest], None] | None = None,
     ) -> GenerationWatch:
-        """The watch of one interceptor; by default it reads ``RolesStore.latest``."""
+        """The watch of one interceptor; by default it reads ``RolesStore.latest`` (and
+        the CG's drain request, when ``on_drain`` is given and the roles are read here)."""
+        read_drain = None
+        if on_drain is not None and read_roles is None:
+
+            def read_drain() -> DrainRequest | None:
+                return latest_drain(kafka_conf, config.cg)
+
         if read_roles is None:
             store = RolesStore(kafka_conf, timeout_s=10.0)
 
@@ -114,6 +128,8 @@ class GenerationWatch:
             on_superseded,
             config.generation_check_s,
             now,
+            read_drain,
+            on_drain,
         )
 
     def check(self) -> FencedError | None:
@@ -127,6 +143,8 @@ class GenerationWatch:
         finally:
             self.checks += 1
         error = superseded(roles, self.cg, self.generation, self.interceptor_id)
+        if error is None:
+            self._check_drain()
         if error is not None and self.fired is None:
             self.fired = error
             event(
@@ -141,6 +159,19 @@ class GenerationWatch:
             )
             self._on_superseded(error)
         return error
+
+    def _check_drain(self) -> None:
+        if self._read_drain is None or self._on_drain is None or self.drained is not None:
+            return
+        try:
+            request = self._read_drain()
+        except Exception as exc:  # as for the roles: never fatal
+            self._read_failed(exc)
+            return
+        if concerns(request, self.cg, self.generation):
+            assert request is not None
+            self.drained = request
+            self._on_drain(request)
 
     def start(self) -> None:
         if self._thread is not None:

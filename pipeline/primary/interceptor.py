@@ -46,6 +46,7 @@ from pipeline.errors import (
 from pipeline.logs import event
 from pipeline.primary.clock import HybridClock
 from pipeline.primary.cut_follower import CutFollower
+from pipeline.primary.drain import drain
 from pipeline.primary.engine_config import InterceptorConfig
 from pipeline.primary.generation_watch import GenerationWatch
 from pipeline.primary.outbox import Entry, Message, encode_batch, entry_bytes
@@ -107,6 +108,8 @@ class Interceptor:
         # the JOIN carries the sentinel; the fold's rule turns it into the JOIN's offset
         self.epoch = JOIN_EPOCH_FROM_OFFSET
         self.failure: LowmarkError | None = None
+        #: set once a switchover asked this generation to drain (``pipeline.primary.drain``)
+        self.draining: LowmarkError | None = None
         #: set once the roles named a newer generation (``generation_watch``)
         self.fenced_by_generation: FencedError | None = None
         #: writes acknowledged before that moment (none are after it)
@@ -135,8 +138,9 @@ class Interceptor:
             self.kafka_conf, config.cg, generation=config.generation, now=time_source.monotonic
         )
         self.generation_watch = GenerationWatch.of(
-            config, self.kafka_conf, self.fence, time_source.monotonic, roles_reader
-        )
+            config, self.kafka_conf, self.fence, time_source.monotonic, roles_reader,
+            on_drain=lambda request: drain(self, request),
+        )  # fmt: skip
         self.stats = {
             "ticks": 0,
             "transactions": 0,
@@ -266,8 +270,8 @@ class Interceptor:
 
         Until ``append`` or ``abandon`` of the token, no tick promises an S >= ts.
         """
-        if self.failure is not None:
-            raise self.failure
+        if self.failure is not None or self.draining is not None:
+            raise self.failure or self.draining  # type: ignore[misc]
         with self._lock:
             ts = self.clock.now()
             token = next(self._tokens)

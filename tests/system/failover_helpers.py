@@ -160,12 +160,13 @@ class FailoverProcess:
         tag: str = "f",
         metrics: str = "",
         env: dict[str, str] | None = None,
+        sub: str = "failover",
     ) -> None:
         self.scene = scene
         self.sock = scene.root / f"{tag}.sock"
         self.log = scene.root / f"{tag}.log"
         cmd = [
-            sys.executable, "-m", "pipeline.app.cli", "failover",
+            sys.executable, "-m", "pipeline.app.cli", sub,
             "--bootstrap-servers", scene.conf["bootstrap.servers"],
             "--cg", scene.cg, "--site", SITE, "--data-dir", str(scene.site_dir),
             "--listen", "", "--unix-socket", str(self.sock), *args,

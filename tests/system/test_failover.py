@@ -346,3 +346,63 @@ def test_a_reachable_primary_is_stopped_first_and_loses_no_acknowledged_sync_wri
         assert roles is not None and not roles.history[-1].forced
     finally:
         scene.close()
+
+
+def test_switchover_under_a_running_workload_loses_no_acknowledged_write(kafka_conf, tmp_path):
+    """Planned: the primary keeps writing (async and sync volumes) while `lowmark switchover`
+    runs at dr1. The primary drains (it refuses new writes, makes every acknowledged one
+    durable, publishes its LEAVE), the cut covers its final S, and every write it
+    acknowledged, async ones included, is in dr1's images."""
+    require_tools("nbdcopy")
+    import threading
+
+    cg = unique("foswitch")
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=SIZES, applied_writes=20, backlog_writes=40, seed=7,
+        keep_primary=True, generational=True,
+    )  # fmt: skip
+    primary = scene.primary
+    assert primary is not None
+    vols = {"async1": primary.create_volume("async1", 1 << 20),
+            "sync1": primary.create_volume("sync1", 1 << 20, mode="sync")}  # fmt: skip
+    acked: dict[str, list[tuple[int, bytes]]] = {v: [] for v in vols}
+    refused: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        vol = vols[name]
+        for i in range(256):  # one 4 KiB block each, never overwritten
+            data = bytes([i % 251 + 1]) * 4096
+            try:
+                vol.write(i * 4096, data)
+            except Exception as exc:  # draining, then fenced
+                refused.append(exc)
+                continue
+            acked[name].append((i * 4096, data))
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=writer, args=(v,), daemon=True) for v in vols]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.2)
+        fo = FailoverProcess(scene, tag="switch", sub="switchover")
+        try:
+            fo.wait_for("rolled forward")
+            for t in threads:
+                t.join(30)
+            assert refused, "the old primary kept taking writes after the switchover"
+            assert all(acked.values()), acked
+            for name in vols:
+                got = nbd_copy(fo.uri(name), tmp_path / f"{name}.raw")
+                for off, data in acked[name]:
+                    assert got[off : off + 4096] == data, f"acknowledged {name} write at {off} lost"
+            out = fo.output()
+            assert "old primary drained" in out, out
+        finally:
+            assert fo.stop() == 0, fo.output()
+        roles = RolesStore(kafka_conf).latest(cg)
+        assert roles is not None and roles.generation == 1
+        last = roles.history[-1]
+        assert last.kind.value == "SWITCHOVER" and not last.forced
+    finally:
+        scene.close()
