@@ -159,8 +159,10 @@ class Applier(FollowGenerations):
         )
         if decision.cut is not None:
             self._learn_cut(decision.cut)
+        self.roles.start(f"lowmark-roles-{self.config.site}")  # reads off the apply loop
 
     def close(self, checkpoint: bool = True) -> None:
+        self.roles.stop()
         self._finish_background_checkpoint(wait=True)
         if checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
             self.checkpoint()

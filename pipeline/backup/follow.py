@@ -81,6 +81,8 @@ class FollowGenerations:
     kafka_conf: dict[str, Any]
     _log: Any
     _last_roles_error_log = -1e9
+    _roles_errors_seen = 0
+    _roles_reads_seen = 0
     _beyond_logged: frozenset[int] = frozenset()
 
     def _resume_point(self) -> tuple[dict[int, int], Decision]:
@@ -137,12 +139,11 @@ class FollowGenerations:
         )
 
     def _follow_roles(self) -> None:
-        """Poll the roles when due (about once a second) and act on what they say."""
+        """Act on the roles the poll thread read last (about once a second)."""
         errors = self.roles.errors
-        if not self.roles.poll():
-            if self.roles.errors > errors and (
-                self._now() - self._last_roles_error_log >= _ERROR_LOG_EVERY_S
-            ):
+        if errors > self._roles_errors_seen:
+            self._roles_errors_seen = errors
+            if self._now() - self._last_roles_error_log >= _ERROR_LOG_EVERY_S:
                 self._last_roles_error_log = self._now()
                 event(
                     log,
@@ -151,7 +152,10 @@ class FollowGenerations:
                     cg=self.config.cg,
                     error=self.roles.last_error,
                 )
-            return
+        reads = self.roles.reads
+        if reads == self._roles_reads_seen:
+            return  # nothing new read
+        self._roles_reads_seen = reads
         if self._cut is not None:
             return  # already following the cut to the next generation
         d = decide(

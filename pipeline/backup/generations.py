@@ -28,6 +28,7 @@ unread and counted (``beyond_cut``), and never halts the site.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -148,7 +149,13 @@ def decide(
 class RolesPoll:
     """Reads the roles at most every ``interval_s`` of ``now`` (the service's monotonic
     clock). A read that fails (a Kafka error) keeps the last roles known and is tried
-    again at the next interval: never fatal, counted in ``errors``."""
+    again at the next interval: never fatal, counted in ``errors``.
+
+    A read takes up to a second (a bounded read of ``lowmark.config``), so a service
+    does not read in its loop: ``start`` runs the reads in a thread, and the loop looks at
+    ``roles`` and ``reads`` (the number of reads that succeeded), which only that thread
+    changes. ``poll(force=True)`` reads at once, in the caller's thread (at start-up).
+    """
 
     read: Callable[[], CgRoles | None]
     now: Callable[[], float]
@@ -156,7 +163,28 @@ class RolesPoll:
     roles: CgRoles | None = None
     errors: int = 0
     last_error: str = ""
+    reads: int = 0
     _last: float | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def start(self, name: str = "lowmark-roles") -> None:
+        """Poll in a daemon thread (checking every ``tick_s`` whether a read is due)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        if thread is not None:
+            thread.join(30)
+
+    def _run(self, tick_s: float = 0.05) -> None:
+        while not self._stop.wait(tick_s):
+            self.poll()
 
     def due(self) -> bool:
         return self._last is None or self.now() - self._last >= self.interval_s
@@ -164,15 +192,17 @@ class RolesPoll:
     def poll(self, force: bool = False) -> bool:
         """Read the roles if due (or ``force``); whether a read succeeded now. A roles
         record never goes back: a read older than what was seen is ignored."""
-        if not (force or self.due()):
-            return False
-        self._last = self.now()
-        try:
-            got = self.read()
-        except KafkaError as exc:  # a passing fault (or a broker down): keep what we had
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            return False
-        if got is not None and (self.roles is None or got.generation >= self.roles.generation):
-            self.roles = got
-        return True
+        with self._lock:  # one read at a time (the thread's, or a forced one)
+            if not (force or self.due()):
+                return False
+            self._last = self.now()
+            try:
+                got = self.read()
+            except KafkaError as exc:  # a passing fault (or a broker down): keep what we had
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                return False
+            if got is not None and (self.roles is None or got.generation >= self.roles.generation):
+                self.roles = got
+            self.reads += 1
+            return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,35 @@ def test_roles_poll_once_a_second_and_errors_are_not_fatal() -> None:
     clock.t = 3.0
     assert poll.poll() and poll.roles.generation == 1, "an older read never goes back"
     assert poll.poll(force=True) and calls == [0.0, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_roles_poll_thread_reads_when_due_by_the_injected_clock() -> None:
+    clock = Clock()
+    got: list[float] = []
+
+    def read() -> CgRoles | None:
+        got.append(clock.t)
+        return roles_at(1, "dr2", 5, {})
+
+    poll = RolesPoll(read, clock)
+    poll.start()
+    try:
+        deadline = time.monotonic() + 10
+        while poll.reads < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert poll.reads == 1, "the clock did not move: no second read"
+        clock.t = 1.0
+        while poll.reads < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert got == [0.0, 1.0] and poll.roles is not None and poll.roles.generation == 1
+    finally:
+        poll.stop()
+    clock.t = 5.0
+    time.sleep(0.2)
+    assert poll.reads == 2, "stopped: no more reads"
 
 
 def test_old_checkpoint_decodes_as_generation_0() -> None:
