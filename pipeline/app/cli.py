@@ -27,6 +27,7 @@ _COMMAND_MODULES = {
     "drill": "pipeline.app.cli_drill",
     "failover": "pipeline.app.cli_failover",
     "switchover": "pipeline.app.cli_failover",
+    "failback": "pipeline.app.cli_failover",
     "kafka": "connectors.embedded_kafka.cli",
 }
 

@@ -161,6 +161,8 @@ class FailoverProcess:
         metrics: str = "",
         env: dict[str, str] | None = None,
         sub: str = "failover",
+        site: str = SITE,
+        site_dir: Path | None = None,
     ) -> None:
         self.scene = scene
         self.sock = scene.root / f"{tag}.sock"
@@ -168,7 +170,7 @@ class FailoverProcess:
         cmd = [
             sys.executable, "-m", "pipeline.app.cli", sub,
             "--bootstrap-servers", scene.conf["bootstrap.servers"],
-            "--cg", scene.cg, "--site", SITE, "--data-dir", str(scene.site_dir),
+            "--cg", scene.cg, "--site", site, "--data-dir", str(site_dir or scene.site_dir),
             "--listen", "", "--unix-socket", str(self.sock), *args,
         ]  # fmt: skip
         if metrics:

@@ -406,3 +406,101 @@ def test_switchover_under_a_running_workload_loses_no_acknowledged_write(kafka_c
         assert last.kind.value == "SWITCHOVER" and not last.forced
     finally:
         scene.close()
+
+
+def test_switchover_round_trip_primary_to_dr1_and_back_loses_nothing(kafka_conf, tmp_path):
+    """prod -> dr1 (switchover under writes), prod rejoins as a backup (`lowmark failback`,
+    no copy), dr1's primary takes writes, then dr1 -> prod (switchover): prod's images hold
+    every write acknowledged on either side."""
+    require_tools("nbdcopy", "qemu-io")
+    import subprocess
+    import sys
+    import threading
+
+    from pipeline.backup.applier import Applier, ApplierConfig
+    from pipeline.topology.roles import initial_roles
+    from tests.replication_helpers import ServiceThread, wait_until
+
+    cg = unique("foround")
+    scene = make_site(
+        kafka_conf, cg, tmp_path, sizes=SIZES, applied_writes=20, backlog_writes=30, seed=8,
+        keep_primary=True, generational=True,
+    )  # fmt: skip
+    RolesStore(kafka_conf).commit(cg, None, initial_roles(cg, "prod", now_us=1))
+    primary = scene.primary
+    assert primary is not None
+    vols = {"async1": primary.create_volume("async1", 1 << 20),
+            "sync1": primary.create_volume("sync1", 1 << 20, mode="sync")}  # fmt: skip
+    want: dict[str, dict[int, bytes]] = {v: {} for v in vols}
+
+    def writer(name: str) -> None:
+        for i in range(128):
+            data = bytes([i % 251 + 1]) * 4096
+            try:
+                vols[name].write(i * 4096, data)
+            except Exception:
+                continue
+            want[name][i * 4096] = data
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=writer, args=(v,), daemon=True) for v in vols]
+    for t in threads:
+        t.start()
+    prod_dir = scene.primary_dir
+    ap: ServiceThread | None = None
+    try:
+        time.sleep(0.2)
+        to_dr1 = FailoverProcess(scene, tag="to-dr1", sub="switchover")
+        to_dr1.wait_for("rolled forward")
+        for t in threads:
+            t.join(30)
+        primary.close()
+        scene.primary = None
+        # prod rejoins as a backup of generation 1, without a copy
+        fb = subprocess.run(
+            [sys.executable, "-m", "pipeline.app.cli", "failback", "--bootstrap-servers",
+             kafka_conf["bootstrap.servers"], "--cg", cg, "--site", "prod",
+             "--data-dir", str(prod_dir)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert fb.returncode == 0, fb.stdout + fb.stderr
+        assert "is a backup of CG" in fb.stdout
+        ap = ServiceThread(
+            Applier(
+                ApplierConfig(cg=cg, site="prod", data_dir=prod_dir, checkpoint_interval_s=0.05),
+                kafka_conf,
+            ),
+            "applier-prod",
+        ).start()
+        # the new primary takes writes; prod applies them
+        for i, name in enumerate(vols):
+            assert nbd_write(to_dr1.uri(name), 600 * 1024 + i * 8192, 8192, 0x77 + i)
+            for k in range(2):
+                want[name][600 * 1024 + i * 8192 + k * 4096] = bytes([0x77 + i]) * 4096
+        gen1 = read_log(kafka_conf, cg, generation=1)
+        last = max(x["ts"] for t, rec, _p, _o in gen1 if t == "Write" for x in rec["extents"])
+        wait_until(lambda: ap.service.applied_w >= last or ap.error, 60, "prod to apply gen 1")
+        ap.stop()
+        ap = None
+        # and back: dr1's primary drains, prod takes over
+        back = FailoverProcess(
+            scene, tag="to-prod", sub="switchover", site="prod", site_dir=prod_dir
+        )
+        try:
+            back.wait_for("rolled forward")
+            to_dr1.proc.wait(60)  # its interceptor drained: it stops serving
+            for name in vols:
+                got = nbd_copy(back.uri(name), tmp_path / f"{name}.raw")
+                for off, data in want[name].items():
+                    assert got[off : off + 4096] == data, f"{name}@{off} lost on the way back"
+        finally:
+            assert back.stop() == 0, back.output()
+        roles = RolesStore(kafka_conf).latest(cg)
+        assert roles is not None and roles.generation == 2 and roles.primary_site == "prod"
+        assert [t.kind.value for t in roles.history] == ["SWITCHOVER", "SWITCHOVER"]
+    finally:
+        if ap is not None:
+            ap.stop(check=False)
+        if to_dr1.proc.poll() is None:
+            to_dr1.stop()
+        scene.close()
