@@ -41,9 +41,10 @@ from pipeline.errors import RestoreError
 from pipeline.fsutil import atomic_write
 from pipeline.ops import restore as rs
 from pipeline.ops.replay import ProgressFn
-from pipeline.ops.status import latest_checkpoints
+from pipeline.ops.status import checkpoints_upto
 from pipeline.site import SiteDir
 from pipeline.timesource import wall_us
+from pipeline.topology.store import current_generation
 from schemas.records import Checkpoint, Watermark
 from schemas.ts import format_ts, ts_physical_us
 
@@ -81,13 +82,16 @@ def choose_cut(
     *,
     at: int | None = None,
     marker: str | None = None,
-    generation: int = 0,
+    generation: int | None = None,
     wm: Watermark | None = None,
 ) -> Cut:
     """The cut for ``--at TS`` / ``--at-marker M`` / neither (the latest published W of
-    the CG's ``generation``; ``wm``: that W, when the caller has just read it)."""
+    the CG's ``generation``, by default the current one; ``wm``: that W, when the caller
+    has just read it)."""
     if at is not None and marker is not None:
         raise DrillError("give one of --at TS or --at-marker NAME, not both")
+    if generation is None:
+        generation = current_generation(kafka_conf, cg)
     if wm is None:
         wm = rs.latest_watermark(kafka_conf, cg, generation)
     if marker is not None:
@@ -111,7 +115,7 @@ def check_site(
             f"{site_dir} is not a site's data dir (no images/ in it); pass the data dir of "
             f"site {site!r} with --site-dir"
         )
-    found = latest_checkpoints(dict(kafka_conf), cg)
+    found = checkpoints_upto(dict(kafka_conf), cg, current_generation(kafka_conf, cg))
     if site not in found:
         known = ", ".join(sorted(found)) or "none has checkpointed yet"
         raise DrillError(

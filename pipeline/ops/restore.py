@@ -34,9 +34,11 @@ from pipeline.fsutil import atomic_write
 from pipeline.ops.replay import ProgressFn, ReplayResult, replay
 from pipeline.site import RESTORE_MANIFEST, SiteDir
 from pipeline.timesource import wall_us
+from pipeline.topology.roles import base_of, generation_at
+from pipeline.topology.store import RolesStore
 from pipeline.watermark.publisher import latest_watermark as published_watermark
 from schemas import codec
-from schemas.records import Checkpoint, Marker, Watermark
+from schemas.records import CgRoles, Checkpoint, Marker, Watermark
 from schemas.ts import format_ts
 
 MANIFEST = RESTORE_MANIFEST
@@ -70,9 +72,21 @@ def latest_watermark(kafka_conf: Mapping[str, Any], cg: str, generation: int = 0
 
 
 def find_marker(
-    kafka_conf: Mapping[str, Any], cg: str, name: str, generation: int = 0
+    kafka_conf: Mapping[str, Any], cg: str, name: str, generation: int | None = None
 ) -> tuple[Marker, int]:
-    """The newest Marker record named ``name`` in the retained log, and how many have it."""
+    """The newest Marker record named ``name`` in the retained log, and how many have it.
+
+    ``generation`` None: every generation's log, the newest first (a marker is in the
+    generation whose primary emitted it)."""
+    if generation is None:
+        roles = RolesStore(dict(kafka_conf)).latest(cg)
+        newest = 0 if roles is None else roles.generation
+        for g in range(newest, 0, -1):
+            try:
+                return find_marker(kafka_conf, cg, name, g)
+            except (RestoreError, ConfigError):
+                continue  # not in this generation (or its log is gone)
+        generation = 0
     topic = CgTopics(cg, generation).log
     found: list[Marker] = []
     for p, (low, high) in log_bounds(kafka_conf, cg, generation).items():
@@ -102,6 +116,7 @@ class BaseKind(StrEnum):
 
     SNAPSHOT = "snapshot"  # a copy from the site's snapshot store
     LOG_START = "log-start"  # empty images, the whole log replayed
+    GENERATION_START = "generation-start"  # the previous generation restored to the cut
     REPLAY = "replay"  # images already in the directory (``replay_range``)
 
 
@@ -122,6 +137,7 @@ class SnapshotInfo:
     offsets: dict[int, int]
     path: Path
     site: str
+    generation: int = 0  # whose log ``offsets`` are of
 
 
 def site_snapshots(site_dir: Path | None, site: str | None = None) -> list[SnapshotInfo]:
@@ -140,7 +156,7 @@ def site_snapshots(site_dir: Path | None, site: str | None = None) -> list[Snaps
                 f"the snapshot store in {site_dir} belongs to site {ck.site!r}, not "
                 f"{site!r}; pass that site's data dir with --site-dir"
             )
-        out.append(SnapshotInfo(w, dict(ck.log_offsets), path, ck.site))
+        out.append(SnapshotInfo(w, dict(ck.log_offsets), path, ck.site, ck.generation))
     return out
 
 
@@ -228,21 +244,28 @@ def restore(
     marker: str | None = None,
     on_progress: ProgressFn | None = None,
 ) -> Outcome:
-    """Build the CG's images at exactly the cut ``ts`` in ``to_dir`` (new or empty)."""
+    """Build the CG's images at exactly the cut ``ts`` in ``to_dir`` (new or empty).
+
+    After failovers the cut lies in one generation (``generation_at``): its base is a
+    snapshot of that generation, else the previous generation restored to the cut the
+    generation started from (recursively) and its log replayed from its start."""
     to_dir = Path(to_dir)
     if to_dir.exists() and any(to_dir.iterdir()):
         raise RestoreError(f"{to_dir} is not empty; restore into a new directory")
-    wm = latest_watermark(kafka_conf, cg)
+    roles = RolesStore(dict(kafka_conf)).latest(cg)
+    generation = generation_at(roles, ts)
+    wm = latest_watermark(kafka_conf, cg, generation)
     check_below_w(ts, wm)
-    bounds = log_bounds(kafka_conf, cg)
     try:
         base, result, volumes = _restore_into(
-            kafka_conf, cg, ts, to_dir, wm, bounds, site_dir, site, use_snapshots, on_progress
-        )
+            kafka_conf, cg, ts, to_dir, generation, roles, site_dir, site, use_snapshots,
+            on_progress,
+        )  # fmt: skip
     except BaseException:
         _empty(to_dir)  # it was new or empty: leave no half copy that looks like a restore
         raise
     manifest = _manifest(cg, ts, base, result, volumes, wm, marker)
+    manifest["generation"] = generation
     atomic_write(
         SiteDir(to_dir).restore_manifest_path,
         orjson.dumps(manifest, option=orjson.OPT_INDENT_2),
@@ -250,25 +273,53 @@ def restore(
     return Outcome(manifest, result)
 
 
+def _generation_end(
+    roles: CgRoles | None, generation: int, wm: Watermark, bounds: Mapping[int, tuple[int, int]]
+) -> dict[int, int]:
+    """Where ``generation``'s records of a cut end: its W's offsets, or, for the
+    generation the latest failover left, the cut's own offsets (what the appliers read)."""
+    if roles is not None and generation == roles.generation - 1 and roles.base_offsets:
+        return {p: roles.base_offsets.get(p, hi) for p, (_lo, hi) in bounds.items()}
+    return end_offsets(wm, bounds)
+
+
 def _restore_into(
     kafka_conf: Mapping[str, Any],
     cg: str,
     ts: int,
     to_dir: Path,
-    wm: Watermark,
-    bounds: Mapping[int, tuple[int, int]],
+    generation: int,
+    roles: CgRoles | None,
     site_dir: Path | None,
     site: str | None,
     use_snapshots: bool,
     on_progress: ProgressFn | None,
 ) -> tuple[Base, ReplayResult, list[dict[str, Any]]]:
+    wm = latest_watermark(kafka_conf, cg, generation)
+    bounds = log_bounds(kafka_conf, cg, generation)
     low = {p: lo for p, (lo, _hi) in bounds.items()}
+    snaps = [s for s in site_snapshots(site_dir, site) if s.generation == generation]
     base = None
+    if generation > 0 and not (use_snapshots and any(s.w <= ts for s in snaps)):
+        # this generation's start: the previous one restored to its cut
+        base_w = base_of(roles, generation)
+        _restore_into(
+            kafka_conf, cg, base_w, to_dir, generation - 1, roles, site_dir, site,
+            use_snapshots, on_progress,
+        )  # fmt: skip
+        if any(lo > 0 for lo in low.values()):
+            raise RestoreError(
+                f"cannot restore ts {ts} ({format_ts(ts)}) exactly: generation {generation}'s "
+                f"log no longer starts at offset 0 (retention has deleted up to "
+                f"{_fmt_offsets(low)}) and no snapshot of it lies at or below ts"
+            )
+        base = Base(BaseKind.GENERATION_START, base_w, {p: 0 for p in bounds})
     for _attempt in range(3):  # a running applier may prune the chosen snapshot meanwhile
-        base = choose_base(site_snapshots(site_dir, site), ts, low, use_snapshots=use_snapshots)
+        if base is not None:
+            break
+        base = choose_base(snaps, ts, low, use_snapshots=use_snapshots)
         try:
             _prepare(to_dir, base)
-            break
         except FileNotFoundError:
             base = None
     if base is None:
@@ -280,12 +331,12 @@ def _restore_into(
     with ImageSet(to_dir) as images:
         result = replay(
             kafka_conf,
-            CgTopics(cg).log,
+            CgTopics(cg, generation).log,
             images,
             from_w=base.w,
             to_ts=ts,
             start_offsets=start,
-            end_offsets=end_offsets(wm, bounds),
+            end_offsets=_generation_end(roles, generation, wm, bounds),
             on_progress=on_progress,
         )
         return base, result, images.volumes()

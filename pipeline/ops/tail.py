@@ -22,6 +22,7 @@ from connectors.kafka.settings import ToolSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import RecordError
 from pipeline.ops.restore import log_bounds
+from pipeline.topology.store import current_generation
 from schemas import codec
 from schemas.records import (
     LOG_RECORDS,
@@ -167,14 +168,18 @@ def tail(
     as_json: bool = False,
     with_data: bool = False,
     stop: threading.Event | None = None,
+    generation: int | None = None,
 ) -> int:
-    """Print the log's records until ``stop`` (or, without ``follow``, the end as of now).
+    """Print the log's records until ``stop`` (or, without ``follow``, the end as of now);
+    of ``generation``'s log, by default the current generation's.
 
     Returns how many records were printed.
     """
     filt = filt or TailFilter()
-    topic = CgTopics(cg).log
-    bounds = log_bounds(kafka_conf, cg)
+    if generation is None:
+        generation = current_generation(kafka_conf, cg)
+    topic = CgTopics(cg, generation).log
+    bounds = log_bounds(kafka_conf, cg, generation)
     # without follow: stop at the end as of now (records committed later are not shown)
     ends = {p: hi for p, (_lo, hi) in bounds.items()}
     todo = set(p for p, (lo, hi) in bounds.items() if follow or (hi > lo and not from_end))

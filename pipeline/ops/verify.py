@@ -23,8 +23,9 @@ from connectors.image.image import file_digest
 from pipeline.errors import RestoreError
 from pipeline.ops.replay import ProgressFn
 from pipeline.ops.restore import log_bounds, restore
-from pipeline.ops.status import latest_checkpoints
+from pipeline.ops.status import checkpoints_upto
 from pipeline.site import SiteDir
+from pipeline.topology.store import current_generation
 
 OK = "OK"
 MISMATCH = "MISMATCH"
@@ -96,7 +97,7 @@ def verify_site(
     work_dir: Path | None = None,
     on_progress: ProgressFn | None = None,
 ) -> VerifyReport:
-    ckpts = latest_checkpoints(dict(kafka_conf), cg)
+    ckpts = checkpoints_upto(dict(kafka_conf), cg, current_generation(kafka_conf, cg))
     ck = ckpts.get(site)
     if ck is None:
         raise RestoreError(
@@ -104,7 +105,7 @@ def verify_site(
             f"{sorted(ckpts) or 'none'}"
         )
     w = ck.w
-    low = {p: lo for p, (lo, _hi) in log_bounds(kafka_conf, cg).items()}
+    low = {p: lo for p, (lo, _hi) in log_bounds(kafka_conf, cg, ck.generation).items()}
     independent = all(lo == 0 for lo in low.values())
     with tempfile.TemporaryDirectory(prefix="lowmark-verify-", dir=work_dir) as tmp:
         outcome = restore(

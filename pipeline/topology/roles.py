@@ -195,3 +195,26 @@ def serving_generation(roles: CgRoles | None, cg: str, site: str) -> Serving:
         f"{roles.primary_site!r}{since}; writes here would never be replicated. Do not "
         f"serve here: {fix}. `lowmark roles show` prints the roles"
     )
+
+
+def generation_at(roles: CgRoles | None, ts: int) -> int:
+    """The generation whose log holds the cut at ``ts``: the newest generation g with
+    base_w(g) < ts (its records all have ts > base_w(g)), or 0. A cut exactly at a
+    generation's base_w is the previous generation's: the new one has nothing at or below."""
+    if roles is None:
+        return 0
+    found = 0
+    for t in roles.history:
+        if t.w < ts:
+            found = t.generation
+    return found
+
+
+def base_of(roles: CgRoles | None, generation: int) -> int:
+    """base_w of ``generation`` (0 for generation 0)."""
+    if generation == 0:
+        return 0
+    for t in roles.history if roles is not None else ():
+        if t.generation == generation:
+            return t.w
+    raise RolesError(f"the roles record no transition that made generation {generation}")

@@ -48,7 +48,7 @@ from pipeline.topology.roles import already_applied
 from schemas import codec
 from schemas.records import CgRoles
 
-__all__ = ["PHASES", "RolesStore"]
+__all__ = ["PHASES", "RolesStore", "current_generation"]
 
 log = logging.getLogger("lowmark.topology")
 
@@ -234,6 +234,12 @@ class RolesStore:
                     "writing it again"
                 )
             time.sleep(0.02)
+
+
+def current_generation(conf: Mapping[str, Any], cg: str) -> int:
+    """The CG's generation now (0 when no roles are recorded)."""
+    roles = RolesStore(conf).latest(cg)
+    return 0 if roles is None else roles.generation
 
 
 def _lost(cg: str, expected: int | None, current: CgRoles | None) -> str:
