@@ -9,6 +9,7 @@ reference images are computed from the log by the tests' own replayer
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import signal
@@ -150,6 +151,17 @@ def make_site(
     return scene
 
 
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test that failed mid-way must not leave a failover serving past the session."""
+    for proc in _SPAWNED:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class FailoverProcess:
     """``lowmark failover`` in a child process, serving NBD on a unix socket."""
 
@@ -184,6 +196,7 @@ class FailoverProcess:
         self.out = open(self.log, "ab")  # noqa: SIM115 - closed in stop()/kill()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out, stderr=self.out)
+        _SPAWNED.append(self.proc)
 
     def uri(self, volume: str) -> str:
         return f"nbd+unix:///{volume}?socket={self.sock}"

@@ -191,7 +191,10 @@ def test_failover_refuses_while_the_sites_applier_runs_and_without_force(kafka_c
         lock = SiteLock(scene.site_dir, "applier").acquire()  # what a running applier holds
         try:
             fo = FailoverProcess(scene, "--force", tag="busy")
-            assert fo.proc.wait(60) == 2
+            try:
+                assert fo.proc.wait(60) == 2
+            finally:
+                fo.kill()  # a failover that did not refuse must not outlive the test
             assert "in use" in fo.output() and "its applier" in fo.output()
         finally:
             lock.release()
@@ -201,7 +204,10 @@ def test_failover_refuses_while_the_sites_applier_runs_and_without_force(kafka_c
         fo = FailoverProcess(
             scene, tag="noforce", env={"LOWMARK_WATERMARK_LIVENESS_TIMEOUT_S": "1"}
         )
-        assert fo.proc.wait(60) == 2
+        try:
+            assert fo.proc.wait(60) == 2
+        finally:
+            fo.kill()
         out = fo.output()
         assert "cannot be reached" in out and "--force" in out
         assert RolesStore(kafka_conf).latest(cg) is None, "a refused failover changed the roles"
