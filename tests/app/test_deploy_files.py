@@ -35,7 +35,7 @@ def test_unit_runs_a_real_subcommand_with_real_options(unit: Path):
     parser.read(unit)
     argv = shlex.split(parser["Service"]["ExecStart"])
     assert argv[0].endswith("/lowmark")
-    sub = main.commands.get(argv[1])
+    sub = main.get_command(click.Context(main), argv[1])
     assert isinstance(sub, click.Command), f"{unit.name}: no `lowmark {argv[1]}`"
     known = {opt for p in sub.params for opt in getattr(p, "opts", [])}
     for arg in argv[2:]:
