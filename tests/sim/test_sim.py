@@ -1,7 +1,7 @@
 """Issue 16 item 4: the deterministic simulation of lowmark's core (tests/sim/world.py).
 
 ``make test`` runs SEEDS seeds, ``make torture`` TORTURE_SEEDS more; a failure names its
-seed and replays alone with ``LOWMARK_SIM_SEED=<seed> pytest tests/sim -k replay``.
+seed and replays alone with ``LOWMARK_SIM_SEED=<seed> pytest tests/sim/test_sim.py -k replay``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from tests.sim.world import World
+from tests.sim.world import Config, World
 
 SEEDS = 200
 TORTURE_SEEDS = 5000
@@ -30,7 +30,10 @@ def test_sim_torture(chunk: int) -> None:
 
 
 def test_sim_replay() -> None:
-    """One seed from LOWMARK_SIM_SEED (default 0), twice: the same trace both times."""
+    """One seed from LOWMARK_SIM_SEED (default 0; LOWMARK_SIM_CONFIG as a failure printed
+    it), twice: the same trace and the same log, byte for byte."""
     seed = int(os.environ.get("LOWMARK_SIM_SEED", "0"))
-    a, b = World(seed).run(), World(seed).run()
+    config = Config.from_env(seed, os.environ.get("LOWMARK_SIM_CONFIG", ""))
+    a, b = World(seed, config).run(), World(seed, config).run()
     assert list(a.trace) == list(b.trace)
+    assert a.log.parts == b.log.parts and a.log.watermarks == b.log.watermarks

@@ -19,6 +19,7 @@ instances with ts <= W, per volume in ts order.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ class Config:
     zombies: bool = True
     #: a restarted applier may find only the latest W (the topic is compacted)
     compaction: bool = False
+
+    @classmethod
+    def from_env(cls, seed: int, text: str) -> Config:
+        """``for_seed`` with the flags of LOWMARK_SIM_CONFIG (``name=0|1,...``) changed."""
+        flags = dict(kv.split("=") for kv in text.split(",") if kv)
+        return dataclasses.replace(cls.for_seed(seed), **{k: v == "1" for k, v in flags.items()})
 
     @classmethod
     def for_seed(cls, seed: int, steps: int = 300) -> Config:
@@ -103,9 +110,16 @@ class World:
 
     def fail(self, what: str) -> None:
         trace = "\n  ".join(self.trace)
+        default = Config.for_seed(self.seed, self.config.steps)
+        changed = [
+            f"{f.name}={int(getattr(self.config, f.name))}"
+            for f in dataclasses.fields(Config)
+            if f.name != "steps" and getattr(self.config, f.name) != getattr(default, f.name)
+        ]
+        env = f" LOWMARK_SIM_CONFIG={','.join(changed)}" if changed else ""
         raise Violation(
             f"seed {self.seed}, step {self.step_no}: {what}\n"
-            f"replay: LOWMARK_SIM_SEED={self.seed} pytest tests/sim -k replay\n"
+            f"replay: LOWMARK_SIM_SEED={self.seed}{env} pytest tests/sim/test_sim.py -k replay\n"
             f"last events:\n  {trace}"
         )
 
@@ -254,7 +268,7 @@ class World:
             rec = Zero(vid, d.interceptor_id, d.epoch, ts, 0, 8, ZeroKind.ZERO)
         prog = None
         if rng.random() < 0.5:  # its PROGRESS too, with any S: the fold must refuse it
-            s = rng.randint(d.s, max(d.s, ts))
+            s = rng.randint(d.s, d.s + (1_000_000 << 12))  # up to 1 s above its last S
             prog = Progress(d.interceptor_id, d.epoch, ProgressKind.PROGRESS, s, {}, 0)
         self.log.append_txn([(p, rec)], prog, committed=True, zombie=True, proof_w=k)
         self.zombies += 1
@@ -324,14 +338,26 @@ class World:
         """Stop the faults: every interceptor flushes and leaves, the service publishes the
         last W, both sites apply it; they must hold the same bytes, the oracle's."""
         self._note("drain")
-        self.now_us += 2 * LIVENESS_US  # the paused ones get fenced
-        self._fold_all()
-        self.wm.fence_silent()
-        for i in self.interceptors:
-            if i.volumes and (not i.alive or i.stalled):
-                i.stalled = False
-                i.crash()
-                i.start(self.log)
+        for _ in range(3 * LIVENESS_US // 10_000):  # the healthy tick, the rest is fenced
+            self.now_us += 10_000
+            for i in self.interceptors:
+                if i.alive and not i.stalled:
+                    before = self.log.ends()
+                    self._commit(i, i.tick(self.log, self.rng, abort_p=0.0), before)
+            self._fold_all()
+            for iid in self.wm.fence_silent():
+                self._note(f"drain: FENCE {iid}")
+        down = [i for i in self.interceptors if i.volumes and (not i.alive or i.stalled)]
+        for i in down:
+            i.stalled = False
+            i.crash()
+        # some never come back (declared lost): W must pass them on the living's evidence
+        back = [i for i in down if self.rng.random() < 0.5]
+        if down and not back and not any(i.alive for i in self.interceptors):
+            back = down[:1]
+        for i in back:
+            i.start(self.log)
+            self._note(f"drain: {i.iid} restarts: epoch {i.epoch}")
         self.now_us += 2_000_000  # past every clock's skew and reservation: S passes all
         for i in self.interceptors:
             if i.alive:  # a tick after the wait, then until the outbox is empty
