@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from tests.sim.failover_runs import FailoverWorld
 from tests.sim.world import Config, World
 
 SEEDS = 200
@@ -20,6 +21,18 @@ CHUNK = 100
 def test_sim_seeds() -> None:
     for seed in range(SEEDS):
         World(seed).run()
+
+
+def test_failover_runs_seeds() -> None:
+    """Racing failovers of several sites, each killed at any step (failover_runs.py)."""
+    for seed in range(SEEDS):
+        FailoverWorld(seed).run()
+
+
+@pytest.mark.torture
+def test_failover_runs_torture() -> None:
+    for seed in range(SEEDS, SEEDS + TORTURE_SEEDS):
+        FailoverWorld(seed).run()
 
 
 @pytest.mark.torture

@@ -41,7 +41,7 @@ class Violation(AssertionError):
 
 @dataclass(frozen=True)
 class Config:
-    steps: int = 300
+    steps: int = 400
     #: zombies surface only after the applier read the W that proves them stale (the
     #: planner's evidence rule); False lets them come first (see test_sim's xfail)
     zombie_after_proof: bool = True
@@ -58,7 +58,7 @@ class Config:
         return dataclasses.replace(cls.for_seed(seed), **{k: v == "1" for k, v in flags.items()})
 
     @classmethod
-    def for_seed(cls, seed: int, steps: int = 300) -> Config:
+    def for_seed(cls, seed: int, steps: int = 400) -> Config:
         """The default mix: zombies on even seeds, compacted restarts on odd ones (together
         they meet a known gap, test_sim's xfail)."""
         return cls(steps=steps, zombies=seed % 2 == 0, compaction=seed % 2 == 1)
