@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.backup.plan import ApplyOp, ApplyPlanner, OpKind
+from pipeline.errors import ApplyError
 from pipeline.watermark.state import WatermarkState
 from schemas.records import Progress, ProgressKind, Watermark
 from tests.sim.log import SimLog
@@ -205,12 +206,16 @@ class Applier:
             if len(img) < op.length:
                 img.extend(bytes(op.length - len(img)))
             del img[op.length :]
-        elif op.kind is OpKind.WRITE:
-            assert op.volume_id is not None and op.data is not None
-            self.images[op.volume_id][op.offset : op.offset + op.length] = op.data
-        elif op.kind in (OpKind.ZERO, OpKind.TRIM):
-            assert op.volume_id is not None
-            self.images[op.volume_id][op.offset : op.offset + op.length] = bytes(op.length)
+            return
+        if op.kind not in (OpKind.WRITE, OpKind.ZERO, OpKind.TRIM):
+            return
+        assert op.volume_id is not None
+        img = self.images[op.volume_id]
+        if op.offset + op.length > len(img):  # ImageSet's range check
+            raise ApplyError(f"{op.kind} at ts {op.ts} extends past {op.volume_id}'s size")
+        img[op.offset : op.offset + op.length] = (
+            op.data if op.data is not None else bytes(op.length)
+        )
 
     def take_checkpoint(self) -> bool:
         if not self.may_checkpoint() or self.applied_w <= self.checkpoint.w:

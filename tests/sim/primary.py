@@ -58,7 +58,7 @@ class RefOp:
 
     volume_id: str
     ts: int
-    kind: str  # "write", "zero", "trim", "create"
+    kind: str  # "write", "zero", "trim", "create", "resize"
     offset: int
     data: bytes  # write data; for zero/trim b"" and length in ``length``
     length: int
@@ -90,8 +90,10 @@ class Interceptor:
     fenced: bool = False  # this instance can commit nothing more
     last_s: int = 0
     outbox: list[Pending] = field(default_factory=list)
-    created: set[str] = field(default_factory=set)
-    durable_created: set[str] = field(default_factory=set)
+    #: each created volume's size as this interceptor knows it, and as durable in the log
+    sizes: dict[str, int] = field(default_factory=dict)
+    durable_sizes: dict[str, int] = field(default_factory=dict)
+    shrinks: bool = False
     issued: list[int] = field(default_factory=list)  # every ts issued, all instances
     #: every epoch this interceptor had, with the final S the fold recorded (oracle)
     epochs: list[int] = field(default_factory=list)
@@ -123,7 +125,7 @@ class Interceptor:
         """Dies: its queued (async-acknowledged) writes were never replicated."""
         self.alive = False
         self.outbox = []
-        self.created = set(self.durable_created)
+        self.sizes = dict(self.durable_sizes)
 
     def leave(self, log: SimLog, rng: random.Random) -> list[RefOp]:
         """Graceful stop: flush, then LEAVE with the last S."""
@@ -132,7 +134,7 @@ class Interceptor:
         leave = Progress(self.iid, self.epoch, ProgressKind.LEAVE, self.last_s, {}, self.wall())
         log.append_txn([], leave, committed=True)
         self.alive = False
-        self.created = set(self.durable_created)
+        self.sizes = dict(self.durable_sizes)
         return out
 
     # ---------------------------------------------------------------- writes
@@ -144,17 +146,23 @@ class Interceptor:
         return ts
 
     def write(self, rng: random.Random, volume_id: str) -> Pending:
-        if volume_id not in self.created:
-            self.created.add(volume_id)
+        if volume_id not in self.sizes:
+            self.sizes[volume_id] = IMAGE_SIZE
             op = Pending(volume_id, self._issue(), "create", 0, b"", IMAGE_SIZE)
             self.outbox.append(op)
-        off = rng.randrange(IMAGE_SIZE)
+        size = self.sizes[volume_id]
+        off = rng.randrange(size)
         r = rng.random()
-        if r < 0.75:
-            length = rng.randint(1, min(40, IMAGE_SIZE - off))
+        if r < 0.05:
+            grow = not self.shrinks or rng.random() < 0.5
+            size = rng.randint(size + 1, size + 64) if grow else rng.randint(16, size)
+            self.sizes[volume_id] = size
+            op = Pending(volume_id, self._issue(), "resize", 0, b"", size)
+        elif r < 0.75:
+            length = rng.randint(1, min(40, size - off))
             op = Pending(volume_id, self._issue(), "write", off, rng.randbytes(length), length)
         else:
-            length = rng.randint(0, IMAGE_SIZE - off)
+            length = rng.randint(0, size - off)
             kind = "zero" if r < 0.88 else "trim"
             op = Pending(volume_id, self._issue(), kind, off, b"", length)
         self.outbox.append(op)
@@ -186,7 +194,9 @@ class Interceptor:
         log.append_txn(records, prog, committed=True)
         self.outbox = rest
         self.last_s = s
-        self.durable_created |= {o.volume_id for o in batch if o.kind == "create"}
+        for o in batch:
+            if o.kind in ("create", "resize"):
+                self.durable_sizes[o.volume_id] = o.length
         return [RefOp(o.volume_id, o.ts, o.kind, o.offset, o.data, o.length) for o in batch]
 
     def crash_mid_txn(self, log: SimLog, rng: random.Random) -> None:
@@ -228,9 +238,10 @@ class Interceptor:
                             flush()
                     continue
                 flush()
-                if op.kind == "create":
+                if op.kind in ("create", "resize"):
+                    vop = VolumeOp.CREATE if op.kind == "create" else VolumeOp.RESIZE
                     rec: LogRecord = VolumeChange(
-                        VolumeOp.CREATE, vid, vid, IMAGE_SIZE, {}, op.ts, self.iid, self.epoch
+                        vop, vid, vid, op.length, {}, op.ts, self.iid, self.epoch
                     )
                 else:
                     zk = ZeroKind.ZERO if op.kind == "zero" else ZeroKind.TRIM
@@ -264,6 +275,10 @@ def reference_images(ops: list[RefOp], w: int, volumes: list[str]) -> dict[str, 
 def apply_ref(images: dict[str, bytearray], op: RefOp) -> None:
     if op.kind == "create":
         images[op.volume_id] = bytearray(op.length)
+    elif op.kind == "resize":
+        img = images[op.volume_id]
+        img.extend(bytes(max(0, op.length - len(img))))
+        del img[op.length :]
     elif op.kind == "write":
         images[op.volume_id][op.offset : op.offset + op.length] = op.data
     else:

@@ -48,6 +48,9 @@ class Config:
     #: check failover cuts whose replay range holds a zombie (ReplayPlan has no W evidence)
     cut_zombies: bool = False
     zombies: bool = True
+    #: volumes shrink too (else only grow); a killed applier then meets the known limit of
+    #: docs/ARCHITECTURE.md (re-applied writes past a shrink), so the site is not killed
+    shrinks: bool = False
     #: a restarted applier may find only the latest W (the topic is compacted)
     compaction: bool = False
 
@@ -61,7 +64,12 @@ class Config:
     def for_seed(cls, seed: int, steps: int = 400) -> Config:
         """The default mix: zombies on even seeds, compacted restarts on odd ones (together
         they meet a known gap, test_sim's xfail)."""
-        return cls(steps=steps, zombies=seed % 2 == 0, compaction=seed % 2 == 1)
+        return cls(
+            steps=steps,
+            zombies=seed % 2 == 0,
+            compaction=seed % 2 == 1,
+            shrinks=seed % 4 == 2,
+        )
 
 
 class World:
@@ -85,6 +93,7 @@ class World:
                 rng.randint(-MAX_SKEW_US // 2, MAX_SKEW_US // 2),
                 disk,
                 lambda: self.now_us,
+                shrinks=config.shrinks,
             )
             for k in range(n_int)
         ]
@@ -277,7 +286,7 @@ class World:
     def _apply(self, a: Applier) -> None:
         rng = self.rng
         f = rng.random()
-        if a is self.site and f < 0.04:
+        if a is self.site and f < 0.04 and not self.config.shrinks:
             a.restart(compacted=self.config.compaction and rng.random() < 0.5)
             self._note(f"{a.name} killed; restarts from checkpoint W {a.checkpoint.w}")
         elif f < 0.06:
