@@ -108,6 +108,7 @@ class Applier:
     #: what the oracle checks: every op applied, with the W it was applied under
     applied: list[tuple[int, ApplyOp]] = field(default_factory=list)
     restarts: int = 0
+    skip: set[tuple[int, int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.start(every_w=True)
@@ -115,6 +116,7 @@ class Applier:
     def start(self, every_w: bool) -> None:
         """(Re)start from the checkpoint (applier._open_generation)."""
         ck = self.checkpoint
+        self.halted: tuple[int, int] | None = None
         self.planner = ApplyPlanner(ck.w, max_pending_bytes=1 << 40)
         self.applied_w = ck.w
         self.cursor = {p: 0 for p in range(self.log.partitions)}
@@ -129,6 +131,12 @@ class Applier:
         self.wm_read_max = -1  # the newest W (topic index) read since this start
         self.restart_floor = max((wm.w for wm in self.log.watermarks), default=0)
         self.wm_end_at_start = n
+
+    def operator_skip(self) -> None:
+        """The operator restarts a halted applier with ``--skip P:O`` for its bad record."""
+        assert self.halted is not None
+        self.skip.add(self.halted)
+        self.restart(compacted=False)
 
     def restart(self, compacted: bool) -> None:
         """Killed at any instant: the images keep what was applied (item 2 of issue 16
@@ -146,23 +154,37 @@ class Applier:
     # ---------------------------------------------------------------- reading
 
     def read_log(self, rng: random.Random, p: int, n: int, w_seen: Callable[[int], bool]) -> int:
-        """Read up to n entries of partition p (read_committed). A zombie is only read once
-        this applier has read the W that proves it stale when ``w_seen`` says so."""
+        """Read a fetch batch of up to n entries of partition p (read_committed), as
+        applier._read_log handles it. A zombie is only read once this applier has read the
+        W that proves it stale when ``w_seen`` says so. At a bad record the partition is
+        blocked (and paused: the cursor stays there), yet the rest of the batch and its EOF
+        event still arrive; the planner must refuse them and hold the position."""
         part = self.log.parts[p]
-        done = 0
-        while done < n and self.cursor[p] < len(part):
-            e = part[self.cursor[p]]
+        done, i, paused = 0, self.cursor[p], False
+        while done < n and i < len(part):
+            e = part[i]
             if e.zombie and not w_seen(e.proof_w):
                 break
-            self.cursor[p] += 1
+            i += 1
             done += 1
-            if not e.committed or e.record is None:
-                continue  # aborted records and transaction markers: never delivered
-            self.planner.add(e.record, p, e.offset)
-            self.planner.note_position(p, e.offset + 1)
-        if self.cursor[p] == len(part):
-            self.planner.note_position(p, len(part))  # partition EOF
-        return done
+            if self.planner.is_blocked(p, e.offset):
+                self.planner.note_position(p, e.offset)  # refused, not consumed
+                paused = True
+                continue
+            if e.corrupt and (p, e.offset) not in self.skip:
+                self.planner.block(p, e.offset)
+                paused = True
+                continue
+            self.cursor[p] = i
+            if e.corrupt:  # skipped by the operator (`lowmark apply --skip P:O`)
+                self.planner.note_position(p, e.offset + 1)
+            elif e.committed and e.record is not None:
+                self.planner.add(e.record, p, e.offset)
+                self.planner.note_position(p, e.offset + 1)
+            # aborted records and transaction markers are never delivered
+        if i == len(part):
+            self.planner.note_position(p, len(part))  # partition EOF (may be in flight)
+        return 0 if paused and not done else done
 
     def read_watermarks(self, n: int) -> int:
         done = 0
@@ -187,6 +209,10 @@ class Applier:
         while self.targets:
             target = self.targets[0]
             if not self.planner.ready(target.w, target.log_offsets):
+                blocker = self.planner.blocked_by(target.log_offsets)
+                if blocker is not None and self.halted is None:
+                    self.take_checkpoint()  # what was applied before the bad record
+                    self.halted = blocker
                 return applied
             self.targets.pop(0)
             if target.w <= self.applied_w:

@@ -88,6 +88,21 @@ def applied_only_legit_and_below_w(
     return None
 
 
+def checkpoint_stops_at_bad_records(applier: Applier, parts: list[list[Entry]]) -> str | None:
+    """Invariant 5: nothing at or after a bad record counts as consumed until it is skipped:
+    no checkpoint's offsets pass it."""
+    for p, part in enumerate(parts):
+        bad = next(
+            (e.offset for e in part if e.corrupt and (p, e.offset) not in applier.skip), None
+        )
+        if bad is not None and applier.checkpoint.offsets.get(p, 0) > bad:
+            return (
+                f"{applier.name}'s checkpoint offset {applier.checkpoint.offsets[p]} of partition "
+                f"{p} passes the bad record at {bad}, which nobody skipped"
+            )
+    return None
+
+
 def images_equal(
     name: str, got: dict[str, bytearray] | dict[str, bytes], want: dict[str, bytes]
 ) -> str | None:

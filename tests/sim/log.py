@@ -29,6 +29,7 @@ class Entry:
     zombie: bool = False
     #: for a zombie: the index in the watermark topic of the W that proves it stale
     proof_w: int = -1
+    corrupt: bool = False  # committed bytes that do not decode (record is None)
 
 
 @dataclass(slots=True)
@@ -71,6 +72,13 @@ class SimLog:
         if progress is not None:
             self.progress.append((progress, committed))
         return where
+
+    def append_corrupt(self, p: int) -> int:
+        """A committed record that does not decode (another producer's bytes, a bit flip)."""
+        part = self.parts[p]
+        part.append(Entry(len(part), None, True, corrupt=True))
+        part.append(Entry(len(part), None, False))
+        return len(part) - 2
 
     def progress_offset_of_last(self) -> int:
         return len(self.progress) - 1

@@ -48,8 +48,9 @@ class Config:
     #: check failover cuts whose replay range holds a zombie (ReplayPlan has no W evidence)
     cut_zombies: bool = False
     zombies: bool = True
-    #: volumes shrink too (else only grow); a killed applier then meets the known limit of
-    #: docs/ARCHITECTURE.md (re-applied writes past a shrink), so the site is not killed
+    #: volumes shrink too (else only grow); a restarted applier then meets the known limit
+    #: of docs/ARCHITECTURE.md (re-applied writes past a shrink: the sim finds it), so the
+    #: site is neither killed nor halted by bad records
     shrinks: bool = False
     #: a restarted applier may find only the latest W (the topic is compacted)
     compaction: bool = False
@@ -199,6 +200,10 @@ class World:
         elif r < 0.60:
             if self.config.zombies:
                 self._zombie()
+        elif r < 0.603 and not self.config.shrinks:  # a skip restarts: the shrink limit
+            p = rng.randrange(self.log.partitions)
+            off = self.log.append_corrupt(p)
+            self._note(f"a record that does not decode at {p}@{off}")
         elif r < 0.75:
             self._watermark()
         elif r < 0.98:
@@ -286,6 +291,11 @@ class World:
     def _apply(self, a: Applier) -> None:
         rng = self.rng
         f = rng.random()
+        if a.halted is not None:
+            if f < 0.2:
+                self._note(f"{a.name} halted at {a.halted}; the operator skips it")
+                a.operator_skip()
+            return
         if a is self.site and f < 0.04 and not self.config.shrinks:
             a.restart(compacted=self.config.compaction and rng.random() < 0.5)
             self._note(f"{a.name} killed; restarts from checkpoint W {a.checkpoint.w}")
@@ -336,6 +346,7 @@ class World:
             self.check(checks.strictly_increasing(i.iid, i.issued))
         for a in (self.site, self.shadow):
             self.check(checks.applied_only_legit_and_below_w(a, self.legit))
+            self.check(checks.checkpoint_stops_at_bad_records(a, self.log.parts))
             if a.is_cut():
                 self.check(checks.images_equal(a.name, a.images, self.reference(a.applied_w)))
         if self.wm.cursor == self.wm.shadow_cursor:
@@ -387,6 +398,8 @@ class World:
                 self._commit(i, i.leave(self.log, self.rng), before)
         for a in (self.site, self.shadow):
             for _ in range(10_000):
+                if a.halted is not None:
+                    a.operator_skip()
                 a.read_watermarks(100)
                 for p in range(self.log.partitions):
                     a.read_log(self.rng, p, 100, lambda k: True)
