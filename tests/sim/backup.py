@@ -26,7 +26,7 @@ from pipeline.watermark.state import WatermarkState
 from schemas.records import Progress, ProgressKind, Watermark
 from tests.sim.log import SimLog
 
-LIVENESS_US = 60_000
+LIVENESS_US = 400_000
 
 
 class WatermarkService:

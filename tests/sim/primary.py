@@ -72,7 +72,6 @@ class Pending:
     offset: int
     data: bytes
     length: int
-    acked: bool = False
 
 
 @dataclass
@@ -95,6 +94,7 @@ class Interceptor:
     durable_sizes: dict[str, int] = field(default_factory=dict)
     shrinks: bool = False
     issued: list[int] = field(default_factory=list)  # every ts issued, all instances
+    unacked: list[int] = field(default_factory=list)  # writes waiting for commit wait
     #: every epoch this interceptor had, with the final S the fold recorded (oracle)
     epochs: list[int] = field(default_factory=list)
 
@@ -125,6 +125,7 @@ class Interceptor:
         """Dies: its queued (async-acknowledged) writes were never replicated."""
         self.alive = False
         self.outbox = []
+        self.unacked = []  # their clients get an error, never an ack
         self.sizes = dict(self.durable_sizes)
 
     def leave(self, log: SimLog, rng: random.Random) -> list[RefOp]:
@@ -134,6 +135,7 @@ class Interceptor:
         leave = Progress(self.iid, self.epoch, ProgressKind.LEAVE, self.last_s, {}, self.wall())
         log.append_txn([], leave, committed=True)
         self.alive = False
+        self.unacked = []  # a stopped process acknowledges nothing more
         self.sizes = dict(self.durable_sizes)
         return out
 
@@ -166,6 +168,7 @@ class Interceptor:
             kind = "zero" if r < 0.88 else "trim"
             op = Pending(volume_id, self._issue(), kind, off, b"", length)
         self.outbox.append(op)
+        self.unacked.append(op.ts)
         return op
 
     # ---------------------------------------------------------------- ticks
@@ -253,13 +256,11 @@ class Interceptor:
     def ack_due(self) -> list[int]:
         """Writes whose commit wait is over (async mode: acked after the local write and
         commit wait); the ts of those acked now."""
-        if not self.alive or self.clock is None:
+        if not self.alive or self.stalled or self.clock is None:
             return []
-        out = []
-        for op in self.outbox:
-            if not op.acked and self.clock.commit_wait_us(op.ts) == 0:
-                op.acked = True
-                out.append(op.ts)
+        out = [ts for ts in self.unacked if self.clock.commit_wait_us(ts) == 0]
+        if out:
+            self.unacked = [ts for ts in self.unacked if ts not in out]
         return out
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from schemas.records import Progress, ProgressKind, Write, WriteExtent, Zero, ZeroKind
@@ -80,6 +80,8 @@ class World:
         self.rng = rng = random.Random(seed)
         self.now_us = START_US
         self.trace: deque[str] = deque(maxlen=TRACE_LEN)
+        self.faults: Counter[str] = Counter()
+        self.acked = 0
         self.step_no = 0
         n_int, n_vol = rng.randint(1, 3), rng.randint(1, 5)
         self.log = SimLog(rng.randint(1, 4))
@@ -115,8 +117,24 @@ class World:
 
     # ---------------------------------------------------------------- helpers
 
-    def _note(self, what: str) -> None:
+    def _note(self, what: str, fault: str | None = None) -> None:
         self.trace.append(f"#{self.step_no} t+{self.now_us - START_US}µs {what}")
+        if fault is not None:
+            self.faults[fault] += 1
+
+    def summary(self) -> Counter[str]:
+        """What this run injected and checked (faults, durable ops, W's, aborted txns)."""
+        out = Counter(self.faults)
+        out["aborted transaction"] += sum(
+            1 for part in self.log.parts for e in part if e.record is not None and not e.committed
+        )
+        out["durable ops checked"] += len(self.ref)
+        out["acknowledged writes checked"] += self.acked
+        out["W published"] += len(self.log.watermarks)
+        out["zombie records rejected"] += sum(
+            a.planner.stats.rejected_stale_epoch for a in (self.site, self.shadow)
+        )
+        return out
 
     def fail(self, what: str) -> None:
         trace = "\n  ".join(self.trace)
@@ -146,7 +164,7 @@ class World:
     def _fenced(self, iid: str) -> None:
         for i in self.interceptors:
             if i.iid == iid and i.alive:
-                self._note(f"watermark service fences {iid} epoch {i.epoch}")
+                self._note(f"watermark service fences {iid} epoch {i.epoch}", fault="fence")
                 i.fenced = True
                 i.crash()
 
@@ -165,7 +183,7 @@ class World:
     def step(self) -> None:
         rng = self.rng
         self.step_no += 1
-        self.now_us += rng.randint(50, 3_000)
+        self.now_us += rng.randint(100, 20_000)
         r = rng.random()
         live = [i for i in self.interceptors if i.alive and i.volumes and not i.stalled]
         if r < 0.30 and live:
@@ -190,20 +208,20 @@ class World:
             if dead:
                 i = rng.choice(dead)
                 i.start(self.log)
-                self._note(f"{i.iid} restarts: epoch {i.epoch}")
+                self._note(f"{i.iid} restarts: epoch {i.epoch}", fault="interceptor restart")
         elif r < 0.58:
             i = rng.choice(self.interceptors)
             i.skew_us = max(
                 -MAX_SKEW_US // 2, min(MAX_SKEW_US // 2, i.skew_us + rng.randint(-500_000, 500_000))
             )
-            self._note(f"{i.iid}'s wall clock jumps to skew {i.skew_us} µs")
+            self._note(f"{i.iid}'s wall clock jumps to skew {i.skew_us} µs", fault="clock jump")
         elif r < 0.60:
             if self.config.zombies:
                 self._zombie()
         elif r < 0.603 and not self.config.shrinks:  # a skip restarts: the shrink limit
             p = rng.randrange(self.log.partitions)
             off = self.log.append_corrupt(p)
-            self._note(f"a record that does not decode at {p}@{off}")
+            self._note(f"a record that does not decode at {p}@{off}", fault="bad record")
         elif r < 0.75:
             self._watermark()
         elif r < 0.98:
@@ -213,6 +231,7 @@ class World:
         for i in self.interceptors:
             for ts in i.ack_due():
                 self.max_acked_ts = max(self.max_acked_ts, ts)
+                self.acked += 1
         self.check_all()
 
     def _interceptor_fault(self) -> None:
@@ -224,24 +243,26 @@ class World:
         f = rng.random()
         if f < 0.3:
             i.crash()
-            self._note(f"{i.iid} crashes (its queued writes are lost)")
+            self._note(f"{i.iid} crashes (its queued writes are lost)", fault="interceptor crash")
         elif f < 0.5:
             i.crash_mid_txn(self.log, rng)
-            self._note(f"{i.iid} killed in a transaction (aborted)")
+            self._note(f"{i.iid} killed in a transaction (aborted)", fault="kill in a transaction")
         elif f < 0.8:
             i.stalled = True
-            self._note(f"{i.iid} pauses (will be fenced)")
+            self._note(f"{i.iid} pauses (will be fenced)", fault="interceptor pause")
         else:
             before = self.log.ends()
             durable = i.leave(self.log, rng)
             self._commit(i, durable, before)
-            self._note(f"{i.iid} leaves at S {i.last_s}")
+            self._note(f"{i.iid} leaves at S {i.last_s}", fault="leave")
 
     def _watermark(self) -> None:
         rng = self.rng
         if rng.random() < 0.05:
             self.wm.restart()
-            self._note(f"watermark service restarts at W {self.wm.state.w}")
+            self._note(
+                f"watermark service restarts at W {self.wm.state.w}", fault="watermark restart"
+            )
             return
         self.wm.fold(rng)
         for iid in self.wm.fence_silent():
@@ -286,7 +307,9 @@ class World:
             prog = Progress(d.interceptor_id, d.epoch, ProgressKind.PROGRESS, s, {}, 0)
         self.log.append_txn([(p, rec)], prog, committed=True, zombie=True, proof_w=k)
         self.zombies += 1
-        self._note(f"zombie {d.interceptor_id} epoch {d.epoch} ts {ts} in partition {p}")
+        self._note(
+            f"zombie {d.interceptor_id} epoch {d.epoch} ts {ts} in partition {p}", fault="zombie"
+        )
 
     def _apply(self, a: Applier) -> None:
         rng = self.rng
@@ -298,10 +321,13 @@ class World:
             return
         if a is self.site and f < 0.04 and not self.config.shrinks:
             a.restart(compacted=self.config.compaction and rng.random() < 0.5)
-            self._note(f"{a.name} killed; restarts from checkpoint W {a.checkpoint.w}")
+            self._note(
+                f"{a.name} killed; restarts from checkpoint W {a.checkpoint.w}",
+                fault="applier kill",
+            )
         elif f < 0.06:
             a.spill()
-            self._note(f"{a.name} spills and re-reads")
+            self._note(f"{a.name} spills and re-reads", fault="applier spill")
         elif f < 0.55:
             p = rng.randrange(self.log.partitions)
             proof = (
@@ -333,7 +359,9 @@ class World:
             if any(e.zombie for es in rng_recs.values() for e in es):
                 self.cuts_skipped += 1
                 return
-        self._note(f"failover cut from {site.name}'s checkpoint W {ck.w} to W {wm.w}")
+        self._note(
+            f"failover cut from {site.name}'s checkpoint W {ck.w} to W {wm.w}", fault="failover cut"
+        )
         self.check(checks.images_equal("checkpoint", ck.images, self.reference(ck.w)))
         self.check(failover_cut(rng, self.log, ck, wm, self.reference(wm.w)))
         self.cuts_checked += 1
