@@ -8,10 +8,22 @@ by weight), checks every invariant after each one (``tests/sim/checks.py``) and 
 Faults: writes queued and lost by a crash (async), aborted transactions left in the log
 and resent (a retry), a kill with a transaction open, an interceptor paused until the
 watermark service fences it, graceful leaves, restarts with a new epoch (JOIN), wall clock
-jumps (within max_clock_skew), zombie records of a fenced or departed instance surfacing
-after the W that proves them stale, partitions read in any interleaving, watermark
-service restarts, applier spills and kills (restart from the checkpoint, with every W or
-only the latest as after compaction), and failover cuts from a checkpoint to a W.
+jumps (within max_clock_skew), volumes that grow and shrink, zombie records (and zombie
+PROGRESS) of a fenced or departed instance surfacing after the W that proves them stale,
+records that do not decode (the partition blocks, the applier halts, the operator skips),
+partitions read in any interleaving, watermark service restarts, applier spills and kills
+(restart from the checkpoint, with every W or only the latest as after compaction), and
+failover cuts from a checkpoint to a W (replay, backlog, roll-forward with client I/O).
+
+Invariants checked after every step: W never decreases; every published W bounds its
+records and no record with ts <= W is committed after it; W passes a fenced instance's S
+only on fresh evidence; a restarted watermark fold agrees with an uninterrupted one; no op
+with ts > W and no zombie op is applied; the images of both sites, whenever they claim a
+cut, and every checkpoint equal the oracle at their W; checkpoints never pass an unskipped
+bad record; the clock never reissues a ts (across restarts, through its reservation) and a
+write issued after another was acknowledged gets a larger ts; every failover cut reads as
+the oracle before, during and after its roll-forward. At the end (faults off): W covers
+every durable record, and both sites, one killed and restarted, hold the oracle's bytes.
 
 The oracle (``primary.reference_images``) applies exactly the committed records of live
 instances with ts <= W, per volume in ts order.
