@@ -37,6 +37,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from schemas.records import Progress, ProgressKind, Write, WriteExtent, Zero, ZeroKind
+from schemas.ts import ts_physical_us
 from tests.sim import checks
 from tests.sim.backup import LIVENESS_US, Applier, WatermarkService
 from tests.sim.cut import failover_cut
@@ -418,7 +419,11 @@ class World:
         for i in back:
             i.start(self.log)
             self._note(f"drain: {i.iid} restarts: epoch {i.epoch}")
-        self.now_us += 2_000_000  # past every clock's skew and reservation: S passes all
+        # wait until every wall clock is past every durable ts (floors raised by zombies'
+        # S, reservations and skew put some ts ahead of true time): then every S passes all
+        newest = max((ts_physical_us(o.ts) for o in self.ref), default=0)
+        lag = max(newest - (self.now_us + i.skew_us) for i in self.interceptors)
+        self.now_us += max(0, lag) + 2_000_000
         for i in self.interceptors:
             if i.alive:  # a tick after the wait, then until the outbox is empty
                 while True:
