@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.primary.regions import check_region_bytes
 
 MiB = 1 << 20
 
@@ -44,6 +45,9 @@ class InterceptorConfig:
     clock_floor_us: int = 0
     #: how often the roles are read; a newer generation fences this interceptor
     generation_check_s: float = 1.0
+    #: the dirty-region log's granularity (a power of two, 4 KiB..64 MiB); 0 turns the log
+    #: off, and then a crash loses the async writes acknowledged after the last tick
+    region_bytes: int = 64 * 1024
 
     def validate(self) -> InterceptorConfig:
         if not self.interceptor_id or "/" in self.interceptor_id:
@@ -67,4 +71,9 @@ class InterceptorConfig:
                 "generation_check_s must be between 0.01 and 60 seconds: it bounds how long "
                 "a primary that lost its role keeps acknowledging writes"
             )
+        if self.region_bytes:
+            try:
+                check_region_bytes(self.region_bytes)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return self
