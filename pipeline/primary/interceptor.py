@@ -126,6 +126,7 @@ class Interceptor:
         self._waiters: list[tuple[int, int, Callable[[BaseException | None], None]]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._crashed = False  # crash(): no tick and no drain once set: nothing more goes out
         self._thread: threading.Thread | None = None
         self._producer: Producer | None = None
         self._delivered: dict[int, int] = {}  # log partition -> next offset after ours
@@ -213,6 +214,7 @@ class Interceptor:
     def crash(self) -> None:
         """Stop without publishing anything more (tests: a process that dies)."""
         self.failure = self.failure or ReplicationError("interceptor crashed (simulated)")
+        self._crashed = True
         self.generation_watch.close()
         self._stop.set()
         self._wake.set()
@@ -435,10 +437,11 @@ class Interceptor:
             while not self._stop.is_set():
                 self._wake.wait(self.config.tick_interval_s)
                 self._wake.clear()
-                self._tick()
+                if not self._crashed:
+                    self._tick()
             # drain: a graceful stop publishes everything stamped before it (a fenced
             # one publishes nothing more: no reader of its generation wants it)
-            while (self._outbox or self._inflight) and self.fenced_by_generation is None:
+            while (self._outbox or self._inflight) and not self._no_drain():
                 self._tick()
                 if self._inflight:
                     self.time_source.sleep(0.001)
@@ -498,6 +501,9 @@ class Interceptor:
             if total > cap and i > 0:
                 return outbox[:i], outbox[i:]
         return outbox, []
+
+    def _no_drain(self) -> bool:
+        return self._crashed or self.fenced_by_generation is not None
 
     def _fail(self, exc: LowmarkError) -> None:
         with self._lock:
