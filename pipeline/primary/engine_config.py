@@ -48,6 +48,12 @@ class InterceptorConfig:
     #: the dirty-region log's granularity (a power of two, 4 KiB..64 MiB); 0 turns the log
     #: off, and then a crash loses the async writes acknowledged after the last tick
     region_bytes: int = 64 * 1024
+    #: a region stays dirty this long after its last write, so a hot region's next write
+    #: needs no fsync (DRBD's activity log); a crash republishes it, which is all it costs
+    region_keep_s: float = 2.0
+    #: per volume, at most this many bytes of regions are kept dirty for the keep window
+    #: (bounds the republish after a crash beyond what is not yet in Kafka)
+    region_keep_max_bytes: int = 1 << 30
 
     def validate(self) -> InterceptorConfig:
         if not self.interceptor_id or "/" in self.interceptor_id:

@@ -128,6 +128,9 @@ class VolumeRegions:
         self.state = state
         self.fd = -1
         self.failure: RegionLogError | None = None
+        #: held while the file is written (the writer thread's cycle, a resize's rewrite);
+        #: taken before the log's lock, never after it
+        self.io = threading.Lock()
 
     def is_durable(self, mark: Mark) -> bool:
         assert mark.marked is not None
@@ -143,8 +146,9 @@ class VolumeRegions:
 
     def republished(self, offset: int, length: int, seq: int) -> None:
         with self.log.lock:
-            span = range(offset // self.state.region_bytes,
-                         -(-(offset + length) // self.state.region_bytes))
+            span = range(
+                offset // self.state.region_bytes, -(-(offset + length) // self.state.region_bytes)
+            )
             self.state.republished(span, seq)
 
     def resize(self, size: int) -> None:
@@ -172,6 +176,8 @@ class RegionLog:
         durable_seq: Callable[[], int],
         *,
         clear_interval_s: float = 0.05,
+        keep_s: float = 0.0,
+        max_dirty_bytes: int = 0,
         files: FileOps = OS_FILES,
         time_source: TimeSource = REAL_TIME,
     ) -> None:
@@ -179,6 +185,10 @@ class RegionLog:
         self.region_bytes = region_bytes
         self.durable_seq = durable_seq
         self.clear_interval_s = clear_interval_s
+        #: a region stays dirty this long after its last write (its next write is free)...
+        self.keep_s = keep_s
+        #: ...unless a volume has more dirty regions than this (0: no bound)
+        self.max_dirty = max_dirty_bytes // region_bytes if max_dirty_bytes else 0
         self.files = files
         self.time_source = time_source
         self.lock = threading.Lock()
@@ -244,9 +254,10 @@ class RegionLog:
         return rb, nregions, set_bits(raw[HEADER_BYTES:], nregions)
 
     def resize(self, vol: VolumeRegions, size: int) -> None:
-        with self.lock:
+        with vol.io, self.lock:
             vol.state.resize(size)
             vol._rewrite()
+        self._complete(vol)
 
     def dirty_regions(self) -> int:
         with self.lock:
@@ -271,7 +282,7 @@ class RegionLog:
 
     def assign(self, vol: VolumeRegions, marked: Marked, seq: int) -> None:
         with self.lock:
-            vol.state.assign(marked.regions, seq)
+            vol.state.assign(marked.regions, seq, self.time_source.monotonic())
 
     def release(self, vol: VolumeRegions, marked: Marked, touched: bool) -> None:
         with self.lock:
@@ -368,42 +379,56 @@ class RegionLog:
 
     def _cycle(self, clear: bool, final: bool = False) -> None:
         """One group commit: clear what Kafka holds, write changed pages, fdatasync the
-        files with marks waiting, complete those marks."""
+        files with marks waiting, complete those marks. Per volume under its ``io`` lock,
+        so a resize's rewrite never interleaves with a page write of an older snapshot."""
         durable_seq = self.durable_seq() if clear else 0
-        work = []
+        now = self.time_source.monotonic()
+        keep_s = 0.0 if final else self.keep_s  # a clean stop keeps nothing it need not
         with self.lock:
-            for vol in self._volumes.values():
-                if vol.fd < 0 or vol.failure is not None:
-                    continue
-                if clear:
-                    self.stats["region_cleared"] += vol.state.clear(durable_seq)
-                sync = vol.state.sync_wanted or final
-                if sync or vol.state.pending_pages():
+            volumes = list(self._volumes.values())
+        for vol in volumes:
+            with vol.io:
+                with self.lock:
+                    if vol.fd < 0 or vol.failure is not None:
+                        continue
+                    if clear:
+                        cleared = vol.state.clear(durable_seq, now, keep_s, self.max_dirty)
+                        self.stats["region_cleared"] += cleared
+                    sync = vol.state.sync_wanted or final
+                    if not (sync or vol.state.pending_pages()):
+                        continue
                     gen, pages = vol.state.begin_flush()
-                    work.append((vol, gen, pages, sync))
-        for vol, gen, pages, sync in work:
-            try:
-                for page, data in sorted(pages.items()):
-                    self.files.pwrite(vol.fd, data, HEADER_BYTES + page * PAGE_BYTES)
-                    self.stats["region_page_writes"] += 1
-                if sync:
-                    self.files.fdatasync(vol.fd)
-                    self.stats["region_fsyncs"] += 1
-            except OSError as exc:
-                self._fail(vol, RegionLogError(
-                    f"cannot write the dirty-region log {vol.path}: {exc}; writes to volume "
-                    f"{vol.volume_id} are refused until it is fixed and the service restarted"
-                ))
-                continue
-            with self.lock:
-                vol.state.end_flush(gen, synced=sync)
-                waiting = self._waiters.get(vol.volume_id, [])
-                done = vol.state.durable_gen
-                fire = [fn for g, fn in waiting if g <= done]
-                self._waiters[vol.volume_id] = [(g, fn) for g, fn in waiting if g > done]
-                self._cv.notify_all()
-            for fn in fire:
-                fn(None)
+                try:
+                    for page, data in sorted(pages.items()):
+                        self.files.pwrite(vol.fd, data, HEADER_BYTES + page * PAGE_BYTES)
+                        self.stats["region_page_writes"] += 1
+                    if sync:
+                        self.files.fdatasync(vol.fd)
+                        self.stats["region_fsyncs"] += 1
+                except OSError as exc:
+                    self._fail(
+                        vol,
+                        RegionLogError(
+                            f"cannot write the dirty-region log {vol.path}: {exc}; writes to "
+                            f"volume {vol.volume_id} are refused until it is fixed and the "
+                            "service restarted"
+                        ),
+                    )
+                    continue
+                with self.lock:
+                    vol.state.end_flush(gen, synced=sync)
+            self._complete(vol)
+
+    def _complete(self, vol: VolumeRegions) -> None:
+        """Call back every mark of ``vol`` whose generation is durable now."""
+        with self.lock:
+            waiting = self._waiters.get(vol.volume_id, [])
+            done = vol.state.durable_gen
+            fire = [fn for g, fn in waiting if g <= done]
+            self._waiters[vol.volume_id] = [(g, fn) for g, fn in waiting if g > done]
+            self._cv.notify_all()
+        for fn in fire:
+            fn(None)
 
     def _fail(self, vol: VolumeRegions, exc: RegionLogError, quiet: bool = False) -> None:
         with self.lock:

@@ -14,7 +14,9 @@ file and fsyncs it. The rules, each a test in ``tests/primary/test_regions.py``:
 - **clear once durable in Kafka.** ``assign`` gives the pending write its record's seq;
   ``clear(durable_seq)`` drops a region only when no write on it is pending, every seq it
   was assigned is <= durable_seq, and it is not *held*. Clearing needs no fsync: a region
-  left dirty on disk only costs a republish after a crash.
+  left dirty on disk only costs a republish after a crash. A region in use stays dirty for
+  a keep window after its last write (as DRBD's activity log keeps hot extents), bounded
+  by a count, so a hot region's next write costs nothing.
 - **held regions** are those found dirty at start (a crash left them) and those of a failed
   local write (the image may hold bytes no record carries): nothing clears them until
   ``republished`` gives them the seq of the record that carries their current contents.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import struct
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -147,11 +150,12 @@ def set_bits(bitmap: bytes, nregions: int) -> list[int]:
 
 
 class _Region:
-    __slots__ = ("held", "last_seq", "pending", "set_gen")
+    __slots__ = ("held", "last_seq", "last_use", "pending", "set_gen")
 
     def __init__(self, set_gen: int, held: bool) -> None:
         self.pending = 0  # writes marked, not yet assigned or released
         self.last_seq = 0  # the highest seq of a record covering it
+        self.last_use = 0.0  # when a write last got a seq on it (the keep window)
         self.set_gen = set_gen  # the flush generation whose fsync makes the bit durable
         self.held = held  # not cleared until republished
 
@@ -177,6 +181,9 @@ class DirtyRegions:
         self.bitmap = bytearray(bitmap_len(self.nregions))
         self._dirty: dict[int, _Region] = {}
         self._heap: list[tuple[int, int]] = []  # (seq, region): a clear candidate from seq on
+        #: (last_use, region) of regions whose records are durable, oldest first: cleared
+        #: once older than the keep window (or when too many are dirty)
+        self._cooling: deque[tuple[float, int]] = deque()
         self._pages: set[int] = set()  # pages changed since the last begin_flush
         #: the generation a bit set now joins; begin_flush closes it and opens the next
         self.gen = 1
@@ -229,12 +236,14 @@ class DirtyRegions:
             self.sync_wanted = True
         return Marked(regions, need, new)
 
-    def assign(self, regions: range, seq: int) -> None:
-        """The write's record got ``seq``: its regions clear once seq is durable."""
+    def assign(self, regions: range, seq: int, now: float = 0.0) -> None:
+        """The write's record got ``seq`` (at ``now``): its regions clear once seq is
+        durable and the keep window since ``now`` has passed."""
         for r in regions:
             st = self._dirty[r]
             st.pending -= 1
             st.last_seq = max(st.last_seq, seq)
+            st.last_use = max(st.last_use, now)
             heapq.heappush(self._heap, (st.last_seq, r))
 
     def release(self, regions: range, touched: bool) -> None:
@@ -267,16 +276,30 @@ class DirtyRegions:
             st.last_seq = max(st.last_seq, seq)
             heapq.heappush(self._heap, (st.last_seq, r))
 
-    def clear(self, durable_seq: int) -> int:
+    def clear(
+        self, durable_seq: int, now: float = 0.0, keep_s: float = 0.0, max_dirty: int = 0
+    ) -> int:
         """Drop every region whose records are all durable (seq <= durable_seq), none
-        pending, not held. Returns how many were cleared."""
-        cleared = 0
-        heap = self._heap
+        pending, not held, and not used for ``keep_s`` before ``now`` (DRBD's activity
+        log idea: a region in use stays dirty, so its next write costs no fsync), unless
+        more than ``max_dirty`` (0: no bound) are dirty. Returns how many were cleared."""
+        heap, cooling = self._heap, self._cooling
         while heap and heap[0][0] <= durable_seq:
             _seq, r = heapq.heappop(heap)
             st = self._dirty.get(r)
             if st is None or st.pending or st.held or st.last_seq > durable_seq:
                 continue  # a later write, or a stale entry: a later entry decides
+            cooling.append((st.last_use, r))
+        cleared = 0
+        while cooling and (
+            cooling[0][0] <= now - keep_s or (max_dirty and len(self._dirty) > max_dirty)
+        ):
+            used, r = cooling.popleft()
+            st = self._dirty.get(r)
+            if st is None or st.pending or st.held or st.last_seq > durable_seq:
+                continue  # written again: its next durable seq queues it again
+            if st.last_use > used:
+                continue  # used again since: a later entry of the queue stands for it
             self._unset(r)
             cleared += 1
         return cleared

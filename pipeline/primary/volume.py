@@ -263,6 +263,8 @@ class ConsistencyGroup:
                 self.site,
                 region_bytes,
                 lambda: interceptor.durable_seq,
+                keep_s=interceptor.config.region_keep_s,
+                max_dirty_bytes=interceptor.config.region_keep_max_bytes,
                 time_source=interceptor.time_source,
             )
             if region_bytes

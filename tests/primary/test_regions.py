@@ -125,6 +125,22 @@ def test_held_regions_wait_for_their_republish():
     assert d.clear(8) == 0 and d.clear(9) == 2
 
 
+def test_a_region_in_use_stays_dirty_for_the_keep_window_within_the_bound():
+    d = DirtyRegions(RB, 100 * RB)
+    for r in range(5):
+        m = d.mark(r * RB, 1)
+        d.assign(m.regions, r + 1, now=10.0 + r)
+    assert d.clear(5, now=11.0, keep_s=2.0) == 0, "all used within the window"
+    assert d.clear(5, now=12.5, keep_s=2.0) == 1  # region 0 (used at 10.0)
+    m = d.mark(RB, 1)  # region 1 is written again: free, and its window starts over
+    assert m.new == 0
+    d.assign(m.regions, 6, now=12.6)
+    assert d.clear(6, now=14.1, keep_s=2.0) == 1  # region 2 (12.0); not 1 (12.6)
+    assert d.dirty() == [1, 3, 4]
+    assert d.clear(6, now=14.1, keep_s=2.0, max_dirty=1) == 2  # the bound: oldest first
+    assert d.dirty() == [1]
+
+
 def test_resize_drops_regions_past_the_end_and_grows_clean():
     d = DirtyRegions(RB, 10 * RB)
     d.hold([1, 9])
@@ -147,14 +163,15 @@ ops = st.lists(
         st.tuples(st.just("durable"), st.integers(0, 5), st.just(False)),
         st.tuples(st.just("flush"), st.booleans(), st.just(False)),
         st.tuples(st.just("clear"), st.just(0), st.just(False)),
+        st.tuples(st.just("time"), st.integers(0, 3), st.just(False)),
     ),
     max_size=120,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops)
-def test_model_no_region_is_ever_clean_while_it_may_differ_from_kafka(program):
+@given(ops, st.sampled_from([0.0, 1.5]), st.sampled_from([0, 3]))
+def test_model_no_region_is_ever_clean_while_it_may_differ_from_kafka(program, keep_s, cap):
     """Random interleavings of marks, record seqs, releases, flushes (synced or not),
     Kafka durability and clears. After every step:
 
@@ -171,6 +188,7 @@ def test_model_no_region_is_ever_clean_while_it_may_differ_from_kafka(program):
     pending: dict[int, int] = {}
     durable_seq = 0
     next_seq = 1
+    now = 0.0
     synced_image = bytes(d.bitmap)
     for op, a, b in program:
         if op == "mark":
@@ -185,7 +203,7 @@ def test_model_no_region_is_ever_clean_while_it_may_differ_from_kafka(program):
             for r in regions:
                 pending[r] -= 1
             if op == "assign":
-                d.assign(regions, next_seq)
+                d.assign(regions, next_seq, now)
                 for r in regions:
                     unsafe[r] = next_seq
                 next_seq += 1
@@ -201,7 +219,9 @@ def test_model_no_region_is_ever_clean_while_it_may_differ_from_kafka(program):
             if a:
                 synced_image = bytes(d.bitmap)
         elif op == "clear":
-            d.clear(durable_seq)
+            d.clear(durable_seq, now, keep_s, cap)
+        elif op == "time":
+            now += a
         must = {r for r, n in pending.items() if n} | held
         must |= {r for r, s in unsafe.items() if s > durable_seq}
         assert must <= set(d.dirty()), f"clean but may differ from Kafka: {must - set(d.dirty())}"
