@@ -5,6 +5,11 @@
     .venv/bin/python -m bench.nbd --export-factory pkg.mod:make_export   # + replication on
     .venv/bin/python -m bench.nbd --region-log-cost   # + replication with the region log off
 
+``--region-log-cost`` adds ``lowmark-repl-nolog`` (the same replicating target with the
+dirty-region log off) after ``lowmark-repl`` in every job and prints MB/s on/off per job;
+on a shared machine compare the cpu us/io columns too. ``--cg-dir`` puts the replicating
+CGs (image and region log) on a disk of your choice instead of tmpfs.
+
 Targets, each a separate server process on a Unix socket (client and server never share
 a GIL), each job run against each target back to back:
 

@@ -143,7 +143,7 @@ def _free_port() -> int:
 
 
 BLOCK = 4096
-NBD_SIZE = 8 << 20
+NBD_SIZE = 64 << 20  # one round of unique blocks outlasts the kill
 
 
 def serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -238,7 +238,8 @@ size = "{NBD_SIZE}"
     ]
     for t in writers:
         t.start()
-    time.sleep(rng.uniform(0.5, 1.5))
+    time.sleep(rng.uniform(0.4, 1.0))
+    assert any(t.is_alive() for t in writers), "the writers ended before the kill"
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     for t in writers:
