@@ -82,7 +82,7 @@ class Volume:
         self._lock = threading.Lock()
         #: the volume's dirty-region log (None: the log is off)
         self.regions: VolumeRegions | None = (
-            cg.regions.open_volume(info.volume_id, image.size) if cg.regions else None
+            cg.regions.open_volume(info.volume_id, info.size) if cg.regions else None
         )
 
     @property
