@@ -3,6 +3,12 @@
     .venv/bin/python -m bench.nbd              # ~1.5 min, writes bench/results/nbd.json
     .venv/bin/python -m bench.nbd --quick      # ~20 s smoke run
     .venv/bin/python -m bench.nbd --export-factory pkg.mod:make_export   # + replication on
+    .venv/bin/python -m bench.nbd --region-log-cost   # + replication with the region log off
+
+``--region-log-cost`` adds ``lowmark-repl-nolog`` (the same replicating target with the
+dirty-region log off) after ``lowmark-repl`` in every job and prints MB/s on/off per job;
+on a shared machine compare the cpu us/io columns too. ``--cg-dir`` puts the replicating
+CGs (image and region log) on a disk of your choice instead of tmpfs.
 
 Targets, each a separate server process on a Unix socket (client and server never share
 a GIL), each job run against each target back to back:
@@ -215,9 +221,14 @@ def scratch_dir() -> Path:
 
 
 class ReplicatingExport:
-    """A lowmark volume (VolumeExport) in a fresh CG of its own: replication on."""
+    """A lowmark volume (VolumeExport) in a fresh CG of its own: replication on.
 
-    def __init__(self, image: str, name: str) -> None:
+    ``region_bytes`` overrides the dirty-region log's granularity (0: the log off). The
+    CG's directory (its image and state, the region log's files among them) is next to
+    ``image`` unless ``LOWMARK_BENCH_CG_DIR`` names a parent for it (a real disk, to see
+    what the log's fdatasyncs cost there)."""
+
+    def __init__(self, image: str, name: str, region_bytes: int | None = None) -> None:
         import uuid
 
         from pipeline.primary.nbd_volume import VolumeExport
@@ -225,10 +236,12 @@ class ReplicatingExport:
 
         bootstrap = os.environ["LOWMARK_BOOTSTRAP_SERVERS"]
         size = Path(image).stat().st_size
+        cg_name = f"bench-nbd-{uuid.uuid4().hex[:8]}"
+        parent = os.environ.get("LOWMARK_BENCH_CG_DIR")
+        self.cg_dir = Path(parent) / cg_name if parent else Path(image).with_suffix(".cg")
+        options: dict[str, Any] = {} if region_bytes is None else {"region_bytes": region_bytes}
         self.cg = ConsistencyGroup.open(
-            f"bench-nbd-{uuid.uuid4().hex[:8]}",
-            Path(image).with_suffix(".cg"),
-            {"bootstrap.servers": bootstrap},
+            cg_name, self.cg_dir, {"bootstrap.servers": bootstrap}, **options
         )
         self.inner = VolumeExport(self.cg.create_volume("bench", size))
         self.name, self.size, self.description = name, size, self.inner.description
@@ -237,11 +250,23 @@ class ReplicatingExport:
             setattr(self, attr, getattr(self.inner, attr))
 
     def close(self) -> None:
+        if self.cg.regions is not None:
+            print(json.dumps({"region_log": self.cg.regions.metrics()}), flush=True)
         self.cg.close()
+        if os.environ.get("LOWMARK_BENCH_CG_DIR"):
+            shutil.rmtree(self.cg_dir, ignore_errors=True)
 
 
 def replicating_export(image: str, name: str) -> ReplicatingExport:
     return ReplicatingExport(image, name)
+
+
+def replicating_export_no_region_log(image: str, name: str) -> ReplicatingExport:
+    """Replication on, the dirty-region log off: what the log costs is the difference."""
+    return ReplicatingExport(image, name, region_bytes=0)
+
+
+NO_REGION_LOG = "bench.nbd:replicating_export_no_region_log"
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -269,6 +294,12 @@ def _bench(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "bench.nbd", "serve", "{img}", "{sock}", args.export_factory]
         label = "lowmark-repl" if args.export_factory == REPLICATING else "lowmark-factory"
         targets.append((label, cmd))
+        if args.region_log_cost and args.export_factory == REPLICATING:
+            # the same replicating target with the dirty-region log off, back to back
+            cmd = [sys.executable, "-m", "bench.nbd", "serve", "{img}", "{sock}", NO_REGION_LOG]
+            targets.append(("lowmark-repl-nolog", cmd))
+    if args.cg_dir:
+        os.environ["LOWMARK_BENCH_CG_DIR"] = args.cg_dir
     rows: list[dict[str, Any]] = []
     try:
         for job in JOBS:
@@ -318,6 +349,11 @@ def _bench(args: argparse.Namespace) -> int:
             for r in rows
         ],
     )
+    cost = region_log_cost(rows)
+    if cost:
+        print("\ndirty-region log: MB/s with it / without it (goal >= 0.95)")
+        for job_name, ratio in cost.items():
+            print(f"  {job_name:18s} {ratio:6.3f}")
     path = write_results(
         "nbd",
         {
@@ -326,12 +362,21 @@ def _bench(args: argparse.Namespace) -> int:
                 "image_mib": args.size_mib,
                 "export_factory": args.export_factory,
                 "transport": "unix socket",
+                "cg_dir": args.cg_dir or "tmpfs, next to the image",
             },
             "results": rows,
+            "region_log_ratio": cost,
         },
     )
     print(f"\nwrote {path}")
     return 0
+
+
+def region_log_cost(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per job, lowmark-repl's MB/s over lowmark-repl-nolog's (1.0: the log is free)."""
+    on = {r["job"]: r["mb_s"] for r in rows if r["target"] == "lowmark-repl"}
+    off = {r["job"]: r["mb_s"] for r in rows if r["target"] == "lowmark-repl-nolog"}
+    return {job: on[job] / off[job] for job in on if off.get(job)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,6 +397,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-replication", action="store_true", help="only nbdkit and lowmark without Kafka"
+    )
+    parser.add_argument(
+        "--region-log-cost",
+        action="store_true",
+        help="also run the replicating target with the dirty-region log off, and report "
+        "the MB/s ratio on/off per job",
+    )
+    parser.add_argument(
+        "--cg-dir",
+        default="",
+        help="where the replicating targets keep their CG (image, region log); default "
+        "tmpfs next to the image, where an fdatasync costs nothing",
     )
     return bench(parser.parse_args(argv))
 

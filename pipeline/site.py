@@ -10,6 +10,7 @@ site's store all share one layout (so any of them can seed another)::
     snapshots/<W, 20 digits>/    the snapshot store: each entry is itself a site directory
                                  (images/, volumes.json, checkpoint.avro) at exactly W
     state/                       a primary's interceptor state (its clock reservation)
+    state/regions/<id>.dirty     a primary volume's dirty-region log (pipeline.primary.region_log)
     state/site.lock              held (flock) by the one process that may change the images:
                                  a backup's applier, or ``lowmark failover`` (``SiteLock``)
     restore.json                 a restore result's manifest (``lowmark restore``)
@@ -47,6 +48,8 @@ CHECKPOINT = "checkpoint.avro"
 SNAPSHOTS = "snapshots"
 STATE = "state"
 SITE_LOCK = "site.lock"
+REGIONS = "regions"
+REGION_LOG_SUFFIX = ".dirty"
 RESTORE_MANIFEST = "restore.json"
 IMAGE_SUFFIX = ".img"
 DELETED_SUFFIX = ".deleted"
@@ -112,6 +115,10 @@ class SiteDir:
     def lock_path(self) -> Path:
         """The site's lock file (``SiteLock``)."""
         return self.state_dir / SITE_LOCK
+
+    def region_log_path(self, volume_id: str) -> Path:
+        """A primary volume's dirty-region log (``pipeline.primary.region_log``)."""
+        return self.state_dir / REGIONS / f"{check_volume_id(volume_id)}{REGION_LOG_SUFFIX}"
 
     @property
     def restore_manifest_path(self) -> Path:

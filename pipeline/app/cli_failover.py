@@ -33,6 +33,7 @@ from pipeline.ops.failover import Failover, FailoverConfig
 from pipeline.ops.failover_export import FailoverExport, Gate, exports_for
 from pipeline.ops.failover_state import Action
 from pipeline.primary.nbd_volume import VolumeExport
+from pipeline.site import REGIONS
 from pipeline.timesource import REAL_TIME, TimeSource
 from schemas.records import TransitionKind
 from schemas.ts import format_ts, ts_physical_us
@@ -111,6 +112,11 @@ class Run:
             )
             self.worker.start()
             self._topics.join()
+            if self._region_log_left():
+                # the new interceptor republishes a crashed run's dirty regions from the
+                # images at its start: they must hold the cut's bytes there by then, not
+                # a half-rolled mix (writes wait for it; a re-run only)
+                self.worker.wait()
             cg = self.f.open_primary()
             for name, exp in self.exports.items():
                 exp.attach(VolumeExport(cg.volume(name)))
@@ -131,6 +137,11 @@ class Run:
             event(log, "failover failed", level=logging.ERROR, error=str(exc))
         finally:
             self._catalog_ready.set()
+
+    def _region_log_left(self) -> bool:
+        """Whether an earlier run of this site's interceptor left a dirty-region log."""
+        regions = self.f.site.state_dir / REGIONS
+        return regions.is_dir() and any(regions.iterdir())
 
     def _prepare_topics(self) -> None:
         try:

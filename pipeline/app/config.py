@@ -14,6 +14,7 @@
     listen = "127.0.0.1:10809"   # "" to disable TCP
     unix_socket = ""             # a path to also listen on a unix socket
     metrics = "127.0.0.1:9464"
+    region_bytes = "64KiB"       # dirty-region log granularity; "0" turns it off
     [[serve.volumes]]
     name = "vol1"
     size = "1GiB"
@@ -102,6 +103,8 @@ class ServeSection:
     replication_timeout_s: float = 30.0
     #: how often the roles are read while serving: a newer generation fences this primary
     generation_check_s: float = 1.0
+    #: the dirty-region log's granularity ("0": off, a crash loses the async tail)
+    region_bytes: str = "64KiB"
     volumes: tuple[VolumeSpec, ...] = ()
 
 

@@ -82,6 +82,7 @@ def open_primary(
         generation=serving.generation,
         clock_floor_us=serving.clock_floor,
         generation_check_s=s.generation_check_s,
+        region_bytes=parse_size(s.region_bytes, "region_bytes"),
     )
     for spec in s.volumes:
         if spec.name not in cg.volumes:
@@ -104,6 +105,8 @@ def nbd_config(cfg: LowmarkConfig) -> NbdServerConfig:
 
 def primary_metrics(cg: ConsistencyGroup, server: NbdServer | None) -> dict[str, Any]:
     m = dict(cg.interceptor.metrics())
+    if cg.regions is not None:
+        m.update(cg.regions.metrics())
     if server is not None:
         st = server.stats
         m.update(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from pipeline.primary.regions import check_region_bytes
 
 MiB = 1 << 20
 
@@ -44,6 +45,15 @@ class InterceptorConfig:
     clock_floor_us: int = 0
     #: how often the roles are read; a newer generation fences this interceptor
     generation_check_s: float = 1.0
+    #: the dirty-region log's granularity (a power of two, 4 KiB..64 MiB); 0 turns the log
+    #: off, and then a crash loses the async writes acknowledged after the last tick
+    region_bytes: int = 64 * 1024
+    #: a region stays dirty this long after its last write, so a hot region's next write
+    #: needs no fsync (DRBD's activity log); a crash republishes it, which is all it costs
+    region_keep_s: float = 2.0
+    #: per volume, at most this many bytes of regions are kept dirty for the keep window
+    #: (bounds the republish after a crash beyond what is not yet in Kafka)
+    region_keep_max_bytes: int = 1 << 30
 
     def validate(self) -> InterceptorConfig:
         if not self.interceptor_id or "/" in self.interceptor_id:
@@ -67,4 +77,9 @@ class InterceptorConfig:
                 "generation_check_s must be between 0.01 and 60 seconds: it bounds how long "
                 "a primary that lost its role keeps acknowledging writes"
             )
+        if self.region_bytes:
+            try:
+                check_region_bytes(self.region_bytes)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         return self

@@ -108,8 +108,7 @@ class Interceptor:
         # the JOIN carries the sentinel; the fold's rule turns it into the JOIN's offset
         self.epoch = JOIN_EPOCH_FROM_OFFSET
         self.failure: LowmarkError | None = None
-        #: set once a switchover asked this generation to drain (``pipeline.primary.drain``)
-        self.draining: LowmarkError | None = None
+        self.draining: LowmarkError | None = None  # a switchover's drain (``drain.py``)
         #: set once the roles named a newer generation (``generation_watch``)
         self.fenced_by_generation: FencedError | None = None
         #: writes acknowledged before that moment (none are after it)
@@ -129,6 +128,7 @@ class Interceptor:
         self._waiters: list[tuple[int, int, Callable[[BaseException | None], None]]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._crashed = False  # crash(): no tick and no drain once set: nothing more goes out
         self._thread: threading.Thread | None = None
         self._producer: Producer | None = None
         self._delivered: dict[int, int] = {}  # log partition -> next offset after ours
@@ -137,20 +137,12 @@ class Interceptor:
         self.cuts = CutFollower(
             self.kafka_conf, config.cg, generation=config.generation, now=time_source.monotonic
         )
-        self.generation_watch = GenerationWatch.of(
-            config, self.kafka_conf, self.fence, time_source.monotonic, roles_reader,
-            on_drain=lambda request: drain(self, request),
-        )  # fmt: skip
+        self.generation_watch = GenerationWatch.of(config, self.kafka_conf, self.fence,
+            time_source.monotonic, roles_reader, on_drain=lambda r: drain(self, r))  # fmt: skip
         self.stats = {
-            "ticks": 0,
-            "transactions": 0,
-            "records": 0,
-            "bytes": 0,
-            "txn_retries": 0,
-            "acks": 0,
-            "blocked_s": 0.0,
-            "last_commit_ms": 0.0,
-        }
+            "ticks": 0, "transactions": 0, "records": 0, "bytes": 0, "txn_retries": 0,
+            "acks": 0, "blocked_s": 0.0, "last_commit_ms": 0.0,
+        }  # fmt: skip
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -217,6 +209,7 @@ class Interceptor:
     def crash(self) -> None:
         """Stop without publishing anything more (tests: a process that dies)."""
         self.failure = self.failure or ReplicationError("interceptor crashed (simulated)")
+        self._crashed = True
         self.generation_watch.close()
         self._stop.set()
         self._wake.set()
@@ -439,10 +432,11 @@ class Interceptor:
             while not self._stop.is_set():
                 self._wake.wait(self.config.tick_interval_s)
                 self._wake.clear()
-                self._tick()
+                if not self._crashed:
+                    self._tick()
             # drain: a graceful stop publishes everything stamped before it (a fenced
             # one publishes nothing more: no reader of its generation wants it)
-            while (self._outbox or self._inflight) and self.fenced_by_generation is None:
+            while (self._outbox or self._inflight) and not self._no_drain():
                 self._tick()
                 if self._inflight:
                     self.time_source.sleep(0.001)
@@ -502,6 +496,9 @@ class Interceptor:
             if total > cap and i > 0:
                 return outbox[:i], outbox[i:]
         return outbox, []
+
+    def _no_drain(self) -> bool:
+        return self._crashed or self.fenced_by_generation is not None
 
     def _fail(self, exc: LowmarkError) -> None:
         with self._lock:

@@ -22,6 +22,10 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
   primary and at every backup.
 - a write never blocks the event loop on Kafka: when too many bytes wait for Kafka
   (backpressure), the write waits in a worker thread and the connection stops reading.
+- every WRITE, WRITE_ZEROES and TRIM is replied only once its regions are durably set in
+  the volume's dirty-region log (``pipeline.primary.region_log``); a write to a region not
+  yet set waits for the log's group-committed fdatasync through a callback (the loop never
+  blocks on it), and takes effect on the image only after it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Awaitable, Callable
 
 from pipeline.errors import LowmarkError
 from pipeline.primary.interceptor import Ticket
+from pipeline.primary.region_log import Mark
 from pipeline.primary.volume import Volume
 
 
@@ -59,9 +64,15 @@ class VolumeExport:
 
     def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
         # an exception here (FencedError from stamp, ...) is an EIO reply (connectors/nbd)
-        if not self._engine.has_space(len(data)):
-            return self._slow(lambda: self.volume.submit_write(offset, data), fua)
-        ticket = self.volume.submit_write(offset, data, commit_wait=False)
+        mark = self.volume.mark(offset, len(data))
+        if not mark.durable or not self._engine.has_space(len(data)):
+            return self._after_mark(
+                mark,
+                len(data),
+                lambda now: self.volume.submit_write(offset, data, commit_wait=now, mark=mark),
+                fua,
+            )
+        ticket = self.volume.submit_write(offset, data, commit_wait=False, mark=mark)
         return self._finish(ticket, fua)
 
     def write_zeroes(
@@ -69,12 +80,22 @@ class VolumeExport:
     ) -> Awaitable[None] | None:
         # NO_HOLE (may_trim False) keeps the range allocated; the record carries the choice
         # (ZERO or TRIM), so the backup allocates or deallocates it the same way
-        ticket = self.volume.submit_zero(offset, length, trim=may_trim, commit_wait=False)
-        return self._finish(ticket, fua)
+        return self._zero(offset, length, fua, trim=may_trim)
 
     def trim(self, offset: int, length: int, fua: bool) -> Awaitable[None] | None:
-        ticket = self.volume.submit_zero(offset, length, trim=True, commit_wait=False)
-        return self._finish(ticket, fua)
+        return self._zero(offset, length, fua, trim=True)
+
+    def _zero(self, offset: int, length: int, fua: bool, trim: bool) -> Awaitable[None] | None:
+        mark = self.volume.mark(offset, length)
+
+        def submit(commit_wait: bool) -> Ticket:
+            return self.volume.submit_zero(
+                offset, length, trim=trim, commit_wait=commit_wait, mark=mark
+            )
+
+        if not mark.durable:
+            return self._after_mark(mark, 0, submit, fua)
+        return self._finish(submit(False), fua)
 
     def flush(self) -> Awaitable[None] | None:
         return self._flush()
@@ -105,11 +126,43 @@ class VolumeExport:
             await asyncio.sleep(wait_us / 1e6)
         await (self._covered(ticket) if covered else self._durable(ticket))
 
-    async def _slow(self, submit: object, fua: bool) -> None:
-        ticket: Ticket = await self._get_loop().run_in_executor(None, submit)  # type: ignore[arg-type]
+    async def _after_mark(
+        self, mark: Mark, nbytes: int, submit: Callable[[bool], Ticket], fua: bool
+    ) -> None:
+        """The write's regions are durably dirty first (the ack waits for that fsync anyway;
+        the image is not touched before it, so it never differs from Kafka unmarked), then
+        it takes effect: on the loop, or in a worker thread when it must wait for space."""
+        try:
+            if not mark.durable:
+                await self._mark_durable(mark)
+        except BaseException:
+            mark.release(touched=False)
+            raise
+        if self._engine.has_space(nbytes):
+            ticket = submit(False)
+        else:
+            ticket = await self._get_loop().run_in_executor(None, submit, True)
         done = self._finish(ticket, fua)
         if done is not None:
             await done
+
+    def _mark_durable(self, mark: Mark) -> asyncio.Future[None]:
+        loop = self._get_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        def wake(exc: BaseException | None) -> None:  # on the region log's thread
+            loop.call_soon_threadsafe(settle, exc)
+
+        mark.add_done_callback(wake)
+        return fut
 
     def _settler(
         self, fut: asyncio.Future[None], writes: int

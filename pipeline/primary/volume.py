@@ -42,6 +42,8 @@ from typing import Any, Literal
 from connectors.image.image import Image
 from pipeline.errors import ConfigError, VolumeError
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
+from pipeline.primary.region_log import NO_MARK, Mark, RegionLog, VolumeRegions
+from pipeline.primary.republish import republish
 from pipeline.site import SiteDir, check_volume_id
 from pipeline.timesource import REAL_TIME, TimeSource
 from schemas.records import VolumeChange, VolumeOp, Zero, ZeroKind
@@ -78,6 +80,10 @@ class Volume:
         self.info = info
         self.image = image
         self._lock = threading.Lock()
+        #: the volume's dirty-region log (None: the log is off)
+        self.regions: VolumeRegions | None = (
+            cg.regions.open_volume(info.volume_id, info.size) if cg.regions else None
+        )
 
     @property
     def volume_id(self) -> str:
@@ -97,56 +103,109 @@ class Volume:
 
     # -- non-blocking forms: local effect now, a ticket for durability (the NBD server's path)
 
+    def mark(self, offset: int, length: int) -> Mark:
+        """Claim the range's regions in the dirty-region log, before its local write.
+
+        Hand the mark to ``submit_write`` / ``submit_zero`` once ``mark.durable`` (the NBD
+        export waits through ``add_done_callback``); they end it. ``NO_MARK`` when there is
+        nothing to mark (the log is off, or the range is empty)."""
+        if self.regions is None or length == 0:
+            return NO_MARK
+        self.image.check_range(offset, length)
+        return self.regions.mark(offset, length)
+
+    def _marked(self, offset: int, length: int, mark: Mark | None) -> Mark:
+        """The caller's mark, or one taken and waited for here (the blocking API)."""
+        if mark is not None:
+            return mark
+        mark = self.mark(offset, length)
+        try:
+            mark.wait(self._cg.interceptor.config.replication_timeout_s)
+        except BaseException:
+            mark.release(touched=False)
+            raise
+        return mark
+
     def submit_write(
-        self, offset: int, data: bytes | bytearray | memoryview, *, commit_wait: bool = True
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        commit_wait: bool = True,
+        mark: Mark | None = None,
     ) -> Ticket:
         """Write locally now; the ticket tells when it is durable in Kafka.
 
         ``commit_wait=False``: the caller waits ``clock.commit_wait_us(ticket.ts)`` itself
         before acknowledging (the NBD server sleeps asynchronously instead of blocking).
+        ``mark``: the range's durable ``Volume.mark`` (without one this call marks and
+        waits for the mark's fsync); it is ended here, also on failure.
         """
         data = bytes(data)
         self.image.check_range(offset, len(data))
         engine = self._cg.interceptor
         if not data:  # nothing takes effect, nothing to replicate
             return engine.barrier()
-        engine.wait_for_space(len(data))
-        with self._lock:
-            token, ts = engine.stamp()
-            try:
-                self.image.pwrite(offset, data)
-            except OSError:
-                engine.abandon(token)
-                raise
-            ticket = engine.append(token, self.volume_id, ts, offset, data)
+        mark = self._marked(offset, len(data), mark)
+        touched = False
+        try:
+            engine.wait_for_space(len(data))
+            with self._lock:
+                token, ts = engine.stamp()
+                try:
+                    touched = True
+                    self.image.pwrite(offset, data)
+                except OSError:
+                    engine.abandon(token)
+                    raise
+                ticket = engine.append(token, self.volume_id, ts, offset, data)
+                mark.assign(ticket.seq)
+        except BaseException:
+            mark.release(touched)
+            raise
         if commit_wait:
             engine.clock.commit_wait(ts)
         return ticket
 
     def submit_zero(
-        self, offset: int, length: int, *, trim: bool = False, commit_wait: bool = True
+        self,
+        offset: int,
+        length: int,
+        *,
+        trim: bool = False,
+        commit_wait: bool = True,
+        mark: Mark | None = None,
     ) -> Ticket:
         """Make the range read as zeroes now; the ticket tells when it is durable in Kafka.
 
         ``trim``: it may be deallocated (a TRIM record; NBD TRIM, or WRITE_ZEROES without
         NO_HOLE). Otherwise it stays allocated (a ZERO record), here and at every backup.
+        ``mark`` as for ``submit_write``.
         """
         self.image.check_range(offset, length)
         engine = self._cg.interceptor
         if length == 0:
             return engine.barrier()
-        with self._lock:
-            token, ts = engine.stamp()
-            try:
-                # the record below carries the same choice, so the backups allocate alike
-                self.image.zero(offset, length, punch=trim)
-            except OSError:
-                engine.abandon(token)
-                raise
-            kind = ZeroKind.TRIM if trim else ZeroKind.ZERO
-            iid, epoch = engine.origin
-            rec = Zero(self.volume_id, iid, epoch, ts, offset, length, kind)
-            ticket = engine.append_record(token, rec)
+        mark = self._marked(offset, length, mark)
+        touched = False
+        try:
+            with self._lock:
+                token, ts = engine.stamp()
+                try:
+                    touched = True
+                    # the record below carries the same choice, so the backups allocate alike
+                    self.image.zero(offset, length, punch=trim)
+                except OSError:
+                    engine.abandon(token)
+                    raise
+                kind = ZeroKind.TRIM if trim else ZeroKind.ZERO
+                iid, epoch = engine.origin
+                rec = Zero(self.volume_id, iid, epoch, ts, offset, length, kind)
+                ticket = engine.append_record(token, rec)
+                mark.assign(ticket.seq)
+        except BaseException:
+            mark.release(touched)
+            raise
         if commit_wait:
             engine.clock.commit_wait(ts)
         return ticket
@@ -197,6 +256,20 @@ class ConsistencyGroup:
         self.interceptor = interceptor
         self.volumes: dict[str, Volume] = {}
         self._lock = threading.Lock()
+        region_bytes = interceptor.config.region_bytes
+        #: the volumes' dirty-region logs (None: off, ``InterceptorConfig.region_bytes`` 0)
+        self.regions: RegionLog | None = (
+            RegionLog(
+                self.site,
+                region_bytes,
+                lambda: interceptor.durable_seq,
+                keep_s=interceptor.config.region_keep_s,
+                max_dirty_bytes=interceptor.config.region_keep_max_bytes,
+                time_source=interceptor.time_source,
+            )
+            if region_bytes
+            else None
+        )
 
     @property
     def name(self) -> str:
@@ -220,9 +293,18 @@ class ConsistencyGroup:
             cg=cg, interceptor_id=interceptor_id, state_dir=site.state_dir, **engine_options
         )
         self = cls(data_dir, Interceptor(config, kafka_conf, time_source=time_source))
-        for info in self._load_catalog():
-            self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
-        self.interceptor.start()
+        try:
+            for info in self._load_catalog():
+                self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
+            self.interceptor.start()
+        except BaseException:
+            if self.regions is not None:
+                self.regions.crash()  # nothing was cleared: the dirty regions stay for later
+            raise
+        if self.regions is not None:
+            self.regions.start()
+        # before any new write: the tail of a crashed instance gets the first ts's of this one
+        republish(self)
         if any(v.mode == "sync" for v in self.volumes.values()):
             # warm before the first sync write, which would otherwise pay the set-up
             self.interceptor.cuts.start()
@@ -236,6 +318,9 @@ class ConsistencyGroup:
 
     def close(self) -> None:
         self.interceptor.close()
+        if self.regions is not None:
+            # after the drain: every region whose records reached Kafka is cleared
+            self.regions.close()
         for vol in self.volumes.values():
             vol.image.sync()
             vol.image.close()
@@ -285,6 +370,8 @@ class ConsistencyGroup:
         with vol._lock:
             vol.image.resize(size)
             vol.info = replace(vol.info, size=size)
+            if vol.regions is not None:
+                vol.regions.resize(size)
         with self._lock:
             self._save_catalog()
         self._announce(vol, VolumeOp.RESIZE)
