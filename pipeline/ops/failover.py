@@ -375,6 +375,8 @@ class Failover:
         log_bounds = rs.log_bounds(self.kafka_conf, r.cg, r.from_generation)
         start = {p: r.site_offsets.get(p, lo) for p, (lo, _hi) in log_bounds.items()}
         end = {p: r.base_offsets.get(p, hi) for p, (_lo, hi) in log_bounds.items()}
+        # the old generation's latest W: its epochs judge zombie records, as for the applier
+        target = rs.latest_watermark(self.kafka_conf, r.cg, r.from_generation)
         result = replay(
             self.kafka_conf,
             old.log,
@@ -384,6 +386,7 @@ class Failover:
             start_offsets=start,
             end_offsets=end,
             on_progress=on_progress,
+            target=target,
         )
         dropped = 0
         if r.phase >= Phase.COMMITTED:

@@ -41,6 +41,7 @@ from schemas.records import (
     LogRecord,
     Marker,
     VolumeRecord,
+    Watermark,
     Write,
 )
 
@@ -86,7 +87,7 @@ class ReplayPlan:
     order; call ``finish`` once every partition was read to its end offset.
     """
 
-    def __init__(self, from_w: int, to_ts: int) -> None:
+    def __init__(self, from_w: int, to_ts: int, target: Watermark | None = None) -> None:
         if to_ts < from_w:
             raise ApplyError(
                 f"cannot replay backwards: the images are at {from_w}, the target is {to_ts}; "
@@ -94,6 +95,9 @@ class ReplayPlan:
             )
         self.from_w = from_w
         self.to_ts = to_ts
+        # the W replayed to (or a later one): its members and departed instances prove
+        # records of older epochs stale, as they do for the applier that reads it
+        self.target = target
         # the newest MAX_MARKERS of the range (a long range holds any number); older ones
         # are dropped and counted
         self.markers: deque[Marker] = deque(maxlen=MAX_MARKERS)
@@ -145,6 +149,11 @@ class ReplayPlan:
         # take() refuses a w it was not told is fully read; per-volume completeness is
         # tracked here instead (_complete_through), so every w up to to_ts is allowed
         planner.ready(self.to_ts, {})
+        if self.target is not None:
+            for m in self.target.members:
+                planner.note_epoch(m.interceptor_id, m.epoch, self.target.log_offsets)
+            for d in self.target.departed:
+                planner.note_departed(d.interceptor_id, d.epoch, d.s)
         return _VolumePlan(planner, partition)
 
     def _note_epoch(self, record: LogRecord, partition: int, offset: int) -> None:
@@ -214,6 +223,7 @@ def replay(
     start_offsets: Mapping[int, int],
     end_offsets: Mapping[int, int],
     on_progress: ProgressFn | None = None,
+    target: Watermark | None = None,
 ) -> ReplayResult:
     """Apply the records with from_w < ts <= to_ts of ``topic`` onto ``images``.
 
@@ -221,9 +231,9 @@ def replay(
     records with ts <= from_w; every record with ts > from_w lies at or above
     ``start_offsets``; every record with ts <= to_ts lies below ``end_offsets`` (a
     published watermark's log_offsets, with to_ts <= that W). Images are fdatasynced
-    before this returns.
+    before this returns. ``target``: that watermark: its epochs judge zombie records.
     """
-    plan = ReplayPlan(from_w, to_ts)
+    plan = ReplayPlan(from_w, to_ts, target)
     prog = ReplayProgress(
         records_total=sum(max(0, end_offsets.get(p, 0) - s) for p, s in start_offsets.items())
     )

@@ -338,6 +338,7 @@ def _restore_into(
             start_offsets=start,
             end_offsets=_generation_end(roles, generation, wm, bounds),
             on_progress=on_progress,
+            target=wm,
         )
         return base, result, images.volumes()
 
@@ -471,6 +472,7 @@ def replay_range(
             start_offsets=start,
             end_offsets=end_offsets(wm, bounds),
             on_progress=on_progress,
+            target=wm,
         )
         volumes = images.volumes()
     base = Base(BaseKind.REPLAY, from_ts, start, images_dir)

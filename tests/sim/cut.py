@@ -92,10 +92,12 @@ def failover_cut(
     ckpt: Checkpoint,
     wm: Watermark,
     expected: dict[str, bytes],
+    target: Watermark | None = None,
 ) -> str | None:
     """Run the cut; None when every read and the final images equal ``expected``, else
-    what differed."""
-    plan = ReplayPlan(ckpt.w, wm.w)
+    what differed. ``target``: the W whose epochs judge zombies (the failover reads the
+    latest W of the generation; default ``wm``)."""
+    plan = ReplayPlan(ckpt.w, wm.w, target or wm)
     backlog = Backlog()
     for p, e in interleave(rng, log.committed_records(ckpt.offsets, dict(wm.log_offsets))):
         assert e.record is not None

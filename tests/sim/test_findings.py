@@ -1,5 +1,5 @@
 """What the simulation found: zombie records that lowmark's epoch rules accept, reduced to
-minimal cases. Each is xfail (strict) with its reason until the rule is fixed; the sim's
+minimal cases. Each open one is xfail (strict) with its reason until the rule is fixed; the sim's
 default mix (tests/sim/world.py ``Config.for_seed``) keeps away from them, and
 ``test_sim_meets_finding`` runs the sim into each one.
 
@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.backup.plan import AddOutcome, ApplyPlanner
 from pipeline.ops.replay import ReplayPlan
-from schemas.records import Write, WriteExtent
+from schemas.records import Departed, Watermark, WatermarkMember, Write, WriteExtent
 from tests.sim.world import Config, World
 
 
@@ -67,22 +67,30 @@ def test_restart_after_compaction_rejects_the_same_zombie() -> None:
     assert again.add(_write(20, 1, b"Z"), 0, 1) is AddOutcome.REJECTED_STALE_EPOCH
 
 
+def test_replay_to_a_w_rejects_the_zombies_that_w_proves() -> None:
+    """Found by tests/sim (fixed): ReplayPlan (restore, replay, the failover backlog) learnt
+    epochs only from the records of its range, never from the W it replays to, so a
+    failover cut applied a zombie the applier rejected. It now notes the target W's
+    members and departed instances in every planner."""
+    target = Watermark(
+        "cg", 40, {0: 1}, 0, 40, (WatermarkMember("x", 7, 40, 40, 0),), 0,
+        (Departed("x", 1, 10),),
+    )  # fmt: skip
+    for w in (None, target):  # without the W the zombie gets in: the test has teeth
+        plan = ReplayPlan(0, 40, w)
+        ops = plan.add(_write(5, 1), 0, 0) + plan.add(_write(20, 1, b"Z"), 0, 1)
+        ops += plan.add(_write(30, 7), 0, 2) + plan.finish()
+        applied = [(op.ts, op.epoch) for op in ops]
+        assert ((20, 1) in applied) == (w is None), applied
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="found by tests/sim: ReplayPlan (restore, replay, failover backlog) learns epochs "
-    "only from the records of its range, never from the W it replays to (members, departed), "
-    "so a failover cut from a checkpoint applies a zombie the applier rejected; the backlog "
-    "then differs from the site's own images at that W. Fix: give ReplayPlan the target "
-    "Watermark and note its members and departed in every planner",
+    reason="the findings above, met by the simulation; cut-replay: ReplayPlan now judges by "
+    "the latest W's members and departed (the minimal case passes), but the sim still meets "
+    "zombies no W proves at cut time (a W keeps one departed instance per interceptor, as "
+    "in the compacted-restart finding)",
 )
-def test_replay_to_a_w_rejects_the_zombies_that_w_proves() -> None:
-    plan = ReplayPlan(0, 40)  # the cut: a W whose members/departed prove epoch 1 stale
-    ops = plan.add(_write(5, 1), 0, 0) + plan.add(_write(20, 1, b"Z"), 0, 1)
-    ops += plan.add(_write(30, 7), 0, 2) + plan.finish()
-    assert (20, 1) not in [(op.ts, op.epoch) for op in ops]
-
-
-@pytest.mark.xfail(strict=True, reason="the three findings above, met by the simulation")
 @pytest.mark.parametrize(
     "config",
     [

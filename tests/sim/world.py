@@ -376,7 +376,8 @@ class World:
             f"failover cut from {site.name}'s checkpoint W {ck.w} to W {wm.w}", fault="failover cut"
         )
         self.check(checks.images_equal("checkpoint", ck.images, self.reference(ck.w)))
-        self.check(failover_cut(rng, self.log, ck, wm, self.reference(wm.w)))
+        latest = self.log.watermarks[-1]  # what `lowmark failover` judges epochs by
+        self.check(failover_cut(rng, self.log, ck, wm, self.reference(wm.w), latest))
         self.cuts_checked += 1
 
     # ---------------------------------------------------------------- invariants
