@@ -27,7 +27,7 @@ from connectors.nbd.server import Export
 from pipeline.backup.rollforward import Backlog, ImageSink, RollForwardExport
 from pipeline.errors import FailoverError
 from pipeline.primary.interceptor import Interceptor
-from pipeline.primary.nbd_volume import VolumeExport
+from pipeline.primary.nbd_volume import VolumeExport, callback_future
 from pipeline.primary.volume import ConsistencyGroup
 
 
@@ -126,14 +126,7 @@ class Gate:
         """Every record stamped so far is durable in the new generation's log."""
         engine = self.interceptor
         assert engine is not None
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def wake(exc: BaseException | None) -> None:  # on the tick thread
-            loop.call_soon_threadsafe(_settle, fut, exc)
-
-        engine.barrier().add_done_callback(wake)
-        await fut
+        await callback_future(asyncio.get_running_loop(), engine.barrier().add_done_callback)
 
 
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:

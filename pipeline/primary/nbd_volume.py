@@ -147,22 +147,7 @@ class VolumeExport:
             await done
 
     def _mark_durable(self, mark: Mark) -> asyncio.Future[None]:
-        loop = self._get_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def settle(exc: BaseException | None) -> None:
-            if fut.done():
-                return
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
-
-        def wake(exc: BaseException | None) -> None:  # on the region log's thread
-            loop.call_soon_threadsafe(settle, exc)
-
-        mark.add_done_callback(wake)
-        return fut
+        return callback_future(self._get_loop(), mark.add_done_callback)
 
     def _settler(
         self, fut: asyncio.Future[None], writes: int
@@ -215,3 +200,26 @@ class VolumeExport:
 
         ticket.add_done_callback(durable)
         return fut
+
+
+def callback_future(
+    loop: asyncio.AbstractEventLoop,
+    add_done_callback: Callable[[Callable[[BaseException | None], None]], None],
+) -> asyncio.Future[None]:
+    """A future of ``loop`` settled when a thread-side ``add_done_callback(fn)`` calls
+    ``fn(None)`` (done) or ``fn(exc)`` (failed): a ticket's or a mark's, say."""
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def settle(exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+    def wake(exc: BaseException | None) -> None:  # on the thread that completes it
+        loop.call_soon_threadsafe(settle, exc)
+
+    add_done_callback(wake)
+    return fut
