@@ -42,6 +42,7 @@ from schemas.records import (
     RECORDS,
     CgRecord,
     CgRoles,
+    DrainRequest,
     Checkpoint,
     Marker,
     Progress,
@@ -173,6 +174,9 @@ AVRO_STRATEGIES: dict[type[Record], st.SearchStrategy[dict[str, Any]]] = {
         "written_us": LONG, "generation": SMALL,
     }),
     CgRoles: roles(),
+    DrainRequest: st.fixed_dictionaries({
+        "cg": NAME, "generation": SMALL, "to_site": NAME, "requested_us": LONG,
+    }),
 }
 
 
@@ -346,6 +350,8 @@ IMPOSSIBLE: list[tuple[type[Record], dict[str, Any]]] = [
                  "base_offsets": [], "updated_us": 0, "history": [
                      {"generation": 1, "kind": "FAILOVER", "from_site": "a", "to_site": "a",
                       "w": 5, "forced": False, "at_us": 0}]}),  # to itself
+    (DrainRequest, {"cg": "c", "generation": -1, "to_site": "dr", "requested_us": 0}),
+    (DrainRequest, {"cg": "c", "generation": 0, "to_site": "", "requested_us": 0}),
 ]
 
 
@@ -385,6 +391,7 @@ SAMPLES: list[tuple[type[Record], dict[str, Any]]] = [
                              {"generation": 2, "kind": "SWITCHOVER", "from_site": "dr",
                               "to_site": "main", "w": 2**58, "forced": False, "at_us": 9}],
                  "updated_us": 9}),
+    (DrainRequest, {"cg": "cg1", "generation": 3, "to_site": "dr", "requested_us": 11}),
 ]
 
 
