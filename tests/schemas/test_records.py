@@ -155,3 +155,12 @@ def test_the_hot_records_hand_init_behaves_like_the_dataclass_one() -> None:
         by_kw.ts = 5  # type: ignore[misc]
     w = Write(volume_id="v", interceptor_id="i", epoch=1, extents=(by_kw,))
     assert w == Write("v", "i", 1, (by_kw,)) and w.timestamps() == [1]
+
+
+def test_fingerprints_distinct_and_documented() -> None:
+    fps = [codec.fingerprint(t) for t in RECORDS]
+    assert len(set(fps)) == len(fps)
+    readme = (SCHEMA_DIR / "README.md").read_text()
+    for rtype, fp in zip(RECORDS, fps, strict=True):
+        row = f"| {rtype.TYPE} | `{rtype.SCHEMA}.avsc` | `{fp.to_bytes(8, 'little').hex()}` |"
+        assert row in readme, f"schemas/README.md fingerprint table is stale for {rtype.TYPE}"
