@@ -231,11 +231,9 @@ def test_sync_ack_waits_until_a_dead_member_is_fenced_and_is_then_in_the_cut(
             try:
                 acked["ts"] = sv.write(4096, b"acked-while-a-member-is-dead")
                 acked["fenced"] = svc.stats.fenced
-                acked["at"] = time.monotonic()
             except BaseException as exc:
                 acked["error"] = exc
 
-        t0 = time.monotonic()
         writer = threading.Thread(target=write)
         writer.start()
         # positive event first: the record is durable while W is still held at the dead S
@@ -251,8 +249,9 @@ def test_sync_ack_waits_until_a_dead_member_is_fenced_and_is_then_in_the_cut(
         writer.join(15)
         assert "error" not in acked, f"the sync write failed: {acked.get('error')!r}"
         assert acked["ts"] > frozen
+        # read the moment the ack returned: 0 would mean acked before the fence (a bound on
+        # elapsed time is no proof: the service may have last heard of 'dead' well before)
         assert acked["fenced"] == 1, "acked before the dead member was fenced"
-        assert acked["at"] - t0 >= 0.5, "acked sooner than a fence can happen"
         assert svc.published_w >= acked["ts"]
         wait_until(
             lambda: ap.error is not None or ap.service.applied_w >= acked["ts"],
