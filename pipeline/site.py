@@ -296,6 +296,20 @@ class SiteLock:
         self._fd = fd
         return self
 
+    def in_use(self) -> bool:
+        """Whether another holder has the lock now (a probe: it writes no pid)."""
+        try:
+            fd = os.open(self.site.lock_path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock this probe took
+        return False
+
     def release(self) -> None:
         """Drop the lock (the file stays; its pid is stale but nobody trusts it unheld)."""
         fd, self._fd = self._fd, None

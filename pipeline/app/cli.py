@@ -25,6 +25,8 @@ _COMMAND_MODULES = {
     "verify": "pipeline.app.cli_ops",
     "roles": "pipeline.app.cli_roles",
     "drill": "pipeline.app.cli_drill",
+    "pause": "pipeline.app.cli_site",
+    "resume": "pipeline.app.cli_site",
     "failover": "pipeline.app.cli_failover",
     "switchover": "pipeline.app.cli_failover",
     "failback": "pipeline.app.cli_failover",

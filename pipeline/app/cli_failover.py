@@ -325,6 +325,7 @@ def failover_config(
     rollforward_rate: str | None = None,
     kind: TransitionKind = TransitionKind.FAILOVER,
     drain_timeout_s: float = 30.0,
+    handover_timeout_s: float = 15.0,
 ) -> FailoverConfig:
     s = cfg.serve
     return FailoverConfig(
@@ -338,6 +339,7 @@ def failover_config(
         reachable_s=cfg.watermark.liveness_timeout_s,
         kind=kind,
         drain_timeout_s=drain_timeout_s,
+        handover_timeout_s=handover_timeout_s,
         rollforward_rate_bytes_s=float(parse_size(rollforward_rate, "--rollforward-rate"))
         if rollforward_rate
         else 0.0,
@@ -399,6 +401,13 @@ def _serving_options(fn: Any) -> Any:
                 default=None,
                 help="roll forward at most this much per second (e.g. 200MiB; default: no limit)",
             ),
+            click.option(
+                "--handover-timeout-s",
+                default=15.0,
+                show_default=True,
+                help="how long the site's running applier gets to hand the site over (0: "
+                "refuse while it runs)",
+            ),
         ]
     ):
         fn = option(fn)
@@ -444,8 +453,9 @@ def failover(at, marker, force, interceptor_id, rollforward_rate, **kw) -> None:
     Chooses the cut (the latest W, --at TS or --at-marker NAME), fences the old primary,
     commits the new generation's roles, indexes the site's backlog up to the cut and serves
     at once: reads are answered from the index and the images while the roll-forward runs;
-    writes go to the new generation's log. Runs until Ctrl-C; run it again after a crash
-    and it completes (or says why it cannot).
+    writes go to the new generation's log. SITE's running applier hands the site over
+    (paused, its stage is indexed unread: the first read does not wait for the backlog).
+    Runs until Ctrl-C; run it again after a crash and it completes (or says why not).
     """
     if at is not None and marker is not None:
         raise click.UsageError("give at most one of --at TS and --at-marker NAME")
@@ -463,7 +473,8 @@ def switchover(interceptor_id, rollforward_rate, drain_timeout_s, **kw) -> None:
 
     The primary drains first (it stops taking writes, makes every acknowledged write
     durable and publishes its last progress), the cut is the W that covers it, then SITE
-    takes over as `lowmark failover` does. Run it at SITE, with SITE's applier stopped.
+    takes over as `lowmark failover` does. Run it at SITE; SITE's running applier hands
+    the site over (it checkpoints, or keeps its stage if paused, and exits).
     """
     _start(at=None, marker=None, force=False, interceptor_id=interceptor_id,
            rollforward_rate=rollforward_rate, kind=TransitionKind.SWITCHOVER,

@@ -40,6 +40,7 @@ from pipeline.backup.checkpointer import Checkpointer
 from pipeline.backup.follow import FollowGenerations
 from pipeline.backup.generations import Action, Cut, RolesPoll
 from pipeline.backup.images import ImageSet
+from pipeline.backup.pause import PauseAndHandOver
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import (
     ApplierHaltedError,
@@ -67,7 +68,7 @@ MAX_MARKERS = 1024
 MAX_TARGETS = 4096
 
 
-class Applier(FollowGenerations):
+class Applier(FollowGenerations, PauseAndHandOver):
     def __init__(
         self,
         config: ApplierConfig,
@@ -164,15 +165,17 @@ class Applier(FollowGenerations):
     def close(self, checkpoint: bool = True) -> None:
         self.roles.stop()
         self._finish_background_checkpoint(wait=True)
-        if checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
+        if self.paused:
+            self._close_stage()  # the checkpoint stays the images' cut
+        elif checkpoint and self.halted is None and self._log is not None and self.may_checkpoint():
             self.checkpoint()
+        if self.site is not None:
+            self.site.close()
+        self.lock.release()  # before the consumers' goodbyes: a failover waits for it
         self._close_consumers()
         if self._producer is not None:
             self._producer.flush(5)
         self._producer = None
-        if self.site is not None:
-            self.site.close()
-        self.lock.release()
 
     def _close_consumers(self) -> None:
         for c in (self._log, self._wm):
@@ -195,6 +198,7 @@ class Applier(FollowGenerations):
             return
         self._finish_background_checkpoint()
         self._follow_roles()
+        self._control()
         if self.finished is not None:
             return
         got = self._read_log(0) + self._read_watermarks(0)
@@ -354,7 +358,7 @@ class Applier(FollowGenerations):
                 self._apply(op)
             self.applied_w = target.w
             applied = True
-        if self._cut is not None and not self._targets:
+        if self._cut is not None and not self._targets and not self.paused:
             applied = self._apply_cut() or applied
         return applied
 
@@ -385,7 +389,7 @@ class Applier(FollowGenerations):
             self.markers.append(op.record)
             return
         try:
-            self.site.apply(op)  # the same rules restore and replay use
+            (self._stage or self.site).apply(op)  # the rules restore and replay use
         except ApplyError as exc:
             self.halted = ApplierHaltedError(
                 f"CG {self.config.cg} site {self.config.site}: {exc}. The log does not match "
@@ -411,6 +415,8 @@ class Applier(FollowGenerations):
 
     def _checkpoint_due(self) -> None:
         """A periodic checkpoint: in the background unless it needs stable images."""
+        if self.paused:
+            return self._stage_mark()  # the images stay at the checkpoint's cut
         interval = self.config.digest_interval_s
         wants_digests = (
             self.config.compute_digests
@@ -475,6 +481,11 @@ class Applier(FollowGenerations):
 
         ``digests=None``: include per-volume digests only if ``digest_interval_s`` passed.
         """
+        if self.paused:
+            raise ApplyError(
+                f"site {self.config.site} is paused: its images stay at W={self.checkpoint_w}"
+                " until `lowmark resume`"
+            )
         if not self.may_checkpoint():
             raise ApplyError(
                 f"site {self.config.site} has not yet re-applied up to W={self._restart_floor} "
@@ -614,4 +625,5 @@ class Applier(FollowGenerations):
             "generation_switches": self.stats.generation_switches,
             "beyond_cut": self.stats.beyond_cut,
             "roles_poll_errors": self.roles.errors,
+            **self.pause_metrics(),
         }

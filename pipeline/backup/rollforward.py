@@ -79,6 +79,7 @@ class Backlog:
         self._spill_fd = -1
         self._spill_path: Path | None = None
         self._spill_end = 0
+        self._spill_owned = True
 
     # -- building ------------------------------------------------------------------------
 
@@ -98,6 +99,23 @@ class Backlog:
 
     def sync(self) -> None:
         """Nothing to make durable: the index is rebuilt from the log after a crash."""
+
+    def add_spilled(self, volume_id: str, offset: int, length: int, pos: int) -> None:
+        """Fold in a write whose data already lies in the spill file at ``pos``."""
+        with self.lock:
+            self.ops_added += 1
+            self.bytes_added += length
+            self.spilled_bytes += length
+            self.index.add_spilled(volume_id, offset, length, pos)
+
+    def adopt_spill(self, path: Path) -> None:
+        """Use an existing file (a paused site's stage) as the spill file: ``add_spilled``
+        points into it, new spills append to it, ``close`` leaves it (its owner deletes it)."""
+        assert self._spill_fd < 0, "adopt a spill file before anything spills"
+        self._spill_fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        self._spill_path = path
+        self._spill_end = os.fstat(self._spill_fd).st_size
+        self._spill_owned = False
 
     def _add(self, op: ApplyOp) -> None:
         self.ops_added += 1
@@ -178,11 +196,11 @@ class Backlog:
         return self.index.bytes_indexed
 
     def close(self) -> None:
-        """Close and delete the spill file."""
+        """Close the spill file; delete it unless it was adopted."""
         if self._spill_fd >= 0:
             os.close(self._spill_fd)
             self._spill_fd = -1
-            if self._spill_path is not None:
+            if self._spill_path is not None and self._spill_owned:
                 self._spill_path.unlink(missing_ok=True)
 
 

@@ -3,7 +3,8 @@
 The steps, each recorded in the site's failover state (``failover_state``) so a re-run
 after a crash continues where the last run stopped:
 
-1. **plan**: take the site lock (the site's applier must be stopped), read the roles and
+1. **plan**: take the site lock (a running applier of the site is asked to hand it over:
+   ``pipeline.backup.pause``), read the roles and
    the site's checkpoint, choose the cut (the latest W, a marker or a ts; never below the
    site's checkpoint W). Without ``force`` the old primary must be reachable (it ticked
    within ``reachable_s``): it is fenced first (its transactional ids are taken, so its
@@ -12,8 +13,10 @@ after a crash continues where the last run stopped:
    latest W now and the fence runs alongside. The plan is saved before anything else.
 2. **index** (alongside the commit): read the backlog (the old generation's log from the
    site's checkpoint offsets to the cut's, records with ts <= the cut) through the replay
-   engine into a ``Backlog`` (``pipeline.backup.rollforward``). Reads can be served from
-   here on: the cut's bytes are the index laid over the images.
+   engine into a ``Backlog`` (``pipeline.backup.rollforward``). A paused site's stage
+   (``pipeline.backup.staging``) is folded in first, unread, and the log is read only
+   from where it ends. Reads can be served from here on: the cut's bytes are the index
+   laid over the images.
 3. **commit**: the roles of generation g+1 (``RolesStore.commit``, compare-and-set). Only
    after it does the failover write the images: losing the race leaves the site a
    consistent backup. Then the backlog's volume changes are applied (once) and the new
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,10 +41,17 @@ from typing import Any
 
 from connectors.kafka.reading import BEGINNING, bounds
 from connectors.kafka.topics import CgTopics, ensure_topics
+from pipeline.backup import pause, staging
 from pipeline.backup.checkpointer import decode_checkpoint
 from pipeline.backup.images import ImageSet
 from pipeline.backup.rollforward import DEFAULT_MAX_MEMORY_BYTES, Backlog, apply_volume_changes
-from pipeline.errors import FailoverError, LowmarkError, RecordError, RolesConflictError
+from pipeline.errors import (
+    FailoverError,
+    LowmarkError,
+    RecordError,
+    RolesConflictError,
+    SiteBusyError,
+)
 from pipeline.logs import event
 from pipeline.ops import failover_state as fs
 from pipeline.ops import restore as rs
@@ -99,6 +110,8 @@ class FailoverConfig:
     kind: TransitionKind = TransitionKind.FAILOVER
     #: how long the old primary's interceptors get to drain (a switchover)
     drain_timeout_s: float = 30.0
+    #: how long the site's running applier gets to hand the site over (0: refuse at once)
+    handover_timeout_s: float = 15.0
     log_partitions: int = 4
     replication_factor: int | None = None
     engine_options: Mapping[str, Any] = field(default_factory=dict)
@@ -177,7 +190,7 @@ class Failover:
                 f"{self.site.root} is not a site's data dir (no images/ in it): pass the data "
                 f"dir of site {c.site!r} ([apply] data_dir or --data-dir)"
             )
-        self._lock.acquire()
+        self._take_site()
         current = self.roles_store.latest(c.cg)
         decision = fs.decide(fs.load(self.site.state_dir), current, c.site)
         self.action = decision.action
@@ -190,6 +203,34 @@ class Failover:
         fs.save(self.site.state_dir, self.record)
         self._event("failover planned", **fs.summary(self.record))
         return self.record
+
+    def _take_site(self) -> None:
+        """The site lock; a running applier of the site is asked to hand it over (it
+        checkpoints, or marks its stage if paused, and exits)."""
+        try:
+            self._lock.acquire()
+            return
+        except SiteBusyError:
+            if self.config.handover_timeout_s <= 0:
+                raise
+        t0 = self.time.monotonic()
+        pause.set_control(self.site, pause.HANDOVER, True, f"{os.getpid()}\n")
+        try:
+            while True:
+                try:
+                    self._lock.acquire()
+                    break
+                except SiteBusyError as exc:
+                    if self.time.monotonic() - t0 > self.config.handover_timeout_s:
+                        raise SiteBusyError(
+                            f"{exc}. (It did not hand the site over within "
+                            f"{self.config.handover_timeout_s} s of being asked to: an applier "
+                            "older than this version, or a process stuck in I/O.)"
+                        ) from None
+                self.time.sleep(0.01)
+        finally:
+            pause.set_control(self.site, pause.HANDOVER, False)
+        self._event("site handed over", after_s=round(self.time.monotonic() - t0, 3))
 
     def _checkpoint(self) -> Checkpoint:
         c = self.config
@@ -373,7 +414,12 @@ class Failover:
         )
         old = CgTopics(r.cg, r.from_generation)
         log_bounds = rs.log_bounds(self.kafka_conf, r.cg, r.from_generation)
-        start = {p: r.site_offsets.get(p, lo) for p, (lo, _hi) in log_bounds.items()}
+        from_w, offsets = r.site_w, r.site_offsets
+        staged = self._staged(r)
+        if staged is not None:  # a paused site's stage: only the log past it is read
+            staging.fold_into(staged, backlog)
+            from_w, offsets = staged.w, staged.offsets
+        start = {p: offsets.get(p, lo) for p, (lo, _hi) in log_bounds.items()}
         end = {p: r.base_offsets.get(p, hi) for p, (_lo, hi) in log_bounds.items()}
         # the old generation's latest W: its epochs judge zombie records, as for the applier
         target = rs.latest_watermark(self.kafka_conf, r.cg, r.from_generation)
@@ -381,7 +427,7 @@ class Failover:
             self.kafka_conf,
             old.log,
             backlog,
-            from_w=r.site_w,
+            from_w=from_w,
             to_ts=r.cut_ts,
             start_offsets=start,
             end_offsets=end,
@@ -394,6 +440,8 @@ class Failover:
                 dropped += backlog.index.drop(volume_id, offset, length)
         self._event(
             "backlog indexed",
+            staged_ops=len(staged.rows) if staged else 0,
+            staged_bytes=staged.bytes if staged else 0,
             records=result.progress.records_done,
             bytes_read=result.progress.bytes_read,
             extents=backlog.index.extent_count,
@@ -402,6 +450,21 @@ class Failover:
             dropped_by_new_generation=dropped,
         )
         return backlog
+
+    def _staged(self, r: FailoverRecord) -> staging.Staged | None:
+        """The site's stage, if it starts at the checkpoint this failover starts from and
+        ends at or below the cut (else the log is read from the checkpoint on)."""
+        try:
+            base = self.site.checkpoint_path.read_bytes()
+        except OSError:
+            return None
+        staged, why = staging.load(self.site, base)
+        if staged is not None and not r.site_w <= staged.w <= r.cut_ts:
+            why = f"the stage reaches W={staged.w}, past the cut {r.cut_ts}"
+            staged = None
+        if staged is None and why != "the site has no stage":
+            self._event("stage not used", why=why)
+        return staged
 
     def _new_generation_ranges(self, r: FailoverRecord) -> Iterator[tuple[str, int, int]]:
         """(volume, offset, length) of every write and zero in the new generation's log."""
@@ -528,6 +591,9 @@ class Failover:
 
     def rolled_forward(self) -> None:
         self._advance(Phase.ROLLED_FORWARD)
+        # the images hold the stage now; an open backlog still reads its unlinked file
+        staging.discard(self.site)
+        pause.set_control(self.site, pause.PAUSED, False)
         self._event("rolled forward", generation=self._require().generation)
 
     def _require(self) -> FailoverRecord:

@@ -54,6 +54,7 @@ class Scene:
     w: int = 0  # the latest W once the primary died
     markers: dict[str, int] = field(default_factory=dict)
     primary: ConsistencyGroup | None = None  # alive (``keep_primary``)
+    applier: ApplyProcess | None = None  # the site's paused `lowmark apply` (``paused``)
 
     def reference(self, ts: int) -> dict[str, bytearray]:
         return rebuild_from_log(read_log(self.conf, self.cg), self.sizes, upto_ts=ts)
@@ -61,6 +62,8 @@ class Scene:
     def close(self) -> None:
         if self.primary is not None:
             self.primary.interceptor.crash()
+        if self.applier is not None:
+            self.applier.kill()
         self.wm.stop()
 
 
@@ -84,13 +87,16 @@ def make_site(
     generational: bool = False,
     before_backlog: Callable[[], object] | None = None,
     keep_primary: bool = False,
+    paused: bool = False,
 ) -> Scene:
     """Primary writes, the site applies ``applied_writes`` of them and stops; the backlog
     follows (with a marker after ``marker_at`` of its writes); the primary dies.
 
     ``generational``: the watermark service follows the roles into the next generation
     (as ``lowmark watermark`` does). ``before_backlog`` runs just before the backlog.
-    ``keep_primary``: the primary stays alive (``Scene.primary``), its volumes included."""
+    ``keep_primary``: the primary stays alive (``Scene.primary``), its volumes included.
+    ``paused``: the site's applier does not stop but pauses: a ``lowmark apply`` process
+    (``Scene.applier``) started after ``lowmark pause`` stages the backlog."""
     rng = random.Random(seed)
     site_dir = root / SITE
     service: Any = WatermarkService(WatermarkServiceConfig(cg=cg, liveness_timeout_s=30), conf)
@@ -122,6 +128,9 @@ def make_site(
         wait_until(lambda: ap.service.applied_w >= last or ap.error, 60, "the site to apply")
         ap.stop()  # the applier is paused: it checkpoints and stops
         scene.site_w = ap.service.applied_w
+        if paused:
+            scene.applier = ApplyProcess(scene)
+            scene.applier.pause()
         if before_backlog is not None:
             before_backlog()
         for i in range(backlog_writes):
@@ -160,6 +169,54 @@ def _kill_leftovers() -> None:
     for proc in _SPAWNED:
         if proc.poll() is None:
             proc.kill()
+
+
+def lowmark(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """``lowmark ARGS`` in a child process, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.app.cli", *args],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
+
+
+class ApplyProcess:
+    """The site's ``lowmark apply`` in a child process (checkpoints every 0.1 s)."""
+
+    def __init__(self, scene: Scene, tag: str = "apply") -> None:
+        self.scene = scene
+        self.log = scene.root / f"{tag}.log"
+        self.site_args = [
+            "--bootstrap-servers", scene.conf["bootstrap.servers"],
+            "--cg", scene.cg, "--site", SITE, "--data-dir", str(scene.site_dir),
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), "LOWMARK_APPLY_CHECKPOINT_INTERVAL_S": "0.1"}
+        self.out = open(self.log, "ab")  # noqa: SIM115 - closed in kill()/wait()
+        cmd = [sys.executable, "-m", "pipeline.app.cli", "apply", *self.site_args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out, stderr=self.out)
+        _SPAWNED.append(self.proc)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def pause(self) -> None:
+        """``lowmark pause``: returns once the applier has paused (its stage exists)."""
+        # before it holds the site, `lowmark pause` only leaves the ask for its next start
+        wait_until(lambda: "applier started" in self.output(), 60, "the applier started")
+        done = lowmark("pause", *self.site_args, timeout_s=90)
+        assert done.returncode == 0, done.stderr + self.output()
+        assert "paused; its images stay" in done.stdout, done.stdout
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+        self.out.close()
+
+    def wait(self, timeout_s: float = 60) -> int:
+        code = self.proc.wait(timeout_s)
+        self.out.close()
+        return code
 
 
 class FailoverProcess:

@@ -190,12 +190,16 @@ def test_failover_refuses_while_the_sites_applier_runs_and_without_force(kafka_c
 
         lock = SiteLock(scene.site_dir, "applier").acquire()  # what a running applier holds
         try:
-            fo = FailoverProcess(scene, "--force", tag="busy")
+            # a holder that never hands the site over (not an applier that reads the ask)
+            fo = FailoverProcess(scene, "--force", "--handover-timeout-s", "1", tag="busy")
             try:
                 assert fo.proc.wait(60) == 2
             finally:
                 fo.kill()  # a failover that did not refuse must not outlive the test
-            assert "in use" in fo.output() and "its applier" in fo.output()
+            out = fo.output()
+            assert "in use" in out and "its applier" in out, out
+            assert "did not hand the site over within 1.0 s" in out, out
+            assert not (scene.site_dir / "state" / "handover").exists(), "the ask was left"
         finally:
             lock.release()
         # the primary died (no tick for more than the liveness timeout): without --force
