@@ -207,21 +207,22 @@ def check_reads(samples: list[list[Any]], oracle: list[int], spots: list[tuple[s
             "first_wrong": [f"{v}@{o}" for (v, o), _c in bad[:5]]}
 
 
-def run_size(broker: Broker, args: argparse.Namespace, size_mib: int, base: Path
-             ) -> dict[str, Any]:
+def run_size(broker: Broker, args: argparse.Namespace, size_mib: int, base: Path,
+             site_mode: str = "paused") -> dict[str, Any]:
     cg = f"bench-fo-{run_id()}"
     root = Path(tempfile.mkdtemp(prefix=f"lowmark-bench-failover-{size_mib}-", dir=base))
     write_size = args.write_size_kib * 1024
-    print(f"== backlog {size_mib} MiB ({args.write_size_kib} KiB writes), CG {cg}, in {root}",
-          file=sys.stderr, flush=True)
+    print(f"== backlog {size_mib} MiB ({args.write_size_kib} KiB writes), site {site_mode}, "
+          f"CG {cg}, in {root}", file=sys.stderr, flush=True)
     try:
         t = time.monotonic()
         with site_with_backlog(broker.conf, cg, root, backlog_bytes=size_mib * MiB,
-                               write_size=write_size, seed=size_mib) as scene:
+                               write_size=write_size, seed=size_mib,
+                               paused=site_mode == "paused") as scene:
             setup_s = time.monotonic() - t
             print(f"   scene built in {setup_s:.1f} s (backlog written in "
                   f"{scene.backlog_write_s:.1f} s); failing over", file=sys.stderr, flush=True)
-            row = _measure(broker, args, scene)
+            row = {"site": site_mode, **_measure(broker, args, scene)}
             row["setup_s"] = round(setup_s, 2)
         return row
     finally:
@@ -297,6 +298,7 @@ def _measure(broker: Broker, args: argparse.Namespace, scene: Scene) -> dict[str
             "written_in_s": round(scene.backlog_write_s, 2),
             "w_wait_s": round(scene.w_wait_s, 2),
             "records": indexed.get("records"), "bytes_read": indexed.get("bytes_read"),
+            "staged_ops": indexed.get("staged_ops"), "staged_bytes": indexed.get("staged_bytes"),
             "extents": indexed.get("extents"), "bytes_indexed": indexed.get("bytes_indexed"),
             "spilled_bytes": metrics.get("rollforward_spilled_bytes"),
             "indexed_blocks_frac": round(
@@ -376,9 +378,9 @@ def data_base(sizes: list[int]) -> tuple[Path | None, str]:
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     print_table(
-        ["backlog MiB", "writes", "records", "extents", "first read s", "x goal", "startup s",
-         "indexed s", "serving s", "committed s", "writes s", "rolled fwd s", "ok"],
-        [[r["backlog_mib"], r["backlog"]["writes"], r["backlog"]["records"],
+        ["site", "backlog MiB", "writes", "records read", "extents", "first read s", "x goal",
+         "startup s", "indexed s", "serving s", "committed s", "writes s", "rolled fwd s", "ok"],
+        [[r["site"], r["backlog_mib"], r["backlog"]["writes"], r["backlog"]["records"],
           r["backlog"]["extents"], r["first_read_s"], r["first_read_vs_goal"], r["startup_s"],
           r["internal"]["indexed_s"], r["internal"]["serving_s"], r["internal"]["committed_s"],
           r["internal"]["writes_s"], r["rolled_forward_s"],
@@ -390,14 +392,15 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         for phase in ("during", "after", "nbdkit"):
             s = r["reads"][phase]
             kinds = s["by_kind"]
-            lat_rows.append([r["backlog_mib"], phase, s["count"], s["p50_us"], s["p99_us"],
+            lat_rows.append([r["site"], r["backlog_mib"], phase, s["count"], s["p50_us"],
+                             s["p99_us"],
                              kinds.get("indexed", {}).get("p50_us"),
                              kinds.get("indexed", {}).get("p99_us"),
                              kinds.get("image", {}).get("p50_us"),
                              kinds.get("zero", {}).get("p50_us"),
                              r["checks"][phase]["wrong"]])
-    print_table(["backlog MiB", "reads", "n", "p50 us", "p99 us", "indexed p50", "indexed p99",
-                 "image p50", "zero p50", "wrong"], lat_rows)
+    print_table(["site", "backlog MiB", "reads", "n", "p50 us", "p99 us", "indexed p50",
+                 "indexed p99", "image p50", "zero p50", "wrong"], lat_rows)
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -415,8 +418,8 @@ def bench(args: argparse.Namespace) -> int:
     t = time.monotonic()
     load0 = os.getloadavg()
     with kafka_bootstrap("bench-failover") as broker:
-        for size in sizes:
-            rows.append(run_size(broker, args, size, base or Path(tempfile.gettempdir())))
+        for mode, size in ((m, s) for m in args.site_modes.split(",") for s in sizes):
+            rows.append(run_size(broker, args, size, base or Path(tempfile.gettempdir()), mode))
             r = rows[-1]
             print(f"   first read {r['first_read_s']:.3f} s, rolled forward "
                   f"{r['rolled_forward_s']:.2f} s, reads ok {r['reads_ok']}", file=sys.stderr,
@@ -427,7 +430,8 @@ def bench(args: argparse.Namespace) -> int:
     if args.write_size_kib != 256:
         name += f"_{args.write_size_kib}k"
     path = write_results(name, {
-        "settings": {"sizes_mib": sizes, "write_size_kib": args.write_size_kib,
+        "settings": {"sizes_mib": sizes, "site_modes": args.site_modes.split(","),
+                     "write_size_kib": args.write_size_kib,
                      "volumes": len(VOLUMES), "spots": args.spots, "read_rate": args.read_rate,
                      "data_dirs": where, "broker": "embedded" if broker.embedded else "external",
                      "transport": "unix socket", "goal_first_read_s": GOAL_FIRST_READ_S,
@@ -445,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="", help="backlog sizes in MiB, e.g. 64,256,1024")
     parser.add_argument("--quick", action="store_true", help="16 and 64 MiB, 600 spots")
+    parser.add_argument("--site-modes", default="paused,stopped",
+                        help="how the site waits: paused (its applier runs, staging the log; "
+                        "the must-show case) and/or stopped (its applier exited: the cold case)")
     parser.add_argument("--write-size-kib", type=int, default=256, help="backlog write size")
     parser.add_argument("--spots", type=int, default=0, help="read spots (default 2000)")
     parser.add_argument("--read-rate", type=float, default=500.0,

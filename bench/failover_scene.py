@@ -7,10 +7,14 @@ does not import tests/):
    ``volume_bytes`` each, default interceptor settings; the CG's watermark service runs in
    a child process (``bench.common.running_watermark_service``) for the whole scene;
 2. the site's ``Applier`` (``pipeline.backup.applier``) in a thread applies a small initial
-   part of random writes and is stopped (it checkpoints): the site is "paused";
+   part of random writes and then, ``paused`` (the default), is paused as ``lowmark pause``
+   does it (``pipeline.backup.pause``): it keeps running and stages what it reads; not
+   ``paused``, it is stopped (it checkpoints and exits: the cold case);
 3. the primary writes the backlog (random ``write_size`` writes, 4 KiB aligned, over both
    volumes), flushes, and the bench waits until the latest published W passes the last
-   write; then ``Interceptor.crash()``: the primary dies, nothing more is published.
+   write; then ``Interceptor.crash()``: the primary dies, nothing more is published. A
+   paused site is given the time to stage up to that W (it is running all along: the
+   failover asks it to hand the site over).
 
 With W past every write, the failover's cut is every write: the primary's images, as the
 crash left them, are the oracle of every byte a reader gets (``Scene.oracle_crc``).
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MiB, random_pool, running_watermark_service
+from pipeline.backup import pause
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import RestoreError, SetupError
 from pipeline.ops import restore as rs
@@ -81,11 +86,15 @@ class _ApplierThread:
         self.applier = applier
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="bench-applier", daemon=True)
 
     def _run(self) -> None:
         try:
             self.applier.run(self.stop_event)
+            if self.applier.finished is not None:  # handed the site over: let it go
+                self.applier.close()
+                self.closed = True
         except BaseException as exc:
             self.error = exc
 
@@ -99,7 +108,9 @@ class _ApplierThread:
         self.thread.join(60)
         if self.thread.is_alive():
             raise SetupError("the site's applier did not stop within 60 s")
-        self.applier.close()  # checkpoints: the failover starts from that checkpoint
+        if not self.closed:
+            self.applier.close()  # checkpoints (or marks its stage, paused)
+            self.closed = True
         if self.error is not None:
             raise SetupError(f"the site's applier failed: {self.error!r}") from self.error
 
@@ -158,6 +169,7 @@ def site_with_backlog(
     volume_bytes: int | None = None,
     initial_bytes: int | None = None,
     seed: int = 1,
+    paused: bool = True,
 ) -> Iterator[Scene]:
     """The scene (module docstring); the watermark service runs until the block ends."""
     if write_size % BLOCK:
@@ -191,11 +203,16 @@ def site_with_backlog(
                     300,
                     "the site to apply the initial writes",
                 )
+                if paused:
+                    pause.set_control(SiteDir(scene.site_dir), pause.PAUSED, True)
+                    _wait(lambda: applier.applier.paused or applier.error is not None, 60,
+                          "the site's applier to pause")  # fmt: skip
             finally:
-                applier.stop()  # the site pauses: it checkpoints and stops
-            scene.site_w = applier.applier.applied_w
+                if not paused or applier.error is not None:
+                    applier.stop()  # the cold case: it checkpoints and stops
+            scene.site_w = applier.applier.checkpoint_w
             if not SiteDir(scene.site_dir).checkpoint_path.exists():
-                raise SetupError("the site's applier stopped without a checkpoint")
+                raise SetupError("the site's applier left no checkpoint")
             t = time.monotonic()
             scene.backlog_writes = writer.write(backlog_bytes, flag=1)
             scene.backlog_bytes = scene.backlog_writes * write_size
@@ -211,7 +228,14 @@ def site_with_backlog(
                 vol.image.sync()
                 vol.image.close()
             scene.w = _settled_w(conf, cg)
-            yield scene
+            if paused:
+                staged = applier.applier.pause_metrics
+                _wait(lambda: staged()["staged_w"] >= scene.w or applier.error is not None,
+                      300, "the paused site to stage up to W")  # fmt: skip
+            try:
+                yield scene
+            finally:
+                applier.stop()  # handed over at the failover (or still paused: it stops)
     finally:
         if not crashed:
             primary.interceptor.crash()
