@@ -321,6 +321,16 @@ def test_restore_refuses_a_cut_above_w(cg_run, tmp_path):
     assert isinstance(res.exception, RestoreError)
 
 
+def _snapshot_at(site_dir: Path, ends: dict[int, tuple[int, int]]) -> Any:
+    """The site's oldest snapshot whose replay offsets reach ``ends`` (None: none yet)."""
+    at_end = [
+        sn
+        for sn in rs.site_snapshots(site_dir, SITE)
+        if all(sn.offsets.get(p, 0) >= hi for p, (_lo, hi) in ends.items())
+    ]
+    return at_end[0] if at_end else None
+
+
 def test_restore_outside_retention_fails_naming_the_oldest_point(kafka_conf, unique_name, tmp_path):
     site_dir = tmp_path / SITE
     write_ts: list[int] = []
@@ -348,6 +358,16 @@ def test_restore_outside_retention_fails_naming_the_oldest_point(kafka_conf, uni
                 newest = _newest_snapshot_w(site_dir)
             target = cg.interceptor.last_s
             wait_until(lambda: ap.error is not None or ap.service.applied_w >= target, 30, "W")
+            ap.check()
+            # the check at the end needs a snapshot at the log's end: the applier takes one
+            # at most every 0.1 s, and the one after the last write may not be due yet when
+            # W passes it (seen failing in CI)
+            ends = rs.log_bounds(kafka_conf, unique_name)
+            wait_until(
+                lambda: ap.error is not None or _snapshot_at(site_dir, ends) is not None,
+                30,
+                "a snapshot at the log's end",
+            )
             ap.check()
     records = read_log(kafka_conf, unique_name)
     w = rs.latest_watermark(kafka_conf, unique_name).w
