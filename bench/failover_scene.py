@@ -7,9 +7,10 @@ does not import tests/):
    ``volume_bytes`` each, default interceptor settings; the CG's watermark service runs in
    a child process (``bench.common.running_watermark_service``) for the whole scene;
 2. the site's ``Applier`` (``pipeline.backup.applier``) in a thread applies a small initial
-   part of random writes and then, ``paused`` (the default), is paused as ``lowmark pause``
-   does it (``pipeline.backup.pause``): it keeps running and stages what it reads; not
-   ``paused``, it is stopped (it checkpoints and exits: the cold case);
+   part of random writes and is stopped (it checkpoints); ``paused`` (the default), the
+   site's own ``lowmark apply`` then runs in a child process, started paused (``lowmark
+   pause``: it stages what it reads, ``pipeline.backup.pause``); not ``paused``, nothing
+   runs at the site (the cold case);
 3. the primary writes the backlog (random ``write_size`` writes, 4 KiB aligned, over both
    volumes), flushes, and the bench waits until the latest published W passes the last
    write; then ``Interceptor.crash()``: the primary dies, nothing more is published. A
@@ -23,7 +24,10 @@ crash left them, are the oracle of every byte a reader gets (``Scene.oracle_crc`
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -32,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, random_pool, running_watermark_service
-from pipeline.backup import pause
+from bench.common import REPO, MiB, random_pool, running_watermark_service, stop_process
+from pipeline.backup import pause, staging
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import RestoreError, SetupError
 from pipeline.ops import restore as rs
@@ -86,15 +90,11 @@ class _ApplierThread:
         self.applier = applier
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
-        self.closed = False
         self.thread = threading.Thread(target=self._run, name="bench-applier", daemon=True)
 
     def _run(self) -> None:
         try:
             self.applier.run(self.stop_event)
-            if self.applier.finished is not None:  # handed the site over: let it go
-                self.applier.close()
-                self.closed = True
         except BaseException as exc:
             self.error = exc
 
@@ -108,9 +108,7 @@ class _ApplierThread:
         self.thread.join(60)
         if self.thread.is_alive():
             raise SetupError("the site's applier did not stop within 60 s")
-        if not self.closed:
-            self.applier.close()  # checkpoints (or marks its stage, paused)
-            self.closed = True
+        self.applier.close()  # checkpoints: the failover starts from that checkpoint
         if self.error is not None:
             raise SetupError(f"the site's applier failed: {self.error!r}") from self.error
 
@@ -183,7 +181,7 @@ def site_with_backlog(
     try:
         for v in VOLUMES:
             primary.create_volume(v, vol_bytes)
-        with running_watermark_service(cg, conf):
+        with contextlib.ExitStack() as stack, running_watermark_service(cg, conf):
             applier = _ApplierThread(
                 Applier(
                     ApplierConfig(
@@ -203,16 +201,15 @@ def site_with_backlog(
                     300,
                     "the site to apply the initial writes",
                 )
-                if paused:
-                    pause.set_control(SiteDir(scene.site_dir), pause.PAUSED, True)
-                    _wait(lambda: applier.applier.paused or applier.error is not None, 60,
-                          "the site's applier to pause")  # fmt: skip
             finally:
-                if not paused or applier.error is not None:
-                    applier.stop()  # the cold case: it checkpoints and stops
+                applier.stop()  # it checkpoints and stops
             scene.site_w = applier.applier.checkpoint_w
-            if not SiteDir(scene.site_dir).checkpoint_path.exists():
+            site = SiteDir(scene.site_dir)
+            if not site.checkpoint_path.exists():
                 raise SetupError("the site's applier left no checkpoint")
+            if paused:  # the site's own `lowmark apply`, started paused
+                pause.set_control(site, pause.PAUSED, True)
+                stack.enter_context(_apply_process(conf, cg, site))
             t = time.monotonic()
             scene.backlog_writes = writer.write(backlog_bytes, flag=1)
             scene.backlog_bytes = scene.backlog_writes * write_size
@@ -229,18 +226,41 @@ def site_with_backlog(
                 vol.image.close()
             scene.w = _settled_w(conf, cg)
             if paused:
-                staged = applier.applier.pause_metrics
-                _wait(lambda: staged()["staged_w"] >= scene.w or applier.error is not None,
-                      300, "the paused site to stage up to W")  # fmt: skip
-            try:
-                yield scene
-            finally:
-                applier.stop()  # handed over at the failover (or still paused: it stops)
+                _wait(lambda: _staged_w(site) >= scene.w, 300, "the paused site to stage up to W")
+            yield scene
     finally:
         if not crashed:
             primary.interceptor.crash()
             for vol in primary.volumes.values():
                 vol.image.close()
+
+
+@contextlib.contextmanager
+def _apply_process(conf: dict[str, Any], cg: str, site: SiteDir) -> Iterator[None]:
+    """``lowmark apply`` of the site in its own process, as deployed; returns once it has
+    paused (its stage exists). The failover asks it to hand the site over; it exits."""
+    log = (site.root.parent / "apply.log").open("ab")
+    env = {**os.environ, "LOWMARK_APPLY_CHECKPOINT_INTERVAL_S": "0.2",
+           "LOWMARK_BOOTSTRAP_SERVERS": conf["bootstrap.servers"]}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.app.cli", "apply", "--cg", cg, "--site", SITE,
+         "--data-dir", str(site.root)],
+        cwd=REPO, env=env, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        _wait(lambda: (staging.stage_dir(site) / staging.OPS).exists() or proc.poll() is not None,
+              120, "the site's `lowmark apply` to pause")  # fmt: skip
+        if proc.poll() is not None:
+            raise SetupError(f"the site's `lowmark apply` exited {proc.returncode}: see {log.name}")
+        yield
+    finally:
+        stop_process(proc, 30, name="the site's `lowmark apply`")
+        log.close()
+
+
+def _staged_w(site: SiteDir) -> int:
+    staged, _why = staging.load(site, site.checkpoint_path.read_bytes())
+    return staged.w if staged is not None else -1
 
 
 def _settled_w(conf: dict[str, Any], cg: str, quiet_s: float = 0.5) -> int:

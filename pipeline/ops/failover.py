@@ -158,6 +158,8 @@ class Failover:
         self._lock = SiteLock(self.site, f"failover of site {config.site}")
         self._on_event = on_event
         self._record_lock = threading.Lock()
+        #: the latest W and the log's bounds this run planned with (None: a plan from disk)
+        self._planned_with: tuple[Watermark, dict[int, tuple[int, int]]] | None = None
 
     # ---------------------------------------------------------------- helpers
 
@@ -292,7 +294,9 @@ class Failover:
                 f"{ckpt.w}): a failover cannot go back; choose a later cut, or use "
                 "`lowmark drill` / `lowmark restore` for an older point in time"
             )
-        base = rs.end_offsets(wm, rs.log_bounds(self.kafka_conf, c.cg, gen))
+        log_bounds = rs.log_bounds(self.kafka_conf, c.cg, gen)
+        self._planned_with = (wm, log_bounds)  # build_backlog needs both again
+        base = rs.end_offsets(wm, log_bounds)
         # planned now only to check it: the commit plans again from the roles it finds
         plan_failover(
             current, c.cg, c.site, cut.ts, base, c.force, self.time.wall_us(), kind=c.kind
@@ -413,7 +417,11 @@ class Failover:
             max_memory_bytes=self.config.max_memory_bytes, spill_dir=self.site.state_dir
         )
         old = CgTopics(r.cg, r.from_generation)
-        log_bounds = rs.log_bounds(self.kafka_conf, r.cg, r.from_generation)
+        if self._planned_with is not None:
+            target, log_bounds = self._planned_with
+        else:
+            log_bounds = rs.log_bounds(self.kafka_conf, r.cg, r.from_generation)
+            target = rs.latest_watermark(self.kafka_conf, r.cg, r.from_generation)
         from_w, offsets = r.site_w, r.site_offsets
         staged = self._staged(r)
         if staged is not None:  # a paused site's stage: only the log past it is read
@@ -421,8 +429,8 @@ class Failover:
             from_w, offsets = staged.w, staged.offsets
         start = {p: offsets.get(p, lo) for p, (lo, _hi) in log_bounds.items()}
         end = {p: r.base_offsets.get(p, hi) for p, (_lo, hi) in log_bounds.items()}
-        # the old generation's latest W: its epochs judge zombie records, as for the applier
-        target = rs.latest_watermark(self.kafka_conf, r.cg, r.from_generation)
+        # target: the old generation's latest W (the one the cut was chosen under, when this
+        # run planned): its epochs judge zombie records, as for the applier
         result = replay(
             self.kafka_conf,
             old.log,
