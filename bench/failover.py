@@ -315,6 +315,8 @@ def _measure(broker: Broker, args: argparse.Namespace, scene: Scene) -> dict[str
         "startup_s": round(first_read_s - internal_first, 3) if internal_first else None,
         "rolled_forward_s": round(rf_seen - t0, 3),
         "internal": timings,
+        # the command's log lines, each with its at_s: where the time to the first read went
+        "timeline": {m: e.get("at_s") for m, e in ev.items() if e.get("at_s") is not None},
         "rollforward": {k: metrics.get(f"rollforward_{k}") for k in
                         ("bytes_total", "bytes_done", "extents_done", "batches", "elapsed_s",
                          "dropped_by_writes")},

@@ -31,10 +31,14 @@ def bounds(
     transaction still open holds it back (so does a dead producer's, until it is fenced).
     """
     c = _metadata_client(conf)
-    parts = c.partitions(topic, timeout_s)
-    if parts is None:
-        return None
-    return {p: c.watermark_offsets(topic, p, timeout_s) for p in parts}
+    try:
+        parts = c.partitions(topic, timeout_s)
+        if parts is None:
+            return None
+        return {p: c.watermark_offsets(topic, p, timeout_s) for p in parts}
+    except KafkaError:
+        _drop_client(conf, c)  # a cluster that is gone: do not keep reconnecting to it
+        raise
 
 
 _CLIENTS: dict[tuple[tuple[str, str], ...], Consumer] = {}
@@ -54,6 +58,15 @@ def _metadata_client(conf: Mapping[str, Any]) -> Consumer:
                 atexit.register(_close_clients)
             c = _CLIENTS[key] = Consumer(ToolSettings(conf).reader())
         return c
+
+
+def _drop_client(conf: Mapping[str, Any], c: Consumer) -> None:
+    """Forget a client (never closed here: another thread may be inside a call on it; it is
+    destroyed with its last reference)."""
+    key = tuple(sorted((k, repr(v)) for k, v in conf.items()))
+    with _CLIENTS_LOCK:
+        if _CLIENTS.get(key) is c:
+            del _CLIENTS[key]
 
 
 def _close_clients() -> None:

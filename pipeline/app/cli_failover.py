@@ -173,7 +173,12 @@ class Run:
                 raise self._commit_error
         self.images = ImageSet(self.f.site)
         self.exports = exports_for(
-            self.images.volumes(), self.f.site.image_path, backlog, self.images, self.gate
+            # no digests: they read every allocated byte of every image before serving
+            self.images.volumes(digests=False),
+            self.f.site.image_path,
+            backlog,
+            self.images,
+            self.gate,
         )
         self._exports_ready.set()
         try:

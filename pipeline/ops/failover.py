@@ -157,6 +157,7 @@ class Failover:
         self.fenced: list[str] = []
         self._lock = SiteLock(self.site, f"failover of site {config.site}")
         self._on_event = on_event
+        self._t0 = time_source.monotonic()
         self._record_lock = threading.Lock()
         #: the latest W and the log's bounds this run planned with (None: a plan from disk)
         self._planned_with: tuple[Watermark, dict[int, tuple[int, int]]] | None = None
@@ -164,7 +165,8 @@ class Failover:
     # ---------------------------------------------------------------- helpers
 
     def _event(self, what: str, **fields: Any) -> None:
-        event(log, what, **{"cg": self.config.cg, "site": self.config.site, **fields})
+        at_s = round(self.time.monotonic() - self._t0, 3)  # the run's timeline, in every line
+        event(log, what, **{"cg": self.config.cg, "site": self.config.site, **fields, "at_s": at_s})
         if self._on_event is not None:
             self._on_event(what, fields)
 
