@@ -19,7 +19,7 @@ import orjson
 from pipeline.app.cli_ops import ProgressLine, _site, _ts
 from pipeline.app.cli_services import build_config, config_options
 from pipeline.app.metrics import serve_metrics
-from pipeline.app.services import _stop_on_signals
+from pipeline.app.runtime import stop_on_signals
 from pipeline.logs import event
 
 log = logging.getLogger("lowmark.drill")
@@ -123,7 +123,7 @@ def start(
     doc = dr.manifest_doc(cg, site_name, cut, m, ck.w, {"serving": False}, {})
     dr.write_manifest(to_dir, doc)  # a start that fails from here on is still deletable
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     state: dict[str, Any] = {}
 
     def on_ready(served: dr.Served) -> None:

@@ -24,7 +24,7 @@ from pipeline.app.cli_ops import ProgressLine, _site, _ts
 from pipeline.app.cli_services import build_config, config_options
 from pipeline.app.config import LowmarkConfig, parse_hostport, parse_size
 from pipeline.app.metrics import serve_metrics
-from pipeline.app.services import _stop_on_signals, nbd_config, primary_metrics
+from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.images import ImageSet
 from pipeline.backup.rollforward import Backlog, RollForward
 from pipeline.errors import FailoverError, LowmarkError
@@ -367,7 +367,7 @@ def run_failover(
 ) -> Run:
     if stop is None:
         stop = threading.Event()
-        _stop_on_signals(stop)
+        stop_on_signals(stop)
     run = Run(cfg, fc, time_source)
     run.run(stop, ready)
     return run

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import threading
 from pathlib import Path
 from typing import Any
 
-from connectors.nbd.server import Export, NbdServer, NbdServerConfig
-from pipeline.app.config import LowmarkConfig, parse_hostport, parse_size
+from connectors.nbd.server import Export, NbdServer
+from pipeline.app.config import LowmarkConfig, parse_size
 from pipeline.app.metrics import serve_metrics
+from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import FencedError, LowmarkError
 from pipeline.logs import event
@@ -39,15 +39,6 @@ log = logging.getLogger("lowmark.services")
 _MAX_BACKOFF_S = 5.0
 #: a running service logs its metrics this often
 _STATUS_EVERY_S = 10.0
-
-
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: Any) -> None:
-        event(log, "stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- serve
@@ -90,35 +81,6 @@ def open_primary(
     return cg
 
 
-def nbd_config(cfg: LowmarkConfig) -> NbdServerConfig:
-    s = cfg.serve
-    addr = parse_hostport(s.listen, "serve.listen")
-    return NbdServerConfig(
-        host=addr[0] if addr else None,
-        port=addr[1] if addr else None,
-        unix_path=s.unix_socket or None,
-        tls_cert=s.tls_cert or None,
-        tls_key=s.tls_key or None,
-        tls_required=s.tls_required,
-    )
-
-
-def primary_metrics(cg: ConsistencyGroup, server: NbdServer | None) -> dict[str, Any]:
-    m = dict(cg.interceptor.metrics())
-    if cg.regions is not None:
-        m.update(cg.regions.metrics())
-    if server is not None:
-        st = server.stats
-        m.update(
-            nbd_connections_open=st.connections_open,
-            nbd_bytes_written=st.bytes_written,
-            nbd_bytes_read=st.bytes_read,
-            nbd_protocol_errors=st.protocol_errors,
-        )
-    m["volumes"] = len(cg.volumes)
-    return m
-
-
 def run_serve(
     cfg: LowmarkConfig,
     ready: threading.Event | None = None,
@@ -126,7 +88,7 @@ def run_serve(
 ) -> None:
     cg = open_primary(cfg, time_source)  # refuses a site that is not the CG's primary
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     try:
         asyncio.run(_serve_async(cfg, cg, stop, ready))
     finally:
@@ -215,9 +177,7 @@ def make_generational_watermark(
         skip = skip_progress if first[0] == generation else frozenset()
         return make_watermark_service(cfg, skip, time_source, generation)
 
-    return GenerationalWatermark(
-        cfg.cg.name, make, lambda: store.latest(cfg.cg.name), time_source
-    )
+    return GenerationalWatermark(cfg.cg.name, make, lambda: store.latest(cfg.cg.name), time_source)
 
 
 def run_watermark(
@@ -267,7 +227,7 @@ def run_apply(
     svc = make_applier(cfg, skip, time_source)
     labels = {"cg": cfg.cg.name, "site": cfg.apply.site}
     stop = threading.Event()
-    _stop_on_signals(stop)
+    stop_on_signals(stop)
     # a site that became the CG's primary stops applying: a clean exit (status 0), so a
     # supervisor does not restart it into the same answer
     svc.on_finish = stop.set
@@ -324,7 +284,7 @@ def _run_loop(
     """
     if stop is None:
         stop = threading.Event()
-        _stop_on_signals(stop)
+        stop_on_signals(stop)
     now = time_source.monotonic
     _start_with_retries(svc, name, stop)
     if metrics:

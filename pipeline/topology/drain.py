@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from connectors.kafka.producer import Producer
-from connectors.kafka.reading import BEGINNING, bounds, read_range
+from connectors.kafka.reading import bounds, read_range
 from connectors.kafka.settings import TopologySettings
 from connectors.kafka.topics import CONFIG_TOPIC, ensure_config_topic
 from pipeline.errors import KafkaUnavailableError, RecordError
@@ -51,8 +51,10 @@ def latest_drain(conf: Mapping[str, Any], cg: str, timeout_s: float = 10.0) -> D
     best: DrainRequest | None = None
     settings = TopologySettings(dict(conf)).reader()
     end = {0: found[0][1]}
+    # from the known low offset, not BEGINNING: resolving that costs a fresh consumer ~0.5 s
+    start = {0: found[0][0]}
     for msg in read_range(
-        settings, CONFIG_TOPIC, {0: BEGINNING}, end, stall_timeout_s=timeout_s, timeout_s=timeout_s
+        settings, CONFIG_TOPIC, start, end, stall_timeout_s=timeout_s, timeout_s=timeout_s
     ):
         if msg.key() != key or msg.value() is None:
             continue

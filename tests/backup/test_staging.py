@@ -179,3 +179,24 @@ def test_a_new_stage_and_discard_remove_the_old_one(tmp_path: Path) -> None:
     stage.close()
     assert staging.discard(site) and not staging.discard(site)
     assert staging.load(site, BASE) == (None, "the site has no stage")
+
+
+def test_naming_a_sites_volumes_for_serving_reads_no_image(tmp_path: Path, monkeypatch) -> None:
+    """The failover names its exports before serving: a digest there read every allocated
+    byte of every image first (0.24 s per GiB; minutes for a full large volume)."""
+    from connectors.image.image import Image
+    from pipeline.backup.images import ImageSet
+
+    with ImageSet(tmp_path / "site") as images:
+        images.apply(change(VolumeOp.CREATE, "v0", 1, SIZE))
+        images.apply(op(OpKind.WRITE, "v0", 2, 0, 4, b"data"))
+
+        def no_reading(self: Image) -> str:
+            raise AssertionError("read the whole image")
+
+        monkeypatch.setattr(Image, "content_digest", no_reading)
+        assert images.volumes(digests=False) == [
+            {"volume_id": "v0", "name": "v0", "size": SIZE, "digest": ""}
+        ]
+        with pytest.raises(AssertionError, match="read the whole image"):
+            images.volumes()
