@@ -259,8 +259,8 @@ def _apply_process(conf: dict[str, Any], cg: str, site: SiteDir) -> Iterator[Non
 
 
 def _staged_w(site: SiteDir) -> int:
-    staged, _why = staging.load(site, site.checkpoint_path.read_bytes())
-    return staged.w if staged is not None else -1
+    w = staging.staged_w(site)
+    return -1 if w is None else w
 
 
 def _settled_w(conf: dict[str, Any], cg: str, quiet_s: float = 0.5) -> int:

@@ -205,6 +205,16 @@ def load(site: SiteDir, base: bytes) -> tuple[Staged | None, str]:
     return Staged(d / DATA, w, offsets, rows, total), ""
 
 
+def staged_w(site: SiteDir) -> int | None:
+    """The W the site's stage reaches over its current checkpoint (None: no usable stage)."""
+    try:
+        base = site.checkpoint_path.read_bytes()
+    except OSError:
+        return None
+    staged, _why = load(site, base)
+    return staged.w if staged is not None else None
+
+
 def fold_into(staged: Staged, backlog: Backlog) -> None:
     """Fold an accepted stage into a backlog, in order, reading none of its data."""
     backlog.adopt_spill(staged.data_path)

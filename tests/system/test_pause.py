@@ -52,8 +52,8 @@ def _indexed(out: str) -> dict[str, int]:
 
 
 def _staged_w(site: SiteDir) -> int:
-    staged, _why = staging.load(site, site.checkpoint_path.read_bytes())
-    return staged.w if staged is not None else -1
+    w = staging.staged_w(site)
+    return -1 if w is None else w
 
 
 def _check_images(fo: FailoverProcess, want: dict[str, bytearray], tmp) -> None:  # type: ignore[no-untyped-def]
