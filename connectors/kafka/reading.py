@@ -194,15 +194,17 @@ def latest(
     one, such as the watermark topic); only those are read, not the whole topic, which
     before compaction holds every record ever published. None decodes: the whole topic.
     """
+    found = bounds(conf, topic, timeout_s)
+    if not found or 0 not in found:
+        return None  # no such topic: nothing in it
+    # from the known offsets, never BEGINNING: resolving that costs a new consumer ~0.5 s
+    low, high = found[0]
     if tail is not None:
-        found = bounds(conf, topic, timeout_s)
-        if found and 0 in found:
-            low, high = found[0]
-            start = max(low, high - tail)
-            best = _best(iter_range(conf, topic, 0, start, high, timeout_s), decode, better)
-            if best is not None or start == low:
-                return best
-    return _best(iter_range(conf, topic, 0, BEGINNING, None, timeout_s), decode, better)
+        start = max(low, high - tail)
+        best = _best(iter_range(conf, topic, 0, start, high, timeout_s), decode, better)
+        if best is not None or start == low:
+            return best
+    return _best(iter_range(conf, topic, 0, low, high, timeout_s), decode, better)
 
 
 def _best(
