@@ -36,7 +36,7 @@ from connectors.kafka.settings import ApplierSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.applier_config import ApplierConfig, ApplierStats
-from pipeline.backup.checkpointer import Checkpointer
+from pipeline.backup.checkpointer import Checkpointer, retention_state
 from pipeline.backup.follow import FollowGenerations
 from pipeline.backup.generations import Action, Cut, RolesPoll
 from pipeline.backup.images import ImageSet
@@ -604,8 +604,20 @@ class Applier(FollowGenerations, PauseAndHandOver):
             out[p] = max(0, high - pos)
         return out
 
+    def retention(self) -> tuple[str, float | None]:
+        """``retention_state`` of this site's replay offsets against the log's bounds."""
+        assert self._log is not None
+        log_bounds = {}
+        for p in self.planner.positions():
+            try:
+                log_bounds[p] = self._log.watermark_offsets(self.topics.log, p, cached=True)
+            except KafkaError:
+                continue
+        return retention_state(self.planner.checkpoint_offsets(), log_bounds)
+
     def metrics(self) -> dict[str, Any]:
         w = self.applied_w
+        retention, share = self.retention() if self._log is not None else ("ok", None)
         elapsed = max(1e-9, self._now() - self.stats.started_mono)
         return {
             "applied_w": w,
@@ -625,5 +637,8 @@ class Applier(FollowGenerations, PauseAndHandOver):
             "generation_switches": self.stats.generation_switches,
             "beyond_cut": self.stats.beyond_cut,
             "roles_poll_errors": self.roles.errors,
+            # 1: records this site still needs were deleted; it cannot catch up from Kafka
+            "retention_lost": retention == "lost",
+            "retained_share_before_checkpoint": share,
             **self.pause_metrics(),
         }

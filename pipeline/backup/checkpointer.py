@@ -10,6 +10,7 @@ of the images it covers, invariant 4); this module only reads and writes the rec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,39 @@ def topic_checkpoint(
         lambda a, b: b is None or (a is not None and a.w >= b.w),
     )
     return best[0] if best and best[0] is not None else None
+
+
+#: a site with less than this share of the retained log before its checkpoint is warned
+#: about: the oldest records are the next retention deletes, and the site needs them
+RETENTION_WARN_SHARE = 0.1
+
+
+def retention_state(
+    offsets: Mapping[int, int], log_bounds: Mapping[int, tuple[int, int]]
+) -> tuple[str, float | None]:
+    """Whether a site can still catch up from Kafka, from its checkpoint offsets and the
+    log's (low, end) per partition:
+
+    - ("lost", 0.0): some partition's log start is past the site's offset: records it still
+      needs were deleted by retention;
+    - ("near", share): retention is deleting (a log start above 0) and under
+      ``RETENTION_WARN_SHARE`` of that partition's retained records lie before the site's
+      offset: the next deletions take what it needs;
+    - ("ok", share) otherwise.
+
+    ``share``: the smallest share over partitions where retention has deleted (None: none).
+    A site at a partition's end needs nothing more of it."""
+    shares = []
+    for p, (low, end) in log_bounds.items():
+        at = max(0, offsets.get(p, 0))  # a negative offset: nothing read there yet
+        if at < low:
+            return "lost", 0.0
+        if low > 0 and end > low and at < end:
+            shares.append((at - low) / (end - low))
+    share = min(shares) if shares else None
+    if share is not None and share < RETENTION_WARN_SHARE:
+        return "near", share
+    return "ok", share
 
 
 class Checkpointer:

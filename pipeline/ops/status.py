@@ -14,8 +14,9 @@ import time
 import urllib.request
 from typing import Any
 
-from connectors.kafka.reading import bounds, end_offsets, iter_range, latest
+from connectors.kafka.reading import bounds, iter_range, latest
 from connectors.kafka.topics import CgTopics
+from pipeline.backup.checkpointer import retention_state
 from pipeline.errors import RecordError
 from pipeline.timesource import wall_us
 from pipeline.topology.store import RolesStore
@@ -34,7 +35,11 @@ def latest_checkpoints(
     topic = CgTopics(cg, generation).checkpoints
     if generation and bounds(kafka_conf, topic) is None:
         return out
-    for msg in iter_range(kafka_conf, topic):
+    found = bounds(kafka_conf, topic)
+    if not found or 0 not in found:
+        return out
+    low, high = found[0]  # known offsets: resolving BEGINNING costs a new consumer ~0.5 s
+    for msg in iter_range(kafka_conf, topic, 0, low, high):
         try:
             rec = codec.decode(msg.value(), Checkpoint)
         except RecordError:
@@ -97,7 +102,8 @@ def cg_status(
         else None
     )
     wm = best[0] if best else None
-    ends = end_offsets(kafka_conf, topics.log)
+    log_bounds = bounds(kafka_conf, topics.log) or {}
+    ends = {p: end for p, (_low, end) in log_bounds.items()}
     avg = _avg_record_bytes(kafka_conf, topics.log, ends)
     status: dict[str, Any] = {
         "cg": cg,
@@ -129,6 +135,7 @@ def cg_status(
         # a site still in an older generation: its lag is not in this generation's records
         behind = ck.generation < generation
         lag_records = sum(max(0, end - offsets.get(p, 0)) for p, end in ends.items())
+        retention, share = ("ok", None) if behind else retention_state(offsets, log_bounds)
         status["sites"][site] = {
             "generation": ck.generation,
             "checkpoint_w": ck.w,
@@ -136,6 +143,8 @@ def cg_status(
             "checkpoint_age_s": (now - ck.written_us) / 1e6,
             "lag_records": None if behind else lag_records,
             "lag_bytes_estimate": None if behind else int(lag_records * avg),
+            "retention": retention,
+            "retained_share_before_checkpoint": share,
             "volumes": {v.volume_id: {"size": v.size, "digest": v.digest} for v in ck.volumes},
         }
     for name, url in (metrics_urls or {}).items():
@@ -177,6 +186,19 @@ def render(status: dict[str, Any]) -> str:
             f"  site {site:<12} checkpoint RPO {secs(s['checkpoint_rpo_s'])}, "
             f"age {secs(s['checkpoint_age_s'])}, {lag}"
         )
+        if s.get("retention") == "lost":
+            lines.append(
+                f"    RETENTION: the log no longer holds what site {site} needs after its "
+                "checkpoint (deleted by retention): it cannot catch up from Kafka; rebuild "
+                "it (`lowmark restore` at another site's cut, or from a peer's images)"
+            )
+        elif s.get("retention") == "near":
+            share = s["retained_share_before_checkpoint"]
+            lines.append(
+                f"    near retention: only {share:.0%} of the retained log lies before site "
+                f"{site}'s checkpoint, and retention deletes from there: start its applier, "
+                "or raise the log's retention"
+            )
     live = status.get("live", {})
     ap = live.get("apply", {})
     if ap:
