@@ -32,6 +32,7 @@ import pytest
 from connectors.embedded_kafka.cluster import KafkaCluster
 from connectors.embedded_kafka.state import cluster_dir
 from connectors.kafka.config import KafkaConnection
+from connectors.kafka.reading import close_metadata_clients
 from tests.kafka_helpers import ExternalKafka, unique
 from tests.outcome_gate import from_config
 from tests.prereqs import strict_mode, unavailable
@@ -85,6 +86,7 @@ def _session_cluster(
     try:
         yield cluster
     finally:
+        close_metadata_clients()  # not one reconnecting to a stopped cluster till exit
         cluster.stop(grace_s=10)
 
 

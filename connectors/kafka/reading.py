@@ -55,7 +55,7 @@ def _metadata_client(conf: Mapping[str, Any]) -> Consumer:
         c = _CLIENTS.get(key)
         if c is None:
             if not _CLIENTS:
-                atexit.register(_close_clients)
+                atexit.register(close_metadata_clients)
             c = _CLIENTS[key] = Consumer(ToolSettings(conf).reader())
         return c
 
@@ -69,7 +69,9 @@ def _drop_client(conf: Mapping[str, Any], c: Consumer) -> None:
             del _CLIENTS[key]
 
 
-def _close_clients() -> None:
+def close_metadata_clients() -> None:
+    """Close the cached metadata clients (at exit; or before their cluster goes away, so
+    they do not keep reconnecting to it). Later calls open new ones."""
     with _CLIENTS_LOCK:
         for c in _CLIENTS.values():
             c.close()
