@@ -50,6 +50,11 @@ def roles_transactional_id(cg: str) -> str:
     return f"{CONFIG_TOPIC}.roles.{cg}"
 
 
+#: the latest W of a watermark topic is among its last this many records: one publisher
+#: at a time commits, and W never goes down (read_committed skips a fenced one's aborts)
+WATERMARK_TAIL = 64
+
+
 @dataclass(frozen=True)
 class CgTopics:
     """The topics and transactional ids of one generation of a CG (default: generation 0,

@@ -29,7 +29,7 @@ from typing import Any
 from connectors.kafka.producer import Producer
 from connectors.kafka.reading import bounds, iter_range, latest
 from connectors.kafka.settings import InterceptorSettings
-from connectors.kafka.topics import CgTopics
+from connectors.kafka.topics import WATERMARK_TAIL, CgTopics
 from pipeline.errors import KafkaError, LowmarkError
 from pipeline.logs import event
 from pipeline.timesource import wall_us
@@ -102,7 +102,12 @@ def interceptor_ids(
     topic = CgTopics(cg, generation).watermark
     if bounds(conf, topic, timeout_s):
         best = latest(
-            conf, topic, lambda v: codec.decode(v, Watermark), Watermark.newer_than, timeout_s
+            conf,
+            topic,
+            lambda v: codec.decode(v, Watermark),
+            Watermark.newer_than,
+            timeout_s,
+            tail=WATERMARK_TAIL,
         )
         if best is not None:
             ids.update(m.interceptor_id for m in best[0].members)

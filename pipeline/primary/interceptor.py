@@ -36,7 +36,7 @@ from typing import Any
 from connectors.kafka.producer import Producer
 from connectors.kafka.reading import iter_range, latest
 from connectors.kafka.settings import InterceptorSettings
-from connectors.kafka.topics import CgTopics, ensure_topics
+from connectors.kafka.topics import WATERMARK_TAIL, CgTopics, ensure_topics
 from pipeline.errors import (
     FencedError,
     KafkaError,
@@ -56,6 +56,7 @@ from schemas import codec
 from schemas.records import CgRoles, LogRecord, Progress, ProgressKind, Watermark
 
 log = logging.getLogger("lowmark.interceptor")
+
 
 class Ticket:
     """Tells when a submitted record (and everything before it) is durable in Kafka."""
@@ -246,6 +247,7 @@ class Interceptor:
             self.topics.watermark,
             lambda v: codec.decode(v, Watermark),
             Watermark.newer_than,
+            tail=WATERMARK_TAIL,  # not every W ever published: the topic is long before compaction
         )
         max_s, start = (best[0].max_s, best[0].progress_offset + 1) if best else (0, 0)
         events = []

@@ -30,13 +30,14 @@ from typing import Any
 from connectors.kafka.producer import Producer
 from connectors.kafka.reading import latest
 from connectors.kafka.settings import WatermarkSettings
-from connectors.kafka.topics import CgTopics
+from connectors.kafka.topics import WATERMARK_TAIL, CgTopics
 from pipeline.errors import FencedError, KafkaError, KafkaUnavailableError
 from pipeline.logs import event
 from schemas import codec
 from schemas.records import Watermark
 
 log = logging.getLogger("lowmark.watermark")
+
 
 @dataclass(frozen=True)
 class PublisherTimeouts:
@@ -47,7 +48,7 @@ class PublisherTimeouts:
 
 
 #: the latest W is read from this many of the watermark topic's last records
-WM_TAIL = 64
+WM_TAIL = WATERMARK_TAIL
 
 
 def decode_watermark(value: bytes) -> Watermark:
