@@ -31,6 +31,8 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +205,39 @@ def load(site: SiteDir, base: bytes) -> tuple[Staged | None, str]:
         return None, f"the stage's data file is short ({size} of {need} bytes)"
     total = sum(r[3] for r in rows if r[0] == OpKind.WRITE)
     return Staged(d / DATA, w, offsets, rows, total), ""
+
+
+class FoldInBackground:
+    """``load`` a site's stage over ``base`` and ``fold_into`` a new backlog, in a thread:
+    a failover does it while its plan waits on Kafka. ``result`` joins it."""
+
+    def __init__(self, site: SiteDir, base: bytes, make_backlog: Callable[[], Backlog]) -> None:
+        self.site, self.base, self.make_backlog = site, base, make_backlog
+        self._out: tuple[Staged | None, str, Backlog | None] = (None, "", None)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="stage-fold", daemon=True)
+
+    def start(self) -> FoldInBackground:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            staged, why = load(self.site, self.base)
+            backlog = None
+            if staged is not None:
+                backlog = self.make_backlog()
+                fold_into(staged, backlog)
+            self._out = (staged, why, backlog)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> tuple[Staged | None, str, Backlog | None]:
+        """(the stage or None, why not, the backlog it was folded into or None)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
 
 
 def staged_w(site: SiteDir) -> int | None:

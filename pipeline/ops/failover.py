@@ -159,6 +159,8 @@ class Failover:
         self._on_event = on_event
         self._t0 = time_source.monotonic()
         self._record_lock = threading.Lock()
+        #: the site's stage being folded into a backlog while the plan runs (``_fold_stage``)
+        self._fold: staging.FoldInBackground | None = None
         #: the latest W and the log's bounds this run planned with (None: a plan from disk)
         self._planned_with: tuple[Watermark, dict[int, tuple[int, int]]] | None = None
 
@@ -179,6 +181,12 @@ class Failover:
             return self.record
 
     def close(self) -> None:
+        fold, self._fold = self._fold, None
+        if fold is not None:  # folded but never used (nothing to roll forward, or a failure)
+            with contextlib.suppress(Exception):
+                backlog = fold.result()[2]
+                if backlog is not None:
+                    backlog.close()
         if self.cg is not None:
             self.cg.close()
             self.cg = None
@@ -195,6 +203,7 @@ class Failover:
                 f"dir of site {c.site!r} ([apply] data_dir or --data-dir)"
             )
         self._take_site()
+        self._fold_stage()  # in a thread, while the plan below waits on Kafka
         current = self.roles_store.latest(c.cg)
         decision = fs.decide(fs.load(self.site.state_dir), current, c.site)
         self.action = decision.action
@@ -235,6 +244,16 @@ class Failover:
         finally:
             pause.set_control(self.site, pause.HANDOVER, False)
         self._event("site handed over", after_s=round(self.time.monotonic() - t0, 3))
+
+    def _new_backlog(self) -> Backlog:
+        return Backlog(max_memory_bytes=self.config.max_memory_bytes, spill_dir=self.site.state_dir)
+
+    def _fold_stage(self) -> None:
+        try:
+            base = self.site.checkpoint_path.read_bytes()
+        except OSError:
+            return  # no checkpoint: _plan says so
+        self._fold = staging.FoldInBackground(self.site, base, self._new_backlog).start()
 
     def _checkpoint(self) -> Checkpoint:
         c = self.config
@@ -415,9 +434,7 @@ class Failover:
         """The backlog from the site's checkpoint to the cut, minus the ranges the new
         generation's log already holds (a re-run after writes were accepted)."""
         r = self._require()
-        backlog = Backlog(
-            max_memory_bytes=self.config.max_memory_bytes, spill_dir=self.site.state_dir
-        )
+        staged, backlog = self._staged(r)
         old = CgTopics(r.cg, r.from_generation)
         if self._planned_with is not None:
             target, log_bounds = self._planned_with
@@ -425,9 +442,7 @@ class Failover:
             log_bounds = rs.log_bounds(self.kafka_conf, r.cg, r.from_generation)
             target = rs.latest_watermark(self.kafka_conf, r.cg, r.from_generation)
         from_w, offsets = r.site_w, r.site_offsets
-        staged = self._staged(r)
         if staged is not None:  # a paused site's stage: only the log past it is read
-            staging.fold_into(staged, backlog)
             from_w, offsets = staged.w, staged.offsets
         start = {p: offsets.get(p, lo) for p, (lo, _hi) in log_bounds.items()}
         end = {p: r.base_offsets.get(p, hi) for p, (_lo, hi) in log_bounds.items()}
@@ -461,20 +476,26 @@ class Failover:
         )
         return backlog
 
-    def _staged(self, r: FailoverRecord) -> staging.Staged | None:
-        """The site's stage, if it starts at the checkpoint this failover starts from and
-        ends at or below the cut (else the log is read from the checkpoint on)."""
-        try:
-            base = self.site.checkpoint_path.read_bytes()
-        except OSError:
-            return None
-        staged, why = staging.load(self.site, base)
+    def _staged(self, r: FailoverRecord) -> tuple[staging.Staged | None, Backlog]:
+        """The site's stage folded into a new backlog, if it starts at the checkpoint this
+        failover starts from and ends at or below the cut; else None and an empty backlog
+        (the log is then read from the checkpoint on)."""
+        fold, self._fold = self._fold, None
+        if fold is None:
+            self._fold_stage()
+            fold, self._fold = self._fold, None
+        staged, why, backlog = fold.result() if fold is not None else (None, "", None)
         if staged is not None and not r.site_w <= staged.w <= r.cut_ts:
             why = f"the stage reaches W={staged.w}, past the cut {r.cut_ts}"
             staged = None
-        if staged is None and why != "the site has no stage":
-            self._event("stage not used", why=why)
-        return staged
+        if staged is None:
+            if backlog is not None:
+                backlog.close()
+            backlog = self._new_backlog()
+            if why and why != "the site has no stage":
+                self._event("stage not used", why=why)
+        assert backlog is not None
+        return staged, backlog
 
     def _new_generation_ranges(self, r: FailoverRecord) -> Iterator[tuple[str, int, int]]:
         """(volume, offset, length) of every write and zero in the new generation's log."""

@@ -200,3 +200,24 @@ def test_naming_a_sites_volumes_for_serving_reads_no_image(tmp_path: Path, monke
         ]
         with pytest.raises(AssertionError, match="read the whole image"):
             images.volumes()
+
+
+def test_folding_in_the_background_gives_the_same_backlog_and_hands_on_errors(
+    tmp_path: Path,
+) -> None:
+    site = _site(tmp_path)
+    _marked(site)
+    staged, _why, backlog = staging.FoldInBackground(site, BASE, Backlog).start().result()
+    assert staged is not None and backlog is not None
+    assert staged.w == 2 and backlog.bytes_left == 4096 + 512
+    backlog.close()
+    assert staging.FoldInBackground(site, b"other", Backlog).start().result()[:2] == (
+        None,
+        "the stage starts from another checkpoint than the site's",
+    )
+
+    def broken() -> Backlog:
+        raise OSError("no space for a spill file")
+
+    with pytest.raises(OSError, match="no space"):
+        staging.FoldInBackground(site, BASE, broken).start().result()
