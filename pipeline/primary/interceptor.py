@@ -203,7 +203,11 @@ class Interceptor:
             except LowmarkError as exc:
                 log.warning("could not publish LEAVE: %s", exc)
         if self._producer is not None:
-            self._producer.flush(5)
+            try:
+                self._producer.flush(5)
+            except LowmarkError:  # a fenced interceptor's last transaction: failure says it
+                if self.failure is None:
+                    raise
         self.cuts.close()
         event(log, "interceptor closed", interceptor=self.config.interceptor_id, s=self.last_s)
 
@@ -242,13 +246,10 @@ class Interceptor:
 
     def _clock_floor(self) -> int:
         """Every S reported before our JOIN: no W computed without us can exceed it."""
-        best = latest(
-            self.kafka_conf,
-            self.topics.watermark,
-            lambda v: codec.decode(v, Watermark),
-            Watermark.newer_than,
-            tail=WATERMARK_TAIL,  # not every W ever published: the topic is long before compaction
-        )
+        best = latest(  # from the tail: before compaction the topic holds every W ever
+            self.kafka_conf, self.topics.watermark, lambda v: codec.decode(v, Watermark),
+            Watermark.newer_than, tail=WATERMARK_TAIL,
+        )  # fmt: skip
         max_s, start = (best[0].max_s, best[0].progress_offset + 1) if best else (0, 0)
         events = []
         for msg in iter_range(self.kafka_conf, self.topics.progress, 0, start, self.epoch):
