@@ -46,6 +46,15 @@ def offsets(rt: str, name: str, offsets: Mapping[int, int]) -> None:
             raise bad(rt, f"{name} partition {p} has offset {off}")
 
 
+def volume_ids(rt: str, name: str, ids: Sequence[str]) -> None:
+    if not isinstance(ids, tuple):
+        raise bad(rt, f"{name} must be a tuple of volume ids, got {ids!r}")
+    for v in ids:
+        text(rt, name, v)
+    if len(set(ids)) != len(ids):
+        raise bad(rt, f"{name} lists a volume twice: {list(ids)}")
+
+
 def check_extents(extents: Sequence[WriteExtent]) -> None:
     """A Write's extents: whole writes and fragments in ts order (README)."""
     rt = "Write"

@@ -24,6 +24,7 @@ class ProgressKind(StrEnum):
     PROGRESS = "PROGRESS"
     LEAVE = "LEAVE"
     FENCE = "FENCE"
+    LOST = "LOST"  # an operator declared an ended instance's tail lost (``fence --declare-lost``)
 
 
 class ZeroKind(StrEnum):

@@ -38,6 +38,7 @@ from schemas.checks import integer as _int
 from schemas.checks import member as _enum
 from schemas.checks import offsets as _offsets
 from schemas.checks import text as _text
+from schemas.checks import volume_ids as _volume_ids
 from schemas.record_base import (
     CgRecord,
     LogRecord,
@@ -59,7 +60,9 @@ __all__ = [
     "Checkpoint",
     "Departed",
     "DrainRequest",
+    "Hold",
     "LogRecord",
+    "LostTail",
     "Marker",
     "Progress",
     "ProgressKind",
@@ -363,6 +366,10 @@ class Progress(Record):
     s: int
     partition_offsets: Mapping[int, int]
     wall_us: int
+    #: JOIN/PROGRESS: the async volumes served (they can have an unreplicated tail)
+    async_volumes: tuple[str, ...] = ()
+    #: PROGRESS: volumes whose earlier instances' dirty regions are republished at ts <= s
+    resynced_volumes: tuple[str, ...] = ()
 
     @property
     def header_ts(self) -> int | None:
@@ -372,6 +379,8 @@ class Progress(Record):
         return {
             **{f: getattr(self, f) for f in self.__slots__},
             "partition_offsets": offsets_to_avro(self.partition_offsets),
+            "async_volumes": list(self.async_volumes),
+            "resynced_volumes": list(self.resynced_volumes),
         }
 
     @classmethod
@@ -383,6 +392,8 @@ class Progress(Record):
             d["s"],
             offsets_from_avro("Progress", "partition_offsets", d["partition_offsets"]),
             d["wall_us"],
+            tuple(d.get("async_volumes", ())),  # schema default: [] (progress.v1)
+            tuple(d.get("resynced_volumes", ())),
         )
 
     def check(self) -> None:
@@ -394,6 +405,8 @@ class Progress(Record):
         _int(rt, "wall_us", self.wall_us)
         _enum(rt, "kind", self.kind, ProgressKind)
         _offsets(rt, "partition_offsets", self.partition_offsets)
+        _volume_ids(rt, "async_volumes", self.async_volumes)
+        _volume_ids(rt, "resynced_volumes", self.resynced_volumes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +418,7 @@ class WatermarkMember:
     s: int
     effective_s: int
     last_progress_offset: int
+    async_volumes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +428,31 @@ class Departed:
     interceptor_id: str
     epoch: int
     s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """An instance that ended without LEAVE while serving async volumes (Avro ``Hold``):
+    W stays <= s while ``volumes`` (its volumes not republished or declared lost yet) is
+    not empty, and never lands in (s, until): ``until`` is the S covering what was
+    republished (-1: nothing yet), so W jumps from <= s to >= until at once."""
+
+    interceptor_id: str
+    epoch: int
+    s: int
+    volumes: tuple[str, ...]
+    until: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class LostTail:
+    """A tail an operator declared lost (``lowmark fence --declare-lost``)."""
+
+    interceptor_id: str
+    epoch: int
+    s: int
+    volumes: tuple[str, ...]
+    declared_us: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +469,8 @@ class Watermark(Record):
     members: tuple[WatermarkMember, ...]
     published_us: int
     departed: tuple[Departed, ...] = ()
+    holds: tuple[Hold, ...] = ()
+    lost: tuple[LostTail, ...] = ()
 
     @property
     def header_ts(self) -> int | None:
@@ -446,9 +487,11 @@ class Watermark(Record):
             "log_offsets": offsets_to_avro(self.log_offsets),
             "progress_offset": self.progress_offset,
             "max_s": self.max_s,
-            "members": [dataclasses.asdict(m) for m in self.members],
+            "members": [_avro_dict(m) for m in self.members],
             "published_us": self.published_us,
             "departed": [dataclasses.asdict(d) for d in self.departed],
+            "holds": [_avro_dict(h) for h in self.holds],
+            "lost": [_avro_dict(x) for x in self.lost],
         }
 
     @classmethod
@@ -459,9 +502,11 @@ class Watermark(Record):
             offsets_from_avro("Watermark", "log_offsets", d["log_offsets"]),
             d["progress_offset"],
             d["max_s"],
-            tuple(WatermarkMember(**m) for m in d["members"]),
+            tuple(_with_volumes(WatermarkMember, m, "async_volumes") for m in d["members"]),
             d["published_us"],
             tuple(Departed(**x) for x in d.get("departed", ())),  # schema default: []
+            tuple(_with_volumes(Hold, x, "volumes") for x in d.get("holds", ())),
+            tuple(_with_volumes(LostTail, x, "volumes") for x in d.get("lost", ())),
         )
 
     def check(self) -> None:
@@ -479,6 +524,32 @@ class Watermark(Record):
             if m.interceptor_id in seen:
                 raise _bad(rt, f"member {m.interceptor_id!r} listed twice")
             seen.add(m.interceptor_id)
+            _volume_ids(rt, "async_volumes", m.async_volumes)
+        held: set[tuple[str, int]] = set()
+        for h in self.holds:
+            _text(rt, "interceptor_id", h.interceptor_id)
+            for name in ("epoch", "s"):
+                _int(rt, name, getattr(h, name))
+            _int(rt, "until", h.until, -1)  # -1: unresolved
+            _volume_ids(rt, "volumes", h.volumes)
+            if (h.interceptor_id, h.epoch) in held:
+                raise _bad(rt, f"hold {h!r} is listed twice")
+            held.add((h.interceptor_id, h.epoch))
+        for x in self.lost:
+            _text(rt, "interceptor_id", x.interceptor_id)
+            for name in ("epoch", "s", "declared_us"):
+                _int(rt, name, getattr(x, name))
+            _volume_ids(rt, "volumes", x.volumes)
+
+
+def _avro_dict(obj: Any) -> dict[str, Any]:
+    """A nested record's fields, its tuples as the lists Avro arrays decode to."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+def _with_volumes(cls: type, d: Mapping[str, Any], name: str) -> Any:
+    """``cls(**d)`` with the Avro array ``name`` as a tuple (absent: empty, its default)."""
+    return cls(**{**d, name: tuple(d.get(name, ()))})
 
 
 @dataclass(frozen=True, slots=True)

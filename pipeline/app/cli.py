@@ -24,6 +24,7 @@ _COMMAND_MODULES = {
     "replay": "pipeline.app.cli_ops",
     "verify": "pipeline.app.cli_ops",
     "roles": "pipeline.app.cli_roles",
+    "fence": "pipeline.app.cli_roles",
     "drill": "pipeline.app.cli_drill",
     "pause": "pipeline.app.cli_site",
     "resume": "pipeline.app.cli_site",

@@ -1,8 +1,9 @@
-"""``lowmark roles``: the roles of a CG (its generation, primary and history).
+"""``lowmark roles`` and ``lowmark fence``: who writes for a CG, and who no longer may.
 
-``roles show`` prints them (or that none are recorded: generation 0, primary unknown);
-``roles init --primary-site S`` records generation 0's primary and refuses when roles
-exist. Changing roles later is a failover's job, never an edit by hand.
+``roles show`` prints the roles (or that none are recorded: generation 0, primary
+unknown); ``roles init --primary-site S`` records generation 0's primary and refuses when
+roles exist. Changing roles later is a failover's job, never an edit by hand.
+``fence ID [--declare-lost]`` locks an interceptor out (``pipeline.ops.fence``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,16 @@ from schemas.ts import format_ts
 def roles_json(cg: str, roles: CgRoles | None) -> dict[str, Any]:
     """The roles as one JSON-ready object (generation 0 and no primary when none)."""
     if roles is None:
-        return {"cg": cg, "generation": 0, "primary_site": None, "recorded": False,
-                "base_w": 0, "base_offsets": {}, "history": [], "updated_us": None}
+        return {
+            "cg": cg,
+            "generation": 0,
+            "primary_site": None,
+            "recorded": False,
+            "base_w": 0,
+            "base_offsets": {},
+            "history": [],
+            "updated_us": None,
+        }
     return {
         "cg": cg,
         "generation": roles.generation,
@@ -102,4 +111,44 @@ def init(config_path, bootstrap_servers, cg_name, primary_site) -> None:
     click.echo(f"consistency group {cg}: generation 0, primary {done.primary_site} recorded")
 
 
-COMMANDS = [roles]
+@click.command()
+@config_options
+@click.argument("interceptor_id")
+@click.option(
+    "--declare-lost",
+    is_flag=True,
+    help="accept the loss of its unreplicated async writes: W passes its hold",
+)
+@click.option("--generation", type=int, default=None, help="default: the CG's current one")
+def fence(config_path, bootstrap_servers, cg_name, interceptor_id, declare_lost, generation):
+    """Fence interceptor INTERCEPTOR_ID; with --declare-lost, let W pass its lost tail.
+
+    An interceptor that ended without a clean stop while serving async volumes holds W at
+    its last S: it may have acknowledged writes that never reached Kafka. Restart it on
+    its disk and it republishes them; if its disk is gone, --declare-lost records the loss
+    (logged, kept in the W record, shown by `lowmark status`) and W moves on.
+    """
+    from pipeline.ops.fence import fence as fence_op
+
+    cfg = build_config(config_path, bootstrap_servers, cg_name)
+    conf, cg = cfg.kafka_conf(), cfg.cg.name
+    if generation is None:
+        current = RolesStore(conf).latest(cg)
+        generation = current.generation if current else 0
+    out = fence_op(conf, cg, interceptor_id, generation=generation, declare_lost=declare_lost)
+    held = sorted({v for h in out.holds for v in h.volumes})
+    what = "declared lost" if declare_lost else "fenced"
+    click.echo(
+        f"interceptor {interceptor_id} of CG {cg} generation {generation} {what} "
+        f"(progress offset {out.offset}); W was {out.w_before}"
+        + (f"; it held W for volumes {', '.join(held)}" if held else "")
+    )
+    if not declare_lost and held:
+        click.echo(
+            "W stays held until it is restarted on its disk or declared lost "
+            f"(lowmark fence {interceptor_id} --declare-lost)",
+            err=True,
+        )
+
+
+COMMANDS = [roles, fence]

@@ -317,7 +317,12 @@ class ApplyPlanner:
                 counts.append((vol, n))
         cg_taken = [c for c in self._cg_ops if c.ts <= w]
         taken.extend(cg_taken)
+        # judged again with what is known now: a zombie read before the W that proves it
+        # stale (its departure, a newer epoch below it) is dropped here, never applied
+        stale = {id(i) for i in taken if self._stale_now(i)}
         for item in taken:
+            if id(item) in stale:
+                continue
             for src in item.sources:
                 self._check_bound(src, item.ts)
         # checks done: from here on nothing raises, so a failed take changes nothing
@@ -329,6 +334,9 @@ class ApplyPlanner:
         for item in taken:
             self._release(item)
         self.applied_w = w
+        if stale:
+            self.stats.rejected_stale_epoch += len(stale)
+            taken = [i for i in taken if id(i) not in stale]
         # CG-wide ops after the volume ops of their ts; the source breaks remaining ties
         taken.sort(key=lambda i: (i.ts, i.volume_id is None, i.volume_id or "", i.sources[0]))
         ops = [item.op for item in taken if item.op is not None]
@@ -577,6 +585,15 @@ class ApplyPlanner:
     def _after_departure(self, iid: str, epoch: int, max_ts: int) -> bool:
         final_s = self._departed.get((iid, epoch))
         return final_s is not None and max_ts > final_s
+
+    def _stale_now(self, item: _Pending) -> bool:
+        op = item.op
+        if op is None or not item.sources:
+            return False
+        partition, offset = item.sources[0]
+        return self._after_departure(op.interceptor_id, op.epoch, op.ts) or self._is_stale(
+            op.interceptor_id, op.epoch, partition, offset
+        )
 
     def _is_stale(self, iid: str, epoch: int, partition: int, offset: int) -> bool:
         if epoch >= self._max_epoch.get((iid, partition), epoch):

@@ -412,12 +412,13 @@ class Failover:
             )
 
     def _await_final_w(self, generation: int, live: Mapping[str, Activity]) -> None:
-        """After the fence, wait until W reaches the last S of every fenced interceptor."""
+        """After the fence, wait until W reaches the last S of every fenced interceptor
+        (or the S of a hold: an ended instance's unrepublished tail caps the cut there)."""
         c = self.config
-        target = min(p.s for p in live.values())
         deadline = self.time.monotonic() + c.stop_timeout_s
         while True:
-            w = rs.latest_watermark(self.kafka_conf, c.cg, generation).w
+            wm = rs.latest_watermark(self.kafka_conf, c.cg, generation)
+            w, target = wm.w, min([p.s for p in live.values()] + [h.s for h in wm.holds])
             if w >= target:
                 return
             if self.time.monotonic() > deadline:

@@ -127,6 +127,28 @@ def cg_status(
             }
             for m in (wm.members if wm else ())
         ],
+        # ended instances whose async tail nobody republished yet: W stays at their S
+        "holds": [
+            {
+                "id": h.interceptor_id,
+                "epoch": h.epoch,
+                "s": h.s,
+                "volumes": list(h.volumes),
+                "republished_until": h.until if h.until >= 0 else None,
+                "held_s": (now - ts_physical_us(h.s)) / 1e6,
+            }
+            for h in (wm.holds if wm else ())
+        ],
+        "declared_lost": [
+            {
+                "id": x.interceptor_id,
+                "epoch": x.epoch,
+                "s": x.s,
+                "volumes": list(x.volumes),
+                "declared_us": x.declared_us,
+            }
+            for x in (wm.lost if wm else ())
+        ],
         "log_end_offsets": ends,
         "sites": {},
     }
@@ -175,6 +197,26 @@ def render(status: dict[str, Any]) -> str:
     ]
     for m in status["interceptors"]:
         lines.append(f"  interceptor {m['id']:<16} epoch {m['epoch']:<6} S lags {secs(m['lag_s'])}")
+    for h in status.get("holds", ()):
+        vols = ", ".join(h["volumes"])
+        if h["volumes"]:
+            lines.append(
+                f"  HELD     W stays at S of interceptor {h['id']} (epoch {h['epoch']}, "
+                f"{secs(h['held_s'])} ago): it ended without a clean stop and may have "
+                f"acknowledged async writes to {vols} that never reached Kafka. Restart it "
+                f"on its disk (it republishes them), or accept the loss: "
+                f"lowmark fence {h['id']} --declare-lost"
+            )
+        else:
+            lines.append(
+                f"  held     {h['id']}'s tail is republished (up to {h['republished_until']}); W "
+                "jumps past it once every interceptor reports above that"
+            )
+    for x in status.get("declared_lost", ())[-3:]:
+        lines.append(
+            f"  lost     interceptor {x['id']} (epoch {x['epoch']}) declared lost at S {x['s']}: "
+            f"its unreplicated writes to {', '.join(x['volumes']) or 'no async volume'} are gone"
+        )
     if not status["sites"]:
         lines.append("  no backup site has checkpointed yet")
     for site, s in status["sites"].items():

@@ -22,6 +22,10 @@ Promises to callers (see ``Ticket``):
   block (and say so in the log) until Kafka takes them. Nothing acknowledged is dropped.
 - fenced (a newer generation, ``generation_watch``; or its transactional id taken): no
   acknowledgement after that moment (``admit_ack``), ``FencedError`` to every caller.
+
+Every PROGRESS names the async volumes served (``tail_volumes``): if this instance ends
+without LEAVE, W holds at its S until a later instance republishes their dirty regions
+and says so in a PROGRESS's ``resynced_volumes`` (``resynced``; ``watermark.state``).
 """
 
 from __future__ import annotations
@@ -49,35 +53,20 @@ from pipeline.primary.cut_follower import CutFollower
 from pipeline.primary.drain import drain
 from pipeline.primary.engine_config import InterceptorConfig
 from pipeline.primary.generation_watch import GenerationWatch
-from pipeline.primary.outbox import Entry, Message, encode_batch, entry_bytes
+from pipeline.primary.outbox import (
+    Entry,
+    Message,
+    Ticket,
+    encode_batch,
+    entry_bytes,
+    progress_message,
+)
 from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.watermark.state import JOIN_EPOCH_FROM_OFFSET, join_clock_floor, join_epoch
 from schemas import codec
 from schemas.records import CgRoles, LogRecord, Progress, ProgressKind, Watermark
 
 log = logging.getLogger("lowmark.interceptor")
-
-
-class Ticket:
-    """Tells when a submitted record (and everything before it) is durable in Kafka."""
-
-    __slots__ = ("_engine", "seq", "ts")
-
-    def __init__(self, engine: Interceptor, seq: int, ts: int) -> None:
-        self._engine = engine
-        self.seq = seq
-        self.ts = ts
-
-    def done(self) -> bool:
-        return self._engine.durable_seq >= self.seq or self._engine.failure is not None
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Block until durable; ``ReplicationError`` / ``FencedError`` when it cannot be."""
-        self._engine.wait_durable(self.seq, timeout_s)
-
-    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
-        """Call ``fn(None)`` once durable or ``fn(exc)`` on failure, from the tick thread."""
-        self._engine.on_durable(self.seq, fn)
 
 
 class Interceptor:
@@ -116,6 +105,10 @@ class Interceptor:
         self.acks_before_fence: int | None = None
         self.durable_seq = 0
         self.last_s = 0
+        #: the async volumes served, named in every JOIN/PROGRESS (set by the CG)
+        self.tail_volumes: tuple[str, ...] = ()
+        #: (seq, volumes): once seq is durable, the next PROGRESS says they are resynced
+        self._resynced: tuple[int, tuple[str, ...]] | None = None
         # outbox state, all under _lock
         self._lock = threading.Lock()
         self._durable_cv = threading.Condition(self._lock)
@@ -471,7 +464,10 @@ class Interceptor:
             max_record_bytes=self.config.max_record_bytes,
         )
         t0 = self.time_source.monotonic()
-        self._transaction(records, self._progress(ProgressKind.PROGRESS, s))
+        resynced = self._resynced if self._resynced and self._resynced[0] <= last_seq else None
+        self._transaction(records, self._progress(ProgressKind.PROGRESS, s, resynced))
+        if resynced is not None:
+            self._resynced = None
         commit_ms = (self.time_source.monotonic() - t0) * 1000
         nbytes = sum(entry_bytes(e) for e in batch)
         with self._lock:
@@ -518,16 +514,17 @@ class Interceptor:
         for _seq, _t, fn in waiters:
             fn(exc)
 
-    def _progress(self, kind: ProgressKind, s: int) -> Message:
-        rec = Progress(
-            self.config.interceptor_id,
-            self.epoch,
-            kind,
-            s,
-            dict(self._delivered),
-            self.time_source.wall_us(),
-        )
-        return self.config.interceptor_id, codec.encode(rec), codec.headers_for(rec)
+    def resynced(self, seq: int, volumes: tuple[str, ...]) -> None:
+        """Every earlier instance's dirty region of ``volumes`` is queued up to ``seq``."""
+        self._resynced = (seq, volumes)
+        self._wake.set()
+
+    def _progress(
+        self, kind: ProgressKind, s: int, resynced: tuple[int, tuple[str, ...]] | None = None
+    ) -> Message:
+        iid, wall = self.config.interceptor_id, self.time_source.wall_us()
+        return progress_message(Progress(iid, self.epoch, kind, s, dict(self._delivered), wall,
+            self.tail_volumes, resynced[1] if resynced else ()))  # fmt: skip
 
     # ---------------------------------------------------------------- Kafka
 

@@ -6,10 +6,38 @@ here and produces what comes back in one transaction with its PROGRESS record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from schemas import codec
-from schemas.records import LogRecord, Write, WriteExtent
+from schemas.records import LogRecord, Progress, Write, WriteExtent
+
+if TYPE_CHECKING:
+    from pipeline.primary.interceptor import Interceptor
+
+
+class Ticket:
+    """Tells when a submitted record (and everything before it) is durable in Kafka."""
+
+    __slots__ = ("_engine", "seq", "ts")
+
+    def __init__(self, engine: Interceptor, seq: int, ts: int) -> None:
+        self._engine = engine
+        self.seq = seq
+        self.ts = ts
+
+    def done(self) -> bool:
+        return self._engine.durable_seq >= self.seq or self._engine.failure is not None
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until durable; ``ReplicationError`` / ``FencedError`` when it cannot be."""
+        self._engine.wait_durable(self.seq, timeout_s)
+
+    def add_done_callback(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(None)`` once durable or ``fn(exc)`` on failure, from the tick thread."""
+        self._engine.on_durable(self.seq, fn)
+
 
 #: (key, value, headers) of one Kafka message
 Message = tuple[str, bytes, list[tuple[str, bytes]]]
@@ -81,3 +109,8 @@ def _write_record(
 ) -> Message:
     rec = Write(volume_id, interceptor_id, epoch, tuple(extents))
     return volume_id, codec.encode(rec), codec.headers_for(rec)
+
+
+def progress_message(progress: Progress) -> Message:
+    """The progress topic's message of ``progress`` (keyed by its interceptor id)."""
+    return progress.interceptor_id, codec.encode(progress), codec.headers_for(progress)

@@ -127,6 +127,7 @@ class VolumeRegions:
         self.path = path
         self.state = state
         self.fd = -1
+        self.loaded = False  # set by open_volume: the file existed before this instance
         self.failure: RegionLogError | None = None
         #: held while the file is written (the writer thread's cycle, a resize's rewrite);
         #: taken before the log's lock, never after it
@@ -216,6 +217,8 @@ class RegionLog:
         state = DirtyRegions(self.region_bytes, size)
         vol = VolumeRegions(self, volume_id, path, state)
         found = self._load(path)
+        # the log was on disk before: it knows every region an earlier instance left dirty
+        vol.loaded = found is not None
         with self.lock:
             if found is not None:
                 rb, nregions, dirty = found

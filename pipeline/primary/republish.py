@@ -17,7 +17,10 @@ is queued before any new write, so below every ts this instance gives a client w
 Republishing a region that was in fact replicated costs bytes, never correctness.
 
 A republished region is cleared like a written one, once its record is durable; a crash
-during the republish leaves it set for the next start.
+during the republish leaves it set for the next start. The first PROGRESS committed with
+(or after) the last republished record lists the volumes in ``resynced_volumes``: W may
+then pass the crashed instance's S, jumping straight above that PROGRESS's S
+(``pipeline.watermark.state``, holds), so no cut holds effects of the tail without it.
 """
 
 from __future__ import annotations
@@ -28,12 +31,16 @@ from typing import TYPE_CHECKING
 from pipeline.logs import event
 
 if TYPE_CHECKING:
-    from pipeline.primary.volume import ConsistencyGroup
+    from pipeline.primary.volume import ConsistencyGroup, Volume
 
 log = logging.getLogger("lowmark.republish")
 
 #: one queued record carries at most this many bytes (adjacent regions coalesce)
 CHUNK_BYTES = 1 << 20
+
+
+def _knows_tail(vol: Volume) -> bool:
+    return vol.regions is not None and vol.regions.loaded
 
 
 def republish(cg: ConsistencyGroup) -> int:
@@ -81,6 +88,12 @@ def republish(cg: ConsistencyGroup) -> int:
             last_ts=last_ts,
         )
         total += nbytes
+    # the next PROGRESS after these records says so: the watermark lifts the holds that
+    # earlier instances' tails of these volumes put on W (a log created just now knows
+    # nothing of an earlier instance's writes: another disk, or the log was off)
+    known = tuple(sorted(v.volume_id for v in cg.volumes.values() if _knows_tail(v)))
+    if known:
+        engine.resynced(engine.barrier().seq, known)
     if total:
         engine.urgent()
     return total

@@ -296,6 +296,7 @@ class ConsistencyGroup:
         try:
             for info in self._load_catalog():
                 self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
+            self._name_tail_volumes()
             self.interceptor.start()
         except BaseException:
             if self.regions is not None:
@@ -360,6 +361,7 @@ class ConsistencyGroup:
             vol = Volume(self, info, Image(self._image_path(info), create_size=size))
             self.volumes[name] = vol
             self._save_catalog()
+            self._name_tail_volumes()
         if mode == "sync":
             self.interceptor.cuts.start()
         self._announce(vol, VolumeOp.CREATE)
@@ -376,6 +378,11 @@ class ConsistencyGroup:
             self._save_catalog()
         self._announce(vol, VolumeOp.RESIZE)
         return vol
+
+    def _name_tail_volumes(self) -> None:
+        """Every PROGRESS names the async volumes (an unreplicated tail is possible there)."""
+        ids = (v.volume_id for v in self.volumes.values() if v.mode == "async")
+        self.interceptor.tail_volumes = tuple(sorted(ids))
 
     def _announce(self, vol: Volume, op: VolumeOp) -> None:
         engine = self.interceptor

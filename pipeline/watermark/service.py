@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +69,7 @@ from pipeline.watermark.publisher import (
 )
 from pipeline.watermark.state import WatermarkState
 from schemas import codec
-from schemas.records import Progress, ProgressKind, Watermark
+from schemas.records import Hold, Progress, ProgressKind, Watermark
 from schemas.ts import ts_physical_us
 
 log = logging.getLogger("lowmark.watermark")
@@ -324,8 +325,11 @@ class WatermarkService:
                 return
             self._halt(msg, exc)
             return
+        holds = dict(self.state.holds)
         outcome = self.state.apply(rec, msg.offset())
         self.stats.events += 1
+        if holds.keys() != self.state.holds.keys() or rec.kind is ProgressKind.LOST:
+            self._log_holds(holds, rec)
         if outcome.accepted:
             self._last_seen[rec.interceptor_id] = int(now * 1e6)
         else:
@@ -334,6 +338,25 @@ class WatermarkService:
             self.stats.ignored_reasons[reason] = self.stats.ignored_reasons.get(reason, 0) + 1
         if rec.kind in (ProgressKind.LEAVE, ProgressKind.FENCE):
             self._last_seen.pop(rec.interceptor_id, None)
+
+    def _log_holds(self, before: Mapping[tuple[str, int], Hold], rec: Progress) -> None:
+        """Say when an ended instance's tail starts or stops holding W, and why."""
+        now = self.state.holds
+        for key in now.keys() - before.keys():
+            h = now[key]
+            event(log, "W is held: an interceptor ended without LEAVE and may have "
+                "acknowledged async writes that never reached Kafka; restart it on its disk "
+                "(it republishes them) or run `lowmark fence --declare-lost ID`",
+                level=logging.WARNING, cg=self.config.cg, interceptor=h.interceptor_id,
+                epoch=h.epoch, s=h.s, volumes=list(h.volumes))  # fmt: skip
+        for key in before.keys() - now.keys():
+            h = before[key]
+            lost = rec.kind is ProgressKind.LOST
+            event(log, "hold declared lost: W passes a tail nobody republished" if lost
+                else "hold released: the tail was republished and W passed it",
+                level=logging.WARNING if lost else logging.INFO, cg=self.config.cg,
+                interceptor=h.interceptor_id, epoch=h.epoch, s=h.s, volumes=list(h.volumes),
+                w=self.state.w)  # fmt: skip
 
     def _halt(self, msg: Any, exc: LowmarkError) -> None:
         """Freeze W at the bad progress record: it may be a JOIN W must not pass blindly."""
@@ -532,4 +555,10 @@ class WatermarkService:
             "publish_failures": self.stats.publish_failures,
             "kafka_trouble": int(self._trouble_since is not None),
             "halted": int(self.halted is not None),
+            # per held (interceptor/volume): the S W may not pass until it is resolved
+            "holds": len(self.state.holds),
+            "held_at_s": {
+                f"{h.interceptor_id}/{v}": h.s for h in self.state.holds.values() for v in h.volumes
+            },
+            "lost_declared": len(self.state.lost),
         }

@@ -21,7 +21,17 @@ Rules (DESIGN invariant 2, "watermark safety"):
   its epoch <= e and clamps every other member's effective S to the fenced member's S,
   until that member reports again: the fenced one may have acknowledged async writes
   above its S that are lost, so W passes its S only on fresh evidence from the living.
-- ``W = max(W, min(effective_s))`` over the members; unchanged when there are none.
+- Holds (issue #13, "W never jumps a lost tail silently"): a member removed without LEAVE
+  (FENCE, or replaced by a newer JOIN) that served async volumes (``async_volumes`` of
+  its JOIN/PROGRESS) may have acknowledged writes above its S that never reached Kafka.
+  It leaves a ``Hold``: W stays <= its S while any of its volumes is unrepublished. A
+  PROGRESS of a later instance of the same id listing volumes in ``resynced_volumes``
+  (their dirty regions republished at ts <= its S, committed with that record) removes
+  them and raises ``until`` to that S: W may then never land in (s, until), a cut there
+  would hold effects of the tail without the republished tail, so it jumps over the gap
+  at once. ``LOST`` (``lowmark fence --declare-lost``) gives up an id's unrepublished
+  volumes and records the accepted loss; a gap already republished stays.
+- ``W = max(W, min(effective_s, holds))`` over the members; unchanged when there are none.
   Folding keeps ``W <= effective_s <= s`` for every member, so the min never lies below
   W; if it ever did, W would already have covered a live member's future writes, and
   ``_set_w`` raises instead of hiding it.
@@ -40,10 +50,20 @@ from enum import StrEnum
 from typing import Any
 
 from pipeline.errors import CorruptRecordError, WatermarkError
-from schemas.records import Departed, Progress, ProgressKind, Watermark, WatermarkMember
+from schemas.records import (
+    Departed,
+    Hold,
+    LostTail,
+    Progress,
+    ProgressKind,
+    Watermark,
+    WatermarkMember,
+)
 
 #: the ``epoch`` a JOIN carries to say "my epoch is this record's offset"
 JOIN_EPOCH_FROM_OFFSET = -1
+#: how many declared-lost tails the state keeps (the CG's record of accepted loss)
+LOST_HISTORY = 64
 
 
 class Reason(StrEnum):
@@ -69,6 +89,7 @@ class Member:
     s: int  # latest S the member promised
     effective_s: int  # s, or lower while clamped by a fence since its last report
     last_progress_offset: int  # offset of its JOIN or latest accepted PROGRESS
+    async_volumes: tuple[str, ...] = ()  # from its latest JOIN/PROGRESS: a tail is possible
 
 
 _MEMBER_FIELDS = tuple(f.name for f in dataclasses.fields(Member))
@@ -84,8 +105,20 @@ class WatermarkState:
         members: Iterable[Member] = (),
         progress_offset: int = -1,
         departed: Mapping[str, tuple[int, int]] | None = None,
+        holds: Iterable[Hold] = (),
+        lost: Iterable[LostTail] = (),
     ) -> None:
         self._w = w
+        #: (interceptor id, epoch) -> the hold its unreplicated async tail puts on W
+        self.holds: dict[tuple[str, int], Hold] = {}
+        for h in holds:
+            if (h.interceptor_id, h.epoch) in self.holds:
+                raise WatermarkError(
+                    f"hold {h!r} listed twice in a watermark state; the snapshot is corrupt: "
+                    "rebuild it by folding the progress topic"
+                )
+            self.holds[h.interceptor_id, h.epoch] = h
+        self.lost: list[LostTail] = list(lost)[-LOST_HISTORY:]
         # interceptor id -> (epoch, final S) of its last instance that left or was fenced;
         # an applier rejects that instance's records above it (a zombie that Kafka's
         # fencing did not stop must still never reach a backup)
@@ -116,33 +149,53 @@ class WatermarkState:
             return EventOutcome(False, Reason.DUPLICATE_OFFSET)
         iid, epoch, kind, s = _parse(event, offset)
         self.progress_offset = offset
-        if kind is not ProgressKind.FENCE:
+        if kind not in (ProgressKind.FENCE, ProgressKind.LOST):
             self.max_s = max(self.max_s, s)
         match kind:
             case ProgressKind.JOIN:
-                reason = self._join(iid, join_epoch(epoch, offset), s, offset)
+                reason = self._join(iid, join_epoch(epoch, offset), s, offset, event)
             case ProgressKind.PROGRESS:
-                reason = self._progress(iid, epoch, s, offset)
+                reason = self._progress(iid, epoch, s, offset, event)
             case ProgressKind.LEAVE:
                 reason = self._leave(iid, epoch)
             case ProgressKind.FENCE:
                 reason = self._fence(iid, epoch)
+            case ProgressKind.LOST:
+                reason = self._lost(iid, epoch, event.wall_us)
         self.counts[reason] += 1
         if reason is Reason.ACCEPTED and self.members:
-            self._set_w(min(m.effective_s for m in self.members.values()))
+            self._set_w(self._capped(min(m.effective_s for m in self.members.values())))
         return EventOutcome(reason is Reason.ACCEPTED, reason)
 
-    def _join(self, iid: str, epoch: int, s: int, offset: int) -> Reason:
+    def _capped(self, w: int) -> int:
+        """The largest W <= ``w`` the holds allow: at most the S of every hold with volumes
+        still unrepublished, and never inside the gap (s, until) of one whose tail went
+        out again at ts <= until (it falls back to s). A hold with nothing left unrepublished
+        that W reached the ``until`` of is dropped: W jumped over its gap."""
+        for h in self.holds.values():
+            if h.volumes:
+                w = min(w, h.s)
+        moved = True
+        while moved:  # each step lowers w to some hold's s: it ends within len(holds)
+            moved = False
+            for h in self.holds.values():
+                if h.s < w < h.until:
+                    w, moved = h.s, True
+        for key in [k for k, h in self.holds.items() if not h.volumes and h.until <= w]:
+            del self.holds[key]
+        return w
+
+    def _join(self, iid: str, epoch: int, s: int, offset: int, event: Progress) -> Reason:
         old = self.members.get(iid)
         if old is not None:
             if epoch <= old.epoch:
                 return Reason.STALE_EPOCH
             self._remove_and_clamp(old)
         start = max(s, self._w)
-        self.members[iid] = Member(iid, epoch, start, start, offset)
+        self.members[iid] = Member(iid, epoch, start, start, offset, tuple(event.async_volumes))
         return Reason.ACCEPTED
 
-    def _progress(self, iid: str, epoch: int, s: int, offset: int) -> Reason:
+    def _progress(self, iid: str, epoch: int, s: int, offset: int, event: Progress) -> Reason:
         m = self.members.get(iid)
         if m is None:
             return Reason.UNKNOWN_MEMBER
@@ -152,6 +205,40 @@ class WatermarkState:
             return Reason.S_REGRESSED
         m.s = m.effective_s = s
         m.last_progress_offset = offset
+        m.async_volumes = tuple(event.async_volumes)
+        if event.resynced_volumes:
+            self._resolve(iid, epoch, s, set(event.resynced_volumes))
+        return Reason.ACCEPTED
+
+    def _resolve(self, iid: str, epoch: int, s: int, resynced: set[str]) -> None:
+        """Earlier instances' tails of ``resynced`` are republished at ts <= ``s``."""
+        for key, h in list(self.holds.items()):
+            if h.interceptor_id != iid or h.epoch >= epoch:
+                continue
+            if any(v in resynced for v in h.volumes):
+                left = tuple(v for v in h.volumes if v not in resynced)
+                self.holds[key] = dataclasses.replace(h, volumes=left, until=max(h.until, s))
+
+    def _lost(self, iid: str, epoch: int, declared_us: int) -> Reason:
+        """An operator accepted the loss of ``iid``'s unrepublished tails up to instance
+        ``epoch``. What was republished keeps its gap: it is not lost, only late."""
+        m = self.members.get(iid)
+        if m is not None and m.epoch <= epoch:
+            del self.members[iid]  # declared lost, so no hold of its own: it was fenced
+            self.departed[iid] = (m.epoch, m.s)
+            self.lost.append(LostTail(iid, m.epoch, m.s, m.async_volumes, declared_us))
+        mine = [k for k, h in self.holds.items() if k[0] == iid and h.epoch <= epoch]
+        if (m is None or m.epoch > epoch) and not mine:
+            return Reason.UNKNOWN_MEMBER
+        for key in mine:
+            h = self.holds[key]
+            if h.volumes:
+                self.lost.append(LostTail(iid, h.epoch, h.s, h.volumes, declared_us))
+            if h.until < 0:
+                del self.holds[key]
+            else:
+                self.holds[key] = dataclasses.replace(h, volumes=())
+        del self.lost[:-LOST_HISTORY]
         return Reason.ACCEPTED
 
     def _leave(self, iid: str, epoch: int) -> Reason:
@@ -178,6 +265,9 @@ class WatermarkState:
     def _remove_and_clamp(self, fenced: Member) -> None:
         del self.members[fenced.interceptor_id]
         self.departed[fenced.interceptor_id] = (fenced.epoch, fenced.s)
+        if fenced.async_volumes:
+            key = (fenced.interceptor_id, fenced.epoch)
+            self.holds[key] = Hold(*key, fenced.s, fenced.async_volumes)
         for m in self.members.values():
             m.effective_s = min(m.effective_s, fenced.s)
 
@@ -202,6 +292,8 @@ class WatermarkState:
                 {"interceptor_id": k, "epoch": e, "s": s}
                 for k, (e, s) in sorted(self.departed.items())
             ],
+            "holds": [dataclasses.asdict(self.holds[k]) for k in sorted(self.holds)],
+            "lost": [dataclasses.asdict(x) for x in self.lost],
         }
 
     def watermark(self, cg: str, log_offsets: Mapping[int, int], published_us: int) -> Watermark:
@@ -217,6 +309,8 @@ class WatermarkState:
             ),
             published_us,
             tuple(Departed(k, e, s) for k, (e, s) in sorted(self.departed.items())),
+            tuple(self.holds[k] for k in sorted(self.holds)),
+            tuple(self.lost),
         )
 
     @classmethod
@@ -228,19 +322,28 @@ class WatermarkState:
             members=[Member(**dataclasses.asdict(m)) for m in wm.members],
             progress_offset=wm.progress_offset,
             departed={d.interceptor_id: (d.epoch, d.s) for d in wm.departed},
+            holds=wm.holds,
+            lost=wm.lost,
         )
 
     @classmethod
     def from_snapshot(cls, d: Mapping[str, Any]) -> WatermarkState:
         """Resume from ``snapshot()`` output or a decoded Watermark record (extra keys ignored)."""
         try:
-            members = [Member(**{k: m[k] for k in _MEMBER_FIELDS}) for m in d["members"]]
+            members = [
+                Member(**{k: m[k] for k in _MEMBER_FIELDS if k in m or k != "async_volumes"})
+                for m in d["members"]
+            ]
+            for m in members:
+                m.async_volumes = tuple(m.async_volumes)
             return cls(
                 w=d["w"],
                 max_s=d["max_s"],
                 members=members,
                 progress_offset=d["progress_offset"],
                 departed={x["interceptor_id"]: (x["epoch"], x["s"]) for x in d.get("departed", [])},
+                holds=[Hold(**{**x, "volumes": tuple(x["volumes"])}) for x in d.get("holds", [])],
+                lost=[LostTail(**{**x, "volumes": tuple(x["volumes"])}) for x in d.get("lost", [])],
             )
         except (KeyError, TypeError) as e:
             raise WatermarkError(
@@ -302,6 +405,12 @@ class WatermarkState:
                 f"watermark state has w={self._w} above max_s={self.max_s}; no member ever "
                 "reported that much. Rebuild the state from the progress topic"
             )
+        for h in self.holds.values():
+            if not self._w <= h.s or h.until > self.max_s:
+                raise WatermarkError(
+                    f"watermark state hold {h!r} lies below w={self._w} or resolves above "
+                    f"max_s={self.max_s}; rebuild the state from the progress topic"
+                )
         for m in self.members.values():
             if not (self._w <= m.effective_s <= m.s <= self.max_s) or (
                 m.last_progress_offset > self.progress_offset

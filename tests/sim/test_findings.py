@@ -23,14 +23,10 @@ def _write(ts: int, epoch: int, data: bytes = b"d") -> Write:
     return Write("v", "x", epoch, (WriteExtent(ts, 0, len(data), 0, 1, data),))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by tests/sim: the planner judges a record stale only by the evidence it "
-    "has when the record is added; a zombie read before the W that proves it stale stays "
-    "pending and is applied (or halts the CG as a watermark-safety breach) once a later W "
-    "covers its ts. Fix: re-check pending records in note_epoch/note_departed (or in take)",
-)
 def test_zombie_read_before_its_proof_is_never_applied() -> None:
+    """Fixed (found by tests/sim): the planner judged a record stale only by the evidence
+    it had when the record was added; ``take`` now judges every op again with what is
+    known then. A W that holds for a dead instance's tail made this the usual order."""
     p = ApplyPlanner()
     assert p.add(_write(5, 1), 0, 0) is AddOutcome.ACCEPTED
     # the zombie comes first: the applier reads the log before the watermark topic

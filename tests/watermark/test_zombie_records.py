@@ -4,8 +4,9 @@ Tries to break invariant 2's fencing end to end: a stalled interceptor is fenced
 watermark service (liveness 1 s); then a record with its old epoch surfaces in its
 volume's partition (a plain producer, past Kafka's fencing, as Jepsen saw fenced
 producers' writes land), with a fresh ts the living then move W past. Whether the fenced
-interceptor rejoined with a new epoch or stays fenced, the applier must count and drop
-the record, and apply the living's later writes (the event that shows it went past it).
+interceptor rejoined with a new epoch or stays fenced (and declared lost, so that W may
+pass its S), the applier must count and drop the record, and apply the living's later
+writes (the event that shows it went past it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.ops.fence import fence
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.site import SiteDir
 from pipeline.timesource import wall_us
@@ -161,6 +163,19 @@ def test_zombie_record_is_rejected_while_its_interceptor_stays_fenced(fenced_zom
     ts, and the living move W past that ts. The record must not reach the backup."""
     setup = fenced_zombie
     zombie_ts = _produce_zombie_write(setup, "sv", 65536)
+    # it served an async volume and ended without LEAVE: W holds at its S, whatever the
+    # living write, until its tail is republished or declared lost (issue #13 item 3)
+    svc = setup.wm.service
+    (hold,) = svc.state.holds.values()
+    assert (hold.interceptor_id, hold.volumes) == ("stall", ("sv",))
+    live_ts = setup.live.volume("lv").write(8192, b"held" * 128)
+    setup.live.flush()
+    time.sleep(0.5)
+    assert svc.state.w <= hold.s < live_ts, "W passed a dead instance's possible async tail"
+    out = fence(setup.kafka_conf, setup.cg, "stall", declare_lost=True)
+    assert out.holds == [hold]
+    wait_until(lambda: not svc.state.holds, 20, "the LOST record folded")
+    assert [(x.interceptor_id, x.volumes) for x in svc.state.lost] == [("stall", ("sv",))]
     _drive_w_past(setup, zombie_ts, setup.live)
     image = read_image(SiteDir(tmp_path / "backup").image_path("sv"))
     assert b"before-the-stall" in image
