@@ -43,11 +43,13 @@ from tests.service_runner import ChildProcess
 VOLUME_SIZE = 16 << 20
 BLOCK = 4096
 LANES = 4
-SEED_BASE = {"dead": 0, "fenced": 1_000_000}
+SEED_BASE = {"dead": 0, "fenced": 1_000_000, "survivor": 3_000_000}
 # fenced: 2.5 s, not 1 s: on a loaded 2-core machine a live interceptor's commits can stall
 # over a second, and the service then fences it at start-up ("stopped the backup side") or
-# mid-chain (W passes its acknowledged async tail, as fencing declares it lost)
-LIVENESS_S = {"dead": 3600.0, "fenced": 2.5}
+# mid-chain (its own writers fail)
+LIVENESS_S = {"dead": 3600.0, "fenced": 2.5, "survivor": 1.5}
+#: survivor: how long the living one keeps writing the chain once W holds for the dead one
+SURVIVE_S = 0.4
 NODES = ("x", "y")
 
 
@@ -66,10 +68,14 @@ class Plan:
     def of(cls, seed: int) -> Plan:
         rng = random.Random(seed)
         sync = rng.choice([None, None, "x", "y"])
+        survivor = seed >= SEED_BASE["survivor"]
+        if survivor:
+            sync = None  # the survivor's sync writes would wait for the held W, by design
         return cls(
             seed,
             {n: "sync" if n == sync else "async" for n in NODES},
-            rng.uniform(0.2, 1.0),
+            # survivor: later, so the first one's S covers part of the chain on a loaded box
+            rng.uniform(0.6, 1.5) if survivor else rng.uniform(0.2, 1.0),
             rng.choice(NODES),
             rng.uniform(0.0, 0.05),
         )
@@ -98,6 +104,7 @@ class Outcome:
     lost_async: int = 0  # acknowledged async writes not in the backup (allowed: ts > W)
     lost_async_at_or_below_w: int = 0  # ... with ts <= W: breaks invariant 3
     lost_sync: list[str] = field(default_factory=list)  # acknowledged sync writes missing
+    survivor_acks: int = 0  # survivor: chain writes acknowledged after the first one died
     interceptor_error: str = ""
     volume_full: bool = False  # the chain stopped before the kill
     epochs: dict[str, int] = field(default_factory=dict)  # node -> its interceptor's epoch
@@ -152,15 +159,27 @@ def _chain_length(rng: random.Random) -> int:
 
 
 def _drive_chain(
-    drivers: dict[str, ChildProcess], volumes: dict[str, str], plan: Plan, out: Outcome
+    drivers: dict[str, ChildProcess],
+    volumes: dict[str, str],
+    plan: Plan,
+    out: Outcome,
+    stop: threading.Event | None = None,
 ) -> None:
-    """Issue w1, w2, ... alternating x and y, each after the previous one's ack."""
+    """Issue w1, w2, ... alternating x and y, each after the previous one's ack. With
+    ``stop`` (the survivor variant) a dead node is skipped and the living one goes on
+    alone until ``stop`` is set: its writes causally follow the dead one's tail."""
     rng = random.Random(plan.seed * 7 + 1)
     next_offset = dict.fromkeys(NODES, 0)
+    dead: set[str] = set()
     index = 0
     while True:
         index += 1
         node = NODES[(index - 1) % 2]
+        if stop is not None:
+            if stop.is_set() or len(dead) == len(NODES):
+                return
+            if node in dead:
+                node = next(n for n in NODES if n not in dead)
         length = _chain_length(rng)
         offset = next_offset[node]
         if offset + length > VOLUME_SIZE:
@@ -171,11 +190,17 @@ def _drive_chain(
         out.chain.append(cw)
         reply = drivers[node].request(f"W {offset} {length} {plan.seed} {index}")
         if reply is None:
-            return  # killed while this write was in flight
+            if stop is None:
+                return  # killed while this write was in flight
+            dead.add(node)  # this one is never acknowledged; the chain goes on
+            continue
         if not reply.startswith("A "):
             out.interceptor_error = f"{node} answered {reply!r} before the kill"
             return
         cw.ts = int(reply.split()[1])
+        if dead:
+            out.survivor_acks += 1
+            time.sleep(0.004)  # ~250 writes/s while W holds: the chain, not a flood
 
 
 def _kill_both(drivers: dict[str, ChildProcess], plan: Plan) -> None:
@@ -184,6 +209,26 @@ def _kill_both(drivers: dict[str, ChildProcess], plan: Plan) -> None:
     for i, node in enumerate(order):
         if i:
             time.sleep(plan.gap_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(drivers[node].pid, signal.SIGKILL)
+
+
+def _kill_one_then_the_survivor(
+    lane: Lane, drivers: dict[str, ChildProcess], plan: Plan, stop: threading.Event
+) -> None:
+    """Kill the first; once the service holds W for it, let the other write on for
+    ``SURVIVE_S`` (its S passes the dead one's by far), then kill it too."""
+    time.sleep(plan.workload_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(drivers[plan.first].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+        h.interceptor_id == plan.first for h in list(lane.service.state.holds.values())
+    ):
+        time.sleep(0.05)
+    time.sleep(SURVIVE_S)
+    stop.set()
+    for node in NODES:
         with contextlib.suppress(ProcessLookupError):
             os.kill(drivers[node].pid, signal.SIGKILL)
 
@@ -203,7 +248,8 @@ def run_disaster(lane: Lane, seed: int) -> Outcome:
                 {
                     "kafka": lane.kafka_conf,
                     "cg": lane.cg,
-                    "dir": str(lane.root / f"r{r}" / node),
+                    # the same disk every round: a restart republishes the last one's tail
+                    "dir": str(lane.root / node),
                     "interceptor_id": node,
                     "volume": volumes[node],
                     "size": VOLUME_SIZE,
@@ -216,9 +262,14 @@ def run_disaster(lane: Lane, seed: int) -> Outcome:
             out.epochs[node] = int(d.expect("READY", 90).split()[1])
         t1 = time.monotonic()
         out.seconds["start"] = t1 - t0
-        killer = threading.Thread(target=_kill_both, args=(drivers, plan), daemon=True)
+        stop = threading.Event() if lane.variant == "survivor" else None
+        if stop is None:
+            killer = threading.Thread(target=_kill_both, args=(drivers, plan), daemon=True)
+        else:
+            args = (lane, drivers, plan, stop)
+            killer = threading.Thread(target=_kill_one_then_the_survivor, args=args, daemon=True)
         killer.start()
-        _drive_chain(drivers, volumes, plan, out)
+        _drive_chain(drivers, volumes, plan, out, stop)
         killer.join()
     finally:
         for d in drivers.values():
@@ -226,6 +277,9 @@ def run_disaster(lane: Lane, seed: int) -> Outcome:
     t2 = time.monotonic()
     out.seconds["workload"] = t2 - t1
     out.w = _settle(lane, out)
+    if os.environ.get("LOWMARK_DISASTER_VERBOSE"):
+        st = lane.service.state
+        print("STATE", st.w, st.holds, st.members, st.departed, flush=True)
     t3 = time.monotonic()
     out.seconds["settle"] = t3 - t2
     _check(lane, out)
@@ -367,10 +421,20 @@ def _prefix(out: Outcome, states: list[str]) -> tuple[int, str]:
 
 
 def _recheck_earlier(lane: Lane, out: Outcome) -> None:
-    """Earlier disasters' volumes must still hold a causal prefix now that W moved on."""
+    """Earlier disasters' volumes must still hold a causal prefix now that W moved on, and
+    every write they acknowledged: the restart on the same disk republished the tail, and
+    W passed it (it held until then). Only the one write in flight at the kill (never
+    acknowledged) may be absent or torn: the image holds whatever part of it landed."""
     for earlier in lane.history:
         states = _chain_states(_backup_images(lane, earlier), earlier)
+        last = len(earlier.chain) - 1
+        if last >= 0 and earlier.chain[last].ts is None and states[last] == "torn":
+            states[last] = "absent"
         _present, problem = _prefix(earlier, states)
+        lost = [cw.index for cw, st in zip(earlier.chain, states, strict=True)
+                if cw.ts is not None and st != "present"]  # fmt: skip
+        if lost and not problem:
+            problem = f"acknowledged writes lost across the restart: w{lost[0]} (+{len(lost) - 1})"
         if problem or "torn" in states:
             out.problems.append(
                 f"after the primary restarted, W={out.w} exposes round {earlier.round} "
