@@ -96,6 +96,14 @@ def failback(config_path, bootstrap_servers, cg_name, site, site_dir, source_dir
         conf, cfg.cg.name, name, sdir, Path(source_dir), rc,
         on_line=lambda line: click.echo(line, err=True), progress=progress,
     )  # fmt: skip
+    if result.already:
+        ckpt = result.checkpoint
+        click.echo(
+            f"site {name} is a backup of CG {cfg.cg.name} already (checkpoint at W {ckpt.w}, "
+            f"generation {ckpt.generation}): nothing to copy; start its applier: "
+            f"lowmark apply --site {name} --data-dir {sdir}"
+        )
+        return
     click.echo(f"resync plan (regions of {result.plan.region_bytes} bytes):")
     for vp in result.plan.volumes:
         click.echo(

@@ -137,6 +137,15 @@ class ResyncResult:
     bytes_read: int  # bytes read from N's images in this run
     bytes_filled: int  # bytes filled from P's own images before a replayed op
     reflinked: tuple[str, ...]
+    #: the site was a backup of this generation already (a finished resync re-run)
+    already: bool = False
+
+
+def _finished(sdir: SiteDir, files: _Files, generation: int) -> Checkpoint | None:
+    if files.root.exists() or not sdir.checkpoint_path.exists():
+        return None
+    ckpt = codec.decode(sdir.checkpoint_path.read_bytes(), (Checkpoint,))
+    return ckpt if ckpt.generation >= generation else None
 
 
 class _Files:
@@ -194,6 +203,10 @@ def resync(
         raise FailoverError("--source-dir is the old primary's own data dir: give the new one's")
     files = _Files(sdir)
     with SiteLock(sdir, f"resync of site {site}"):
+        done = _finished(sdir, files, roles.generation)
+        if done is not None:  # a run that was killed after its last step: nothing to do
+            empty = ResyncPlan(config.region_bytes, config.full_copy_threshold, ())
+            return ResyncResult(empty, done, 0, 0, 0, (), already=True)
         run = _Run(kafka_conf, cg, site, roles, sdir, src, files, config, on_line, sleep, now)
         if progress is not None:
             progress.started_mono = now()
