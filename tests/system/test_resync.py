@@ -149,6 +149,7 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
         # slow enough that a kill lands in the copy, the wait for W1, the catch-up or install
         args = ("--max-rate", "2MiB", "--region-bytes", "64KiB")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        phases: list[str] = []  # where each kill left an open resync
         for i in range(kills):
             log = open(tmp_path / f"fb{i}.log", "wb")  # noqa: SIM115 - closed below
             proc = subprocess.Popen(_failback_cmd(kafka_conf, cg, rs, *args), cwd=REPO,
@@ -158,6 +159,9 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             log.close()
+            state = in_progress(rs.prod_dir)
+            if state is not None:
+                phases.append(str(state.get("phase", "plan")))
             ckpt = _checkpoint(rs.prod_dir)
             if ckpt is not None:  # a checkpoint is only ever one the images match
                 assert in_progress(rs.prod_dir) is None, "a checkpoint beside an open resync"
@@ -170,6 +174,8 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
         ckpt = _checkpoint(rs.prod_dir)
         assert ckpt is not None and in_progress(rs.prod_dir) is None
         _same(images_of(rs.prod_dir), rs.reference(ckpt.w), "after the kills")
+        assert phases, "no kill landed inside the resync: the test proved nothing"
+        print(f"seed {seed}: kills left the resync in {phases}")
     finally:
         rs.close()
 
@@ -188,7 +194,7 @@ def test_failback_kill9_torture(kafka_conf, tmp_path, seed):
 def test_failback_cli_prints_the_plan_and_apply_refuses_a_resyncing_site(kafka_conf, tmp_path):
     require_tools("qemu-io")
     cg = unique("resyncc")
-    rs = build(kafka_conf, cg, tmp_path, sizes={"a": 2 << 20}, above_cut=128 << 10,
+    rs = build(kafka_conf, cg, tmp_path, sizes={"a": 8 << 20}, above_cut=128 << 10,
                unreplicated=64 << 10, seed=5)  # fmt: skip
     try:
         rs.write_new(256 << 10)
