@@ -147,14 +147,14 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
     try:
         rs.write_new(1 << 20, ["a"])
         # slow enough that a kill lands in the copy, the wait for W1, the catch-up or install
-        args = ("--max-rate", "2MiB", "--region-bytes", "64KiB")
+        args = ("--max-rate", "1MiB", "--region-bytes", "64KiB")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         phases: list[str] = []  # where each kill left an open resync
         for i in range(kills):
             log = open(tmp_path / f"fb{i}.log", "wb")  # noqa: SIM115 - closed below
             proc = subprocess.Popen(_failback_cmd(kafka_conf, cg, rs, *args), cwd=REPO,
                                     env=env, stdout=log, stderr=log)  # fmt: skip
-            time.sleep(rng.uniform(0.3, 3.5))
+            time.sleep(rng.uniform(0.8, 3.5))
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait(30)
@@ -182,7 +182,7 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_failback_killed_at_random_instants_resumes_and_converges(kafka_conf, tmp_path, seed):
-    _kill9_converges(kafka_conf, tmp_path, seed, kills=3)
+    _kill9_converges(kafka_conf, tmp_path, seed, kills=4)
 
 
 @pytest.mark.torture
