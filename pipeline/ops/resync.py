@@ -426,6 +426,7 @@ class _Run:
                     f"{self.config.w1_timeout_s} s (is `lowmark watermark` running for the new "
                     "primary?); the copy is kept: run the failback again to continue"
                 )
+            self._report("await W1")
             self.sleep(0.05)
         atomic_write(f.w1, codec.encode(wm))
         return wm
@@ -444,6 +445,7 @@ class _Run:
             result = replay(
                 self.kafka_conf, topic, sink, from_w=self.roles.base_w, to_ts=wm.w,
                 start_offsets=start, end_offsets=end_offsets(wm, bounds), target=wm,
+                on_progress=lambda _p: self._report("catch up"),
             )  # fmt: skip
         self.filled = sink.filled_bytes
         out = {
