@@ -4,7 +4,8 @@ Tries to break: a resync that copies more than the diverged regions (or reads a 
 whole in DELTA mode), one whose images are not exactly generation 1 at its W1 (while the
 new primary keeps writing through NBD during the copy), a threshold that does not switch a
 heavily diverged volume to a full copy, a resync killed -9 at random instants that does not
-converge on a re-run or leaves a checkpoint the images do not match, and the round trip:
+converge on a re-run or leaves a checkpoint the images do not match (or lets `lowmark
+apply` start on a half-synced site), and the round trip:
 the resynced site follows generation 1 with `lowmark apply` and takes the role back with
 `lowmark switchover`.
 
@@ -149,6 +150,10 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
         # slow enough that a kill lands in the copy, the wait for W1, the catch-up or install
         args = ("--max-rate", "1MiB", "--region-bytes", "64KiB")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        base = ["--bootstrap-servers", kafka_conf["bootstrap.servers"], "--cg", cg,
+                "--site", "prod", "--data-dir", str(rs.prod_dir)]  # fmt: skip
+        no_source = lowmark("failback", *base)  # after a failover, a copy is needed
+        assert no_source.returncode != 0 and "--source-dir" in no_source.stderr
         phases: list[str] = []  # where each kill left an open resync
         for i in range(kills):
             log = open(tmp_path / f"fb{i}.log", "wb")  # noqa: SIM115 - closed below
@@ -162,6 +167,9 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
             state = in_progress(rs.prod_dir)
             if state is not None:
                 phases.append(str(state.get("phase", "plan")))
+                if len(phases) == 1:  # a half-synced site is no backup
+                    apply = lowmark("apply", *base)
+                    assert apply.returncode != 0 and "resyncing" in apply.stderr, apply.stderr
             ckpt = _checkpoint(rs.prod_dir)
             if ckpt is not None:  # a checkpoint is only ever one the images match
                 assert in_progress(rs.prod_dir) is None, "a checkpoint beside an open resync"
@@ -171,6 +179,11 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
                               capture_output=True, text=True, timeout=180)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         assert "is a backup of CG" in done.stdout, done.stdout
+        said = done.stdout + done.stderr
+        said += "".join((tmp_path / f"fb{k}.log").read_text() for k in range(i + 1))
+        # the run that finished printed its plan (unless killed between its end and print)
+        assert ("a: delta" in said and "copied" in said) or "already" in done.stdout, said
+        assert "resync copy:" in said and "MB/s" in said and "ETA" in said, said
         ckpt = _checkpoint(rs.prod_dir)
         assert ckpt is not None and in_progress(rs.prod_dir) is None
         _same(images_of(rs.prod_dir), rs.reference(ckpt.w), "after the kills")
@@ -182,35 +195,10 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_failback_killed_at_random_instants_resumes_and_converges(kafka_conf, tmp_path, seed):
-    _kill9_converges(kafka_conf, tmp_path, seed, kills=4)
+    _kill9_converges(kafka_conf, tmp_path, seed, kills=3)
 
 
 @pytest.mark.torture
 @pytest.mark.parametrize("seed", range(100, 120))
 def test_failback_kill9_torture(kafka_conf, tmp_path, seed):
     _kill9_converges(kafka_conf, tmp_path, seed, kills=6)
-
-
-def test_failback_cli_prints_the_plan_and_apply_refuses_a_resyncing_site(kafka_conf, tmp_path):
-    require_tools("qemu-io")
-    cg = unique("resyncc")
-    rs = build(kafka_conf, cg, tmp_path, sizes={"a": 8 << 20}, above_cut=128 << 10,
-               unreplicated=64 << 10, seed=5)  # fmt: skip
-    try:
-        rs.write_new(256 << 10)
-        base = ["--bootstrap-servers", kafka_conf["bootstrap.servers"], "--cg", cg,
-                "--site", "prod", "--data-dir", str(rs.prod_dir)]  # fmt: skip
-        no_source = lowmark("failback", *base)
-        assert no_source.returncode != 0 and "--source-dir" in no_source.stderr
-        SiteDir(rs.prod_dir).resync_dir.mkdir(parents=True)  # as a killed resync leaves it
-        apply = lowmark("apply", *base)
-        assert apply.returncode != 0 and "resyncing" in apply.stderr, apply.stderr
-        done = lowmark(*_failback_cmd(kafka_conf, cg, rs)[3:], timeout_s=120)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "a: delta" in done.stdout and "diverged" in done.stdout, done.stdout
-        assert "resync copy:" in done.stderr and "MB/s" in done.stderr, done.stderr
-        ckpt = _checkpoint(rs.prod_dir)
-        assert ckpt is not None and ckpt.generation == 1
-        _same(images_of(rs.prod_dir), rs.reference(ckpt.w), "prod after the CLI resync")
-    finally:
-        rs.close()
