@@ -371,7 +371,7 @@ class _Run:
                 try:
                     for i in range(start, len(vp.ranges)):
                         offset, length = vp.ranges[i]
-                        self.sleep(bucket.take(length, self.now()))
+                        self._throttle(bucket.take(length, self.now()))
                         data = _pread(fd, offset, length)
                         self.progress.bytes_read += length
                         if data.count(0) != len(data):
@@ -384,6 +384,14 @@ class _Run:
                     if fd >= 0:
                         os.close(fd)
         return done
+
+    def _throttle(self, wait_s: float) -> None:
+        """Sleep as the bucket says, a progress line at least every interval meanwhile."""
+        while wait_s > 0:
+            step = min(wait_s, self.config.progress_interval_s / 2)
+            self.sleep(step)
+            wait_s -= step
+            self._report("copy")
 
     def _reflink(self, source: Path, stage: Image) -> bool:
         if not self.config.reflink:
