@@ -11,6 +11,8 @@ site's store all share one layout (so any of them can seed another)::
                                  (images/, volumes.json, checkpoint.avro) at exactly W
     state/                       a primary's interceptor state (its clock reservation)
     state/regions/<id>.dirty     a primary volume's dirty-region log (pipeline.primary.region_log)
+    state/resync/                an unfinished failback resync (``pipeline.ops.resync``): while
+                                 it exists the site is not a backup (apply refuses)
     state/site.lock              held (flock) by the one process that may change the images:
                                  a backup's applier, or ``lowmark failover`` (``SiteLock``)
     restore.json                 a restore result's manifest (``lowmark restore``)
@@ -50,6 +52,7 @@ STATE = "state"
 SITE_LOCK = "site.lock"
 REGIONS = "regions"
 REGION_LOG_SUFFIX = ".dirty"
+RESYNC = "resync"
 RESTORE_MANIFEST = "restore.json"
 IMAGE_SUFFIX = ".img"
 DELETED_SUFFIX = ".deleted"
@@ -115,6 +118,16 @@ class SiteDir:
     def lock_path(self) -> Path:
         """The site's lock file (``SiteLock``)."""
         return self.state_dir / SITE_LOCK
+
+    @property
+    def regions_dir(self) -> Path:
+        """Where the dirty-region logs of a primary's volumes live."""
+        return self.state_dir / REGIONS
+
+    @property
+    def resync_dir(self) -> Path:
+        """A failback's resync state and stage (``pipeline.ops.resync``)."""
+        return self.state_dir / RESYNC
 
     def region_log_path(self, volume_id: str) -> Path:
         """A primary volume's dirty-region log (``pipeline.primary.region_log``)."""

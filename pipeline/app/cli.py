@@ -30,7 +30,7 @@ _COMMAND_MODULES = {
     "resume": "pipeline.app.cli_site",
     "failover": "pipeline.app.cli_failover",
     "switchover": "pipeline.app.cli_failover",
-    "failback": "pipeline.app.cli_failover",
+    "failback": "pipeline.app.cli_failback",
     "kafka": "connectors.embedded_kafka.cli",
 }
 

@@ -486,37 +486,4 @@ def switchover(interceptor_id, rollforward_rate, drain_timeout_s, **kw) -> None:
            drain_timeout_s=drain_timeout_s, **kw)  # fmt: skip
 
 
-@click.command()
-@config_options
-@click.option("--site", default=None, help="the old primary's site name ([serve] site)")
-@click.option(
-    "--data-dir",
-    "site_dir",
-    default=None,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="the old primary's data dir ([serve] data_dir)",
-)
-def failback(config_path, bootstrap_servers, cg_name, site, site_dir) -> None:
-    """Make the old primary SITE a backup of the new one (after a switchover).
-
-    A drained primary holds exactly the switchover's cut, so no copy is needed: this checks
-    that from Kafka, writes the site's checkpoint at the cut, and `lowmark apply` on the
-    data dir then follows the new generation. After an unplanned failover it refuses (a
-    delta resync is needed) and says what to do instead.
-    """
-    from pipeline.ops.failback import rejoin
-
-    cfg = build_config(config_path, bootstrap_servers, cg_name)
-    name = site or cfg.serve.site
-    if not name:
-        raise click.UsageError("name the old primary's site: --site (or [serve] site)")
-    sdir = Path(site_dir or cfg.serve.data_dir)
-    ckpt = rejoin(cfg.kafka_conf(), cfg.cg.name, name, sdir)
-    click.echo(
-        f"site {name} is a backup of CG {cfg.cg.name} at the cut {ckpt.w} "
-        f"({format_ts(ckpt.w)}), generation {ckpt.generation}; start its applier: "
-        f"lowmark apply --site {name} --data-dir {sdir}"
-    )
-
-
-COMMANDS = [failover, switchover, failback]
+COMMANDS = [failover, switchover]

@@ -129,6 +129,8 @@ class Applier(FollowGenerations, PauseAndHandOver):
 
     def start(self) -> None:
         self.lock.acquire()  # before anything touches the images; close() releases it
+        if SiteDir(self.config.data_dir).resync_dir.exists():  # its images are half synced
+            raise ApplyError(f"site {self.config.site} is resyncing: run `lowmark failback` again")
         settings = ApplierSettings(self.kafka_conf, self.config.cg, self.config.site)
         self._producer = Producer(settings.producer())
         self.checkpointer = Checkpointer(

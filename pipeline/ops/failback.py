@@ -9,8 +9,8 @@ the site directory; its ``lowmark apply`` then follows the new generation from t
 (``pipeline.backup.generations``), and a later switchover can hand the role back.
 
 After an unplanned failover the old primary may hold writes above the cut that nobody
-applies, and the new primary wrote since: that needs a delta resync (issue #13, the
-dirty-region log), so it is refused here with what to do instead.
+applies, and the new primary wrote since: that needs the delta resync
+(``pipeline.ops.resync``, ``lowmark failback --source-dir``), so it is refused here.
 """
 
 from __future__ import annotations
@@ -46,9 +46,8 @@ def rejoin(kafka_conf: Mapping[str, Any], cg: str, site: str, site_dir: Path) ->
     if last.kind is not TransitionKind.SWITCHOVER:
         raise FailoverError(
             f"site {site!r} was failed over (generation {roles.generation}, unplanned): its "
-            "images may hold writes above the cut that no backup applies, and a delta resync "
-            "is not built yet. Rebuild it as a backup instead: move its data dir away and "
-            "start `lowmark apply` on an empty one"
+            "images may hold writes above the cut that no backup applies. Resync it: run "
+            "`lowmark failback` again with --source-dir (the new primary's data dir)"
         )
     old = roles.generation - 1
     activity = progress_activity(kafka_conf, cg, old)
