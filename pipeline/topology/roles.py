@@ -185,7 +185,8 @@ def serving_generation(roles: CgRoles | None, cg: str, site: str) -> Serving:
     )
     who = f"site {site!r} is" if site else "this primary (serve.site not set) is"
     fix = (
-        "run `lowmark failback` (coming) to make this site a backup of the new primary, or "
+        "run `lowmark failback --site S --source-dir NEW_PRIMARY_DIR` to make this site a "
+        "backup of the new primary (a delta resync), or "
         "fail over to this site"
         if roles.generation
         else f"set serve.site to {roles.primary_site!r} if this is that site"
