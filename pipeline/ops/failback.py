@@ -28,21 +28,35 @@ from pipeline.site import SiteDir, SiteLock
 from pipeline.timesource import wall_us
 from pipeline.topology.store import RolesStore
 from schemas import codec
-from schemas.records import Checkpoint, ProgressKind, TransitionKind, VolumeDigest
+from schemas.records import (
+    CgRoles,
+    Checkpoint,
+    ProgressKind,
+    Transition,
+    TransitionKind,
+    VolumeDigest,
+)
+
+
+def last_move_from(roles: CgRoles | None, cg: str, site: str) -> tuple[CgRoles, Transition]:
+    """The roles and their last transition, which must have moved the primary away from
+    ``site``; ``FailoverError`` saying why not."""
+    last = None if roles is None else roles.last_transition
+    if roles is None or last is None:
+        raise FailoverError(f"CG {cg} never failed over or switched over: nothing to fail back")
+    if last.from_site != site:
+        raise FailoverError(
+            f"the last change of CG {cg} moved the primary from {last.from_site!r} to "
+            f"{last.to_site!r}, not from {site!r}: check --site"
+        )
+    return roles, last
 
 
 def rejoin(kafka_conf: Mapping[str, Any], cg: str, site: str, site_dir: Path) -> Checkpoint:
     """Make the drained old primary ``site`` (its data dir ``site_dir``) a backup at the
     switchover's cut; the checkpoint written. Raises ``FailoverError`` saying why not."""
     roles = RolesStore(dict(kafka_conf)).latest(cg)
-    last = None if roles is None else roles.last_transition
-    if roles is None or last is None:
-        raise FailoverError(f"CG {cg} never failed over or switched over: nothing to rejoin")
-    if last.from_site != site:
-        raise FailoverError(
-            f"the last change of CG {cg} moved the primary from {last.from_site!r} to "
-            f"{last.to_site!r}, not from {site!r}: check --site"
-        )
+    roles, last = last_move_from(roles, cg, site)
     if last.kind is not TransitionKind.SWITCHOVER:
         raise FailoverError(
             f"site {site!r} was failed over (generation {roles.generation}, unplanned): its "

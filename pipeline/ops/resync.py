@@ -57,6 +57,7 @@ from pipeline.backup.plan import ApplyOp, OpKind
 from pipeline.errors import FailoverError, RestoreError
 from pipeline.fsutil import atomic_write
 from pipeline.logs import event
+from pipeline.ops.failback import last_move_from
 from pipeline.ops.replay import replay
 from pipeline.ops.restore import end_offsets, latest_watermark, log_bounds
 from pipeline.ops.resync_plan import (
@@ -215,14 +216,7 @@ def resync(
 
 
 def _check_roles(roles: CgRoles | None, cg: str, site: str) -> None:
-    last = None if roles is None else roles.last_transition
-    if roles is None or last is None:
-        raise FailoverError(f"CG {cg} never failed over: there is nothing to fail back")
-    if last.from_site != site:
-        raise FailoverError(
-            f"the last change of CG {cg} moved the primary from {last.from_site!r} to "
-            f"{last.to_site!r}, not from {site!r}: check --site"
-        )
+    _roles, last = last_move_from(roles, cg, site)
     if last.kind is not TransitionKind.FAILOVER:
         raise FailoverError(
             f"CG {cg}'s last change was a {last.kind.value.lower()}: its old primary drained "
