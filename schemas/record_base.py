@@ -8,6 +8,7 @@ a list of ``{partition, offset}`` records sorted by partition, is built and pars
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any, ClassVar, Self
@@ -126,3 +127,13 @@ def offsets_from_avro(rt: str, name: str, items: Iterable[Mapping[str, int]]) ->
             raise _bad(rt, f"{name} has a negative or repeated partition {p}")
         out[p] = po["offset"]
     return out
+
+
+def avro_dict(obj: Any) -> dict[str, Any]:
+    """A nested record's fields, its tuples as the lists Avro arrays decode to."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+def with_tuple(cls: type, d: Mapping[str, Any], name: str) -> Any:
+    """``cls(**d)`` with the Avro array ``name`` as a tuple (absent: empty, its default)."""
+    return cls(**{**d, name: tuple(d.get(name, ()))})

@@ -50,6 +50,8 @@ from schemas.record_base import (
     offsets_from_avro,
     offsets_to_avro,
 )
+from schemas.record_base import avro_dict as _avro_dict
+from schemas.record_base import with_tuple as _with_volumes
 from schemas.roles import CgRoles, DrainRequest, Transition, TransitionKind
 
 __all__ = [
@@ -540,16 +542,6 @@ class Watermark(Record):
             for name in ("epoch", "s", "declared_us"):
                 _int(rt, name, getattr(x, name))
             _volume_ids(rt, "volumes", x.volumes)
-
-
-def _avro_dict(obj: Any) -> dict[str, Any]:
-    """A nested record's fields, its tuples as the lists Avro arrays decode to."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
-
-
-def _with_volumes(cls: type, d: Mapping[str, Any], name: str) -> Any:
-    """``cls(**d)`` with the Avro array ``name`` as a tuple (absent: empty, its default)."""
-    return cls(**{**d, name: tuple(d.get(name, ()))})
 
 
 @dataclass(frozen=True, slots=True)

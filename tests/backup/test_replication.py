@@ -26,6 +26,7 @@ from connectors.kafka.reading import iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import ApplierHaltedError
+from pipeline.ops.fence import fence
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.site import SiteDir
 from pipeline.timesource import wall_us
@@ -162,9 +163,9 @@ def test_stalled_interceptor_freezes_w_then_is_fenced_and_its_late_record_is_rej
     kafka_conf, unique_name, tmp_path
 ):
     """A stalled interceptor holds W at its S while the living write on; past the liveness
-    timeout it is fenced and W moves on; a record of its epoch that surfaces after the
-    fence (a plain producer, past Kafka's fencing) never reaches the backup, while the
-    living's later writes do."""
+    timeout it is fenced, and once its tail is declared lost W moves on; a record of its
+    epoch that surfaces after the fence (a plain producer, past Kafka's fencing) never
+    reaches the backup, while the living's later writes do."""
     live = ConsistencyGroup.open(
         unique_name, tmp_path / "live", kafka_conf, interceptor_id="live", **FAST
     )
@@ -223,6 +224,11 @@ def test_stalled_interceptor_freezes_w_then_is_fenced_and_its_late_record_is_rej
         )
         wm.check()
         assert svc.stats.fenced == 1
+        # it served an async volume: W holds at its S (its tail may be lost) until the
+        # operator declares the loss (issue #13); then W moves on with the living
+        assert [h.interceptor_id for h in svc.state.holds.values()] == ["stall"]
+        fence(kafka_conf, unique_name, "stall", declare_lost=True)
+        wait_until(lambda: wm.error is not None or not svc.state.holds, 10, "the LOST folded")
         # its late record: the fenced epoch, stamped by its clock when it resumes (now)
         late_ts = make_ts(wall_us())
         late_at = produce_stale_write(

@@ -195,9 +195,10 @@ def test_sync_write_and_nbd_sync_write_are_acked_inside_a_cut(kafka_conf, unique
 def test_sync_ack_waits_until_a_dead_member_is_fenced_and_is_then_in_the_cut(
     kafka_conf, unique_name, tmp_path
 ):
-    """Another interceptor of the CG dies with its S below the write's ts: durable in Kafka
-    is not enough; the ack comes once the dead one is fenced and W passes the write, and
-    the backup's cut at that W holds it."""
+    """Another interceptor of the CG (serving a sync volume: no unreplicated tail, so no
+    hold) dies with its S below the write's ts: durable in Kafka is not enough; the ack
+    comes once the dead one is fenced and W passes the write, and the backup's cut at that
+    W holds it."""
     live = ConsistencyGroup.open(
         unique_name, tmp_path / "live", kafka_conf, interceptor_id="live", **FAST
     )
@@ -207,7 +208,7 @@ def test_sync_ack_waits_until_a_dead_member_is_fenced_and_is_then_in_the_cut(
     wm = ap = None
     try:
         sv = live.create_volume("sv", 1 << 20, mode="sync")
-        dead.create_volume("dv", 1 << 20)
+        dead.create_volume("dv", 1 << 20, mode="sync")  # no async tail: fencing suffices
         wm = ServiceThread(
             WatermarkService(
                 WatermarkServiceConfig(cg=unique_name, liveness_timeout_s=1.0), kafka_conf
