@@ -18,8 +18,13 @@ def atomic_write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_path(path.parent)  # the rename itself must survive a power cut
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path (a directory: its entries survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dfd)  # the rename itself must survive a power cut
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.image.image import Image
-from pipeline.fsutil import atomic_write
+from pipeline.fsutil import atomic_write, fsync_path
 from pipeline.site import SiteDir
 from schemas import codec
 from schemas.records import Checkpoint
@@ -41,14 +41,6 @@ def copy_sparse(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(
     data_dir: Path,
     checkpoint_value: bytes,
@@ -65,7 +57,7 @@ def save(
     tmp.create()
     for vid, img in images.items():
         copy_sparse(img.path, tmp.image_path(vid))
-        _fsync(tmp.image_path(vid))
+        fsync_path(tmp.image_path(vid))
     tmp.write_catalog(catalog.values())
     atomic_write(tmp.checkpoint_path, checkpoint_value)  # last: it marks the entry complete
     os.replace(tmp.root, final.root)

@@ -55,7 +55,7 @@ from connectors.kafka.topics import CgTopics
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, OpKind
 from pipeline.errors import FailoverError, RestoreError
-from pipeline.fsutil import atomic_write
+from pipeline.fsutil import atomic_write, fsync_path
 from pipeline.logs import event
 from pipeline.ops.failback import last_move_from
 from pipeline.ops.replay import replay
@@ -270,7 +270,7 @@ class _Run:
         # one rename ends the resync (a crash in a recursive delete must not leave a
         # half-deleted state that a re-run would take for an earlier phase)
         os.replace(self.files.root, self.files.finished)
-        _fsync_dir(self.sdir.state_dir)
+        fsync_path(self.sdir.state_dir)
         shutil.rmtree(self.files.finished)
         self._report("done", force=True)
         return ResyncResult(
@@ -294,10 +294,10 @@ class _Run:
                   "change the plan do not apply to it)", plan=str(f.plan))  # fmt: skip
             return doc
         f.root.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(self.sdir.state_dir)  # from here on, the site is not a backup
+        fsync_path(self.sdir.state_dir)  # from here on, the site is not a backup
         if self.sdir.checkpoint_path.exists():
             os.replace(self.sdir.checkpoint_path, f.old_checkpoint)
-            _fsync_dir(self.sdir.root)
+            fsync_path(self.sdir.root)
         self._report("plan", force=True)
         div = Divergence(self.config.region_bytes)
         found = scan(
@@ -507,7 +507,7 @@ class _Run:
         sdir.write_catalog(install["catalog"])
         if sdir.regions_dir.is_dir():  # their regions are in the plan: copied or caught up
             shutil.rmtree(sdir.regions_dir)
-        _fsync_dir(sdir.images_dir)
+        fsync_path(sdir.images_dir)
         with ImageSet(sdir) as images:
             digests = tuple(
                 VolumeDigest(v["volume_id"], v["size"], v["digest"])
@@ -612,14 +612,6 @@ def _pread(fd: int, offset: int, length: int) -> bytes:
         return bytes(length)
     out = os.pread(fd, length, offset)
     return out + bytes(length - len(out))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_whole(src: Path, dst: Path) -> None:
