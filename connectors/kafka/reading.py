@@ -19,7 +19,15 @@ from connectors.kafka.errors import OFFSET_GONE, PARTITION_EOF, as_error
 from connectors.kafka.settings import ToolSettings
 from pipeline.errors import KafkaError, KafkaUnavailableError
 
-__all__ = ["BEGINNING", "bounds", "end_offsets", "iter_range", "latest", "read_range"]
+__all__ = [
+    "BEGINNING",
+    "bounds",
+    "end_offsets",
+    "iter_range",
+    "latest",
+    "mean_value_bytes",
+    "read_range",
+]
 
 
 def bounds(
@@ -178,6 +186,18 @@ def iter_range(
         stall_timeout_s=timeout_s,
         timeout_s=timeout_s,
     )
+
+
+def mean_value_bytes(
+    conf: Mapping[str, Any], topic: str, ends: Mapping[int, int], last: int = 50
+) -> float:
+    """The mean value size of the ``last`` records before ``ends`` in each partition (0.0
+    when there are none): what an offset of the topic weighs, for rates from offsets."""
+    sizes: list[int] = []
+    for p, end in ends.items():
+        for msg in iter_range(conf, topic, p, max(0, end - last), end, timeout_s=5):
+            sizes.append(len(msg.value() or b""))
+    return sum(sizes) / len(sizes) if sizes else 0.0
 
 
 def latest(

@@ -174,8 +174,13 @@ def apply(config_path, bootstrap_servers, cg_name, site, data_dir, metrics, skip
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--watch", is_flag=True, help="refresh until Ctrl-C")
 @click.option("--interval", type=float, default=1.0, show_default=True)
-def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval) -> None:
-    """Roles (generation, primary, failover history), W, RPO, lag and apply rate."""
+@click.option("--data-dir", "data_dir", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="a site's data dir on this host to report a resync of "
+                   "(default: [serve] and [apply] data_dir)")  # fmt: skip
+def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval, data_dir) -> None:
+    """Roles (generation, primary, failover history), W, RPO, lag and apply rate; a resync
+    of a site on this host."""
     from pipeline.ops import status as st
 
     cfg = build_config(config_path, bootstrap_servers, cg_name)
@@ -187,8 +192,15 @@ def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval) ->
 
     from pipeline.app.cli_roles import render_roles, roles_json
 
+    serve, apply = cfg.serve, cfg.apply
+    local = (
+        ((data_dir, ""),)
+        if data_dir is not None
+        else ((Path(serve.data_dir), serve.site), (Path(apply.data_dir), apply.site))
+    )
+
     def fetch() -> dict[str, Any]:
-        return st.cg_status(cfg.kafka_conf(), cfg.cg.name, urls)
+        return st.cg_status(cfg.kafka_conf(), cfg.cg.name, urls, local)
 
     def show(s: dict[str, Any]) -> str:
         roles = s.pop("roles", None)

@@ -44,7 +44,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from connectors.image.image import Image, data_extents
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.images import ImageSet
 from pipeline.backup.plan import ApplyOp, OpKind
-from pipeline.errors import FailoverError, RestoreError
+from pipeline.errors import FailoverError, LowmarkError, RestoreError
 from pipeline.fsutil import atomic_write, fsync_path
 from pipeline.logs import event
 from pipeline.ops.failback import last_move_from
@@ -69,7 +69,13 @@ from pipeline.ops.resync_plan import (
     VolumePlan,
     plan_resync,
 )
-from pipeline.ops.resync_rate import TokenBucket, eta_s, target_rate
+from pipeline.ops.resync_rate import (
+    ForegroundMeter,
+    Progress,
+    TokenBucket,
+    log_growth_sampler,
+    target_rate,
+)
 from pipeline.ops.resync_scan import scan
 from pipeline.primary.regions import region_span
 from pipeline.site import SiteDir, SiteLock
@@ -96,38 +102,6 @@ class ResyncConfig:
     progress_interval_s: float = 1.0
     #: try a reflink clone for FULL volumes (tests turn it off to count bytes read)
     reflink: bool = True
-
-
-@dataclass
-class Progress:
-    phase: str = "plan"
-    bytes_planned: int = 0
-    bytes_done: int = 0
-    bytes_read: int = 0  # from N's images, this run
-    started_mono: float = field(default_factory=time.monotonic)
-
-    def rate_bps(self, now: float) -> float:
-        return self.bytes_read / max(1e-6, now - self.started_mono)
-
-    def to_json(self, now: float) -> dict[str, Any]:
-        rate = self.rate_bps(now)
-        return {
-            "phase": self.phase,
-            "bytes_planned": self.bytes_planned,
-            "bytes_done": self.bytes_done,
-            "bytes_left": max(0, self.bytes_planned - self.bytes_done),
-            "rate_bps": round(rate, 1),
-            "eta_s": eta_s(self.bytes_done, self.bytes_planned, rate),
-            "updated_us": wall_us(),
-        }
-
-    def line(self, now: float) -> str:
-        d = self.to_json(now)
-        eta = "?" if d["eta_s"] is None else f"{d['eta_s']:.1f}s"
-        return (
-            f"resync {self.phase}: {self.bytes_done / 2**20:.1f} MiB done, "
-            f"{d['bytes_left'] / 2**20:.1f} MiB left, {d['rate_bps'] / 1e6:.2f} MB/s, ETA {eta}"
-        )
 
 
 @dataclass(frozen=True)
@@ -187,11 +161,13 @@ def resync(
     sleep: Callable[[float], None] = time.sleep,
     now: Callable[[], float] = time.monotonic,
     progress: Progress | None = None,
+    foreground: Callable[[], tuple[int, float]] | None = None,
 ) -> ResyncResult:
     """Make the old primary ``site`` (data dir ``site_dir``) a backup of the generation that
     failed over away from it, copying from the new primary's data dir ``source_dir``.
     ``on_line``: each progress line (at least every ``progress_interval_s`` while copying);
-    ``progress``: updated in place (a metrics endpoint reads it)."""
+    ``progress``: updated in place (a metrics endpoint reads it); ``foreground``: samples
+    of N's writes for ``min_rate`` (default: the growth of generation g + 1's log)."""
     roles = RolesStore(dict(kafka_conf)).latest(cg)
     _check_roles(roles, cg, site)
     assert roles is not None
@@ -209,6 +185,9 @@ def resync(
             empty = ResyncPlan(config.region_bytes, config.full_copy_threshold, ())
             return ResyncResult(empty, done, 0, 0, 0, (), already=True)
         run = _Run(kafka_conf, cg, site, roles, sdir, src, files, config, on_line, sleep, now)
+        run.foreground = foreground or log_growth_sampler(
+            kafka_conf, CgTopics(cg, roles.generation).log
+        )
         if progress is not None:
             progress.started_mono = now()
             run.progress = progress
@@ -247,6 +226,8 @@ class _Run:
         self._last_report = -1e9
         self.filled = 0
         self.reflinked: list[str] = []
+        self.foreground: Callable[[], tuple[int, float]] | None = None
+        self._sampled_at = -1e9
 
     # ---------------------------------------------------------------- phases
 
@@ -345,6 +326,8 @@ class _Run:
             done = {}
         rate = target_rate(self.config.max_rate, self.config.min_rate)
         bucket = TokenBucket(rate, self.now())
+        self.progress.limit_bps = rate
+        meter = ForegroundMeter() if self.config.max_rate else None
         self.progress.bytes_done = sum(
             n for vp in plan.volumes for _o, n in vp.ranges[: done.get(vp.volume_id, 0)]
         )
@@ -365,6 +348,7 @@ class _Run:
                 try:
                     for i in range(start, len(vp.ranges)):
                         offset, length = vp.ranges[i]
+                        self._retarget(bucket, meter)
                         self._throttle(bucket.take(length, self.now()))
                         data = _pread(fd, offset, length)
                         self.progress.bytes_read += length
@@ -378,6 +362,26 @@ class _Run:
                     if fd >= 0:
                         os.close(fd)
         return done
+
+    def _retarget(self, bucket: TokenBucket, meter: ForegroundMeter | None) -> None:
+        """Every progress interval, the copy's rate from N's foreground writes (``min_rate``
+        is what it keeps however busy N is); a failed sample keeps the last rate."""
+        now = self.now()
+        if meter is None or self.foreground is None:
+            return
+        if now - self._sampled_at < self.config.progress_interval_s:
+            return
+        self._sampled_at = now
+        try:
+            offsets, mean = self.foreground()
+        except LowmarkError as exc:
+            event(log, "foreground sample failed; rate unchanged", level=logging.WARNING,
+                  error=str(exc))  # fmt: skip
+            return
+        self.progress.foreground_bps = meter.observe(now, offsets, mean)
+        cfg = self.config
+        self.progress.limit_bps = target_rate(cfg.max_rate, cfg.min_rate, meter.bps)
+        bucket.set_rate(self.progress.limit_bps, now)
 
     def _throttle(self, wait_s: float) -> None:
         """Sleep as the bucket says, a progress line at least every interval meanwhile."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
-from connectors.kafka.reading import bounds, iter_range, latest
+from connectors.kafka.reading import bounds, iter_range, latest, mean_value_bytes
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.checkpointer import retention_state
 from pipeline.errors import RecordError
@@ -58,14 +59,6 @@ def checkpoints_upto(kafka_conf: dict[str, Any], cg: str, generation: int) -> di
     return out
 
 
-def _avg_record_bytes(kafka_conf: dict[str, Any], topic: str, ends: dict[int, int]) -> float:
-    sizes: list[int] = []
-    for p, end in ends.items():
-        for msg in iter_range(kafka_conf, topic, p, max(0, end - 50), end, timeout_s=5):
-            sizes.append(len(msg.value() or b""))
-    return sum(sizes) / len(sizes) if sizes else 0.0
-
-
 def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float]:
     """Parse a Prometheus text page into {name: value} (first sample of each name)."""
     if not url.startswith("http"):
@@ -88,9 +81,35 @@ def scrape(url: str, timeout_s: float = 2.0) -> dict[str, float]:
     return out
 
 
+#: a resync silent this long is probably not running (each phase reports every second or so)
+STALE_RESYNC_S = 30.0
+
+
+def local_resync(data_dir: Path, site: str, now_us: int) -> dict[str, Any] | None:
+    """The unfinished resync of the site whose data dir this is (None: none), with how long
+    ago it last reported (a killed ``lowmark failback`` leaves it open)."""
+    from pipeline.ops.resync import in_progress  # the resync's imports: only when asked
+
+    state = in_progress(data_dir)
+    if state is None:
+        return None
+    updated = state.get("updated_us")
+    return {
+        "site": site,
+        "data_dir": str(data_dir),
+        **{k: v for k, v in state.items() if k != "ranges_done"},
+        "silent_s": None if updated is None else max(0.0, (now_us - updated) / 1e6),
+    }
+
+
 def cg_status(
-    kafka_conf: dict[str, Any], cg: str, metrics_urls: dict[str, str] | None = None
+    kafka_conf: dict[str, Any],
+    cg: str,
+    metrics_urls: dict[str, str] | None = None,
+    data_dirs: tuple[tuple[Path, str], ...] = (),
 ) -> dict[str, Any]:
+    """Everything from Kafka; and from the first of ``data_dirs`` ((data dir, site name)
+    on this host) with an unfinished resync, that resync's progress."""
     roles = RolesStore(kafka_conf).latest(cg)
     generation = roles.generation if roles else 0
     topics = CgTopics(cg, generation)
@@ -104,7 +123,7 @@ def cg_status(
     wm = best[0] if best else None
     log_bounds = bounds(kafka_conf, topics.log) or {}
     ends = {p: end for p, (_low, end) in log_bounds.items()}
-    avg = _avg_record_bytes(kafka_conf, topics.log, ends)
+    avg = mean_value_bytes(kafka_conf, topics.log, ends)
     status: dict[str, Any] = {
         "cg": cg,
         "time_us": now,
@@ -174,6 +193,9 @@ def cg_status(
             values = scrape(url)
             if values:
                 status.setdefault("live", {})[name] = values
+    status["resync"] = next(
+        (rs for d, name in data_dirs if (rs := local_resync(d, name, now)) is not None), None
+    )
     return status
 
 
@@ -217,6 +239,7 @@ def render(status: dict[str, Any]) -> str:
             f"  lost     interceptor {x['id']} (epoch {x['epoch']}) declared lost at S {x['s']}: "
             f"its unreplicated writes to {', '.join(x['volumes']) or 'no async volume'} are gone"
         )
+    lines += _resync_lines(status.get("resync"), secs)
     if not status["sites"]:
         lines.append("  no backup site has checkpointed yet")
     for site, s in status["sites"].items():
@@ -257,6 +280,33 @@ def render(status: dict[str, Any]) -> str:
             f"last commit {pr.get('lowmark_primary_last_commit_ms', 0):.1f} ms"
         )
     return "\n".join(lines)
+
+
+def _resync_lines(rs: dict[str, Any] | None, secs: Any) -> list[str]:
+    if rs is None:
+        return []
+    mib = 2**20
+    eta = rs.get("eta_s")
+    line = (
+        f"  RESYNC   site {rs['site'] or '?'} ({rs['data_dir']}) is resyncing, not a backup "
+        f"until it ends: phase {rs.get('phase', 'plan')}, "
+        f"{rs.get('bytes_left', 0) / mib:.1f} of {rs.get('bytes_planned', 0) / mib:.1f} MiB "
+        f"left, {rs.get('rate_bps', 0) / 1e6:.2f} MB/s, ETA {secs(eta) if eta is not None else '?'}"
+    )
+    if rs.get("limit_bps"):
+        line += (
+            f" (limit {rs['limit_bps'] / 1e6:.2f} MB/s, "
+            f"foreground {rs.get('foreground_bps', 0) / 1e6:.2f} MB/s)"
+        )
+    out = [line]
+    silent = rs.get("silent_s")
+    if silent is None or silent > STALE_RESYNC_S:
+        ago = "ever" if silent is None else f"for {secs(silent)}"
+        out.append(
+            f"    no resync progress {ago}: if `lowmark failback` is not running, run it "
+            "again with the same arguments; it continues where it stopped"
+        )
+    return out
 
 
 def watch(

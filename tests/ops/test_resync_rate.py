@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.ops.resync_rate import TokenBucket, eta_s, target_rate
+from pipeline.ops.resync_rate import ForegroundMeter, TokenBucket, eta_s, target_rate
 
 
 def test_target_rate_yields_to_foreground_but_keeps_the_floor():
@@ -40,3 +40,27 @@ def test_unlimited_bucket_never_waits_and_eta():
     assert eta_s(50, 100, 10.0) == 5.0
     assert eta_s(0, 100, 0.0) is None
     assert eta_s(100, 100, 0.0) == 0.0
+
+
+def test_foreground_meter_measures_the_log_growth_and_smooths_it():
+    meter = ForegroundMeter(half_life_s=1.0)
+    assert meter.observe(0.0, 1_000, 4096.0) == 0.0  # one sample: no rate yet
+    assert meter.observe(1.0, 1_100, 4096.0) == pytest.approx(100 * 4096)  # first: as is
+    # the writes stop: one half-life later the estimate has halved, not dropped to 0
+    assert meter.observe(2.0, 1_100, 4096.0) == pytest.approx(50 * 4096)
+    # a sample at the same instant or earlier (a clock step) changes nothing
+    assert meter.observe(2.0, 9_999, 4096.0) == pytest.approx(50 * 4096)
+    # offsets that went backwards (a recreated topic) count as no writes, never negative
+    assert meter.observe(3.0, 10, 4096.0) == pytest.approx(25 * 4096)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 5.0), st.integers(0, 10_000)), min_size=2, max_size=40))
+def test_foreground_meter_stays_between_the_rates_it_saw(steps):
+    meter, now, offsets, rates = ForegroundMeter(), 0.0, 0, []
+    meter.observe(now, offsets, 100.0)
+    for dt, grew in steps:
+        now, offsets = now + dt, offsets + grew
+        rates.append(grew * 100.0 / dt)
+        bps = meter.observe(now, offsets, 100.0)
+        assert min(rates) - 1e-6 <= bps <= max(rates) + 1e-6

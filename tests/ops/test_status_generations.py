@@ -93,7 +93,7 @@ def test_status_command_json_and_text(monkeypatch: Any) -> None:
     roles = _roles()
     from pipeline.ops import status as st_mod
 
-    monkeypatch.setattr(st_mod, "cg_status", lambda conf, cg, urls: _status(roles))
+    monkeypatch.setattr(st_mod, "cg_status", lambda conf, cg, urls, local: _status(roles))
     args = ["status", "--cg", "cg1", "--bootstrap-servers", "127.0.0.1:1"]
     res = CliRunner().invoke(main, [*args, "--json"])
     assert res.exit_code == 0, res.output
@@ -104,3 +104,23 @@ def test_status_command_json_and_text(monkeypatch: Any) -> None:
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "generation 1: FAILOVER main -> dr1" in res.output
+
+
+def test_render_shows_a_resync_with_what_is_left_and_a_stalled_one_says_how_to_go_on() -> None:
+    st = _status(_roles())
+    st["resync"] = {
+        "site": "main", "data_dir": "/d", "phase": "copy", "bytes_planned": 8 << 20,
+        "bytes_left": 3 << 20, "rate_bps": 2e6, "eta_s": 1.5, "limit_bps": 3e6,
+        "foreground_bps": 1e6, "silent_s": 0.4,
+    }  # fmt: skip
+    text = render(st)
+    assert "RESYNC   site main (/d) is resyncing, not a backup until it ends" in text, text
+    assert "phase copy, 3.0 of 8.0 MiB left, 2.00 MB/s, ETA 1500 ms" in text, text
+    assert "(limit 3.00 MB/s, foreground 1.00 MB/s)" in text, text
+    assert "no resync progress" not in text
+    st["resync"] |= {"silent_s": 95.0}
+    assert "no resync progress for 95.0 s" in render(st) and "run it again" in render(st)
+    st["resync"] = {"site": "main", "data_dir": "/d", "silent_s": None}  # killed before any
+    assert "phase plan" in render(st) and "no resync progress ever" in render(st)
+    st["resync"] = None
+    assert "RESYNC" not in render(st)

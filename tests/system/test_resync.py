@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -130,6 +131,44 @@ def test_failback_copies_the_divergence_only_and_lands_on_w1(kafka_conf, tmp_pat
         rs.close()
 
 
+def test_resync_yields_to_the_new_primarys_writes_down_to_its_floor(kafka_conf, tmp_path):
+    """--min-rate/--max-rate with the foreground measured off generation 1's log: while the
+    new primary's clients write, the copy's limit drops below --max-rate, never below the
+    floor, and the line says so."""
+    require_tools("qemu-io")
+    cg = unique("resyncfg")
+    rs = build(kafka_conf, cg, tmp_path, sizes=SIZES, above_cut=256 << 10,
+               unreplicated=256 << 10, seed=7)  # fmt: skip
+    lines: list[str] = []
+    max_rate, min_rate = 4 << 20, 256 << 10
+    try:
+        rs.write_new(1 << 20, ["a"])
+        writer = Writer(rs, volumes=["a"])
+        try:
+            time.sleep(0.5)
+            resync(
+                kafka_conf, cg, "prod", rs.prod_dir, rs.new_dir,
+                ResyncConfig(region_bytes=RB, reflink=False, max_rate=max_rate,
+                             min_rate=min_rate, progress_interval_s=0.2),
+                on_line=lines.append,
+            )  # fmt: skip
+        finally:
+            writer.join()
+        copying = [ln for ln in lines if ln.startswith("resync copy")]
+        found = map(re.compile(r"limit ([0-9.]+) MB/s, foreground ([0-9.]+)").search, copying)
+        limits = [(float(m.group(1)) * 1e6, float(m.group(2)) * 1e6) for m in found if m]
+        assert limits and len(limits) == len(copying), lines
+        assert all(min_rate - 1e4 <= lim <= max_rate + 1e4 for lim, _fg in limits), limits
+        # the writer wrote during the copy: some sample saw it and took the limit down
+        busy = [(lim, fg) for lim, fg in limits if fg > 0]
+        assert busy, f"no sample saw the new primary's writes: {lines}"
+        for lim, fg in busy:
+            assert lim == pytest.approx(max(min_rate, max_rate - fg), abs=2e4), (lim, fg)
+        assert min(lim for lim, _fg in busy) < max_rate - 1e4, limits
+    finally:
+        rs.close()
+
+
 def _failback_cmd(kafka_conf, cg, rs, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "pipeline.app.cli", "failback",
@@ -170,6 +209,11 @@ def _kill9_converges(kafka_conf, tmp_path, seed: int, kills: int) -> None:
                 if len(phases) == 1:  # a half-synced site is no backup
                     apply = lowmark("apply", *base)
                     assert apply.returncode != 0 and "resyncing" in apply.stderr, apply.stderr
+                    # and status says so, with what is left and how to continue
+                    shown = lowmark("status", *base[:4], "--data-dir", str(rs.prod_dir))
+                    assert shown.returncode == 0, shown.stderr
+                    assert "RESYNC" in shown.stdout and "not a backup" in shown.stdout, shown.stdout
+                    assert f"phase {phases[0]}" in shown.stdout, (phases, shown.stdout)
             ckpt = _checkpoint(rs.prod_dir)
             if ckpt is not None:  # a checkpoint is only ever one the images match
                 assert in_progress(rs.prod_dir) is None, "a checkpoint beside an open resync"
