@@ -52,6 +52,8 @@ STATE = "state"
 SITE_LOCK = "site.lock"
 REGIONS = "regions"
 REGION_LOG_SUFFIX = ".dirty"
+#: the activity log beside it: the extents a write waits for (``pipeline.primary.regions``)
+ACTIVITY_LOG_SUFFIX = ".active"
 RESYNC = "resync"
 RESTORE_MANIFEST = "restore.json"
 IMAGE_SUFFIX = ".img"
@@ -132,6 +134,10 @@ class SiteDir:
     def region_log_path(self, volume_id: str) -> Path:
         """A primary volume's dirty-region log (``pipeline.primary.region_log``)."""
         return self.state_dir / REGIONS / f"{check_volume_id(volume_id)}{REGION_LOG_SUFFIX}"
+
+    def activity_log_path(self, volume_id: str) -> Path:
+        """The activity log of a primary volume's dirty-region log (its coarse level)."""
+        return self.state_dir / REGIONS / f"{check_volume_id(volume_id)}{ACTIVITY_LOG_SUFFIX}"
 
     @property
     def restore_manifest_path(self) -> Path:

@@ -15,6 +15,7 @@
     unix_socket = ""             # a path to also listen on a unix socket
     metrics = "127.0.0.1:9464"
     region_bytes = "64KiB"       # dirty-region log granularity; "0" turns it off
+    region_extent_bytes = "4MiB" # its activity log's extent; "0": writes wait per region
     [[serve.volumes]]
     name = "vol1"
     size = "1GiB"
@@ -105,6 +106,8 @@ class ServeSection:
     generation_check_s: float = 1.0
     #: the dirty-region log's granularity ("0": off, a crash loses the async tail)
     region_bytes: str = "64KiB"
+    #: the activity log over it (a write waits for its extent only; "0": for its regions)
+    region_extent_bytes: str = "4MiB"
     volumes: tuple[VolumeSpec, ...] = ()
 
 

@@ -74,6 +74,7 @@ def open_primary(
         clock_floor_us=serving.clock_floor,
         generation_check_s=s.generation_check_s,
         region_bytes=parse_size(s.region_bytes, "region_bytes"),
+        region_extent_bytes=parse_size(s.region_extent_bytes, "region_extent_bytes"),
     )
     for spec in s.volumes:
         if spec.name not in cg.volumes:

@@ -30,7 +30,7 @@ from pipeline.primary.regions import (
     decode_header,
     set_bits,
 )
-from pipeline.site import REGION_LOG_SUFFIX, SiteDir
+from pipeline.site import ACTIVITY_LOG_SUFFIX, REGION_LOG_SUFFIX, SiteDir
 from schemas import codec
 from schemas.records import LOG_RECORDS, LogRecord, VolumeChange, Write, Zero
 
@@ -61,15 +61,19 @@ def touch_record(div: Divergence, rec: LogRecord, source: Source, above: int | N
 
 
 def read_dirty_logs(div: Divergence, old: SiteDir) -> int:
-    """Fold the old primary's dirty-region logs; the number of dirty regions found."""
+    """Fold the old primary's dirty-region logs, the fine bitmaps and their activity logs
+    (every region of an active extent may have diverged); the number of bits found."""
     found = 0
     rdir = old.regions_dir
     if not rdir.is_dir():
         return 0
     for path in sorted(rdir.iterdir()):
-        if not path.name.endswith(REGION_LOG_SUFFIX):
+        suffix = next(
+            (x for x in (REGION_LOG_SUFFIX, ACTIVITY_LOG_SUFFIX) if path.name.endswith(x)), ""
+        )
+        if not suffix:
             continue
-        vid = path.name[: -len(REGION_LOG_SUFFIX)]
+        vid = path.name[: -len(suffix)]
         raw = path.read_bytes()
         try:
             rb, nregions = decode_header(raw[:HEADER_BYTES])

@@ -48,6 +48,11 @@ class InterceptorConfig:
     #: the dirty-region log's granularity (a power of two, 4 KiB..64 MiB); 0 turns the log
     #: off, and then a crash loses the async writes acknowledged after the last tick
     region_bytes: int = 64 * 1024
+    #: the activity log's extent over the regions (DRBD's 4 MiB): a write waits only for
+    #: its extent's bit, the regions' bitmap follows in the background; a crash then
+    #: republishes the active extents whole. 0 (or <= region_bytes): writes wait for their
+    #: regions' bits, a crash republishes exactly the dirty regions
+    region_extent_bytes: int = 4 << 20
     #: a region stays dirty this long after its last write, so a hot region's next write
     #: needs no fsync (DRBD's activity log); a crash republishes it, which is all it costs
     region_keep_s: float = 2.0
@@ -80,6 +85,8 @@ class InterceptorConfig:
         if self.region_bytes:
             try:
                 check_region_bytes(self.region_bytes)
+                if self.region_extent_bytes:
+                    check_region_bytes(self.region_extent_bytes)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         return self

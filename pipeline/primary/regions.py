@@ -170,26 +170,72 @@ class Marked:
     new: int
 
 
-class DirtyRegions:
-    """One volume's dirty bitmap and the rules that set and clear its bits. Not thread-safe
-    (``region_log`` calls it under its lock)."""
+class PagedBits:
+    """A bitmap written in whole pages, with flush generations: a bit set now joins ``gen``;
+    ``begin_flush`` closes it, ``end_flush(synced=True)`` makes it durable."""
 
     def __init__(self, region_bytes: int, size: int) -> None:
         self.region_bytes = check_region_bytes(region_bytes)
         self.size = size
         self.nregions = region_count(size, region_bytes)
         self.bitmap = bytearray(bitmap_len(self.nregions))
-        self._dirty: dict[int, _Region] = {}
-        self._heap: list[tuple[int, int]] = []  # (seq, region): a clear candidate from seq on
-        #: (last_use, region) of regions whose records are durable, oldest first: cleared
-        #: once older than the keep window (or when too many are dirty)
-        self._cooling: deque[tuple[float, int]] = deque()
         self._pages: set[int] = set()  # pages changed since the last begin_flush
         #: the generation a bit set now joins; begin_flush closes it and opens the next
         self.gen = 1
         self.durable_gen = 0
         #: a new bit waits for a flush (marks with gen > durable_gen exist)
         self.sync_wanted = False
+
+    def _bit_on(self, region: int) -> None:
+        self.bitmap[region >> 3] |= 1 << (region & 7)
+        self._pages.add((region >> 3) // PAGE_BYTES)
+
+    def _bit_off(self, region: int) -> None:
+        self.bitmap[region >> 3] &= ~(1 << (region & 7)) & 0xFF
+        self._pages.add((region >> 3) // PAGE_BYTES)
+
+    def begin_flush(self) -> tuple[int, dict[int, bytes]]:
+        """Close the current generation: (its number, the changed pages' bytes now)."""
+        gen = self.gen
+        self.gen += 1
+        self.sync_wanted = False
+        pages = {p: bytes(self.bitmap[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]) for p in self._pages}
+        self._pages.clear()
+        return gen, pages
+
+    def end_flush(self, gen: int, synced: bool) -> None:
+        """The pages of ``gen`` are written; ``synced``: and fdatasynced."""
+        if synced:
+            self.durable_gen = max(self.durable_gen, gen)
+
+    def pending_pages(self) -> bool:
+        return bool(self._pages)
+
+    def _resize_bits(self, size: int) -> None:
+        self.size = size
+        self.nregions = region_count(size, self.region_bytes)
+        need = bitmap_len(self.nregions)
+        if need > len(self.bitmap):
+            self.bitmap.extend(bytes(need - len(self.bitmap)))
+        else:
+            del self.bitmap[need:]
+            tail = self.nregions & 7
+            if tail and self.nregions >> 3 < len(self.bitmap):
+                self.bitmap[self.nregions >> 3] &= (1 << tail) - 1
+        self._pages = {p for p in self._pages if p * PAGE_BYTES < len(self.bitmap)}
+
+
+class DirtyRegions(PagedBits):
+    """One volume's dirty bitmap and the rules that set and clear its bits. Not thread-safe
+    (``region_log`` calls it under its lock)."""
+
+    def __init__(self, region_bytes: int, size: int) -> None:
+        super().__init__(region_bytes, size)
+        self._dirty: dict[int, _Region] = {}
+        self._heap: list[tuple[int, int]] = []  # (seq, region): a clear candidate from seq on
+        #: (last_use, region) of regions whose records are durable, oldest first: cleared
+        #: once older than the keep window (or when too many are dirty)
+        self._cooling: deque[tuple[float, int]] = deque()
 
     # -- the bits
 
@@ -208,14 +254,12 @@ class DirtyRegions:
     def _set(self, region: int, held: bool) -> _Region:
         st = _Region(self.gen, held)
         self._dirty[region] = st
-        self.bitmap[region >> 3] |= 1 << (region & 7)
-        self._pages.add((region >> 3) // PAGE_BYTES)
+        self._bit_on(region)
         return st
 
     def _unset(self, region: int) -> None:
         del self._dirty[region]
-        self.bitmap[region >> 3] &= ~(1 << (region & 7)) & 0xFF
-        self._pages.add((region >> 3) // PAGE_BYTES)
+        self._bit_off(region)
 
     # -- a write's life
 
@@ -304,38 +348,91 @@ class DirtyRegions:
             cleared += 1
         return cleared
 
-    # -- flushing
-
-    def begin_flush(self) -> tuple[int, dict[int, bytes]]:
-        """Close the current generation: (its number, the changed pages' bytes now)."""
-        gen = self.gen
-        self.gen += 1
-        self.sync_wanted = False
-        pages = {p: bytes(self.bitmap[p * PAGE_BYTES : (p + 1) * PAGE_BYTES]) for p in self._pages}
-        self._pages.clear()
-        return gen, pages
-
-    def end_flush(self, gen: int, synced: bool) -> None:
-        """The pages of ``gen`` are written; ``synced``: and fdatasynced."""
-        if synced:
-            self.durable_gen = max(self.durable_gen, gen)
-
-    def pending_pages(self) -> bool:
-        return bool(self._pages)
-
     def resize(self, size: int) -> None:
         """The volume's new size: regions past it are dropped (their records come before
         the RESIZE in the volume's order), new ones are clean."""
-        self.size = size
-        self.nregions = region_count(size, self.region_bytes)
-        for r in [r for r in self._dirty if r >= self.nregions]:
+        for r in [r for r in self._dirty if r >= region_count(size, self.region_bytes)]:
             self._unset(r)
-        need = bitmap_len(self.nregions)
-        if need > len(self.bitmap):
-            self.bitmap.extend(bytes(need - len(self.bitmap)))
-        else:
-            del self.bitmap[need:]
-            tail = self.nregions & 7
-            if tail and self.nregions >> 3 < len(self.bitmap):
-                self.bitmap[self.nregions >> 3] &= (1 << tail) - 1
-        self._pages = {p for p in self._pages if p * PAGE_BYTES < len(self.bitmap)}
+        self._resize_bits(size)
+
+
+class _Extent:
+    __slots__ = ("fine_gen", "last_use", "pending", "set_gen")
+
+    def __init__(self, set_gen: int) -> None:
+        self.pending = 0  # writes marked, not yet assigned or released
+        self.last_use = 0.0
+        self.set_gen = set_gen
+        #: the fine bitmap's generation that carries every fine bit its writes set
+        self.fine_gen = 0
+
+
+class ActivityLog(PagedBits):
+    """DRBD's activity log over a ``DirtyRegions``: the extents (default 4 MiB) written
+    lately. A write waits only for its *extent's* bit to be durable; the fine bitmap's bits
+    are set in memory and flushed in the background. So a write to an active extent costs
+    no fsync, however scattered the writes inside it.
+
+    After a crash the regions that may differ from Kafka are the fine bitmap's bits on disk
+    plus every region of the extents on disk (the fine bits set since the last fine flush
+    are not on disk; their extent is). An extent is dropped (``evict``) only once no write
+    on it is pending and the fine flush carrying its writes' bits is durable, and only after
+    ``keep_s`` idle (a hot extent stays: its next write is free). What it costs: a crash
+    republishes the active extents whole. Not thread-safe (``region_log``'s lock)."""
+
+    def __init__(self, extent_bytes: int, size: int) -> None:
+        super().__init__(extent_bytes, size)
+        self._active: dict[int, _Extent] = {}
+
+    def __len__(self) -> int:
+        return len(self._active)
+
+    def active(self) -> list[int]:
+        return sorted(self._active)
+
+    def mark(self, offset: int, length: int, fine_gen: int) -> Marked:
+        """Before the local write (after the fine bitmap's mark, whose flush generation is
+        ``fine_gen``): its extents active, the write pending on each."""
+        extents = region_span(offset, length, self.region_bytes)
+        if extents and extents[-1] >= self.nregions:
+            raise ValueError(f"range ({offset}, {length}) is past the volume's {self.size} bytes")
+        need, new = 0, 0
+        for e in extents:
+            st = self._active.get(e)
+            if st is None:
+                st = self._active[e] = _Extent(self.gen)
+                self._bit_on(e)
+                new += 1
+            st.pending += 1
+            st.fine_gen = max(st.fine_gen, fine_gen)
+            need = max(need, st.set_gen)
+        if need > self.durable_gen:
+            self.sync_wanted = True
+        return Marked(extents, need, new)
+
+    def done(self, extents: range, now: float) -> None:
+        """The write's local part is over (its record queued, or none will come)."""
+        for e in extents:
+            st = self._active.get(e)
+            if st is not None:  # None: a resize dropped it
+                st.pending -= 1
+                st.last_use = max(st.last_use, now)
+
+    def evict(self, now: float, keep_s: float, fine_durable_gen: int) -> int:
+        """Drop the extents idle for ``keep_s`` whose fine bits are durable; how many."""
+        gone = [
+            e
+            for e, st in self._active.items()
+            if not st.pending and st.fine_gen <= fine_durable_gen and st.last_use <= now - keep_s
+        ]
+        for e in gone:
+            del self._active[e]
+            self._bit_off(e)
+        return len(gone)
+
+    def resize(self, size: int) -> None:
+        """Extents past the new size go (the fine bitmap dropped their regions)."""
+        for e in [e for e in self._active if e >= region_count(size, self.region_bytes)]:
+            del self._active[e]
+            self._bit_off(e)
+        self._resize_bits(size)

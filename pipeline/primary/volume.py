@@ -263,6 +263,7 @@ class ConsistencyGroup:
                 self.site,
                 region_bytes,
                 lambda: interceptor.durable_seq,
+                extent_bytes=interceptor.config.region_extent_bytes,
                 keep_s=interceptor.config.region_keep_s,
                 max_dirty_bytes=interceptor.config.region_keep_max_bytes,
                 time_source=interceptor.time_source,

@@ -4,7 +4,9 @@ Tries to break: a mark reported durable that a crash loses (every write since th
 fdatasync dropped, kept, or torn at 512-byte sectors, at random instants while writers
 run), an fsync failure that lets a write be acknowledged, group commit that fsyncs once
 per write, a restart with another region size that forgets dirty bytes, a clean close
-that leaves regions dirty.
+that leaves regions dirty; with the activity log on top (extents a write waits for, the
+fine bitmap flushed behind them): an extent evicted before its fine bits are durable, a
+restart that forgets an active extent's regions, a clean close that leaves extents active.
 """
 
 from __future__ import annotations
@@ -67,20 +69,32 @@ class CrashableFiles(FileOps):
                 Path(path).write_bytes(bytes(image))
 
 
-def open_log(root: Path, files: FileOps | None = None, durable=lambda: 0, rb: int = RB):
+def open_log(
+    root: Path,
+    files: FileOps | None = None,
+    durable=lambda: 0,
+    rb: int = RB,
+    eb: int = 0,
+    keep_s: float = 0.0,
+):
     kw = {"files": files} if files is not None else {}
-    log = RegionLog(SiteDir(root), rb, durable, clear_interval_s=0.002, **kw)
+    log = RegionLog(
+        SiteDir(root), rb, durable, extent_bytes=eb, keep_s=keep_s, clear_interval_s=0.002, **kw
+    )
     vol = log.open_volume("v", SIZE)
     log.start()
     return log, vol
 
 
+@pytest.mark.parametrize("extent_bytes", [0, 8 * RB], ids=["fine", "activity-log"])
 @pytest.mark.parametrize("seed", range(12))
-def test_a_crash_never_loses_a_durable_mark(tmp_path, seed):
+def test_a_crash_never_loses_a_durable_mark(tmp_path, seed, extent_bytes):
     rng = random.Random(seed)
     files = CrashableFiles(rng)
     state = {"durable": 0}
-    log, vol = open_log(tmp_path, files, lambda: state["durable"])
+    # keep 0 or a few ms: extents are evicted (and fine bits cleared) while writers run
+    keep = rng.choice([0.0, 0.003])
+    log, vol = open_log(tmp_path, files, lambda: state["durable"], eb=extent_bytes, keep_s=keep)
     must_survive: list[range] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -116,12 +130,15 @@ def test_a_crash_never_loses_a_durable_mark(tmp_path, seed):
     for t in threads:
         t.join(5)
     files.crash()
-    again = RegionLog(SiteDir(tmp_path), RB, lambda: 0)
+    # the restart may turn the activity log on or off: either way it holds every region
+    again = RegionLog(SiteDir(tmp_path), RB, lambda: 0, extent_bytes=rng.choice([0, 8 * RB]))
     vol2 = again.open_volume("v", SIZE)
     held = set(vol2.state.held())
     lost = set(survivors) - held
     assert not lost, f"seed {seed}: durable marks lost in the crash: {sorted(lost)[:10]}"
     assert survivors, "the run made no durable marks to check"
+    if extent_bytes:
+        assert log.stats["activity_evicted"] or not keep, "no extent was evicted: proved little"
     again.crash()
 
 
@@ -230,4 +247,52 @@ def test_resize_rewrites_the_file_and_keeps_the_bits(tmp_path):
     log.crash()
     again = RegionLog(SiteDir(tmp_path), RB, lambda: 0)
     assert again.open_volume("v", SIZE * 4).state.held() == [2, (SIZE * 3) // RB]
+    again.crash()
+
+
+def test_the_activity_log_spares_the_fsync_of_a_hot_extent_and_a_crash_holds_it_whole(tmp_path):
+    """A write to an active extent waits for nothing; after a crash every region of the
+    active extents is held (republished) and the failback's scan names them too."""
+    from pipeline.ops.resync_plan import Divergence
+    from pipeline.ops.resync_scan import read_dirty_logs
+
+    eb = 8 * RB
+    log, vol = open_log(tmp_path, eb=eb, keep_s=60.0)
+    first = vol.mark(0, 1)
+    first.wait(5)
+    first.assign(10**9)  # never durable in Kafka
+    fsyncs = log.stats["region_fsyncs"]
+    for i in range(1, 8):  # the rest of extent 0: no new bit, no wait
+        m = vol.mark(i * RB, 1)
+        assert m.durable, "a write to an active extent waited"
+        m.assign(10**9)
+    assert log.stats["region_fsyncs"] == fsyncs
+    assert log.metrics()["activity_extents"] == 1
+    log.crash()
+    # the failback's scan reads the files as the crash left them: the activity log alone
+    # (the fine bits may not have been flushed) names the extent's regions
+    only_al = tmp_path / "only-al"
+    (only_al / "state" / "regions").mkdir(parents=True)
+    al_file = SiteDir(tmp_path).activity_log_path("v")
+    (only_al / "state" / "regions" / al_file.name).write_bytes(al_file.read_bytes())
+    div = Divergence(RB)
+    read_dirty_logs(div, SiteDir(only_al))
+    assert div.regions["v"] >= set(range(8)), div.regions
+    again = RegionLog(SiteDir(tmp_path), RB, lambda: 0, extent_bytes=eb)
+    vol2 = again.open_volume("v", SIZE)
+    assert set(vol2.state.held()) >= set(range(8)), vol2.state.held()
+    again.crash()
+
+
+def test_a_clean_close_leaves_no_active_extent(tmp_path):
+    state = {"durable": 0}
+    log, vol = open_log(tmp_path, durable=lambda: state["durable"], eb=8 * RB, keep_s=60.0)
+    for i in range(20):
+        m = vol.mark(i * 3 * RB, 2 * RB)
+        m.wait(5)
+        m.assign(i + 1)
+    state["durable"] = 20
+    log.close()
+    again = RegionLog(SiteDir(tmp_path), RB, lambda: 0, extent_bytes=8 * RB)
+    assert again.open_volume("v", SIZE).state.held() == []
     again.crash()

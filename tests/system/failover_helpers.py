@@ -88,6 +88,7 @@ def make_site(
     before_backlog: Callable[[], object] | None = None,
     keep_primary: bool = False,
     paused: bool = False,
+    primary_options: dict[str, Any] | None = None,
 ) -> Scene:
     """Primary writes, the site applies ``applied_writes`` of them and stops; the backlog
     follows (with a marker after ``marker_at`` of its writes); the primary dies.
@@ -110,7 +111,9 @@ def make_site(
         service = GenerationalWatermark(cg, make, lambda: store.latest(cg), check_every_s=0.2)
     wm = ServiceThread(service, "watermark").start()
     scene = Scene(conf, cg, root, sizes, site_dir, root / "primary", wm)
-    primary = ConsistencyGroup.open(cg, scene.primary_dir, conf, interceptor_id="prod", **FAST)
+    primary = ConsistencyGroup.open(
+        cg, scene.primary_dir, conf, interceptor_id="prod", **{**FAST, **(primary_options or {})}
+    )
     alive = False
     try:
         for vid, size in sizes.items():
