@@ -32,7 +32,7 @@ import heapq
 import struct
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_REGION_BYTES = 64 * 1024
 MIN_REGION_BYTES = 4096
@@ -68,9 +68,9 @@ def region_count(size: int, region_bytes: int) -> int:
 
 def region_span(offset: int, length: int, region_bytes: int) -> range:
     """The regions ``[offset, offset + length)`` touches (empty for length 0)."""
-    if offset < 0 or length < 0:
-        raise ValueError(f"range ({offset}, {length}) is negative")
-    if length == 0:
+    if offset < 0 or length <= 0:
+        if offset < 0 or length < 0:
+            raise ValueError(f"range ({offset}, {length}) is negative")
         return range(0)
     return range(offset // region_bytes, (offset + length - 1) // region_bytes + 1)
 
@@ -160,10 +160,10 @@ class _Region:
         self.held = held  # not cleared until republished
 
 
-@dataclass(frozen=True)
-class Marked:
+class Marked(NamedTuple):
     """What ``mark`` did: the regions of the write, and the flush generation the write
-    waits for (durable once ``durable_gen >= gen``); ``new`` bits it set."""
+    waits for (durable once ``durable_gen >= gen``); ``new`` bits it set. (A tuple: one is
+    made per write, and a frozen dataclass costs three times as much to build.)"""
 
     regions: range
     gen: int
@@ -268,14 +268,15 @@ class DirtyRegions(PagedBits):
         regions = region_span(offset, length, self.region_bytes)
         if regions and regions[-1] >= self.nregions:
             raise ValueError(f"range ({offset}, {length}) is past the volume's {self.size} bytes")
-        need, new = 0, 0
+        need, new, dirty = 0, 0, self._dirty
         for r in regions:
-            st = self._dirty.get(r)
+            st = dirty.get(r)
             if st is None:
                 st = self._set(r, held=False)
                 new += 1
             st.pending += 1
-            need = max(need, st.set_gen)
+            if st.set_gen > need:
+                need = st.set_gen
         if need > self.durable_gen:
             self.sync_wanted = True
         return Marked(regions, need, new)
@@ -283,12 +284,15 @@ class DirtyRegions(PagedBits):
     def assign(self, regions: range, seq: int, now: float = 0.0) -> None:
         """The write's record got ``seq`` (at ``now``): its regions clear once seq is
         durable and the keep window since ``now`` has passed."""
+        dirty, heap = self._dirty, self._heap
         for r in regions:
-            st = self._dirty[r]
+            st = dirty[r]
             st.pending -= 1
-            st.last_seq = max(st.last_seq, seq)
-            st.last_use = max(st.last_use, now)
-            heapq.heappush(self._heap, (st.last_seq, r))
+            if seq > st.last_seq:
+                st.last_seq = seq
+            if now > st.last_use:
+                st.last_use = now
+            heapq.heappush(heap, (st.last_seq, r))
 
     def release(self, regions: range, touched: bool) -> None:
         """The write will have no record. ``touched``: the image may hold some of its bytes,
@@ -396,16 +400,18 @@ class ActivityLog(PagedBits):
         extents = region_span(offset, length, self.region_bytes)
         if extents and extents[-1] >= self.nregions:
             raise ValueError(f"range ({offset}, {length}) is past the volume's {self.size} bytes")
-        need, new = 0, 0
+        need, new, active = 0, 0, self._active
         for e in extents:
-            st = self._active.get(e)
+            st = active.get(e)
             if st is None:
-                st = self._active[e] = _Extent(self.gen)
+                st = active[e] = _Extent(self.gen)
                 self._bit_on(e)
                 new += 1
             st.pending += 1
-            st.fine_gen = max(st.fine_gen, fine_gen)
-            need = max(need, st.set_gen)
+            if fine_gen > st.fine_gen:
+                st.fine_gen = fine_gen
+            if st.set_gen > need:
+                need = st.set_gen
         if need > self.durable_gen:
             self.sync_wanted = True
         return Marked(extents, need, new)
@@ -416,7 +422,8 @@ class ActivityLog(PagedBits):
             st = self._active.get(e)
             if st is not None:  # None: a resize dropped it
                 st.pending -= 1
-                st.last_use = max(st.last_use, now)
+                if now > st.last_use:
+                    st.last_use = now
 
     def evict(self, now: float, keep_s: float, fine_durable_gen: int) -> int:
         """Drop the extents idle for ``keep_s`` whose fine bits are durable; how many."""
