@@ -38,9 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 from connectors.kafka.producer import Producer
-from connectors.kafka.reading import iter_range, latest
 from connectors.kafka.settings import InterceptorSettings
-from connectors.kafka.topics import WATERMARK_TAIL, CgTopics, ensure_topics
+from connectors.kafka.topics import CgTopics, ensure_topics
 from pipeline.errors import (
     FencedError,
     KafkaError,
@@ -53,6 +52,7 @@ from pipeline.primary.cut_follower import CutFollower
 from pipeline.primary.drain import drain
 from pipeline.primary.engine_config import InterceptorConfig
 from pipeline.primary.generation_watch import GenerationWatch
+from pipeline.primary.joining import clock_floor
 from pipeline.primary.outbox import (
     Entry,
     Message,
@@ -62,9 +62,8 @@ from pipeline.primary.outbox import (
     progress_message,
 )
 from pipeline.timesource import REAL_TIME, TimeSource
-from pipeline.watermark.state import JOIN_EPOCH_FROM_OFFSET, join_clock_floor, join_epoch
-from schemas import codec
-from schemas.records import CgRoles, LogRecord, Progress, ProgressKind, Watermark
+from pipeline.watermark.state import JOIN_EPOCH_FROM_OFFSET, join_epoch
+from schemas.records import CgRoles, LogRecord, Progress, ProgressKind
 
 log = logging.getLogger("lowmark.interceptor")
 
@@ -154,19 +153,30 @@ class Interceptor:
             replication_factor=self.config.replication_factor,
             generation=self.config.generation,
         )
-        self._producer = Producer(self._producer_conf())
-        try:
-            self._producer.init_transactions(30)
-        except KafkaError as exc:
-            raise ReplicationError(
-                f"interceptor {self.config.interceptor_id}: cannot initialise Kafka "
-                f"transactions: {exc}; check the brokers and the transaction log topic"
-            ) from None
         # the generation's base first: even the JOIN's S is above it, so no W of this
         # generation is below the cut it starts from
         self.clock.observe(self.config.clock_floor_us)
-        self.epoch = self._join()
-        self.clock.observe(max(self._clock_floor(), self.config.clock_floor_us))
+        for attempt in (1, 2):
+            self._producer = Producer(self._producer_conf())
+            try:
+                self._producer.init_transactions(30)
+                self.epoch = self._join()
+                break
+            except FencedError as exc:
+                # the watermark service's liveness fence of our previous instance (same
+                # transactional id) can land between our init and our JOIN: nothing of
+                # ours is committed, so join again (a real newer instance wins either way)
+                if attempt == 2 or self.generation_watch.check() or self.fenced_by_generation:
+                    raise
+                event(log, "fenced while joining; joining again", level=logging.WARNING,
+                      interceptor=self.config.interceptor_id, error=str(exc))  # fmt: skip
+            except KafkaError as exc:
+                raise ReplicationError(
+                    f"interceptor {self.config.interceptor_id}: cannot initialise Kafka "
+                    f"transactions: {exc}; check the brokers and the transaction log topic"
+                ) from None
+        floor = clock_floor(self.kafka_conf, self.topics, self.epoch)
+        self.clock.observe(max(floor, self.config.clock_floor_us))
         self._thread = threading.Thread(
             target=self._run, name=f"lowmark-tick-{self.config.interceptor_id}", daemon=True
         )
@@ -236,21 +246,6 @@ class Interceptor:
         if not offsets:
             raise ReplicationError("JOIN progress record was not delivered; check the brokers")
         return join_epoch(self.epoch, offsets[-1])  # as every reader of the JOIN folds it
-
-    def _clock_floor(self) -> int:
-        """Every S reported before our JOIN: no W computed without us can exceed it."""
-        best = latest(  # from the tail: before compaction the topic holds every W ever
-            self.kafka_conf, self.topics.watermark, lambda v: codec.decode(v, Watermark),
-            Watermark.newer_than, tail=WATERMARK_TAIL,
-        )  # fmt: skip
-        max_s, start = (best[0].max_s, best[0].progress_offset + 1) if best else (0, 0)
-        events = []
-        for msg in iter_range(self.kafka_conf, self.topics.progress, 0, start, self.epoch):
-            try:
-                events.append(codec.decode(msg.value(), Progress))
-            except LowmarkError:
-                continue
-        return join_clock_floor(max_s, events)
 
     # ---------------------------------------------------------------- write path
 
