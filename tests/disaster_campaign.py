@@ -261,6 +261,11 @@ def run_disaster(lane: Lane, seed: int) -> Outcome:
                         # a republished tail goes out in several commits, each with its
                         # PROGRESS: one 16 MiB commit can outlast the liveness timeout
                         "max_transaction_bytes": 1 << 20,
+                        # the activity log on, at a scale of these 16 MiB volumes: 4 MiB
+                        # extents kept 2 s made every restart republish the whole volume
+                        # (6 lanes at once: past the 10 s announce timeout under load)
+                        "region_extent_bytes": 1 << 20,
+                        "region_keep_s": 0.25,
                     },
                 },
                 lane.root / f"r{r}" / f"{node}.log",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -65,9 +65,12 @@ class ChildProcess:
         """
         assert self.proc.stdout is not None
         if timeout_s is not None:
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-            if not ready:
-                return None
+            # poll, not select: a long campaign's process holds over 1024 fds (an applier
+            # keeps every volume's image open), past what select() can watch
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.proc.stdout, selectors.EVENT_READ)
+                if not sel.select(timeout_s):
+                    return None
         raw = self.proc.stdout.readline()
         return raw.decode().rstrip("\n") if raw else None
 
