@@ -8,7 +8,8 @@ The scene is the system tests' (``tests.system.resync_helpers.build``, on an emb
 broker or ``$LOWMARK_BOOTSTRAP_SERVERS``): the old primary writes above a frozen cut and
 leaves an unreplicated tail marked in its dirty-region log (at 64 KiB regions: the scene's
 primary runs without the 4 MiB activity log, whose active extents a crash would mark
-whole), dies; ``lowmark failover --force`` makes dr1 the primary, whose clients then write through NBD (qemu-io). Then:
+whole), dies; ``lowmark failover --force`` makes dr1 the primary, whose clients then
+write through NBD (qemu-io). Then:
 
 - **baseline**: fio 4 KiB random writes at queue depth 1 on dr1's NBD export (over its
   first 16 MiB, counted as diverged), no resync;
