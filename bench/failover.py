@@ -37,7 +37,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from bench.common import (
     write_results,
 )
 from bench.failover_scene import BLOCK, SITE, VOLUMES, Scene, pick_spots, site_with_backlog
+from connectors.embedded_kafka.procs import free_port
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import SetupError
 
@@ -159,12 +159,6 @@ class FailoverProcess:
         stop_process(self.proc, 60, name="lowmark failover")
         self._out.close()
         return self.proc.returncode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[str, float]:

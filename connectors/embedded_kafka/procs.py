@@ -7,6 +7,7 @@ with a marker), so a recycled PID is never signalled.
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 from pathlib import Path
@@ -34,11 +35,42 @@ def pid_alive(pid: int | None, marker: str | None = None) -> bool:
     return marker is None or marker in cmdline.split("\0")
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORT_SPAN = 10000
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port nobody listens on right now (it may be taken before we bind it)."""
+    """A loopback port for a service we are about to start, distinct within this process.
+
+    The port lies *below* the kernel's ephemeral range. A port from ``bind(0)`` comes from
+    that range, so any outgoing connection (a Kafka client's, say) could take it between our
+    choosing it and the service binding it — and two calls could hand out the same one.
+    """
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(max(1024, low - _PORT_SPAN), low)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _handed_out.add(port)
+    return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def port_is_free(port: int) -> bool:

@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from connectors.embedded_kafka.procs import free_port
 from connectors.image.image import file_digest
 from pipeline.app.config import parse_size
 from pipeline.errors import SetupError
@@ -44,12 +44,6 @@ class DemoOptions:
     bootstrap: str | None = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Demo:
     def __init__(self, opts: DemoOptions, out: Callable[[str], None]) -> None:
         self.opts = opts
@@ -58,7 +52,7 @@ class Demo:
         self.kafka: KafkaCluster | None = None
         self.cg = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         self.dir = (opts.workdir / self.cg).absolute()
-        self.ports = {n: _free_port() for n in ("nbd", "serve", "watermark", "apply")}
+        self.ports = {n: free_port() for n in ("nbd", "serve", "watermark", "apply")}
 
     # ---------------------------------------------------------------- setup
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from connectors.embedded_kafka.procs import free_port
 from connectors.kafka.reading import bounds, iter_range
 from connectors.kafka.topics import CgTopics
 from pipeline.timesource import wall_us
@@ -28,12 +28,6 @@ from tests.prereqs import require_tools
 from tests.replication_helpers import wait_until
 
 pytestmark = pytest.mark.kafka
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(tmp: Path, bootstrap: str, cg: str, data_dir: Path, port: int) -> Path:
@@ -93,7 +87,7 @@ def test_an_old_primary_restarted_after_a_failover_refuses_to_serve(
 ):
     fail_over_to(kafka_conf, unique_name, "dr")
     cfg = write_config(tmp_path, kafka_conf["bootstrap.servers"], unique_name, tmp_path / "p",
-                       _free_port())  # fmt: skip
+                       free_port())  # fmt: skip
     for args, words in (
         (("--site", "main"), "site 'main' is not the primary of CG"),
         ((), "serve.site not set"),
@@ -116,7 +110,7 @@ def test_a_serving_primary_stops_with_an_error_once_the_roles_move_on(
         unique_name, None, initial_roles(unique_name, "main", now_us=wall_us())
     )
     bootstrap = kafka_conf["bootstrap.servers"]
-    old_port, new_port = _free_port(), _free_port()
+    old_port, new_port = free_port(), free_port()
     old_cfg = write_config(tmp_path, bootstrap, unique_name, tmp_path / "old", old_port)
     new_cfg = write_config(tmp_path, bootstrap, unique_name, tmp_path / "new", new_port)
     old = serve(old_cfg, "--site", "main", log=tmp_path / "old.log")

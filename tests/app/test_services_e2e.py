@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from connectors.embedded_kafka.procs import free_port
 from connectors.image.image import file_digest
 from pipeline.ops.status import scrape
 from pipeline.site import SiteDir
@@ -25,18 +25,12 @@ from tests.replication_helpers import read_log, rebuild_from_log, wait_until
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Services:
     def __init__(self, tmp: Path, bootstrap: str, cg: str) -> None:
         self.tmp = tmp
         self.cg = cg
-        self.nbd_port = _free_port()
-        self.ports = {name: _free_port() for name in ("serve", "watermark", "apply")}
+        self.nbd_port = free_port()
+        self.ports = {name: free_port() for name in ("serve", "watermark", "apply")}
         self.config = tmp / "lowmark.toml"
         self.config.write_text(
             f"""

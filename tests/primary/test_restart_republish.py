@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from connectors.embedded_kafka.procs import free_port
 from connectors.nbd import protocol as p
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.site import SiteDir
@@ -136,12 +136,6 @@ def test_control_without_the_region_log_the_tail_is_lost(kafka_conf, unique_name
 # ---------------------------------------------------------------- kill -9 through NBD
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 BLOCK = 4096
 NBD_SIZE = 64 << 20  # one round of unique blocks outlasts the kill
 
@@ -206,7 +200,7 @@ def nbd_writer(port: int, blocks: list[int], seed: int, acked: dict[int, bytes])
 @pytest.mark.parametrize("seed", [11, 12])
 def test_kill_9_of_serve_loses_no_acknowledged_nbd_write(kafka_conf, unique_name, tmp_path, seed):
     rng = random.Random(seed)
-    port = _free_port()
+    port = free_port()
     data_dir = tmp_path / "primary"
     config = tmp_path / "lowmark.toml"
     config.write_text(

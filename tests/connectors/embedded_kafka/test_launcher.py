@@ -31,7 +31,7 @@ from connectors.embedded_kafka.jars import (
     kafka_version,
 )
 from connectors.embedded_kafka.java import check_java, find_java, parse_java_major
-from connectors.embedded_kafka.procs import pid_alive
+from connectors.embedded_kafka.procs import free_port, pid_alive
 from connectors.embedded_kafka.state import find_bootstrap
 from pipeline.errors import KafkaStartError, SetupError
 from tests.kafka_helpers import (
@@ -208,6 +208,26 @@ def test_port_in_use_is_named(tmp_path):
         with pytest.raises(SetupError, match=f"127.0.0.1:{port}.*in use"):
             cluster.start()
     assert not cluster.is_running()
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range():
+    # A CI run once started two services on one port: bind(0) had handed it out twice, or
+    # a client's outgoing connection took it first.  Both come from the ephemeral range.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    clients = []
+    try:
+        for _ in range(50):  # outgoing connections take ephemeral ports while we choose
+            listener = socket.create_server(("127.0.0.1", 0))
+            clients += [listener, socket.create_connection(listener.getsockname())]
+        ports = [free_port() for _ in range(200)]
+    finally:
+        for s in clients:
+            s.close()
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < low for p in ports)
+    for p in ports[:20]:
+        with socket.create_server(("127.0.0.1", p)):
+            pass
 
 
 def test_find_bootstrap_ignores_dead_and_foreign_pids(tmp_path):
