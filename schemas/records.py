@@ -39,6 +39,7 @@ from schemas.checks import member as _enum
 from schemas.checks import offsets as _offsets
 from schemas.checks import text as _text
 from schemas.checks import volume_ids as _volume_ids
+from schemas.control import MarkerPhase
 from schemas.record_base import (
     CgRecord,
     LogRecord,
@@ -66,6 +67,7 @@ __all__ = [
     "LogRecord",
     "LostTail",
     "Marker",
+    "MarkerPhase",
     "Progress",
     "ProgressKind",
     "Record",
@@ -628,6 +630,7 @@ RECORDS: tuple[type[Record], ...] = (
     Checkpoint,
     CgRoles,
     DrainRequest,
+    MarkerPhase,
 )
 
 #: the record types the CG's log holds

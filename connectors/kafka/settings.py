@@ -10,6 +10,7 @@ differs from librdkafka's default says why. The roles:
   silent member, the standby's watch, and the producer of FENCE records and dead letters;
 - ``ApplierSettings``: the readers of the log and the watermark topic, the producer of
   checkpoints and dead letters;
+- ``MarkerSettings``: the coordinator's and the interceptors' steps of a marker;
 - ``TopologySettings``: the one transactional writer of a CG's roles and the reader of
   ``lowmark.config``;
 - ``ToolSettings``: short reads by start-up code and the operator tools (status, restore,
@@ -78,6 +79,28 @@ class InterceptorSettings(_Role):
             "enable.auto.offset.store": False,
             # every millisecond here is added to every sync write's latency
             "fetch.wait.max.ms": 5,
+        }
+
+
+class MarkerSettings(_Role):
+    """The coordination of markers through ``lowmark.<cg>.control`` (both sides)."""
+
+    def control_consumer(self) -> Settings:
+        return {
+            # its own group: it reads live from the end, never commits
+            **self._reader(f"lowmark-control-{uuid.uuid4().hex[:8]}"),
+            # steps are plain (non-transactional) records: a fetch returns the moment
+            # one arrives, whatever fetch.wait.max.ms says
+            "isolation.level": "read_uncommitted",
+        }
+
+    def control_producer(self) -> Settings:
+        return {
+            **self.base,
+            "enable.idempotence": True,
+            "acks": "all",
+            # every millisecond of a step's trip is added to the hold of every write
+            "linger.ms": 0,
         }
 
 

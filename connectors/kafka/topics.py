@@ -53,6 +53,8 @@ def roles_transactional_id(cg: str) -> str:
 #: the latest W of a watermark topic is among its last this many records: one publisher
 #: at a time commits, and W never goes down (read_committed skips a fenced one's aborts)
 WATERMARK_TAIL = 64
+#: the control topic's steps matter for seconds; a day keeps them for `kcat` and audits
+CONTROL_RETENTION = {"retention.ms": str(24 * 3600 * 1000)}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,11 @@ class CgTopics:
     def deadletter(self) -> str:
         return f"{self.prefix}.deadletter"
 
+    @property
+    def control(self) -> str:
+        """Coordination steps (markers): read live, kept a day for inspection."""
+        return f"{self.prefix}.control"
+
     def transactional_id(self, interceptor_id: str) -> str:
         return f"{self.prefix}.interceptor.{interceptor_id}"
 
@@ -124,6 +131,7 @@ def ensure_topics(
         TopicSpec(topics.watermark, 1, rf, compacted),
         TopicSpec(topics.checkpoints, 1, rf, compacted),
         TopicSpec(topics.deadletter, 1, rf, {"min.insync.replicas": min_isr}),
+        TopicSpec(topics.control, 1, rf, {"min.insync.replicas": min_isr, **CONTROL_RETENTION}),
     ]
     admin.create_topics([t for t in wanted if t.name not in md.topics], timeout_s)
     # another process may have created them a moment ago: wait for leaders either way

@@ -31,6 +31,7 @@ _COMMAND_MODULES = {
     "failover": "pipeline.app.cli_failover",
     "switchover": "pipeline.app.cli_failover",
     "failback": "pipeline.app.cli_failback",
+    "marker": "pipeline.app.cli_marker",
     "kafka": "connectors.embedded_kafka.cli",
 }
 

@@ -48,6 +48,8 @@ def primary_metrics(cg: ConsistencyGroup, server: NbdServer | None) -> dict[str,
     m = dict(cg.interceptor.metrics())
     if cg.regions is not None:
         m.update(cg.regions.metrics())
+    if cg.markers is not None:
+        m.update(cg.markers.metrics())
     if server is not None:
         st = server.stats
         m.update(

@@ -34,6 +34,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from pipeline.errors import LowmarkError
+from pipeline.primary.gate import WriteHeld
 from pipeline.primary.interceptor import Ticket
 from pipeline.primary.region_log import Mark
 from pipeline.primary.volume import Volume
@@ -65,15 +66,17 @@ class VolumeExport:
     def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
         # an exception here (FencedError from stamp, ...) is an EIO reply (connectors/nbd)
         mark = self.volume.mark(offset, len(data))
-        if not mark.durable or not self._engine.has_space(len(data)):
-            return self._after_mark(
-                mark,
-                len(data),
-                lambda now: self.volume.submit_write(offset, data, commit_wait=now, mark=mark),
-                fua,
-            )
-        ticket = self.volume.submit_write(offset, data, commit_wait=False, mark=mark)
-        return self._finish(ticket, fua)
+
+        def submit(block: bool) -> Ticket:
+            return self.volume.submit_write(offset, data, commit_wait=block, mark=mark,
+                                            gate_wait=block)  # fmt: skip
+
+        if mark.durable and self._engine.has_space(len(data)):
+            try:
+                return self._finish(submit(False), fua)
+            except WriteHeld:
+                pass  # a marker holds writes: wait for it off the loop's back
+        return self._after_mark(mark, len(data), submit, fua)
 
     def write_zeroes(
         self, offset: int, length: int, fua: bool, may_trim: bool
@@ -88,14 +91,16 @@ class VolumeExport:
     def _zero(self, offset: int, length: int, fua: bool, trim: bool) -> Awaitable[None] | None:
         mark = self.volume.mark(offset, length)
 
-        def submit(commit_wait: bool) -> Ticket:
-            return self.volume.submit_zero(
-                offset, length, trim=trim, commit_wait=commit_wait, mark=mark
-            )
+        def submit(block: bool) -> Ticket:
+            return self.volume.submit_zero(offset, length, trim=trim, commit_wait=block,
+                                           mark=mark, gate_wait=block)  # fmt: skip
 
-        if not mark.durable:
-            return self._after_mark(mark, 0, submit, fua)
-        return self._finish(submit(False), fua)
+        if mark.durable:
+            try:
+                return self._finish(submit(False), fua)
+            except WriteHeld:
+                pass
+        return self._after_mark(mark, 0, submit, fua)
 
     def flush(self) -> Awaitable[None] | None:
         return self._flush()
@@ -131,20 +136,33 @@ class VolumeExport:
     ) -> None:
         """The write's regions are durably dirty first (the ack waits for that fsync anyway;
         the image is not touched before it, so it never differs from Kafka unmarked), then
-        it takes effect: on the loop, or in a worker thread when it must wait for space."""
+        it takes effect: on the loop, or in a worker thread when it must wait for space.
+        While a marker holds the CG's writes it waits for the gate, also off the loop."""
+        handed = False  # submit owns the mark once called (it ends it, also on failure)
         try:
             if not mark.durable:
                 await self._mark_durable(mark)
+            while True:
+                handed = True
+                if not self._engine.has_space(nbytes):
+                    ticket = await self._get_loop().run_in_executor(None, submit, True)
+                    break
+                try:
+                    ticket = submit(False)
+                    break
+                except WriteHeld:  # nothing touched, the mark is still ours
+                    handed = False
+                    await callback_future(self._get_loop(), self._gate_open)
         except BaseException:
-            mark.release(touched=False)
+            if not handed:
+                mark.release(touched=False)
             raise
-        if self._engine.has_space(nbytes):
-            ticket = submit(False)
-        else:
-            ticket = await self._get_loop().run_in_executor(None, submit, True)
         done = self._finish(ticket, fua)
         if done is not None:
             await done
+
+    def _gate_open(self, fn: Callable[[BaseException | None], None]) -> None:
+        self.volume._cg.gate.when_open(lambda: fn(None))
 
     def _mark_durable(self, mark: Mark) -> asyncio.Future[None]:
         return callback_future(self._get_loop(), mark.add_done_callback)

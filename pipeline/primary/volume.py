@@ -41,7 +41,9 @@ from typing import Any, Literal
 
 from connectors.image.image import Image
 from pipeline.errors import ConfigError, VolumeError
+from pipeline.primary.gate import WriteGate, WriteHeld
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
+from pipeline.primary.marker_member import MarkerMember
 from pipeline.primary.region_log import NO_MARK, Mark, RegionLog, VolumeRegions
 from pipeline.primary.republish import republish
 from pipeline.site import SiteDir, check_volume_id
@@ -133,6 +135,7 @@ class Volume:
         *,
         commit_wait: bool = True,
         mark: Mark | None = None,
+        gate_wait: bool = True,
     ) -> Ticket:
         """Write locally now; the ticket tells when it is durable in Kafka.
 
@@ -140,6 +143,8 @@ class Volume:
         before acknowledging (the NBD server sleeps asynchronously instead of blocking).
         ``mark``: the range's durable ``Volume.mark`` (without one this call marks and
         waits for the mark's fsync); it is ended here, also on failure.
+        ``gate_wait=False``: raise ``WriteHeld`` (touching nothing, the mark kept) instead of
+        waiting while a marker holds the CG's writes (``pipeline.primary.gate``).
         """
         data = bytes(data)
         self.image.check_range(offset, len(data))
@@ -150,7 +155,7 @@ class Volume:
         touched = False
         try:
             engine.wait_for_space(len(data))
-            with self._lock:
+            with self._cg.admitted(gate_wait), self._lock:
                 token, ts = engine.stamp()
                 try:
                     touched = True
@@ -160,6 +165,8 @@ class Volume:
                     raise
                 ticket = engine.append(token, self.volume_id, ts, offset, data)
                 mark.assign(ticket.seq)
+        except WriteHeld:
+            raise  # nothing touched: the caller retries with the same mark
         except BaseException:
             mark.release(touched)
             raise
@@ -175,12 +182,13 @@ class Volume:
         trim: bool = False,
         commit_wait: bool = True,
         mark: Mark | None = None,
+        gate_wait: bool = True,
     ) -> Ticket:
         """Make the range read as zeroes now; the ticket tells when it is durable in Kafka.
 
         ``trim``: it may be deallocated (a TRIM record; NBD TRIM, or WRITE_ZEROES without
         NO_HOLE). Otherwise it stays allocated (a ZERO record), here and at every backup.
-        ``mark`` as for ``submit_write``.
+        ``mark`` and ``gate_wait`` as for ``submit_write``.
         """
         self.image.check_range(offset, length)
         engine = self._cg.interceptor
@@ -189,7 +197,7 @@ class Volume:
         mark = self._marked(offset, length, mark)
         touched = False
         try:
-            with self._lock:
+            with self._cg.admitted(gate_wait), self._lock:
                 token, ts = engine.stamp()
                 try:
                     touched = True
@@ -203,6 +211,8 @@ class Volume:
                 rec = Zero(self.volume_id, iid, epoch, ts, offset, length, kind)
                 ticket = engine.append_record(token, rec)
                 mark.assign(ticket.seq)
+        except WriteHeld:
+            raise
         except BaseException:
             mark.release(touched)
             raise
@@ -256,6 +266,9 @@ class ConsistencyGroup:
         self.interceptor = interceptor
         self.volumes: dict[str, Volume] = {}
         self._lock = threading.Lock()
+        #: where a marker holds new writes (``pipeline.primary.markers``)
+        self.gate = WriteGate(interceptor.time_source.monotonic)
+        self.markers: MarkerMember | None = None
         region_bytes = interceptor.config.region_bytes
         #: the volumes' dirty-region logs (None: off, ``InterceptorConfig.region_bytes`` 0)
         self.regions: RegionLog | None = (
@@ -310,6 +323,9 @@ class ConsistencyGroup:
         if any(v.mode == "sync" for v in self.volumes.values()):
             # warm before the first sync write, which would otherwise pay the set-up
             self.interceptor.cuts.start()
+        if config.markers:
+            self.markers = MarkerMember(self.interceptor, self.gate)
+            self.markers.start()
         return self
 
     def __enter__(self) -> ConsistencyGroup:
@@ -319,6 +335,8 @@ class ConsistencyGroup:
         self.close()
 
     def close(self) -> None:
+        if self.markers is not None:
+            self.markers.close()  # first: a hold it has is released, nothing is left waiting
         self.interceptor.close()
         if self.regions is not None:
             # after the drain: every region whose records reached Kafka is cleared
@@ -387,7 +405,7 @@ class ConsistencyGroup:
 
     def _announce(self, vol: Volume, op: VolumeOp) -> None:
         engine = self.interceptor
-        with vol._lock:
+        with self.admitted(True), vol._lock:
             token, ts = engine.stamp()
             iid, epoch = engine.origin
             meta = dict(vol.info.metadata or {})
@@ -400,6 +418,20 @@ class ConsistencyGroup:
         for vol in self.volumes.values():
             vol.image.sync()
         self.interceptor.barrier().wait(timeout_s)
+
+    @contextmanager
+    def admitted(self, wait: bool) -> Iterator[None]:
+        """Inside the write gate (``pipeline.primary.gate``): a marker's hold waits for
+        this to end. ``wait=False``: ``WriteHeld`` at once while the gate is held."""
+        gate = self.gate
+        if wait:
+            gate.enter(self.interceptor.config.replication_timeout_s)
+        elif not gate.try_enter():
+            raise WriteHeld()
+        try:
+            yield
+        finally:
+            gate.exit()
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:

@@ -42,6 +42,7 @@ from schemas.records import (
     Checkpoint,
     DrainRequest,
     Marker,
+    MarkerPhase,
     Progress,
     Record,
     Snapshot,
@@ -180,6 +181,20 @@ AVRO_STRATEGIES: dict[type[Record], st.SearchStrategy[dict[str, Any]]] = {
     CgRoles: roles(),
     DrainRequest: st.fixed_dictionaries(
         {"cg": NAME, "generation": SMALL, "to_site": NAME, "requested_us": LONG}),
+    MarkerPhase: st.one_of(
+        st.lists(NAME, min_size=1, max_size=3, unique=True).flatmap(
+            lambda ms: st.fixed_dictionaries({
+                "marker_id": NAME, "name": NAME, "step": st.just("QUIESCE"),
+                "interceptor_id": st.just(""), "ts": LONG, "emitter": st.sampled_from(ms),
+                "timeout_ms": st.integers(1, 2**40), "members": st.just(ms),
+                "error": st.text(max_size=20), "sent_us": LONG})),
+        *(st.fixed_dictionaries({
+            "marker_id": NAME, "name": NAME, "step": st.just(step),
+            "interceptor_id": st.just("") if step == "ABORT" else NAME,
+            "ts": LONG, "emitter": st.text(max_size=8), "timeout_ms": LONG,
+            "members": st.lists(NAME, max_size=3, unique=True),
+            "error": st.text(max_size=20), "sent_us": LONG,
+        }) for step in ("QUIESCED", "ABORT", "RESUMED"))),
 }
 
 
@@ -303,6 +318,10 @@ def _ext(i: int, **changes: Any) -> dict[str, Any]:
     return {**WRITE_OK, "extents": extents}
 
 
+_PHASE = {"marker_id": "m-1", "name": "nightly", "step": "QUIESCE", "interceptor_id": "",
+          "ts": 0, "emitter": "a", "timeout_ms": 2000, "members": ["a", "b"], "error": "",
+          "sent_us": 7}
+
 IMPOSSIBLE: list[tuple[type[Record], dict[str, Any]]] = [
     (Write, {**WRITE_OK, "extents": []}),
     (Write, {**WRITE_OK, "volume_id": ""}),
@@ -355,6 +374,11 @@ IMPOSSIBLE: list[tuple[type[Record], dict[str, Any]]] = [
                       "w": 5, "forced": False, "at_us": 0}]}),  # to itself
     (DrainRequest, {"cg": "c", "generation": -1, "to_site": "dr", "requested_us": 0}),
     (DrainRequest, {"cg": "c", "generation": 0, "to_site": "", "requested_us": 0}),
+    (MarkerPhase, {**_PHASE, "interceptor_id": "a"}),  # a coordinator's step from a member
+    (MarkerPhase, {**_PHASE, "members": ["a", "a"]}),
+    (MarkerPhase, {**_PHASE, "timeout_ms": 0}),
+    (MarkerPhase, {**_PHASE, "emitter": "c"}),  # an emitter that is not a member
+    (MarkerPhase, {**_PHASE, "step": "RESUMED"}),  # a member's step without its id
 ]
 
 
@@ -400,6 +424,7 @@ SAMPLES: list[tuple[type[Record], dict[str, Any]]] = [
                               "to_site": "main", "w": 2**58, "forced": False, "at_us": 9}],
                  "updated_us": 9}),
     (DrainRequest, {"cg": "cg1", "generation": 3, "to_site": "dr", "requested_us": 11}),
+    (MarkerPhase, _PHASE),
 ]
 
 

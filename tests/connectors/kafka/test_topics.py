@@ -21,7 +21,7 @@ from connectors.kafka.topics import (
 )
 from pipeline.errors import ConfigError
 
-NAMES = ("log", "progress", "watermark", "checkpoints", "deadletter")
+NAMES = ("log", "progress", "watermark", "checkpoints", "deadletter", "control")
 
 
 def _all(t: CgTopics) -> set[str]:
@@ -40,6 +40,7 @@ def test_generation_0_keeps_todays_names_exactly() -> None:
         "lowmark.cg1.watermark",
         "lowmark.cg1.checkpoints",
         "lowmark.cg1.deadletter",
+        "lowmark.cg1.control",
     ]
     assert t.transactional_id("host-a") == "lowmark.cg1.interceptor.host-a"
     assert t.watermark_transactional_id() == "lowmark.cg1.watermark-publisher"
@@ -53,6 +54,7 @@ def test_later_generations_have_their_own_topics_and_ids() -> None:
         "lowmark.cg1.g3.watermark",
         "lowmark.cg1.g3.checkpoints",
         "lowmark.cg1.g3.deadletter",
+        "lowmark.cg1.g3.control",
     ]
     assert t.transactional_id("host-a") == "lowmark.cg1.g3.interceptor.host-a"
     assert t.watermark_transactional_id() == "lowmark.cg1.g3.watermark-publisher"
