@@ -92,6 +92,8 @@ class MarkerSettings(_Role):
             # steps are plain (non-transactional) records: a fetch returns the moment
             # one arrives, whatever fetch.wait.max.ms says
             "isolation.level": "read_uncommitted",
+            # a step is a few hundred bytes: Nagle would hold the next fetch request back
+            "socket.nagle.disable": True,
         }
 
     def control_producer(self) -> Settings:
@@ -101,6 +103,7 @@ class MarkerSettings(_Role):
             "acks": "all",
             # every millisecond of a step's trip is added to the hold of every write
             "linger.ms": 0,
+            "socket.nagle.disable": True,
         }
 
 

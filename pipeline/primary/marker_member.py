@@ -47,7 +47,7 @@ class MarkerMember:
         self.stats: dict[str, Any] = {
             "markers_quiesced": 0, "markers_emitted": 0, "markers_aborted": 0,
             "markers_self_resumed": 0, "marker_last_hold_s": 0.0, "marker_max_hold_s": 0.0,
-            "marker_last_ts": 0, "control_errors": 0,
+            "marker_last_ts": 0, "marker_last_step_lag_s": 0.0, "control_errors": 0,
         }  # fmt: skip
 
     def start(self) -> None:
@@ -161,6 +161,7 @@ class MarkerMember:
             st["markers_emitted"] += 1
         if action.ts and not error:
             st["marker_last_ts"] = action.ts
+            st["marker_last_step_lag_s"] = self.phases.last_lag_us / 1e6
         elif "by itself" in action.why:
             st["markers_self_resumed"] += 1
         else:
@@ -169,6 +170,7 @@ class MarkerMember:
               level=logging.INFO if action.ts and not error else logging.WARNING,
               interceptor=self.iid, marker=action.name, id=action.marker_id, ts=action.ts,
               emitter=action.act is Act.EMIT, held_ms=round(held * 1000, 3),
+              step_lag_ms=round(self.phases.last_lag_us / 1000, 3) if action.ts else None,
               error=error or action.why or None)  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:

@@ -73,6 +73,8 @@ class _Hold:
     caps: dict[str, int] = field(default_factory=dict)
     drained: bool = False  # our own cap is stamped (else we are still draining)
     aborted: str = ""  # an ABORT (or an error) came while draining
+    #: the longest trip of a step of this marker to us (QUIESCE, QUIESCED), by wall clocks
+    lag_us: int = 0
 
 
 def complete(members: Iterable[str], caps: dict[str, int]) -> bool:
@@ -94,6 +96,8 @@ class MemberPhases:
         #: live one; None: every QUIESCE is live
         self._wall_us = wall_us
         self.hold: _Hold | None = None
+        #: of the last complete marker: the longest trip of one of its steps to us (µs)
+        self.last_lag_us = 0
         #: an expired marker's members and the caps read since, to tell if it completes
         self._late: dict[str, tuple[tuple[str, ...], dict[str, int]]] = {}
 
@@ -107,6 +111,8 @@ class MemberPhases:
             if step.error:
                 return self._abort(hold, f"interceptor {step.interceptor_id}: {step.error}")
             hold.caps.setdefault(step.interceptor_id, step.ts)
+            if step.sent_us and self._wall_us:
+                hold.lag_us = max(hold.lag_us, self._wall_us() - step.sent_us)
             return self._decide(hold)
         if step.step is MarkerStep.ABORT:
             return self._abort(hold, step.error or "aborted by the coordinator")
@@ -128,7 +134,7 @@ class MemberPhases:
         now = self._now()
         timeout_s = step.timeout_ms / 1000
         self.hold = _Hold(step.marker_id, step.name, step.members, step.emitter, now,
-                          now + timeout_s)  # fmt: skip
+                          now + timeout_s, lag_us=age_us)  # fmt: skip
         return MemberAction(Act.QUIESCE, step.marker_id, step.name, timeout_s=timeout_s)
 
     def quiesced(self, marker_id: str, cap: int) -> list[MemberAction]:
@@ -190,6 +196,7 @@ class MemberPhases:
         if not hold.drained or not complete(hold.members, hold.caps):
             return NOTHING
         self.hold = None
+        self.last_lag_us = hold.lag_us
         act = Act.EMIT if hold.emitter == self.interceptor_id else Act.RESUME
         return MemberAction(act, hold.marker_id, hold.name, max(hold.caps.values()))
 
@@ -209,8 +216,9 @@ class MemberPhases:
                              error or action.why)  # fmt: skip
 
     def _quiesced(self, marker_id: str, name: str, cap: int, error: str) -> MarkerPhase:
+        sent = self._wall_us() if self._wall_us else 0
         return MarkerPhase(marker_id, name, MarkerStep.QUIESCED, self.interceptor_id, ts=cap,
-                           error=error)  # fmt: skip
+                           error=error, sent_us=sent)  # fmt: skip
 
     def _resumed(self, marker_id: str, name: str, ts: int, held_us: int, error: str) -> MarkerPhase:
         return MarkerPhase(marker_id, name or "?", MarkerStep.RESUMED, self.interceptor_id,
