@@ -30,6 +30,13 @@
     data_dir = "/var/lib/lowmark/dr1"
     metrics = "127.0.0.1:9466"
 
+    [markers]                    # markers on a schedule (the active watermark takes them)
+    interval_s = 300             # 0: none
+    name = "auto"                # each is <name>-<UTC time>
+    pre_hook = ""                # as `lowmark marker --pre-hook`
+    post_hook = ""
+    timeout_s = 5
+
 Precedence: command-line flag > environment (``LOWMARK_<SECTION>_<KEY>``, e.g.
 ``LOWMARK_APPLY_SITE``) > file > default. Unknown keys are errors, not silently ignored:
 a typo in a DR config must not go unnoticed until the disaster.
@@ -129,12 +136,33 @@ class ApplySection:
 
 
 @dataclass(frozen=True)
+class MarkersSection:
+    """Markers on a schedule, taken by the active `lowmark watermark` (0: none)."""
+
+    interval_s: float = 0.0
+    name: str = "auto"
+    pre_hook: str = ""
+    post_hook: str = ""
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.interval_s < 0 or 0 < self.interval_s < 0.05:
+            raise ConfigError(f"[markers] interval_s {self.interval_s} must be 0 (no schedule) "
+                              "or at least 0.05 seconds")  # fmt: skip
+        if self.timeout_s <= 0:
+            raise ConfigError(f"[markers] timeout_s {self.timeout_s} must be > 0")
+        if not self.name:
+            raise ConfigError("[markers] name must not be empty: markers are found by it")
+
+
+@dataclass(frozen=True)
 class LowmarkConfig:
     kafka: KafkaConnection
     cg: CgSection = field(default_factory=CgSection)
     serve: ServeSection = field(default_factory=ServeSection)
     watermark: WatermarkSection = field(default_factory=WatermarkSection)
     apply: ApplySection = field(default_factory=ApplySection)
+    markers: MarkersSection = field(default_factory=MarkersSection)
     source: str = "defaults"
 
     def kafka_conf(self) -> dict[str, str]:
@@ -150,6 +178,7 @@ _SECTIONS = {
     "serve": ServeSection,
     "watermark": WatermarkSection,
     "apply": ApplySection,
+    "markers": MarkersSection,
 }
 
 

@@ -25,6 +25,7 @@ from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.errors import FencedError, LowmarkError
 from pipeline.logs import event
+from pipeline.ops.marker_schedule import MarkerSchedule, ScheduleConfig
 from pipeline.primary.nbd_volume import VolumeExport
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.timesource import REAL_TIME, TimeSource
@@ -190,7 +191,21 @@ def run_watermark(
     """Run the watermark service of the roles' generation until SIGINT/SIGTERM (or
     ``stop``); it moves to a newer generation once the roles name one."""
     svc = make_generational_watermark(cfg, skip_progress, time_source)
-    _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name}, time_source, stop)
+    schedule = None
+    if cfg.markers.interval_s > 0:  # markers on a schedule, by the active instance only
+        m = cfg.markers
+        schedule = MarkerSchedule(
+            ScheduleConfig(m.interval_s, m.name, m.pre_hook, m.post_hook, m.timeout_s),
+            cfg.kafka_conf(), cfg.cg.name, lambda: svc.metrics().get("active") == 1,
+            lambda: max(svc.generation, 0), time_source.wall_us,
+        )  # fmt: skip
+        schedule.start()
+    try:
+        _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name}, time_source,
+                  stop, extra=schedule.stats if schedule else None)  # fmt: skip
+    finally:
+        if schedule is not None:
+            schedule.close()
 
 
 # ---------------------------------------------------------------- apply
@@ -277,8 +292,10 @@ def _run_loop(
     labels: dict[str, str],
     time_source: TimeSource = REAL_TIME,
     stop: threading.Event | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Start ``svc`` and step it until SIGINT/SIGTERM (or ``stop``, when given, is set).
+    ``extra``: more numbers for its /metrics and status lines (read live).
 
     Retry waits are ``stop.wait`` (a signal must end them); the status line every
     ``_STATUS_EVERY_S`` follows ``time_source.monotonic``.
@@ -288,8 +305,11 @@ def _run_loop(
         stop_on_signals(stop)
     now = time_source.monotonic
     _start_with_retries(svc, name, stop)
+    def numbers() -> dict[str, Any]:
+        return {**svc.metrics(), **(extra or {})}
+
     if metrics:
-        serve_metrics(metrics, name, svc.metrics, labels)
+        serve_metrics(metrics, name, numbers, labels)
     last_log = now()
     backoff_s = 0.0
     try:
@@ -304,7 +324,7 @@ def _run_loop(
                 event(
                     log,
                     f"{name} status",
-                    **{k: v for k, v in svc.metrics().items() if not isinstance(v, dict)},
+                    **{k: v for k, v in numbers().items() if not isinstance(v, dict)},
                 )
                 last_log = now()
     finally:

@@ -634,6 +634,7 @@ class Applier(FollowGenerations, PauseAndHandOver):
             "halted": self.halted is not None,
             "consumer_errors": self.stats.consumer_errors,
             "markers_dropped": self.stats.markers_dropped,
+            "last_marker_ts": max((m.ts for m in self.markers if m.TYPE == "Marker"), default=0),
             "targets_dropped": self.stats.targets_dropped,
             "generation": self.generation,
             "generation_switches": self.stats.generation_switches,

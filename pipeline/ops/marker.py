@@ -31,13 +31,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from connectors.kafka.reading import bounds, iter_range
 from connectors.kafka.topics import CgTopics
-from pipeline.errors import LowmarkError, RestoreError
+from pipeline.errors import LowmarkError, RecordError, RestoreError
 from pipeline.logs import event
 from pipeline.ops.restore import latest_watermark
 from pipeline.primary.control import ControlChannel
-from pipeline.primary.markers import MarkerRun, Stage
+from pipeline.primary.markers import MarkerRun, Stage, emitted_markers
 from pipeline.topology.store import RolesStore
+from schemas import codec
+from schemas.control import MarkerPhase
 
 log = logging.getLogger("lowmark.marker")
 
@@ -219,3 +222,23 @@ class Coordinator:
 def take_marker(kafka_conf: Mapping[str, Any], cg: str, opts: MarkerOptions) -> MarkerResult:
     with Coordinator(kafka_conf, cg) as coordinator:
         return coordinator.take(opts)
+
+
+def latest_marker(
+    kafka_conf: Mapping[str, Any], cg: str, generation: int, tail: int = 4000
+) -> tuple[str, int, int] | None:
+    """(name, ts, confirmed_us) of the newest marker emitted in the last ``tail`` steps of
+    the control topic (None: none there, or no control topic)."""
+    topic = CgTopics(cg, generation).control
+    found = bounds(dict(kafka_conf), topic)
+    if not found or 0 not in found or found[0][1] <= found[0][0]:
+        return None
+    low, end = found[0]
+    steps = []
+    for msg in iter_range(dict(kafka_conf), topic, 0, max(low, end - tail), end, timeout_s=10):
+        try:
+            steps.append(codec.decode(msg.value() or b"", MarkerPhase))
+        except RecordError:
+            continue  # a step that does not decode says nothing about markers
+    emitted = emitted_markers(steps)
+    return emitted[-1] if emitted else None

@@ -19,6 +19,7 @@ from connectors.kafka.reading import bounds, iter_range, latest, mean_value_byte
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.checkpointer import retention_state
 from pipeline.errors import RecordError
+from pipeline.ops.marker import latest_marker
 from pipeline.timesource import wall_us
 from pipeline.topology.store import RolesStore
 from pipeline.watermark.service import decode_watermark, newer_watermark
@@ -171,6 +172,11 @@ def cg_status(
         "log_end_offsets": ends,
         "sites": {},
     }
+    last = latest_marker(kafka_conf, cg, generation) if have_topics else None
+    status["last_marker"] = None if last is None else {
+        "name": last[0], "ts": last[1], "time": format_ts(last[1]),
+        "age_s": (now - ts_physical_us(last[1])) / 1e6,
+    }  # fmt: skip
     for site, ck in sorted(checkpoints_upto(kafka_conf, cg, generation).items()):
         offsets = ck.log_offsets
         # a site still in an older generation: its lag is not in this generation's records
@@ -186,6 +192,8 @@ def cg_status(
             "lag_bytes_estimate": None if behind else int(lag_records * avg),
             "retention": retention,
             "retained_share_before_checkpoint": share,
+            # the site's checkpointed images hold the last marker's cut (restorable there)
+            "holds_last_marker": last is not None and ck.w >= last[1],
             "volumes": {v.volume_id: {"size": v.size, "digest": v.digest} for v in ck.volumes},
         }
     for name, url in (metrics_urls or {}).items():
@@ -240,6 +248,9 @@ def render(status: dict[str, Any]) -> str:
             f"its unreplicated writes to {', '.join(x['volumes']) or 'no async volume'} are gone"
         )
     lines += _resync_lines(status.get("resync"), secs)
+    mk = status.get("last_marker")
+    if mk:
+        lines.append(f"  marker   {mk['name']!r} at {mk['time']} ({secs(mk['age_s'])} ago)")
     if not status["sites"]:
         lines.append("  no backup site has checkpointed yet")
     for site, s in status["sites"].items():
@@ -247,9 +258,11 @@ def render(status: dict[str, Any]) -> str:
             lag = f"still in generation {s['generation']}"
         else:
             lag = f"lag {s['lag_records']} records (~{s['lag_bytes_estimate'] / 1e6:.1f} MB)"
+        held = (", holds the last marker" if s.get("holds_last_marker")
+                else ", not yet at the last marker" if mk else "")  # fmt: skip
         lines.append(
             f"  site {site:<12} checkpoint RPO {secs(s['checkpoint_rpo_s'])}, "
-            f"age {secs(s['checkpoint_age_s'])}, {lag}"
+            f"age {secs(s['checkpoint_age_s'])}, {lag}{held}"
         )
         if s.get("retention") == "lost":
             lines.append(

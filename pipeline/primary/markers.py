@@ -221,8 +221,9 @@ class MemberPhases:
                            error=error, sent_us=sent)  # fmt: skip
 
     def _resumed(self, marker_id: str, name: str, ts: int, held_us: int, error: str) -> MarkerPhase:
+        sent = self._wall_us() if self._wall_us else 0
         return MarkerPhase(marker_id, name or "?", MarkerStep.RESUMED, self.interceptor_id,
-                           ts=ts, timeout_ms=held_us, error=error)  # fmt: skip
+                           ts=ts, timeout_ms=held_us, error=error, sent_us=sent)  # fmt: skip
 
 
 class Stage(StrEnum):
@@ -344,3 +345,17 @@ class MarkerRun:
 def emitter_of(members: Iterable[str]) -> str:
     """The member that writes the Marker record: the first by id (any would do)."""
     return min(members)
+
+
+def emitted_markers(steps: Iterable[MarkerPhase]) -> list[tuple[str, int, int]]:
+    """(name, ts, confirmed_us) of every marker the steps show emitted, in order: its
+    emitter (named in the QUIESCE) answered RESUMED with the ts and no error."""
+    emitter: dict[str, str] = {}
+    out = []
+    for s in steps:
+        if s.step is MarkerStep.QUIESCE:
+            emitter[s.marker_id] = s.emitter
+        elif (s.step is MarkerStep.RESUMED and s.ts and not s.error
+              and emitter.get(s.marker_id) == s.interceptor_id):  # fmt: skip
+            out.append((s.name, s.ts, s.sent_us))
+    return out

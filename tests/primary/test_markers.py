@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.ops.marker import Coordinator, MarkerError, MarkerOptions
+from pipeline.ops.marker import Coordinator, MarkerError, MarkerOptions, latest_marker
 from pipeline.primary.volume import ConsistencyGroup
 from tests.replication_helpers import FAST, ServiceThread, read_log, rebuild_from_log, wait_until
 
@@ -144,6 +144,8 @@ def test_markers_under_load_are_one_ts_and_application_consistent(two, kafka_con
         if check_cut(rebuild_from_log(log, SIZES, upto_ts=result.ts)):
             cuts_with_commits += 1
     assert cuts_with_commits >= len(markers) - 2
+    last = markers[-1][0]
+    assert latest_marker(kafka_conf, two.cg, 0)[:2] == (last.name, last.ts)  # what status shows
     holds = sorted(max(r.held_us.values()) for r, *_ in markers)
     print(f"\n{len(markers)} markers; hold p50 {holds[len(holds) // 2] / 1000:.2f} ms, "
           f"max {holds[-1] / 1000:.2f} ms")  # fmt: skip

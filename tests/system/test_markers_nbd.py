@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from connectors.embedded_kafka.procs import free_port
 from pipeline.ops.status import scrape
 from tests.primary.test_zero_allocation import nbdsh_env
 from tests.replication_helpers import log_ops, read_log, wait_until
@@ -117,6 +118,10 @@ def test_a_marker_every_100ms_for_30s_is_application_consistent(cluster, kafka_c
     holds = sorted(max(r["held_ms"].values()) for r in results)
     print(f"\n300 markers, {pairs} pairs; writes held p50 {holds[150]:.2f} ms, "
           f"p99 {holds[296]:.2f} ms, max {holds[-1]:.2f} ms")  # fmt: skip
+    status = subprocess.run([sys.executable, "-m", "pipeline.app.cli", "status", "--config",
+                             str(tmp_path / "a.toml")], capture_output=True, text=True,
+                            env={**os.environ, "LOWMARK_CONFIG": ""})  # fmt: skip
+    assert f"marker   {results[-1]['name']!r}" in status.stdout, status.stdout + status.stderr
     # restore by name gives back exactly the replayed cut
     name = results[150]["name"]
     to = tmp_path / "restored"
@@ -162,3 +167,33 @@ def test_a_killed_coordinator_and_a_stopped_member_never_wedge_the_primary(clust
     names = {r["name"] for t, r, _p, _o in read_log(kafka_conf, cluster.cg) if t == "Marker"}
     assert "stuck" not in names
     assert cluster.marker("after", "--timeout-s", "2").returncode == 0  # markers work again
+
+
+def test_markers_on_a_schedule_come_from_the_active_watermark_service_only(cluster, kafka_conf):
+    ports = {}
+    text = (cluster.tmp / "a.toml").read_text()
+    for name in ("w2", "w3"):  # two more watermark services, each with the schedule
+        ports[name] = free_port()
+        (cluster.tmp / f"{name}.toml").write_text(
+            text.replace(f"127.0.0.1:{cluster.ports['w_m']}", f"127.0.0.1:{ports[name]}")
+            + '\n[markers]\ninterval_s = 0.3\nname = "sched"\ntimeout_s = 2\n')
+
+    def taken(name: str) -> float:
+        return scrape(f"127.0.0.1:{ports[name]}").get("lowmark_watermark_scheduled_markers", -1)
+
+    def scheduled() -> list[str]:
+        log = read_log(kafka_conf, cluster.cg)
+        names = [r["name"] for t, r, _p, _o in log if t == "Marker"]
+        return [n for n in names if n.startswith("sched-")]
+
+    # the newest instance takes the publisher's transactional id: w2, then w3, is active
+    cluster.start("w2", "watermark", config="w2")
+    wait_until(lambda: taken("w2") >= 3, 60, "scheduled markers from w2")
+    cluster.start("w3", "watermark", config="w3")
+    wait_until(lambda: taken("w3") >= 2, 60, "scheduled markers from w3 once it is active")
+    before = taken("w2")
+    time.sleep(2)
+    assert taken("w2") <= before + 1, "a standby watermark service kept taking markers"
+    assert taken("w3") >= 5
+    names = scheduled()
+    assert len(names) == len(set(names)) >= 7
