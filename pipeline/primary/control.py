@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ class ControlChannel:
         self._producer: Producer | None = None
         self._consumer: Consumer | None = None
         self.stats = {"sent": 0, "read": 0, "undecodable": 0}
+        self._closing = threading.Lock()
 
     def open(self, timeout_s: float = 10.0) -> ControlChannel:
         consumer = Consumer(self._settings.control_consumer())
@@ -47,7 +49,10 @@ class ControlChannel:
         return self
 
     def send(self, step: MarkerPhase, flush_s: float = 0.0) -> None:
-        assert self._producer is not None, "open() first"
+        if self._producer is None:  # closed (the interceptor is stopping): the other side times out
+            event(log, "control step not sent: the channel is closed", level=logging.WARNING,
+                  step=step.step.value, marker=step.name)  # fmt: skip
+            return
         headers = [("type", MarkerPhase.TYPE.encode()), ("step", step.step.value.encode())]
         self._producer.produce(self.topic, codec.encode(step), step.marker_id, headers=headers)
         self._producer.poll(0)
@@ -81,6 +86,10 @@ class ControlChannel:
         return out
 
     def close(self, flush_s: float = 2.0) -> None:
+        with self._closing:  # the member's thread and its owner may both close it
+            self._close(flush_s)
+
+    def _close(self, flush_s: float) -> None:
         if self._producer is not None:
             with contextlib.suppress(KafkaError):  # best effort: the other side times out
                 self._producer.flush(flush_s)

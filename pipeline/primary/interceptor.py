@@ -226,6 +226,10 @@ class Interceptor:
             self._thread = None
         self.cuts.close()
 
+    @property
+    def crashed(self) -> bool:
+        return self._crashed
+
     def _producer_conf(self) -> dict[str, Any]:
         tid = self.topics.transactional_id(self.config.interceptor_id)
         return InterceptorSettings(self.kafka_conf).producer(tid, self.config.compression)

@@ -65,7 +65,7 @@ class MarkerMember:
         self.channel.close()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.engine.crashed:
             try:
                 steps = self.channel.read(POLL_S)
                 for step in steps:
@@ -81,6 +81,9 @@ class MarkerMember:
                 log.exception("marker thread error; any hold is released")
                 self._resume(MemberAction(Act.RESUME, why="internal error"), answer=False)
                 self._stop.wait(1.0)
+        if self.engine.crashed:  # a dead process answers nothing and holds nothing
+            self._resume(MemberAction(Act.RESUME, why="interceptor crashed"), answer=False)
+            self.channel.close(flush_s=0)
 
     def _act(self, action: MemberAction) -> None:
         if action.act is Act.QUIESCE:
@@ -148,10 +151,10 @@ class MarkerMember:
     def _done(self, action: MemberAction, held: float, error: str, answer: bool) -> None:
         self._count(action, held, error)
         if answer:
-            try:
+            try:  # may run on the tick thread (the emitter): it must never raise there
                 self.channel.send(self.phases.resumed(action, round(held * 1e6), error))
-            except KafkaError as exc:  # the coordinator times out and says so
-                event(log, "could not answer RESUMED", logging.WARNING, error=str(exc))
+            except Exception as exc:  # the coordinator times out and says so
+                event(log, "could not answer RESUMED", logging.WARNING, error=repr(exc))
 
     def _count(self, action: MemberAction, held: float, error: str) -> None:
         st = self.stats
