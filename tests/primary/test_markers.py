@@ -22,14 +22,10 @@ import pytest
 from pipeline.ops.marker import Coordinator, MarkerError, MarkerOptions, latest_marker
 from pipeline.primary.volume import ConsistencyGroup
 from tests.replication_helpers import FAST, ServiceThread, read_log, rebuild_from_log, wait_until
+from tests.system.marker_scene import COMMIT, COMMITS, SIZES, SLOT, SLOTS, check_pairs
 
 pytestmark = pytest.mark.kafka
 
-SLOT = 4096
-SLOTS = 64
-COMMIT = 512
-COMMITS = 256
-SIZES = {"A": SLOT * SLOTS, "B": COMMIT * COMMITS}
 
 
 class TwoInterceptors:
@@ -73,23 +69,6 @@ class TwoInterceptors:
         self.wm.stop()
         self.a.close()
         self.b.close()
-
-
-def check_cut(images: dict[str, bytearray]) -> int:
-    """No commit on B without its data on A; returns how many commits the cut holds."""
-    commits = 0
-    for i in range(COMMITS):
-        rec = bytes(images["B"][i * COMMIT : (i + 1) * COMMIT])
-        if not any(rec):
-            continue
-        seq, slot, crc = struct.unpack(">QQI", rec[:20])
-        data = bytes(images["A"][slot * SLOT : (slot + 1) * SLOT])
-        (found,) = struct.unpack(">Q", data[:8])
-        assert found >= seq, f"commit {seq} in the cut but slot {slot} holds data {found}"
-        if found == seq:
-            assert zlib.crc32(data) == crc, f"commit {seq}: its data is torn"
-        commits += 1
-    return commits
 
 
 @pytest.fixture
@@ -141,7 +120,7 @@ def test_markers_under_load_are_one_ts_and_application_consistent(two, kafka_con
                 assert t_data < result.ts and t_commit < result.ts
             if issued > returned:  # issued after it returned: outside
                 assert t_data > result.ts and t_commit > result.ts
-        if check_cut(rebuild_from_log(log, SIZES, upto_ts=result.ts)):
+        if check_pairs(rebuild_from_log(log, SIZES, upto_ts=result.ts))[1]:
             cuts_with_commits += 1
     assert cuts_with_commits >= len(markers) - 2
     last = markers[-1][0]

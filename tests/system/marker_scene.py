@@ -6,13 +6,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 from connectors.embedded_kafka.procs import free_port
 from pipeline.ops.status import scrape
 from tests.replication_helpers import wait_until
+
+#: the application both marker tests run: data in a SLOT of volume A, then a COMMIT
+#: record naming it (seq, slot, crc32 of the data) on volume B
+SLOT, SLOTS, COMMIT, COMMITS = 4096, 64, 512, 256
+SIZES = {"A": SLOT * SLOTS, "B": COMMIT * COMMITS}
 
 
 class Cluster:
@@ -86,3 +93,21 @@ metrics = "127.0.0.1:{self.ports["w_m"]}"
 def with_signal(p: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         p.send_signal(sig)
+
+
+def check_pairs(images: dict[str, bytearray]) -> tuple[int, int]:
+    """No commit without its data; returns (newest data seq, newest commit seq)."""
+    newest_commit = 0
+    for i in range(COMMITS):
+        rec = bytes(images["B"][i * COMMIT : (i + 1) * COMMIT])
+        if not any(rec):
+            continue
+        seq, slot, crc = struct.unpack(">QQI", rec[:20])
+        data = bytes(images["A"][slot * SLOT : (slot + 1) * SLOT])
+        (found,) = struct.unpack(">Q", data[:8])
+        assert found >= seq, f"commit {seq} without its data (slot {slot} holds {found})"
+        assert found != seq or zlib.crc32(data) == crc, f"commit {seq}: torn data"
+        newest_commit = max(newest_commit, seq)
+    newest_data = max(struct.unpack(">Q", bytes(images["A"][s * SLOT : s * SLOT + 8]))[0]
+                      for s in range(SLOTS))  # fmt: skip
+    return newest_data, newest_commit

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import orjson
@@ -25,13 +23,11 @@ from connectors.embedded_kafka.procs import free_port
 from pipeline.ops.status import scrape
 from tests.primary.test_zero_allocation import nbdsh_env
 from tests.replication_helpers import log_ops, read_log, wait_until
-from tests.system.marker_scene import Cluster
+from tests.system.marker_scene import SIZES, Cluster, check_pairs
 
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
 WORKLOAD = Path(__file__).with_name("marker_workload.py")
-SLOT, SLOTS, COMMIT, COMMITS = 4096, 64, 512, 256
-SIZES = {"A": SLOT * SLOTS, "B": COMMIT * COMMITS}
 
 
 @pytest.fixture
@@ -61,24 +57,6 @@ def replay_states(records, marker_ts: list[int]):
             images[vid][off : off + len(data)] = data
             i += 1
         yield ts, images
-
-
-def check_pairs(images: dict[str, bytearray]) -> tuple[int, int]:
-    """No commit without its data; returns (newest data seq, newest commit seq)."""
-    newest_commit = 0
-    for i in range(COMMITS):
-        rec = bytes(images["B"][i * COMMIT : (i + 1) * COMMIT])
-        if not any(rec):
-            continue
-        seq, slot, crc = struct.unpack(">QQI", rec[:20])
-        data = bytes(images["A"][slot * SLOT : (slot + 1) * SLOT])
-        (found,) = struct.unpack(">Q", data[:8])
-        assert found >= seq, f"commit {seq} without its data (slot {slot} holds {found})"
-        assert found != seq or zlib.crc32(data) == crc, f"commit {seq}: torn data"
-        newest_commit = max(newest_commit, seq)
-    newest_data = max(struct.unpack(">Q", bytes(images["A"][s * SLOT : s * SLOT + 8]))[0]
-                      for s in range(SLOTS))  # fmt: skip
-    return newest_data, newest_commit
 
 
 def test_a_marker_every_100ms_for_30s_is_application_consistent(cluster, kafka_conf, tmp_path):
