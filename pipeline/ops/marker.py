@@ -120,7 +120,14 @@ class Coordinator:
             generation = 0 if roles is None else roles.generation
         self.generation = generation
         self._now, self._wall_us = now, wall_us
-        self.channel = ControlChannel(self.kafka_conf, CgTopics(cg, generation)).open()
+        topics = CgTopics(cg, generation)
+        if bounds(self.kafka_conf, topics.control) is None:
+            raise MarkerError(
+                f"no marker: CG {cg} (generation {generation}) has no topic {topics.control}; "
+                "its interceptors never started with markers: start (or restart) its "
+                "`lowmark serve` processes, which create it"
+            )
+        self.channel = ControlChannel(self.kafka_conf, topics).open()
         self._members: tuple[float, tuple[str, ...]] | None = None
 
     def close(self) -> None:

@@ -171,3 +171,14 @@ def test_two_coordinators_at_once_never_wedge_and_never_disagree(two, kafka_conf
     emitted = {r["name"]: r["ts"] for t, r, _p, _o in log if t == "Marker"}
     assert emitted == {r.name: r.ts for r in results}  # each success is in the log, no other
     two.vol_a.write(0, b"y" * 512)
+
+
+def test_a_marker_of_a_cg_without_interceptors_says_what_to_start(kafka_conf, unique_name):
+    from click.testing import CliRunner
+
+    from pipeline.app.cli_marker import marker
+
+    args = ["--bootstrap-servers", kafka_conf["bootstrap.servers"], "--cg", unique_name, "m"]
+    r = CliRunner().invoke(marker, args)
+    assert r.exit_code != 0 and isinstance(r.exception, MarkerError), r.output
+    assert "start (or restart) its `lowmark serve`" in str(r.exception)
