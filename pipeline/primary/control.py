@@ -62,7 +62,8 @@ class ControlChannel:
 
     def read(self, timeout_s: float, max_steps: int = 64) -> list[MarkerPhase]:
         """The steps that arrived, waiting at most ``timeout_s`` for the first."""
-        assert self._consumer is not None, "open() first"
+        if self._consumer is None:
+            raise KafkaError("the control channel is not open")
         out: list[MarkerPhase] = []
         # consume(n, t) waits for n messages or t: every step would wait out t
         first = self._consumer.poll(timeout_s)

@@ -51,7 +51,7 @@ class MarkerMember:
         }  # fmt: skip
 
     def start(self) -> None:
-        self.channel.open()
+        # the channel opens in the thread: a start of the interceptor never waits for it
         self._thread = threading.Thread(target=self._run, name=f"lowmark-markers-{self.iid}",
                                         daemon=True)  # fmt: skip
         self._thread.start()
@@ -65,6 +65,8 @@ class MarkerMember:
         self.channel.close()
 
     def _run(self) -> None:
+        while not self._stop.is_set() and not self._open():
+            self._stop.wait(1.0)
         while not self._stop.is_set() and not self.engine.crashed:
             try:
                 steps = self.channel.read(POLL_S)
@@ -84,6 +86,16 @@ class MarkerMember:
         if self.engine.crashed:  # a dead process answers nothing and holds nothing
             self._resume(MemberAction(Act.RESUME, why="interceptor crashed"), answer=False)
             self.channel.close(flush_s=0)
+
+    def _open(self) -> bool:
+        try:
+            self.channel.open()
+            return True
+        except KafkaError as exc:
+            self.stats["control_errors"] += 1
+            event(log, "cannot open the control topic yet; markers wait for it", logging.WARNING,
+                  interceptor=self.iid, error=str(exc))  # fmt: skip
+            return False
 
     def _act(self, action: MemberAction) -> None:
         if action.act is Act.QUIESCE:

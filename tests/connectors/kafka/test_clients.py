@@ -25,6 +25,7 @@ from connectors.kafka.settings import InterceptorSettings, ToolSettings, Waterma
 from connectors.kafka.topics import ensure_topics
 from pipeline.errors import FencedError, KafkaError, KafkaUnavailableError
 from tests.kafka_helpers import create_topic
+from tests.replication_helpers import wait_until
 
 UNREACHABLE = {"bootstrap.servers": "127.0.0.1:1", "client.id": "lowmark-test"}
 
@@ -123,15 +124,17 @@ def test_end_offsets_of_empty_written_and_transactional_topics(kafka_conf, topic
 
     txn = _txn_producer(kafka_conf, f"lowmark.{unique_name}.t")
     _committed(txn, topic, [b"a", b"b"])  # 2 records + a commit marker in one partition
+    wait_until(lambda: sum(end_offsets(kafka_conf, topic).values()) == 3 + 3, 10,
+               "the committed records and their marker")  # fmt: skip
     after_commit = end_offsets(kafka_conf, topic)
-    assert sum(after_commit.values()) == 3 + 3, after_commit
     txn.begin_transaction()
     txn.produce(topic, b"open", "k")
     txn.flush(10)
     assert end_offsets(kafka_conf, topic) == after_commit, "an open transaction holds it"
     txn.abort_transaction(10)
-    after_abort = end_offsets(kafka_conf, topic)
-    assert sum(after_abort.values()) == 6 + 2, "the aborted record and its marker"
+    # the coordinator writes the abort marker after EndTxn returns: wait for it
+    wait_until(lambda: sum(end_offsets(kafka_conf, topic).values()) == 6 + 2, 10,
+               "the aborted record and its marker")  # fmt: skip
 
 
 # ---------------------------------------------------------------- range reader
