@@ -77,6 +77,7 @@ class Applier(FollowGenerations, PauseAndHandOver):
     ) -> None:
         self.config = config.validate()
         self._now = time_source.monotonic  # intervals: checkpoints, digests, snapshots, logs
+        self._sleep = time_source.sleep
         self._wall_us = time_source.wall_us  # what a checkpoint says, RPO
         self.kafka_conf = dict(kafka_conf)
         self.generation = 0  # whose log this site applies (its checkpoint's), and its topics

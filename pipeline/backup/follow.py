@@ -38,6 +38,10 @@ log = logging.getLogger("lowmark.applier")
 
 #: a roles read that keeps failing is logged this often (seconds)
 _ERROR_LOG_EVERY_S = 10.0
+#: before a halt on generation g's log is final, the roles are read again for this long
+#: (seconds), this often: a roles record just committed may not be readable yet
+HALT_ROLES_GRACE_S = 5.0
+HALT_ROLES_RETRY_S = 0.2
 
 
 class FollowGenerations:
@@ -67,6 +71,7 @@ class FollowGenerations:
     _max_seen_w: int
     _wm_end_at_start: int
     _now: Any
+    _sleep: Any
 
     # provided by Applier
     def _apply(self, op: ApplyOp) -> None: ...
@@ -188,11 +193,20 @@ class FollowGenerations:
         that is really bad halts again)."""
         if self._cut is not None:
             return False
-        self.roles.poll(force=True)
-        d = decide(
-            self.config.cg, self.config.site, self.generation, self.applied_w, self.roles.roles
-        )
-        return d.cut is not None and self._learn_cut(d.cut)
+        # a halt is for good, so look twice: Kafka writes a transaction's markers after
+        # EndTxn returns, and a roles record committed a moment ago may not be below the
+        # last stable offset yet (seen in CI: the tail was read before the roles were)
+        deadline = self._now() + HALT_ROLES_GRACE_S
+        while True:
+            self.roles.poll(force=True)
+            d = decide(
+                self.config.cg, self.config.site, self.generation, self.applied_w, self.roles.roles
+            )
+            if d.cut is not None:
+                return self._learn_cut(d.cut)
+            if self._now() >= deadline:
+                return False
+            self._sleep(HALT_ROLES_RETRY_S)
 
     def _learn_cut(self, cut: Cut) -> bool:
         """Follow ``cut`` from now on; whether records read past it were dropped."""
