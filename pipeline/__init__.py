@@ -15,8 +15,9 @@ shared ground), never one after it:
 
 Shared ground, importable from every room: ``errors`` (the ``LowmarkError`` tree), ``logs``
 (structured log lines), ``fsutil`` (durable file writes), ``timesource`` (the injectable
-time every service runs on) and ``site`` (``SiteDir``, the one layout of a site directory,
-the primary's and a backup's alike). Below the rooms: ``schemas`` (records and the ts
+time every service runs on), ``site`` (``SiteDir``, the one layout of a site directory,
+the primary's and a backup's alike) and ``snapshot_store`` (a site's named snapshots,
+the same at the primary and at a backup). Below the rooms: ``schemas`` (records and the ts
 encoding) and ``connectors`` (Kafka, NBD, image files), which import no room.
 tests/test_layout.py holds the tree to these rules.
 """

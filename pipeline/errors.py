@@ -24,6 +24,7 @@ The message says what happened and what the operator can do about it.
      ├── ApplyError                  the applier stopped; the message says why and what to do
      │    └── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
      ├── RestoreError                a cut cannot be restored/replayed (above W, out of retention)
+ ├── SnapshotError               a named snapshot cannot be taken, found or served as asked
      └── RolesError                  the roles of a CG cannot change as asked (already primary,
           │                          a cut below the generation's base)
           └── RolesConflictError     another writer changed the roles first (.retriable: re-read
@@ -193,4 +194,12 @@ class FailoverError(LowmarkError):
     The site has no checkpoint or is past the cut, the primary is reachable but did not
     stop, the roles moved on while the failover ran, or its state file is unreadable. The
     message says what was (not) changed and what to run next.
+    """
+
+
+class SnapshotError(LowmarkError):
+    """A named snapshot cannot be taken, found, restored or served as asked.
+
+    A name in use or invalid, a copy that could not be written (disk full), a snapshot no
+    site holds. The message says which site and what to do.
     """

@@ -16,6 +16,7 @@ from schemas.checks import bad as _bad
 from schemas.checks import integer as _int
 from schemas.checks import member as _enum
 from schemas.checks import text as _text
+from schemas.checks import volume_ids as _volume_ids
 from schemas.record_base import Record
 
 __all__ = ["MarkerPhase", "MarkerStep"]
@@ -28,6 +29,7 @@ class MarkerStep(StrEnum):
     QUIESCED = "QUIESCED"  # member: held and drained; ts is my cap (error: I cannot)
     ABORT = "ABORT"  # coordinator: resume without a marker, unless it is complete already
     RESUMED = "RESUMED"  # member: writes flow again; ts the marker's (0: none), error why
+    COPIED = "COPIED"  # member, a snapshot's: its copies at ts are complete (error: failed)
 
 
 #: the steps only the coordinator sends (the others come from interceptors)
@@ -50,6 +52,8 @@ class MarkerPhase(Record):
     members: tuple[str, ...] = ()
     error: str = ""
     sent_us: int = 0
+    snapshot: bool = False
+    volumes: tuple[str, ...] = ()
 
     @property
     def header_ts(self) -> int | None:
@@ -60,13 +64,15 @@ class MarkerPhase(Record):
             **{f: getattr(self, f) for f in self.__slots__},
             "step": self.step.value,
             "members": list(self.members),
+            "volumes": list(self.volumes),
         }
 
     @classmethod
     def from_avro(cls, d: Mapping[str, Any]) -> Self:
         return cls(d["marker_id"], d["name"], MarkerStep(d["step"]), d["interceptor_id"],
                    d["ts"], d["emitter"], d["timeout_ms"], tuple(d["members"]), d["error"],
-                   d["sent_us"])  # fmt: skip
+                   d["sent_us"], d.get("snapshot", False),
+                   tuple(d.get("volumes", ())))  # fmt: skip
 
     def check(self) -> None:
         rt = "MarkerPhase"
@@ -77,6 +83,9 @@ class MarkerPhase(Record):
             _int(rt, f, getattr(self, f))
         if (self.step in COORDINATOR_STEPS) == bool(self.interceptor_id):
             raise _bad(rt, f"a {self.step} step with interceptor_id {self.interceptor_id!r}")
+        _volume_ids(rt, "volumes", self.volumes)
+        if not isinstance(self.snapshot, bool):
+            raise _bad(rt, f"snapshot must be a boolean, got {self.snapshot!r}")
         if self.step is MarkerStep.QUIESCE:
             _text(rt, "emitter", self.emitter)
             _int(rt, "timeout_ms", self.timeout_ms, 1)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from pipeline.errors import UnknownSchemaError
+from schemas.checkpoint import Checkpoint, SnapshotHeld, VolumeDigest
 from schemas.checks import INT64_MAX, check_extents
 from schemas.checks import bad as _bad
 from schemas.checks import integer as _int
@@ -72,6 +73,7 @@ __all__ = [
     "ProgressKind",
     "Record",
     "Snapshot",
+    "SnapshotHeld",
     "Transition",
     "TransitionKind",
     "VolumeChange",
@@ -544,76 +546,6 @@ class Watermark(Record):
             for name in ("epoch", "s", "declared_us"):
                 _int(rt, name, getattr(x, name))
             _volume_ids(rt, "volumes", x.volumes)
-
-
-@dataclass(frozen=True, slots=True)
-class VolumeDigest:
-    """A volume of a checkpoint: its size and content digest ("" when not computed)."""
-
-    volume_id: str
-    size: int
-    digest: str
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint(Record):
-    """A site's applied state: images equal the primary's after the records with ts <= w."""
-
-    TYPE: ClassVar[str] = "Checkpoint"
-    SCHEMA: ClassVar[str] = "checkpoint"
-    site: str
-    cg: str
-    w: int
-    log_offsets: Mapping[int, int]
-    volumes: tuple[VolumeDigest, ...]
-    written_us: int
-    #: the generation whose log this site applies: ``log_offsets`` are offsets of
-    #: ``CgTopics(cg, generation).log`` (schema default 0: checkpoints from before
-    #: generations existed are of generation 0)
-    generation: int = 0
-
-    @property
-    def header_ts(self) -> int | None:
-        return self.w
-
-    def to_avro(self) -> dict[str, Any]:
-        return {
-            "site": self.site,
-            "cg": self.cg,
-            "w": self.w,
-            "log_offsets": offsets_to_avro(self.log_offsets),
-            "volumes": [dataclasses.asdict(v) for v in self.volumes],
-            "written_us": self.written_us,
-            "generation": self.generation,
-        }
-
-    @classmethod
-    def from_avro(cls, d: Mapping[str, Any]) -> Self:
-        return cls(
-            d["site"],
-            d["cg"],
-            d["w"],
-            offsets_from_avro("Checkpoint", "log_offsets", d["log_offsets"]),
-            tuple(VolumeDigest(**v) for v in d["volumes"]),
-            d["written_us"],
-            d.get("generation", 0),  # schema default: 0
-        )
-
-    def check(self) -> None:
-        rt = "Checkpoint"
-        _text(rt, "site", self.site)
-        _text(rt, "cg", self.cg)
-        _int(rt, "w", self.w)
-        _int(rt, "written_us", self.written_us)
-        _int(rt, "generation", self.generation)
-        _offsets(rt, "log_offsets", self.log_offsets)
-        seen: set[str] = set()
-        for v in self.volumes:
-            _text(rt, "volume_id", v.volume_id)
-            _int(rt, "size", v.size)
-            if not isinstance(v.digest, str) or v.volume_id in seen:
-                raise _bad(rt, f"volume {v.volume_id!r} listed twice or without a digest")
-            seen.add(v.volume_id)
 
 
 # ---------------------------------------------------------------- the registry

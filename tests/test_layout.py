@@ -24,6 +24,7 @@ SHARED = (
     "pipeline.fsutil",
     "pipeline.timesource",
     "pipeline.site",
+    "pipeline.snapshot_store",
 )
 BELOW_ROOMS = ("schemas", "connectors")
 

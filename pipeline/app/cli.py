@@ -32,6 +32,8 @@ _COMMAND_MODULES = {
     "switchover": "pipeline.app.cli_failover",
     "failback": "pipeline.app.cli_failback",
     "marker": "pipeline.app.cli_marker",
+    "snapshot": "pipeline.app.cli_snapshot",
+    "serve-snapshot": "pipeline.app.cli_snapshot",
     "kafka": "connectors.embedded_kafka.cli",
 }
 

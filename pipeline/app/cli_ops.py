@@ -158,6 +158,8 @@ def tail(
 @config_options
 @click.option("--at", "at", default=None, help="the cut: a ts (int or ISO time) <= W")
 @click.option("--marker", default=None, help="the cut: the ts of this marker (newest of the name)")
+@click.option("--snapshot", default=None, help="snapshot NAME: copied from --site-dir's store "
+              "when it holds it (verified), else rebuilt at its ts from the log")
 @click.option(
     "--to",
     "to_dir",
@@ -177,15 +179,35 @@ def tail(
 )
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def restore(
-    config_path, bootstrap_servers, cg_name, at, marker, to_dir, site, site_dir, from_log, as_json
-) -> None:
-    """Build the CG's images at exactly one cut (a ts or a marker) into a directory."""
+    config_path, bootstrap_servers, cg_name, at, marker, snapshot, to_dir, site, site_dir,
+    from_log, as_json,
+) -> None:  # fmt: skip
+    """Build the CG's images at exactly one cut (a ts, a marker or a snapshot) into a
+    directory."""
     from pipeline.ops import restore as rs
+    from pipeline.ops import snapshot as sn
+    from pipeline.snapshot_store import SnapshotStore
+    from schemas.records import Snapshot
 
-    if (at is None) == (marker is None):
-        raise click.UsageError("give exactly one of --at TS or --marker NAME")
+    if sum(x is not None for x in (at, marker, snapshot)) != 1:
+        raise click.UsageError("give exactly one of --at TS, --marker NAME, --snapshot NAME")
     cfg = build_config(config_path, bootstrap_servers, cg_name)
     kafka_conf, cg = cfg.kafka_conf(), cfg.cg.name
+    if snapshot is not None:
+        _name, held_dir = _site(cfg, site, site_dir)
+        if held_dir is not None and SnapshotStore(held_dir).get(snapshot) is not None:
+            m = sn.restore(held_dir, snapshot, to_dir)
+            if as_json:
+                click.echo(orjson.dumps(m, option=orjson.OPT_INDENT_2).decode())
+            else:
+                click.echo(f"restored snapshot {snapshot!r} at ts {m['w']} ({m['w_time']}) "
+                           f"from {held_dir} into {to_dir}, verified")  # fmt: skip
+            return
+        found_snap, _n = rs.find_marker(kafka_conf, cg, snapshot, kind=Snapshot)
+        at = str(found_snap.ts)
+        if not as_json:
+            click.echo(f"snapshot {snapshot!r} is not held at {held_dir}: rebuilding it at its "
+                       f"ts {found_snap.ts} ({format_ts(found_snap.ts)}) from the log")  # fmt: skip
     if marker is not None:
         found, count = rs.find_marker(kafka_conf, cg, marker)
         ts = found.ts

@@ -37,6 +37,10 @@
     post_hook = ""
     timeout_s = 5
 
+    [snapshots]                  # named snapshots' retention, at every applier alike
+    keep_last = 20               # the newest N (0: any number)
+    max_age_s = 604800           # none older (0: any age); the newest is always kept
+
 Precedence: command-line flag > environment (``LOWMARK_<SECTION>_<KEY>``, e.g.
 ``LOWMARK_APPLY_SITE``) > file > default. Unknown keys are errors, not silently ignored:
 a typo in a DR config must not go unnoticed until the disaster.
@@ -115,6 +119,8 @@ class ServeSection:
     region_bytes: str = "64KiB"
     #: the activity log over it (a write waits for its extent only; "0": for its regions)
     region_extent_bytes: str = "4MiB"
+    #: a named snapshot's background copy at most this fast per second ("0": unlimited)
+    snapshot_copy_rate: str = "0"
     volumes: tuple[VolumeSpec, ...] = ()
 
 
@@ -156,6 +162,20 @@ class MarkersSection:
 
 
 @dataclass(frozen=True)
+class SnapshotsSection:
+    """Named snapshots' retention (``lowmark snapshot``), applied by every applier: the
+    same rule over the same snapshots keeps the same ones at every site."""
+
+    keep_last: int = 0
+    max_age_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 0 or self.max_age_s < 0:
+            raise ConfigError(f"[snapshots] keep_last {self.keep_last} and max_age_s "
+                              f"{self.max_age_s} must not be negative (0: no limit)")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class LowmarkConfig:
     kafka: KafkaConnection
     cg: CgSection = field(default_factory=CgSection)
@@ -163,6 +183,7 @@ class LowmarkConfig:
     watermark: WatermarkSection = field(default_factory=WatermarkSection)
     apply: ApplySection = field(default_factory=ApplySection)
     markers: MarkersSection = field(default_factory=MarkersSection)
+    snapshots: SnapshotsSection = field(default_factory=SnapshotsSection)
     source: str = "defaults"
 
     def kafka_conf(self) -> dict[str, str]:
@@ -179,6 +200,7 @@ _SECTIONS = {
     "watermark": WatermarkSection,
     "apply": ApplySection,
     "markers": MarkersSection,
+    "snapshots": SnapshotsSection,
 }
 
 

@@ -76,6 +76,7 @@ def open_primary(
         generation_check_s=s.generation_check_s,
         region_bytes=parse_size(s.region_bytes, "region_bytes"),
         region_extent_bytes=parse_size(s.region_extent_bytes, "region_extent_bytes"),
+        snapshot_copy_rate=parse_size(s.snapshot_copy_rate, "snapshot_copy_rate"),
     )
     for spec in s.volumes:
         if spec.name not in cg.volumes:
@@ -226,6 +227,8 @@ def make_applier(
             max_pending_bytes=parse_size(a.max_pending_bytes, "max_pending_bytes"),
             snapshot_interval_s=a.snapshot_interval_s,
             snapshots_kept=a.snapshots_kept,
+            named_keep_last=cfg.snapshots.keep_last,
+            named_max_age_s=cfg.snapshots.max_age_s,
             log_partitions=cfg.cg.log_partitions,
             replication_factor=cfg.replication_factor,
             skip=skip,

@@ -36,10 +36,12 @@ from connectors.kafka.settings import ApplierSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.applier_config import ApplierConfig, ApplierStats
-from pipeline.backup.checkpointer import Checkpointer, retention_state
+from pipeline.backup.applier_numbers import ApplierNumbers
+from pipeline.backup.checkpointer import Checkpointer
 from pipeline.backup.follow import FollowGenerations
 from pipeline.backup.generations import Action, Cut, RolesPoll
 from pipeline.backup.images import ImageSet
+from pipeline.backup.named import Retention, SiteSnapshots
 from pipeline.backup.pause import PauseAndHandOver
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
 from pipeline.errors import (
@@ -54,8 +56,15 @@ from pipeline.site import SiteDir, SiteLock
 from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.topology.store import RolesStore
 from schemas import codec
-from schemas.records import LOG_RECORDS, CgRecord, Checkpoint, VolumeChange, VolumeDigest, Watermark
-from schemas.ts import ts_physical_us
+from schemas.records import (
+    LOG_RECORDS,
+    CgRecord,
+    Checkpoint,
+    Snapshot,
+    VolumeChange,
+    VolumeDigest,
+    Watermark,
+)  # fmt: skip
 
 log = logging.getLogger("lowmark.applier")
 
@@ -68,7 +77,7 @@ MAX_MARKERS = 1024
 MAX_TARGETS = 4096
 
 
-class Applier(FollowGenerations, PauseAndHandOver):
+class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
     def __init__(
         self,
         config: ApplierConfig,
@@ -88,6 +97,10 @@ class Applier(FollowGenerations, PauseAndHandOver):
         self.checkpoint_w = 0
         self.halted: ApplierHaltedError | None = None
         self.markers: deque[CgRecord] = deque(maxlen=MAX_MARKERS)
+        self.named = SiteSnapshots(config.data_dir, cg=config.cg, site=config.site,
+                                   retention=Retention(config.named_keep_last,
+                                                       config.named_max_age_s),
+                                   wall_us=self._wall_us)  # fmt: skip
         self._targets: list[Watermark] = []  # watermarks not yet applied, ascending
         self._max_seen_w = 0
         self._last_checkpoint = self._now()
@@ -386,6 +399,8 @@ class Applier(FollowGenerations, PauseAndHandOver):
     # ---------------------------------------------------------------- applying
 
     def _apply(self, op: ApplyOp) -> None:
+        if isinstance(op.record, Snapshot):  # the images are at its ts: copy them now
+            self.named.take(op.record, self.catalog, staged=self._stage is not None)
         if isinstance(op.record, CgRecord):
             if len(self.markers) == self.markers.maxlen:
                 self.stats.markers_dropped += 1
@@ -525,6 +540,7 @@ class Applier(FollowGenerations, PauseAndHandOver):
             ),
             self._wall_us(),
             self.generation,
+            self.named.held(),
         )
 
     def _checkpoint_written(self, rec: Checkpoint) -> None:
@@ -592,57 +608,3 @@ class Applier(FollowGenerations, PauseAndHandOver):
             offset=off,
         )
         raise self.halted
-
-    # ---------------------------------------------------------------- numbers
-
-    def lag(self) -> dict[int, int]:
-        """Records between this site's position and the log's end, per partition."""
-        assert self._log is not None
-        out = {}
-        for p, pos in self.planner.positions().items():
-            try:
-                _low, high = self._log.watermark_offsets(self.topics.log, p, cached=True)
-            except KafkaError:
-                continue
-            out[p] = max(0, high - pos)
-        return out
-
-    def retention(self) -> tuple[str, float | None]:
-        """``retention_state`` of this site's replay offsets against the log's bounds."""
-        assert self._log is not None
-        log_bounds = {}
-        for p in self.planner.positions():
-            try:
-                log_bounds[p] = self._log.watermark_offsets(self.topics.log, p, cached=True)
-            except KafkaError:
-                continue
-        return retention_state(self.planner.checkpoint_offsets(), log_bounds)
-
-    def metrics(self) -> dict[str, Any]:
-        w = self.applied_w
-        retention, share = self.retention() if self._log is not None else ("ok", None)
-        elapsed = max(1e-9, self._now() - self.stats.started_mono)
-        return {
-            "applied_w": w,
-            "checkpoint_w": self.checkpoint_w,
-            "target_w": self._max_seen_w,
-            "rpo_s": (self._wall_us() - ts_physical_us(w)) / 1e6 if w > 0 else None,
-            "applied_ops": self.stats.applied_ops,
-            "applied_bytes": self.stats.applied_bytes,
-            "apply_bytes_per_s": self.stats.applied_bytes / elapsed,
-            "pending_bytes": self.planner.pending_bytes(),
-            "checkpoints": self.stats.checkpoints,
-            "halted": self.halted is not None,
-            "consumer_errors": self.stats.consumer_errors,
-            "markers_dropped": self.stats.markers_dropped,
-            "last_marker_ts": max((m.ts for m in self.markers if m.TYPE == "Marker"), default=0),
-            "targets_dropped": self.stats.targets_dropped,
-            "generation": self.generation,
-            "generation_switches": self.stats.generation_switches,
-            "beyond_cut": self.stats.beyond_cut,
-            "roles_poll_errors": self.roles.errors,
-            # 1: records this site still needs were deleted; it cannot catch up from Kafka
-            "retention_lost": retention == "lost",
-            "retained_share_before_checkpoint": share,
-            **self.pause_metrics(),
-        }

@@ -35,12 +35,18 @@ class ApplierConfig:
     #: restore and replay start from the newest snapshot at or below the wanted cut
     snapshot_interval_s: float = 0.0
     snapshots_kept: int = 4
+    #: named snapshots (``lowmark snapshot``) kept: the newest N (0: any number), none
+    #: older than max_age_s (0: any age); the same rule at every site keeps the same ones
+    named_keep_last: int = 0
+    named_max_age_s: float = 0.0
 
     def validate(self) -> ApplierConfig:
         if not self.site or "/" in self.site:
             raise ConfigError(f"site name {self.site!r} is invalid")
         if self.checkpoint_interval_s <= 0:
             raise ConfigError("checkpoint_interval_s must be positive")
+        if self.named_keep_last < 0 or self.named_max_age_s < 0:
+            raise ConfigError("snapshot retention (keep_last, max_age_s) must not be negative")
         return self
 
 

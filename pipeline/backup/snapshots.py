@@ -14,31 +14,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from connectors.image.image import Image
 from pipeline.fsutil import atomic_write, fsync_path
 from pipeline.site import SiteDir
+from pipeline.snapshot_store import copy_sparse
 from schemas import codec
 from schemas.records import Checkpoint
 
 
 def store_dir(data_dir: Path) -> Path:
     return SiteDir(data_dir).snapshots_dir
-
-
-def copy_sparse(src: Path, dst: Path) -> None:
-    # GNU cp keeps holes and reflinks when it can; fall back to a plain copy elsewhere
-    try:
-        subprocess.run(
-            ["cp", "--sparse=always", "--reflink=auto", str(src), str(dst)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        shutil.copyfile(src, dst)
 
 
 def save(

@@ -170,8 +170,11 @@ def build(
     return out
 
 
-def open_exports(drill_dir: Path) -> dict[str, FileExport]:
-    """One writable export per catalogued volume of the clone, named by the volume's name."""
+def open_exports(
+    drill_dir: Path, read_only: bool = False, what: str = "lowmark drill clone"
+) -> dict[str, FileExport]:
+    """One export per catalogued volume of a site directory (a drill's clone, writable; a
+    named snapshot, read only), named by the volume's name."""
     site = SiteDir(Path(drill_dir))
     out: dict[str, FileExport] = {}
     try:
@@ -180,7 +183,8 @@ def open_exports(drill_dir: Path) -> dict[str, FileExport]:
             out[name] = FileExport(
                 site.image_path(e["volume_id"]),
                 name,
-                description=f"lowmark drill clone of volume {e['volume_id']}",
+                read_only=read_only,
+                description=f"{what} of volume {e['volume_id']}",
             )
     except BaseException:
         for ex in out.values():
@@ -373,19 +377,24 @@ def serve(
     stop: threading.Event,
     on_ready: Callable[[Served], None] | None = None,
     on_tick: Callable[[], None] | None = None,
+    *,
+    read_only: bool = False,
+    what: str = "lowmark drill clone",
 ) -> None:
-    """Serve the clone's volumes until ``stop`` is set; the caller holds the ``DrillLock``.
+    """Serve the clone's volumes until ``stop`` is set; the caller holds the ``DrillLock``
+    (or serves a named snapshot, ``read_only``).
 
     ``on_ready`` gets the bound address once listening; ``on_tick`` is called about every
     0.1 s while serving (status lines).
     """
-    exports = open_exports(drill_dir)
+    exports = open_exports(drill_dir, read_only, what)
     try:
         asyncio.run(_serve_async(exports, config, stop, on_ready, on_tick))
     finally:
         for ex in exports.values():
             with contextlib.suppress(OSError):
-                ex.flush()
+                if not read_only:
+                    ex.flush()
             ex.close()
 
 

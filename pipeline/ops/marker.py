@@ -37,7 +37,7 @@ from pipeline.errors import LowmarkError, RecordError, RestoreError
 from pipeline.logs import event
 from pipeline.ops.restore import latest_watermark
 from pipeline.primary.control import ControlChannel
-from pipeline.primary.markers import MarkerRun, Stage, emitted_markers
+from pipeline.primary.markers import MarkerRun, Stage, complete, emitted_markers
 from pipeline.topology.store import RolesStore
 from schemas import codec
 from schemas.control import MarkerPhase
@@ -60,6 +60,11 @@ class MarkerOptions:
     post_hook: str = ""
     #: the bound of every phase, and of how long writes may be held
     timeout_s: float = 5.0
+    #: a snapshot (``lowmark snapshot create``): the members copy their volumes at the
+    #: marker's ts and the emitter writes a Snapshot record in place of the Marker
+    snapshot: bool = False
+    #: a snapshot: wait this long for every member's copy to be sealed (0: do not wait)
+    copy_timeout_s: float = 0.0
 
 
 @dataclass
@@ -75,6 +80,9 @@ class MarkerResult:
     #: seconds spent in each phase
     phases: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    #: a snapshot's volumes, and each member's COPIED answer ("" when sealed, else why not)
+    volumes: tuple[str, ...] = ()
+    copied: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_hold_s(self) -> float:
@@ -183,7 +191,7 @@ class Coordinator:
             raise exc
         result = MarkerResult(
             opts.name, run.marker_id, run.ts, run.emitter, self.generation, run.members,
-            dict(run.held_us), phases, list(run.warnings),
+            dict(run.held_us), phases, list(run.warnings), run.volumes, dict(run.copied),
         )  # fmt: skip
         if opts.post_hook:
             t = self._now()
@@ -202,7 +210,8 @@ class Coordinator:
     def _coordinate(
         self, opts: MarkerOptions, members: tuple[str, ...], phases: dict[str, float]
     ) -> MarkerRun:
-        run = MarkerRun(uuid.uuid4().hex[:16], opts.name, members, opts.timeout_s, self._now)
+        run = MarkerRun(uuid.uuid4().hex[:16], opts.name, members, opts.timeout_s, self._now,
+                        snapshot=opts.snapshot)  # fmt: skip
         t = self._now()
         self.channel.send(run.start(self._wall_us()))
         try:
@@ -222,8 +231,25 @@ class Coordinator:
             phases["resume_s"] = self._now() - run.completed_at
         if run.stage is Stage.ABORTED:
             where = "after it was complete" if run.completed_at else "while quiescing"
-            raise MarkerError(f"marker {opts.name!r} not emitted ({where}): {run.error}")
+            what = "snapshot" if opts.snapshot else "marker"
+            raise MarkerError(f"{what} {opts.name!r} not emitted ({where}): {run.error}")
+        if opts.snapshot and opts.copy_timeout_s > 0:
+            t = self._now()
+            self._await_copies(run, t + opts.copy_timeout_s)
+            phases["copy_s"] = self._now() - t
         return run
+
+    def _await_copies(self, run: MarkerRun, deadline: float) -> None:
+        """Read COPIED answers until every member's copy is sealed, or the deadline."""
+        while not complete(run.members, run.copied) and self._now() < deadline:
+            for step in self.channel.read(0.05):
+                run.on_step(step)
+        for iid in run.members:
+            if iid not in run.copied:
+                run.warnings.append(f"interceptor {iid}: its copy was not sealed in time "
+                                    "(see `lowmark snapshot list`)")  # fmt: skip
+            elif run.copied[iid]:
+                run.warnings.append(f"interceptor {iid}: its copy failed: {run.copied[iid]}")
 
 
 def take_marker(kafka_conf: Mapping[str, Any], cg: str, opts: MarkerOptions) -> MarkerResult:

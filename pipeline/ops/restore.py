@@ -38,7 +38,7 @@ from pipeline.topology.roles import base_of, generation_at
 from pipeline.topology.store import RolesStore
 from pipeline.watermark.publisher import latest_watermark as published_watermark
 from schemas import codec
-from schemas.records import CgRoles, Checkpoint, Marker, Watermark
+from schemas.records import CgRoles, Checkpoint, Marker, Snapshot, Watermark
 from schemas.ts import format_ts
 
 MANIFEST = RESTORE_MANIFEST
@@ -72,9 +72,14 @@ def latest_watermark(kafka_conf: Mapping[str, Any], cg: str, generation: int = 0
 
 
 def find_marker(
-    kafka_conf: Mapping[str, Any], cg: str, name: str, generation: int | None = None
-) -> tuple[Marker, int]:
-    """The newest Marker record named ``name`` in the retained log, and how many have it.
+    kafka_conf: Mapping[str, Any],
+    cg: str,
+    name: str,
+    generation: int | None = None,
+    kind: type[Marker] | type[Snapshot] = Marker,
+) -> tuple[Any, int]:
+    """The newest ``kind`` record (a Marker, or a Snapshot) named ``name`` in the retained
+    log, and how many have it.
 
     ``generation`` None: every generation's log, the newest first (a marker is in the
     generation whose primary emitted it)."""
@@ -83,27 +88,28 @@ def find_marker(
         newest = 0 if roles is None else roles.generation
         for g in range(newest, 0, -1):
             try:
-                return find_marker(kafka_conf, cg, name, g)
+                return find_marker(kafka_conf, cg, name, g, kind)
             except (RestoreError, ConfigError):
                 continue  # not in this generation (or its log is gone)
         generation = 0
     topic = CgTopics(cg, generation).log
-    found: list[Marker] = []
+    found: list[Any] = []
     for p, (low, high) in log_bounds(kafka_conf, cg, generation).items():
         for msg in iter_range(dict(kafka_conf), topic, p, low, high, timeout_s=120):
-            kind = dict(msg.headers() or []).get("type")
-            if kind not in (None, Marker.TYPE.encode()):
+            header = dict(msg.headers() or []).get("type")
+            if header not in (None, kind.TYPE.encode()):
                 continue  # the plain-text type header saves decoding every write
             try:
-                marker = codec.decode(msg.value() or b"", Marker)
+                rec = codec.decode(msg.value() or b"", kind)
             except RecordError:
                 continue
-            if marker.name == name:
-                found.append(marker)
+            if rec.name == name:
+                found.append(rec)
     if not found:
+        what = kind.TYPE.lower()
         raise RestoreError(
-            f"no marker named {name!r} in the retained log of {cg}; list markers with "
-            f"`lowmark tail --no-follow --type Marker --cg {cg}`"
+            f"no {what} named {name!r} in the retained log of {cg}; list them with "
+            f"`lowmark tail --no-follow --type {kind.TYPE} --cg {cg}`"
         )
     return max(found, key=lambda r: r.ts), len(found)
 

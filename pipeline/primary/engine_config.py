@@ -62,6 +62,9 @@ class InterceptorConfig:
     #: take part in the CG's markers (``pipeline.primary.marker_member``): a consumer of
     #: the control topic and a thread; off, a ``lowmark marker`` naming this interceptor
     #: aborts for want of its answer
+    #: a named snapshot's background copy at most this fast, bytes/s (0: unlimited), so
+    #: the copy does not starve the volumes' own I/O
+    snapshot_copy_rate: int = 0
     markers: bool = True
 
     def validate(self) -> InterceptorConfig:

@@ -25,8 +25,9 @@ from pipeline.primary.gate import WriteGate
 from pipeline.primary.interceptor import Interceptor
 from pipeline.primary.markers import Act, MemberAction, MemberPhases
 from pipeline.primary.outbox import Ticket
+from pipeline.primary.pit_snapshots import PrimarySnapshots
 from schemas.control import MarkerPhase
-from schemas.records import Marker
+from schemas.records import Marker, Snapshot
 
 log = logging.getLogger("lowmark.markers")
 
@@ -34,9 +35,15 @@ POLL_S = 0.05
 
 
 class MarkerMember:
-    def __init__(self, engine: Interceptor, gate: WriteGate) -> None:
+    def __init__(
+        self, engine: Interceptor, gate: WriteGate, snapshots: PrimarySnapshots | None = None
+    ) -> None:
         self.engine = engine
         self.gate = gate
+        #: the volumes' copies for a snapshot's marker (None: this member takes none)
+        self.snapshots = snapshots
+        if snapshots is not None:
+            snapshots.on_copied = self._copied
         self.iid = engine.config.interceptor_id
         ts = engine.time_source
         self.phases = MemberPhases(self.iid, ts.monotonic, ts.wall_us)
@@ -120,13 +127,38 @@ class MarkerMember:
             except LowmarkError as exc:
                 reply = self.phases.failed(action.marker_id, str(exc))
             else:
-                self.stats["markers_quiesced"] += 1
-                for after in self.phases.quiesced(action.marker_id, cap):
-                    self._act(after)
-                return
+                volumes, why = self._begin_copies(action)
+                if not why:
+                    self.stats["markers_quiesced"] += 1
+                    for after in self.phases.quiesced(action.marker_id, cap, volumes):
+                        self._act(after)
+                    return
+                token, self._token = self._token, None
+                if token is not None:
+                    self.engine.abandon(token)
+                reply = self.phases.failed(action.marker_id, why)
         if reply is not None:
             self.channel.send(reply)
         self.gate.release()
+
+    def _begin_copies(self, action: MemberAction) -> tuple[tuple[str, ...], str]:
+        """A snapshot's marker: start the copies now, while nothing is written; the
+        volumes copied, or why not."""
+        if not action.snapshot:
+            return (), ""
+        if self.snapshots is None:
+            return (), "this interceptor takes no snapshots (markers are off)"
+        try:
+            return self.snapshots.begin(action.marker_id, action.name), ""
+        except (LowmarkError, OSError) as exc:
+            return (), f"cannot copy the volumes: {exc}"
+
+    def _copied(self, marker_id: str, name: str, ts: int, volumes: tuple[str, ...],
+                error: str) -> None:  # fmt: skip
+        try:  # on the copy's thread: it must never raise there
+            self.channel.send(self.phases.copied(marker_id, name, ts, volumes, error))
+        except Exception as exc:
+            event(log, "could not answer COPIED", logging.WARNING, error=repr(exc))
 
     def _resume(self, action: MemberAction, answer: bool = True) -> None:
         """Raise the clock to the marker's ts, write the Marker (the emitter) or drop the
@@ -140,6 +172,11 @@ class MarkerMember:
                 ticket, error = self._emit(token, action)
             else:
                 self.engine.abandon(token)
+            if action.snapshot and self.snapshots is not None:
+                if action.ts and not error:
+                    self.snapshots.confirm(action.marker_id, action.ts)
+                else:
+                    self.snapshots.cancel(action.marker_id)
         if not self.gate.held and token is None:
             return
         held = self.gate.release()
@@ -154,11 +191,15 @@ class MarkerMember:
         iid, epoch = self.engine.origin
         wall = self.engine.time_source.wall_us()
         try:
-            marker = Marker(action.name, action.ts, iid, epoch, wall)
-            return self.engine.append_record(token, marker), ""
+            record: Marker | Snapshot = (
+                Snapshot(action.name, action.ts, action.volumes, iid, epoch)
+                if action.snapshot
+                else Marker(action.name, action.ts, iid, epoch, wall)
+            )
+            return self.engine.append_record(token, record), ""
         except LowmarkError as exc:
             self.engine.abandon(token)
-            return None, f"could not queue the Marker: {exc}"
+            return None, f"could not queue the {'Snapshot' if action.snapshot else 'Marker'}: {exc}"
 
     def _done(self, action: MemberAction, held: float, error: str, answer: bool) -> None:
         self._count(action, held, error)

@@ -31,7 +31,7 @@ one answers the other's QUIESCE with an error, and the second aborts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -57,6 +57,10 @@ class MemberAction:
     timeout_s: float = 0.0
     reply: MarkerPhase | None = None
     why: str = ""
+    #: a snapshot's marker: QUIESCE starts the copies, EMIT writes a Snapshot record
+    snapshot: bool = False
+    #: EMIT/RESUME of a snapshot: every member's volumes (the Snapshot record's)
+    volumes: tuple[str, ...] = ()
 
 
 NOTHING = MemberAction(Act.NOTHING)
@@ -73,11 +77,13 @@ class _Hold:
     caps: dict[str, int] = field(default_factory=dict)
     drained: bool = False  # our own cap is stamped (else we are still draining)
     aborted: str = ""  # an ABORT (or an error) came while draining
+    snapshot: bool = False
+    volumes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # by member
     #: the longest trip of a step of this marker to us (QUIESCE, QUIESCED), by wall clocks
     lag_us: int = 0
 
 
-def complete(members: Iterable[str], caps: dict[str, int]) -> bool:
+def complete(members: Iterable[str], caps: Mapping[str, object]) -> bool:
     return all(m in caps for m in members)
 
 
@@ -111,6 +117,7 @@ class MemberPhases:
             if step.error:
                 return self._abort(hold, f"interceptor {step.interceptor_id}: {step.error}")
             hold.caps.setdefault(step.interceptor_id, step.ts)
+            hold.volumes.setdefault(step.interceptor_id, step.volumes)
             if step.sent_us and self._wall_us:
                 hold.lag_us = max(hold.lag_us, self._wall_us() - step.sent_us)
             return self._decide(hold)
@@ -134,20 +141,25 @@ class MemberPhases:
         now = self._now()
         timeout_s = step.timeout_ms / 1000
         self.hold = _Hold(step.marker_id, step.name, step.members, step.emitter, now,
-                          now + timeout_s, lag_us=age_us)  # fmt: skip
-        return MemberAction(Act.QUIESCE, step.marker_id, step.name, timeout_s=timeout_s)
+                          now + timeout_s, lag_us=age_us, snapshot=step.snapshot)  # fmt: skip
+        return MemberAction(Act.QUIESCE, step.marker_id, step.name, timeout_s=timeout_s,
+                            snapshot=step.snapshot)  # fmt: skip
 
-    def quiesced(self, marker_id: str, cap: int) -> list[MemberAction]:
-        """Our drain is done and the cap stamped: send the QUIESCED, then maybe resume
-        (the others' caps are all in already, or the marker was aborted meanwhile)."""
+    def quiesced(
+        self, marker_id: str, cap: int, volumes: tuple[str, ...] = ()
+    ) -> list[MemberAction]:
+        """Our drain is done and the cap stamped (a snapshot's copies of ``volumes``
+        begun): send the QUIESCED, then maybe resume (the others' caps are all in already,
+        or the marker was aborted meanwhile)."""
         hold = self.hold
         if hold is None or hold.marker_id != marker_id:
             return [MemberAction(Act.RESUME, marker_id, why="no longer held")]
         if hold.aborted:
             self.hold = None
-            return [MemberAction(Act.RESUME, marker_id, hold.name, why=hold.aborted)]
+            return [MemberAction(Act.RESUME, marker_id, hold.name, why=hold.aborted,
+                                 snapshot=hold.snapshot)]  # fmt: skip
         hold.drained = True
-        reply = self._quiesced(marker_id, hold.name, cap, "")
+        reply = self._quiesced(marker_id, hold.name, cap, "", volumes)
         # our own step comes back through the topic like the others'; its place in the
         # order is what counts (an ABORT may stand before it), so it is not counted here
         return [MemberAction(Act.ANSWER, marker_id, hold.name, reply=reply)]
@@ -171,7 +183,8 @@ class MemberPhases:
         for old in list(self._late)[:-16]:
             del self._late[old]
         why = "the marker was neither complete nor aborted in time; resumed by itself"
-        return MemberAction(Act.RESUME, hold.marker_id, hold.name, why=why)
+        return MemberAction(Act.RESUME, hold.marker_id, hold.name, why=why,
+                            snapshot=hold.snapshot)  # fmt: skip
 
     def _after_expiry(self, step: MarkerPhase) -> MemberAction:
         """A marker we resumed from by itself completes after all: say so (RESUMED error)."""
@@ -198,14 +211,17 @@ class MemberPhases:
         self.hold = None
         self.last_lag_us = hold.lag_us
         act = Act.EMIT if hold.emitter == self.interceptor_id else Act.RESUME
-        return MemberAction(act, hold.marker_id, hold.name, max(hold.caps.values()))
+        volumes = tuple(sorted({v for vs in hold.volumes.values() for v in vs}))
+        return MemberAction(act, hold.marker_id, hold.name, max(hold.caps.values()),
+                            snapshot=hold.snapshot, volumes=volumes)  # fmt: skip
 
     def _abort(self, hold: _Hold, why: str) -> MemberAction:
         if not hold.drained:
             hold.aborted = why  # ``quiesced`` resumes once the drain is done
             return NOTHING
         self.hold = None
-        return MemberAction(Act.RESUME, hold.marker_id, hold.name, why=why)
+        return MemberAction(Act.RESUME, hold.marker_id, hold.name, why=why,
+                            snapshot=hold.snapshot)  # fmt: skip
 
     def held_s(self) -> float:
         return 0.0 if self.hold is None else self._now() - self.hold.since
@@ -215,10 +231,18 @@ class MemberPhases:
         return self._resumed(action.marker_id, action.name, action.ts, held_us,
                              error or action.why)  # fmt: skip
 
-    def _quiesced(self, marker_id: str, name: str, cap: int, error: str) -> MarkerPhase:
+    def copied(self, marker_id: str, name: str, ts: int, volumes: tuple[str, ...],
+               error: str = "") -> MarkerPhase:  # fmt: skip
+        """The COPIED to send once a snapshot's copies here are complete (or failed)."""
+        sent = self._wall_us() if self._wall_us else 0
+        return MarkerPhase(marker_id, name, MarkerStep.COPIED, self.interceptor_id, ts=ts,
+                           error=error, sent_us=sent, volumes=volumes)  # fmt: skip
+
+    def _quiesced(self, marker_id: str, name: str, cap: int, error: str,
+                  volumes: tuple[str, ...] = ()) -> MarkerPhase:  # fmt: skip
         sent = self._wall_us() if self._wall_us else 0
         return MarkerPhase(marker_id, name, MarkerStep.QUIESCED, self.interceptor_id, ts=cap,
-                           error=error, sent_us=sent)  # fmt: skip
+                           error=error, sent_us=sent, volumes=volumes)  # fmt: skip
 
     def _resumed(self, marker_id: str, name: str, ts: int, held_us: int, error: str) -> MarkerPhase:
         sent = self._wall_us() if self._wall_us else 0
@@ -256,6 +280,11 @@ class MarkerRun:
     ts: int = 0
     emitter: str = ""
     emitted: bool = False
+    #: a snapshot: the members start copies at the hold, the emitter writes a Snapshot
+    snapshot: bool = False
+    #: a snapshot's volumes, from the QUIESCED steps; COPIED answers (member -> error)
+    volumes: tuple[str, ...] = ()
+    copied: dict[str, str] = field(default_factory=dict)
     #: when every cap was in (the ts was fixed), on ``now``'s clock
     completed_at: float = 0.0
     _started: float = 0.0
@@ -269,7 +298,8 @@ class MarkerRun:
         self._started = self.now()
         return MarkerPhase(self.marker_id, self.name, MarkerStep.QUIESCE,
                            emitter=self.emitter, timeout_ms=max(1, round(self.timeout_s * 1000)),
-                           members=self.members, sent_us=sent_us)  # fmt: skip
+                           members=self.members, sent_us=sent_us,
+                           snapshot=self.snapshot)  # fmt: skip
 
     def on_step(self, step: MarkerPhase) -> None:
         if step.marker_id != self.marker_id:
@@ -287,10 +317,13 @@ class MarkerRun:
                 self._fail(f"interceptor {iid} could not quiesce: {step.error}")
                 return
             self.caps.setdefault(iid, step.ts)
+            self.volumes = tuple(sorted({*self.volumes, *step.volumes}))
             if complete(self.members, self.caps):
                 self.stage, self.ts = Stage.COMPLETE, max(self.caps.values())
                 self.completed_at = self.now()
                 self._abort = None  # complete before our ABORT: the ABORT means nothing
+        elif step.step is MarkerStep.COPIED and step.ts == self.ts and self.ts:
+            self.copied.setdefault(iid, step.error)
         elif step.step is MarkerStep.RESUMED and iid not in self.held_us:
             self.held_us[iid] = step.timeout_ms
             if step.error and iid == self.emitter and self.stage is Stage.COMPLETE:

@@ -44,6 +44,8 @@ from pipeline.errors import ConfigError, VolumeError
 from pipeline.primary.gate import WriteGate, WriteHeld
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
 from pipeline.primary.marker_member import MarkerMember
+from pipeline.primary.pit_copy import PitCopy
+from pipeline.primary.pit_snapshots import PrimarySnapshots
 from pipeline.primary.region_log import NO_MARK, Mark, RegionLog, VolumeRegions
 from pipeline.primary.republish import republish
 from pipeline.site import SiteDir, check_volume_id
@@ -82,6 +84,8 @@ class Volume:
         self.info = info
         self.image = image
         self._lock = threading.Lock()
+        #: a named snapshot's copy in progress: a write saves what it overwrites there first
+        self.pit: PitCopy | None = None
         #: the volume's dirty-region log (None: the log is off)
         self.regions: VolumeRegions | None = (
             cg.regions.open_volume(info.volume_id, info.size) if cg.regions else None
@@ -159,6 +163,8 @@ class Volume:
                 token, ts = engine.stamp()
                 try:
                     touched = True
+                    if self.pit is not None:
+                        self.pit.before_write(offset, len(data))
                     self.image.pwrite(offset, data)
                 except OSError:
                     engine.abandon(token)
@@ -201,6 +207,8 @@ class Volume:
                 token, ts = engine.stamp()
                 try:
                     touched = True
+                    if self.pit is not None:
+                        self.pit.before_write(offset, length)
                     # the record below carries the same choice, so the backups allocate alike
                     self.image.zero(offset, length, punch=trim)
                 except OSError:
@@ -269,6 +277,7 @@ class ConsistencyGroup:
         #: where a marker holds new writes (``pipeline.primary.markers``)
         self.gate = WriteGate(interceptor.time_source.monotonic)
         self.markers: MarkerMember | None = None
+        self.snapshots: PrimarySnapshots | None = None
         region_bytes = interceptor.config.region_bytes
         #: the volumes' dirty-region logs (None: off, ``InterceptorConfig.region_bytes`` 0)
         self.regions: RegionLog | None = (
@@ -324,7 +333,8 @@ class ConsistencyGroup:
             # warm before the first sync write, which would otherwise pay the set-up
             self.interceptor.cuts.start()
         if config.markers:
-            self.markers = MarkerMember(self.interceptor, self.gate)
+            self.snapshots = PrimarySnapshots(self)
+            self.markers = MarkerMember(self.interceptor, self.gate, self.snapshots)
             self.markers.start()
         return self
 
@@ -337,6 +347,8 @@ class ConsistencyGroup:
     def close(self) -> None:
         if self.markers is not None:
             self.markers.close()  # first: a hold it has is released, nothing is left waiting
+        if self.snapshots is not None:
+            self.snapshots.close()
         self.interceptor.close()
         if self.regions is not None:
             # after the drain: every region whose records reached Kafka is cleared
@@ -389,6 +401,9 @@ class ConsistencyGroup:
     def resize_volume(self, name: str, size: int) -> Volume:
         vol = self.volume(name)
         with vol._lock:
+            if vol.pit is not None:
+                raise VolumeError(f"volume {name} is being copied for a snapshot: resize it "
+                                  "once the copy is done (`lowmark snapshot list`)")  # fmt: skip
             vol.image.resize(size)
             vol.info = replace(vol.info, size=size)
             if vol.regions is not None:

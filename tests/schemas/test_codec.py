@@ -177,6 +177,8 @@ AVRO_STRATEGIES: dict[type[Record], st.SearchStrategy[dict[str, Any]]] = {
             "volume_id": NAME, "size": LONG, "digest": st.text(max_size=16),
         }), unique_by=lambda v: v["volume_id"], max_size=4),
         "written_us": LONG, "generation": SMALL,
+        "snapshots": st.lists(st.fixed_dictionaries({"name": NAME, "ts": LONG, "size": LONG}),
+                              unique_by=lambda h: h["name"], max_size=3),
     }),
     CgRoles: roles(),
     DrainRequest: st.fixed_dictionaries(
@@ -187,14 +189,16 @@ AVRO_STRATEGIES: dict[type[Record], st.SearchStrategy[dict[str, Any]]] = {
                 "marker_id": NAME, "name": NAME, "step": st.just("QUIESCE"),
                 "interceptor_id": st.just(""), "ts": LONG, "emitter": st.sampled_from(ms),
                 "timeout_ms": st.integers(1, 2**40), "members": st.just(ms),
-                "error": st.text(max_size=20), "sent_us": LONG})),
+                "error": st.text(max_size=20), "sent_us": LONG, "snapshot": st.booleans(),
+                "volumes": st.just([])})),
         *(st.fixed_dictionaries({
             "marker_id": NAME, "name": NAME, "step": st.just(step),
             "interceptor_id": st.just("") if step == "ABORT" else NAME,
             "ts": LONG, "emitter": st.text(max_size=8), "timeout_ms": LONG,
             "members": st.lists(NAME, max_size=3, unique=True),
-            "error": st.text(max_size=20), "sent_us": LONG,
-        }) for step in ("QUIESCED", "ABORT", "RESUMED"))),
+            "error": st.text(max_size=20), "sent_us": LONG, "snapshot": st.booleans(),
+            "volumes": st.lists(NAME, max_size=3, unique=True),
+        }) for step in ("QUIESCED", "ABORT", "RESUMED", "COPIED"))),
 }
 
 
@@ -320,7 +324,7 @@ def _ext(i: int, **changes: Any) -> dict[str, Any]:
 
 _PHASE = {"marker_id": "m-1", "name": "nightly", "step": "QUIESCE", "interceptor_id": "",
           "ts": 0, "emitter": "a", "timeout_ms": 2000, "members": ["a", "b"], "error": "",
-          "sent_us": 7}
+          "sent_us": 7, "snapshot": True, "volumes": []}
 
 IMPOSSIBLE: list[tuple[type[Record], dict[str, Any]]] = [
     (Write, {**WRITE_OK, "extents": []}),
@@ -379,6 +383,12 @@ IMPOSSIBLE: list[tuple[type[Record], dict[str, Any]]] = [
     (MarkerPhase, {**_PHASE, "timeout_ms": 0}),
     (MarkerPhase, {**_PHASE, "emitter": "c"}),  # an emitter that is not a member
     (MarkerPhase, {**_PHASE, "step": "RESUMED"}),  # a member's step without its id
+    (MarkerPhase, {**_PHASE, "volumes": ["v1", "v1"]}),
+    (MarkerPhase, {**_PHASE, "volumes": [""]}),
+    (Checkpoint, {"site": "s", "cg": "c", "w": 1, "log_offsets": [], "volumes": [],
+                    "written_us": 0, "snapshots": [{"name": "a", "ts": 1, "size": 0}] * 2}),
+    (Checkpoint, {"site": "s", "cg": "c", "w": 1, "log_offsets": [], "volumes": [],
+                    "written_us": 0, "snapshots": [{"name": "a", "ts": -1, "size": 0}]}),
 ]
 
 
@@ -415,7 +425,8 @@ SAMPLES: list[tuple[type[Record], dict[str, Any]]] = [
                              "declared_us": 1}]}),
     (Checkpoint, {"site": "dr", "cg": "cg1", "w": 2**58, "log_offsets": [],
                     "volumes": [{"volume_id": "v1", "size": 1 << 30, "digest": "blake2b:00ff"}],
-                    "written_us": 7, "generation": 1}),
+                    "written_us": 7, "generation": 1,
+                    "snapshots": [{"name": "nightly", "ts": 2**57, "size": 1 << 30}]}),
     (CgRoles, {"cg": "cg1", "generation": 2, "primary_site": "main", "base_w": 2**58,
                  "base_offsets": [{"partition": 0, "offset": 40}],
                  "history": [{"generation": 1, "kind": "FAILOVER", "from_site": "main",

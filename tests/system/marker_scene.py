@@ -14,7 +14,7 @@ from pathlib import Path
 
 from connectors.embedded_kafka.procs import free_port
 from pipeline.ops.status import scrape
-from tests.replication_helpers import wait_until
+from tests.replication_helpers import log_ops, wait_until
 
 #: the application both marker tests run: data in a SLOT of volume A, then a COMMIT
 #: record naming it (seq, slot, crc32 of the data) on volume B
@@ -25,7 +25,9 @@ SIZES = {"A": SLOT * SLOTS, "B": COMMIT * COMMITS}
 class Cluster:
     """`lowmark serve` a (volume A) and b (volume B), and `lowmark watermark`, one CG."""
 
-    def __init__(self, tmp: Path, bootstrap: str, cg: str, sizes: dict[str, int]) -> None:
+    def __init__(
+        self, tmp: Path, bootstrap: str, cg: str, sizes: dict[str, int], serve_extra: str = ""
+    ) -> None:
         self.tmp, self.cg, self.bootstrap = tmp, cg, bootstrap
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ports = {n: free_port() for n in ("a", "b", "a_m", "b_m", "w_m")}
@@ -40,6 +42,7 @@ interceptor_id = "{iid}"
 data_dir = "{tmp / iid}"
 listen = "127.0.0.1:{self.ports[iid]}"
 metrics = "127.0.0.1:{self.ports[iid + "_m"]}"
+{serve_extra}
 [[serve.volumes]]
 name = "{vol}"
 size = {sizes[vol]}
@@ -111,3 +114,16 @@ def check_pairs(images: dict[str, bytearray]) -> tuple[int, int]:
     newest_data = max(struct.unpack(">Q", bytes(images["A"][s * SLOT : s * SLOT + 8]))[0]
                       for s in range(SLOTS))  # fmt: skip
     return newest_data, newest_commit
+
+
+def replay_states(records, marker_ts: list[int]):
+    """The images at each ts of ``marker_ts`` (ascending), replayed independently."""
+    ops = sorted((o for o in log_ops(records) if o[3] is not None), key=lambda o: o[0])
+    images = {v: bytearray(n) for v, n in SIZES.items()}
+    i = 0
+    for ts in marker_ts:
+        while i < len(ops) and ops[i][0] <= ts:
+            _t, vid, off, data = ops[i]
+            images[vid][off : off + len(data)] = data
+            i += 1
+        yield ts, images

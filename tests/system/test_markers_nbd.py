@@ -22,8 +22,8 @@ import pytest
 from connectors.embedded_kafka.procs import free_port
 from pipeline.ops.status import scrape
 from tests.primary.test_zero_allocation import nbdsh_env
-from tests.replication_helpers import log_ops, read_log, wait_until
-from tests.system.marker_scene import SIZES, Cluster, check_pairs
+from tests.replication_helpers import read_log, wait_until
+from tests.system.marker_scene import SIZES, Cluster, check_pairs, replay_states
 
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
@@ -44,19 +44,6 @@ def cluster(kafka_conf, unique_name, tmp_path):
         raise
     finally:
         c.down()
-
-
-def replay_states(records, marker_ts: list[int]):
-    """The images at each ts of ``marker_ts`` (ascending), replayed independently."""
-    ops = sorted((o for o in log_ops(records) if o[3] is not None), key=lambda o: o[0])
-    images = {v: bytearray(n) for v, n in SIZES.items()}
-    i = 0
-    for ts in marker_ts:
-        while i < len(ops) and ops[i][0] <= ts:
-            _t, vid, off, data = ops[i]
-            images[vid][off : off + len(data)] = data
-            i += 1
-        yield ts, images
 
 
 def test_a_marker_every_100ms_for_30s_is_application_consistent(cluster, kafka_conf, tmp_path):
