@@ -26,7 +26,7 @@ from pipeline.primary.interceptor import Interceptor
 from pipeline.primary.markers import Act, MemberAction, MemberPhases
 from pipeline.primary.outbox import Ticket
 from pipeline.primary.pit_snapshots import PrimarySnapshots
-from schemas.control import MarkerPhase
+from schemas.control import MarkerPhase, MarkerStep
 from schemas.records import Marker, Snapshot
 
 log = logging.getLogger("lowmark.markers")
@@ -79,6 +79,9 @@ class MarkerMember:
                 steps = self.channel.read(POLL_S)
                 for step in steps:
                     self._act(self.phases.on_step(step))
+                    if step.step is MarkerStep.RESUMED and self.snapshots is not None:
+                        self.snapshots.on_resumed(step.marker_id, step.interceptor_id,
+                                                  step.ts, step.error)  # fmt: skip
                 self._act(self.phases.poll())
             except KafkaError as exc:
                 self.stats["control_errors"] += 1
@@ -149,7 +152,8 @@ class MarkerMember:
         if self.snapshots is None:
             return (), "this interceptor takes no snapshots (markers are off)"
         try:
-            return self.snapshots.begin(action.marker_id, action.name), ""
+            emitter = self.phases.hold.emitter if self.phases.hold is not None else ""
+            return self.snapshots.begin(action.marker_id, action.name, emitter), ""
         except (LowmarkError, OSError) as exc:
             return (), f"cannot copy the volumes: {exc}"
 

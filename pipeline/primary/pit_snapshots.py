@@ -41,6 +41,9 @@ log = logging.getLogger("lowmark.snapshots")
 #: the first write there waits ~0.1 ms; the bitmap costs 16 MiB per TiB of volume)
 COPY_CHUNK = 64 << 10
 
+#: how long a finished copy waits for the emitter's RESUMED before it is dropped (s)
+EMIT_WAIT_S = 120.0
+
 #: (marker_id, name, ts, volumes, error) once a confirmed copy is sealed or failed
 OnCopied = Callable[[str, str, int, tuple[str, ...], str], None]
 
@@ -52,8 +55,12 @@ class _Taking:
     copies: dict[str, tuple[Volume, PitCopy]]
     catalog: list[dict[str, Any]]
     started: float
+    emitter: str = ""
     ts: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
+    #: set once the emitter's RESUMED says the Snapshot record is durable (ok) or not
+    decided: threading.Event = field(default_factory=threading.Event)
+    emitted: bool = False
     thread: threading.Thread | None = None
 
 
@@ -74,7 +81,7 @@ class PrimarySnapshots:
             event(log, "removed a snapshot copy a crash cut short; the backups hold theirs",
                   logging.WARNING, snapshot=name)  # fmt: skip
 
-    def begin(self, marker_id: str, name: str) -> tuple[str, ...]:
+    def begin(self, marker_id: str, name: str, emitter: str = "") -> tuple[str, ...]:
         """Start the copies of every volume; call while the CG's writes are held and
         drained. The volume ids copied."""
         check_snapshot_name(name)
@@ -99,7 +106,8 @@ class PrimarySnapshots:
             raise
         catalog = [self._entry(v) for v, _ in copies.values()]
         with self._lock:
-            self._taking[marker_id] = _Taking(marker_id, name, copies, catalog, time.monotonic())
+            self._taking[marker_id] = _Taking(marker_id, name, copies, catalog, time.monotonic(),
+                                              emitter)  # fmt: skip
         self.stats["snapshots_begun"] += 1
         return tuple(copies)
 
@@ -113,6 +121,17 @@ class PrimarySnapshots:
         taking.thread = threading.Thread(target=self._finish, args=(taking,), daemon=True,
                                          name=f"lowmark-snapshot-{taking.name}")  # fmt: skip
         taking.thread.start()
+
+    def on_resumed(self, marker_id: str, interceptor_id: str, ts: int, error: str) -> None:
+        """A RESUMED read from the control topic: the emitter's says whether the Snapshot
+        record is durable. Only then is a copy sealed: a copy no record names would be a
+        snapshot no backup takes."""
+        with self._lock:
+            taking = self._taking.get(marker_id)
+        if taking is None or interceptor_id != taking.emitter or taking.decided.is_set():
+            return
+        taking.emitted = bool(ts) and not error and (not taking.ts or ts == taking.ts)
+        taking.decided.set()
 
     def cancel(self, marker_id: str) -> None:
         """The marker did not complete: no snapshot; the copies are thrown away."""
@@ -157,6 +176,11 @@ class PrimarySnapshots:
                 if not pit.run(taking.stop, rate):
                     return  # cancelled: ``cancel`` cleans up
             self._drop(taking.copies)
+            if not self._emitted(taking):
+                raise SnapshotError(
+                    "the emitter did not confirm the Snapshot record, so no backup takes this "
+                    "snapshot; its copy here is dropped"
+                )
             digests = {vid: file_digest(pit.target) for vid, (_v, pit) in taking.copies.items()}
             iid = self.cg.interceptor.config.interceptor_id
             snap = self.store.commit(
@@ -183,6 +207,13 @@ class PrimarySnapshots:
             self._taking.pop(taking.marker_id, None)
         if self.on_copied is not None:
             self.on_copied(taking.marker_id, taking.name, taking.ts, tuple(taking.copies), error)
+
+    def _emitted(self, taking: _Taking) -> bool:
+        """Wait (the copy is done) for the emitter's word on the Snapshot record."""
+        while not taking.decided.wait(0.1):
+            if taking.stop.is_set() or time.monotonic() - taking.started > EMIT_WAIT_S:
+                return False
+        return taking.emitted
 
     @staticmethod
     def _drop(copies: dict[str, tuple[Volume, PitCopy]]) -> None:
