@@ -50,6 +50,8 @@ def primary_metrics(cg: ConsistencyGroup, server: NbdServer | None) -> dict[str,
         m.update(cg.regions.metrics())
     if cg.markers is not None:
         m.update(cg.markers.metrics())
+    if cg.snapshots is not None:
+        m.update(cg.snapshots.metrics())
     if server is not None:
         st = server.stats
         m.update(

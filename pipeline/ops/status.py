@@ -194,6 +194,11 @@ def cg_status(
             "retained_share_before_checkpoint": share,
             # the site's checkpointed images hold the last marker's cut (restorable there)
             "holds_last_marker": last is not None and ck.w >= last[1],
+            # its newest named snapshot (``lowmark snapshot list``: all, at every site)
+            "snapshots": len(ck.snapshots),
+            "last_snapshot": None if not ck.snapshots else {
+                "name": ck.snapshots[-1].name, "ts": ck.snapshots[-1].ts,
+                "time": format_ts(ck.snapshots[-1].ts)},
             "volumes": {v.volume_id: {"size": v.size, "digest": v.digest} for v in ck.volumes},
         }
     for name, url in (metrics_urls or {}).items():
@@ -260,6 +265,8 @@ def render(status: dict[str, Any]) -> str:
             lag = f"lag {s['lag_records']} records (~{s['lag_bytes_estimate'] / 1e6:.1f} MB)"
         held = (", holds the last marker" if s.get("holds_last_marker")
                 else ", not yet at the last marker" if mk else "")  # fmt: skip
+        if s.get("last_snapshot"):
+            held += f", {s['snapshots']} snapshots (newest {s['last_snapshot']['name']!r})"
         lines.append(
             f"  site {site:<12} checkpoint RPO {secs(s['checkpoint_rpo_s'])}, "
             f"age {secs(s['checkpoint_age_s'])}, {lag}{held}"

@@ -151,6 +151,15 @@ def test_twenty_snapshots_under_load_are_identical_at_every_site(scene, kafka_co
     for v in views:
         assert v["presence"]["primary:a"] == v["presence"]["primary:b"] == "held", v
         assert v["size"] == sum(SIZES.values())
+    prim = scrape(f"127.0.0.1:{scene.ports['a_m']}")
+    assert prim["lowmark_primary_snapshots_sealed"] == COUNT
+    assert prim["lowmark_primary_snapshots_copying"] == 0
+    status = cli(tmp_path, "status")
+    newest = by_ts[-1]["name"]
+    assert f"{COUNT} snapshots (newest {newest!r})" in status.stdout, status.stdout
+    holds = sorted(max(r["held_ms"].values()) for r in results)
+    print(f"\n{COUNT} snapshots: writes held p50 {holds[COUNT // 2]:.2f} ms, max "
+          f"{holds[-1]:.2f} ms")  # fmt: skip
 
     # restore by name, from a site's store and (not held there) from the log
     name, ts = by_ts[6]["name"], by_ts[6]["ts"]
