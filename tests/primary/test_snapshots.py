@@ -17,21 +17,13 @@ from pipeline.errors import SnapshotError, VolumeError
 from pipeline.ops import snapshot as sn
 from pipeline.ops.marker import MarkerError, MarkerOptions
 from pipeline.snapshot_store import SnapshotStore
-from tests.primary.test_markers import TwoInterceptors, _members
+from tests.primary import test_markers
 from tests.replication_helpers import read_log, wait_until
 from tests.system.marker_scene import SIZES, check_pairs, replay_states
 
 pytestmark = pytest.mark.kafka
 
-
-@pytest.fixture
-def two(kafka_conf, unique_name, tmp_path):
-    scene = TwoInterceptors(kafka_conf, unique_name, tmp_path)
-    try:
-        wait_until(lambda: len(_members(kafka_conf, unique_name)) == 2, 30, "both in a W")
-        yield scene
-    finally:
-        scene.close()
+two = test_markers.two  # the fixture: interceptors a (volume A) and b (volume B), a watermark
 
 
 def _opts(name: str, **kw) -> MarkerOptions:
