@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import SnapshotError
+from pipeline.errors import SnapshotError, VolumeError
 from pipeline.fsutil import atomic_write, fsync_path
 from pipeline.site import SiteDir, check_volume_id
 from schemas.ts import ts_physical_us
@@ -46,7 +46,7 @@ def check_snapshot_name(name: object) -> str:
     """``name`` if a snapshot may have it (a plain file name), else ``SnapshotError``."""
     try:
         return check_volume_id(name)
-    except Exception:
+    except VolumeError:
         raise SnapshotError(
             f"snapshot name {name!r} is invalid: 1-128 of letters, digits, '.', '-', '_', "
             "starting with a letter or digit"

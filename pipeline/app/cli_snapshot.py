@@ -18,6 +18,14 @@ from pipeline.app.cli_services import build_config, config_options
 from pipeline.app.runtime import stop_on_signals
 from schemas.ts import format_ts
 
+#: where a snapshot is read from: any site's (or interceptor's) data dir holding it
+_site_dir = click.option(
+    "--site-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="the data dir of a site (or interceptor) that holds it",
+)
+
 
 @click.group()
 def snapshot() -> None:
@@ -122,12 +130,7 @@ def delete(name, data_dirs) -> None:
 
 @snapshot.command("restore")
 @click.argument("name")
-@click.option(
-    "--site-dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="the data dir of a site (or interceptor) that holds it",
-)
+@_site_dir
 @click.option(
     "--to",
     "to_dir",
@@ -150,12 +153,7 @@ def restore(name, site_dir, to_dir, as_json) -> None:
 
 @click.command("serve-snapshot")
 @click.argument("name")
-@click.option(
-    "--site-dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="the data dir of a site (or interceptor) that holds it",
-)
+@_site_dir
 @click.option("--host", default="127.0.0.1", show_default=True, help="NBD listen address")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="NBD port (0: any)")
 @click.option("--unix", "unix_socket", default=None, help="serve NBD on this unix socket")
