@@ -22,9 +22,10 @@ The message says what happened and what the operator can do about it.
      ├── WatermarkError              the watermark would break an invariant (e.g. decrease)
      │    └── WatermarkHaltedError   a bad progress record froze W; operator must skip it
      ├── ApplyError                  the applier stopped; the message says why and what to do
-     │    └── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
+     │    ├── ApplierHaltedError     a bad record halted the CG; operator must skip or repair
+     │    └── RetentionLostError     the log no longer holds what the site needs: bootstrap it
      ├── RestoreError                a cut cannot be restored/replayed (above W, out of retention)
- ├── SnapshotError               a named snapshot cannot be taken, found or served as asked
+     ├── SnapshotError               a named snapshot cannot be taken, found or served as asked
      └── RolesError                  the roles of a CG cannot change as asked (already primary,
           │                          a cut below the generation's base)
           └── RolesConflictError     another writer changed the roles first (.retriable: re-read
@@ -149,6 +150,14 @@ class ApplierHaltedError(ApplyError):
 
     Nothing after it is applied. Inspect the dead-letter copy, then either repair the
     producer and restart, or skip the record explicitly with ``lowmark apply --skip``.
+    """
+
+
+class RetentionLostError(ApplyError):
+    """Retention deleted log records a backup site still needs to catch up.
+
+    The site cannot be brought to a cut from Kafka any more. Rebuild it from a peer site's
+    checkpoint copy: ``lowmark apply --site S --bootstrap-from PEER_DATA_DIR``.
     """
 
 

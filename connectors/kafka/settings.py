@@ -170,10 +170,13 @@ class ApplierSettings(_Role):
         }
 
     def log_consumer(self) -> Settings:
-        return self._consumer(self.group)
+        # a position retention deleted must stop the site, never jump to the log's end
+        # (librdkafka's default) past records it needs
+        return {**self._consumer(self.group), "auto.offset.reset": "error"}
 
     def watermark_consumer(self) -> Settings:
-        return self._consumer(self.group + ".wm")
+        # compacted: any W read is as good as the ones compaction removed before it
+        return {**self._consumer(self.group + ".wm"), "auto.offset.reset": "earliest"}
 
     def producer(self) -> Settings:
         """Checkpoints and dead-letter copies."""

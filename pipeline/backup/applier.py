@@ -30,14 +30,15 @@ from typing import Any
 from connectors.image.image import Image
 from connectors.kafka.consumer import Consumer
 from connectors.kafka.deadletter import deadletter_headers
-from connectors.kafka.errors import PARTITION_EOF, as_error
+from connectors.kafka.errors import OFFSET_GONE, PARTITION_EOF, as_error
 from connectors.kafka.producer import Producer
+from connectors.kafka.reading import bounds
 from connectors.kafka.settings import ApplierSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.applier_config import ApplierConfig, ApplierStats
 from pipeline.backup.applier_numbers import ApplierNumbers
-from pipeline.backup.checkpointer import Checkpointer
+from pipeline.backup.checkpointer import Checkpointer, retention_lost, retention_lost_message
 from pipeline.backup.follow import FollowGenerations
 from pipeline.backup.generations import Action, Cut, RolesPoll
 from pipeline.backup.images import ImageSet
@@ -50,6 +51,7 @@ from pipeline.errors import (
     KafkaError,
     LowmarkError,
     RecordError,
+    RetentionLostError,
 )
 from pipeline.logs import event
 from pipeline.site import SiteDir, SiteLock
@@ -343,6 +345,16 @@ class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
         librdkafka retries on its own, and the positions stay where the records left them."""
         self.stats.consumer_errors += 1
         exc = as_error(err, f"reading {self.topics.log}")
+        if exc.code == OFFSET_GONE:
+            # records still to be (re-)read were deleted under this site (a spill's re-read
+            # after retention passed it): nothing it could apply from here is a cut
+            lost = retention_lost(
+                self.planner.positions(), bounds(self.kafka_conf, self.topics.log) or {}
+            )
+            p, at, low = lost if lost is not None else (-1, -1, -1)
+            raise RetentionLostError(
+                retention_lost_message(self.config.site, self.topics.log, p, at, low)
+            )
         now = self._now()
         if now - self._last_error_log.get(exc.code or 0, -1e9) >= 10:
             self._last_error_log[exc.code or 0] = now

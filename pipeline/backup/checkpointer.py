@@ -82,6 +82,31 @@ def retention_state(
     return "ok", share
 
 
+def retention_lost(
+    offsets: Mapping[int, int], log_bounds: Mapping[int, tuple[int, int]]
+) -> tuple[int, int, int] | None:
+    """The first (partition, needed offset, log start) where retention deleted a record a
+    reader starting at ``offsets`` needs (a partition not in ``offsets``: from 0); None."""
+    for p, (low, _end) in sorted(log_bounds.items()):
+        at = max(0, offsets.get(p, 0))
+        if at < low:
+            return p, at, low
+    return None
+
+
+def retention_lost_message(
+    site: str, topic: str, partition: int, needed: int, low: int, fresh: bool = False
+) -> str:
+    what = "a new site starts at the log's beginning" if fresh else "its checkpoint is older"
+    return (
+        f"site {site} needs {topic}[{partition}] from offset {needed}, but retention deleted "
+        f"the log up to offset {low} ({what}): it cannot catch up from Kafka. Rebuild it from "
+        f"a peer site's checkpoint copy: lowmark apply --site {site} --bootstrap-from "
+        "PEER_DATA_DIR (the peer needs [apply] snapshot_interval_s > 0), or raise the log's "
+        "retention so this does not recur"
+    )
+
+
 class Checkpointer:
     """Reads and writes the Checkpoint records of one site of one CG."""
 

@@ -27,10 +27,10 @@ from connectors.kafka.consumer import Consumer
 from connectors.kafka.reading import bounds
 from connectors.kafka.settings import ApplierSettings
 from connectors.kafka.topics import CgTopics, ensure_topics
-from pipeline.backup.checkpointer import Checkpointer
+from pipeline.backup.checkpointer import Checkpointer, retention_lost, retention_lost_message
 from pipeline.backup.generations import Action, Cut, Decision, RolesPoll, decide
 from pipeline.backup.plan import ApplyOp, ApplyPlanner
-from pipeline.errors import ApplyError, KafkaUnavailableError, LowmarkError
+from pipeline.errors import ApplyError, KafkaUnavailableError, LowmarkError, RetentionLostError
 from pipeline.logs import event
 from pipeline.site import SiteDir
 
@@ -123,8 +123,17 @@ class FollowGenerations:
         watermarks from the start, with a new planner at ``applied_w``."""
         self.topics = self._ensure_topics(generation)
         self.generation = generation
-        start_offsets = {p: 0 for p in range(self.config.log_partitions)}
+        # the topic says how many partitions it has (a site joining an existing CG needs
+        # no log_partitions setting, and one set too low must not leave partitions unread)
+        log_bounds = bounds(self.kafka_conf, self.topics.log) or {}
+        parts = log_bounds.keys() or range(self.config.log_partitions)
+        start_offsets = {p: 0 for p in parts}
         start_offsets.update(offsets)
+        lost = retention_lost(start_offsets, log_bounds)
+        if lost is not None:
+            raise RetentionLostError(
+                retention_lost_message(self.config.site, self.topics.log, *lost, self._fresh)
+            )
         self.planner = ApplyPlanner(self.applied_w, self.config.max_pending_bytes)
         for p, off in start_offsets.items():
             self.planner.note_position(p, off)

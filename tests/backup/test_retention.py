@@ -16,7 +16,9 @@ from confluent_kafka.admin import AdminClient
 
 from connectors.kafka.reading import bounds
 from connectors.kafka.topics import CgTopics
+from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.backup.checkpointer import RETENTION_WARN_SHARE, retention_state
+from pipeline.errors import RetentionLostError
 from pipeline.ops.status import cg_status, render
 from pipeline.primary.volume import ConsistencyGroup
 from tests.ops.test_ops_tools import FAST, _workload
@@ -94,3 +96,43 @@ def site_offsets(kafka_conf, cg: str) -> dict[int, int]:  # type: ignore[no-unty
     from pipeline.ops.status import latest_checkpoints
 
     return dict(latest_checkpoints(kafka_conf, cg)["dr1"].log_offsets)
+
+
+def test_a_site_whose_records_retention_deleted_refuses_to_start_and_says_bootstrap(
+    kafka_conf, unique_name, tmp_path
+):
+    """The adversary: retention deleted records the stopped site still needed. A consumer
+    told to start there jumps to the log's end by default; the site would then checkpoint a
+    W whose writes it never applied. It must refuse, naming the way back (a peer)."""
+    rng = random.Random(5)
+    ts: list[int] = []
+    with ConsistencyGroup.open(unique_name, tmp_path / "p", kafka_conf, **FAST) as cg:
+        cg.create_volume("a", 1 << 20)
+        with running_backup(
+            kafka_conf, unique_name, tmp_path / "dr1", site="dr1", checkpoint_interval_s=0.05
+        ) as (_wm, ap):
+            _workload(cg, rng, 20, ts)
+            cg.flush()
+            wait_until(lambda: ap.service.applied_w >= max(ts), 30, "the site to apply")
+        _workload(cg, rng, 40, ts)
+        cg.flush()
+        topic = CgTopics(unique_name).log
+        log_bounds = bounds(kafka_conf, topic) or {}
+        admin = AdminClient(kafka_conf)
+        cut = [TopicPartition(topic, p, end) for p, (_low, end) in log_bounds.items() if end]
+        for fut in admin.delete_records(cut, request_timeout=30).values():
+            fut.result()
+        applier = Applier(
+            ApplierConfig(cg=unique_name, site="dr1", data_dir=tmp_path / "dr1"), kafka_conf
+        )
+        with pytest.raises(RetentionLostError) as err:
+            applier.start()
+        applier.close(checkpoint=False)
+        assert "retention" in str(err.value) and "--bootstrap-from" in str(err.value)
+        # a site on an empty directory cannot be built from a log that lost its start
+        fresh = Applier(
+            ApplierConfig(cg=unique_name, site="dr9", data_dir=tmp_path / "dr9"), kafka_conf
+        )
+        with pytest.raises(RetentionLostError, match="--bootstrap-from"):
+            fresh.start()
+        fresh.close(checkpoint=False)
