@@ -156,8 +156,22 @@ def _parse_skip(values: tuple[str, ...]) -> frozenset[tuple[int, int]]:
     multiple=True,
     help="PARTITION:OFFSET of a bad record to skip (logged; repeatable)",
 )
-def apply(config_path, bootstrap_servers, cg_name, site, data_dir, metrics, skip) -> None:
-    """Run one backup site's applier: apply records with ts <= W, checkpoint."""
+@click.option(
+    "--bootstrap-from",
+    "bootstrap_from",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="a peer site's data dir (or one entry of its snapshots/): when this site is new, "
+    "emptied or past the log's retention, copy the peer's newest checkpoint copy first",
+)
+def apply(
+    config_path, bootstrap_servers, cg_name, site, data_dir, metrics, skip, bootstrap_from
+) -> None:
+    """Run one backup site's applier: apply records with ts <= W, checkpoint.
+
+    On an empty directory it joins the CG from the log's start (or, with
+    --bootstrap-from, from a peer's checkpoint copy and the log after it).
+    """
     from pipeline.app.services import run_apply
 
     cfg = build_config(
@@ -166,7 +180,7 @@ def apply(config_path, bootstrap_servers, cg_name, site, data_dir, metrics, skip
         cg_name,
         apply={"site": site, "data_dir": data_dir, "metrics": metrics},
     )
-    run_apply(cfg, _parse_skip(skip))
+    run_apply(cfg, _parse_skip(skip), bootstrap_from=bootstrap_from)
 
 
 @click.command()

@@ -23,6 +23,7 @@ from pipeline.app.config import LowmarkConfig, parse_size
 from pipeline.app.metrics import serve_metrics
 from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.applier import Applier, ApplierConfig
+from pipeline.backup.bootstrap import BootstrapResult, bootstrap_site, needs_bootstrap
 from pipeline.errors import FencedError, LowmarkError
 from pipeline.logs import event
 from pipeline.ops.marker_schedule import MarkerSchedule, ScheduleConfig
@@ -242,7 +243,10 @@ def run_apply(
     cfg: LowmarkConfig,
     skip: frozenset[tuple[int, int]] = frozenset(),
     time_source: TimeSource = REAL_TIME,
+    bootstrap_from: Path | None = None,
 ) -> None:
+    if bootstrap_from is not None:
+        prepare_from_peer(cfg, bootstrap_from)
     svc = make_applier(cfg, skip, time_source)
     labels = {"cg": cfg.cg.name, "site": cfg.apply.site}
     stop = threading.Event()
@@ -253,6 +257,24 @@ def run_apply(
     _run_loop(svc, cfg.apply.metrics, "applier", labels, time_source, stop)
     if svc.finished is not None:
         event(log, "applier finished", cg=cfg.cg.name, site=cfg.apply.site, why=svc.finished)
+
+
+def prepare_from_peer(cfg: LowmarkConfig, source: Path) -> BootstrapResult | None:
+    """``--bootstrap-from``: rebuild the site from the peer's checkpoint copy when it
+    needs one (new, emptied, interrupted, or past retention); else leave it as it is."""
+    a = cfg.apply
+    why = needs_bootstrap(Path(a.data_dir), cfg.cg.name, cfg.kafka_conf())
+    if why is None:
+        event(log, "bootstrap not needed: the site resumes from its own checkpoint",
+              site=a.site, source=str(source))  # fmt: skip
+        return None
+    event(log, "bootstrapping the site from a peer", site=a.site, source=str(source), why=why)
+
+    def progress(volume: str, done: int, total: int) -> None:
+        event(log, "bootstrap progress", volume=volume, done_bytes=done, total_bytes=total)
+
+    return bootstrap_site(Path(a.data_dir), cg=cfg.cg.name, site=a.site, source=source,
+                          kafka_conf=cfg.kafka_conf(), progress=progress)  # fmt: skip
 
 
 def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event) -> float:
@@ -308,6 +330,7 @@ def _run_loop(
         stop_on_signals(stop)
     now = time_source.monotonic
     _start_with_retries(svc, name, stop)
+
     def numbers() -> dict[str, Any]:
         return {**svc.metrics(), **(extra or {})}
 

@@ -38,6 +38,7 @@ from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.applier_config import ApplierConfig, ApplierStats
 from pipeline.backup.applier_numbers import ApplierNumbers
+from pipeline.backup.bootstrap import check_not_half_bootstrapped
 from pipeline.backup.checkpointer import Checkpointer, retention_lost, retention_lost_message
 from pipeline.backup.follow import FollowGenerations
 from pipeline.backup.generations import Action, Cut, RolesPoll
@@ -145,6 +146,7 @@ class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
 
     def start(self) -> None:
         self.lock.acquire()  # before anything touches the images; close() releases it
+        check_not_half_bootstrapped(self.config.data_dir, self.config.site)
         if SiteDir(self.config.data_dir).resync_dir.exists():  # its images are half synced
             raise ApplyError(f"site {self.config.site} is resyncing: run `lowmark failback` again")
         settings = ApplierSettings(self.kafka_conf, self.config.cg, self.config.site)
