@@ -55,6 +55,7 @@ from schemas.record_base import (
 from schemas.record_base import avro_dict as _avro_dict
 from schemas.record_base import with_tuple as _with_volumes
 from schemas.roles import CgRoles, DrainRequest, Transition, TransitionKind
+from schemas.topology import SiteEntry, VolumeEntry
 
 __all__ = [
     "LOG_RECORDS",
@@ -72,12 +73,14 @@ __all__ = [
     "Progress",
     "ProgressKind",
     "Record",
+    "SiteEntry",
     "Snapshot",
     "SnapshotHeld",
     "Transition",
     "TransitionKind",
     "VolumeChange",
     "VolumeDigest",
+    "VolumeEntry",
     "VolumeOp",
     "VolumeRecord",
     "Watermark",
@@ -563,6 +566,8 @@ RECORDS: tuple[type[Record], ...] = (
     CgRoles,
     DrainRequest,
     MarkerPhase,
+    VolumeEntry,
+    SiteEntry,
 )
 
 #: the record types the CG's log holds

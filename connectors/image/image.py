@@ -137,6 +137,19 @@ class Image:
     def content_digest(self) -> str:
         return content_digest_fd(self.fd, self.size)
 
+    def first_data_at_or_after(self, offset: int) -> int | None:
+        """The offset of the first non-zero byte at or after ``offset``; None: only zeros
+        (holes are skipped, allocated regions read in 1 MiB steps)."""
+        for start, length in self.data_extents():
+            pos, end = max(start, offset), start + length
+            while pos < end:
+                chunk = os.pread(self.fd, min(1 << 20, end - pos), pos)
+                stripped = chunk.lstrip(b"\0")
+                if stripped:
+                    return pos + len(chunk) - len(stripped)
+                pos += len(chunk)
+        return None
+
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     extents: list[tuple[int, int]] = []

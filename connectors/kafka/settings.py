@@ -188,6 +188,16 @@ class ApplierSettings(_Role):
 
 
 class TopologySettings(_Role):
+    def entries_producer(self) -> Settings:
+        """Volume and site entries: one writer per key (the primary for its volumes, a
+        site's service for its site), the newest wins by its own fields, not by order."""
+        return {
+            **self.base,
+            "enable.idempotence": True,  # a retried send is not written twice
+            "acks": "all",  # the model must survive a broker loss
+            "linger.ms": 5,
+        }
+
     def roles_producer(self, transactional_id: str) -> Settings:
         return {
             **self.base,

@@ -10,7 +10,8 @@ generation's topics, which no applier of a newer generation reads. A CG name has
 so no generation's names can be another CG's.
 
 ``lowmark.config`` (one partition, compacted) holds what is not one CG's data, such as
-the roles of every CG (key ``roles/<cg>``, written by ``pipeline.topology.store``).
+the roles of every CG (key ``roles/<cg>``, written by ``pipeline.topology.store``) and
+the topology (``volume/<cg>/<id>``, ``site/<cg>/<site>``: ``pipeline.topology.catalog``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ CONFIG_TOPIC = "lowmark.config"
 def roles_key(cg: str) -> str:
     """The key of a CG's roles in ``CONFIG_TOPIC`` (compaction keeps the latest per key)."""
     return f"roles/{cg}"
+
+
+def volume_key(cg: str, volume_id: str) -> str:
+    """A volume of a CG as its primary describes it (``VolumeEntry``)."""
+    return f"volume/{cg}/{volume_id}"
+
+
+def site_key(cg: str, site: str) -> str:
+    """A site of a CG as its service registered it (``SiteEntry``)."""
+    return f"site/{cg}/{site}"
 
 
 def roles_transactional_id(cg: str) -> str:

@@ -176,6 +176,13 @@ class NbdServer:
         self._connections: set[Connection] = set()
         self.closing = False
 
+    def add_export(self, name: str, export: Export) -> None:
+        """Serve one more export from now on (a volume created while serving); clients
+        already connected keep theirs."""
+        if len(name.encode()) > p.MAX_NAME:
+            raise ConfigError(f"NBD export name {name[:40]!r}... exceeds {p.MAX_NAME} bytes")
+        self.exports[name] = export
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config

@@ -34,6 +34,8 @@ _COMMAND_MODULES = {
     "marker": "pipeline.app.cli_marker",
     "snapshot": "pipeline.app.cli_snapshot",
     "serve-snapshot": "pipeline.app.cli_snapshot",
+    "topology": "pipeline.app.cli_topology",
+    "volume": "pipeline.app.cli_topology",
     "kafka": "connectors.embedded_kafka.cli",
 }
 

@@ -16,6 +16,7 @@
     metrics = "127.0.0.1:9464"
     region_bytes = "64KiB"       # dirty-region log granularity; "0" turns it off
     region_extent_bytes = "4MiB" # its activity log's extent; "0": writes wait per region
+    admin_socket = "auto"        # `lowmark volume` talks to it; "" turns it off
     [[serve.volumes]]
     name = "vol1"
     size = "1GiB"
@@ -121,6 +122,9 @@ class ServeSection:
     region_extent_bytes: str = "4MiB"
     #: a named snapshot's background copy at most this fast per second ("0": unlimited)
     snapshot_copy_rate: str = "0"
+    #: the local admin socket (``lowmark volume``): "auto" is <data_dir>/state/admin.sock,
+    #: "" turns it off
+    admin_socket: str = "auto"
     volumes: tuple[VolumeSpec, ...] = ()
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.nbd.server import Export, NbdServer
+from pipeline.app.admin import AdminServer, default_admin_socket
 from pipeline.app.config import LowmarkConfig, parse_size
 from pipeline.app.metrics import serve_metrics
 from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
@@ -28,12 +29,14 @@ from pipeline.errors import FencedError, LowmarkError
 from pipeline.logs import event
 from pipeline.ops.marker_schedule import MarkerSchedule, ScheduleConfig
 from pipeline.primary.nbd_volume import VolumeExport
-from pipeline.primary.volume import ConsistencyGroup
-from pipeline.timesource import REAL_TIME, TimeSource
+from pipeline.primary.volume import ConsistencyGroup, Volume
+from pipeline.timesource import REAL_TIME, TimeSource, wall_us
+from pipeline.topology.catalog import TopologyWriter, lowmark_version, this_host
 from pipeline.topology.roles import Serving, serving_generation
 from pipeline.topology.store import RolesStore
 from pipeline.watermark.generations import GenerationalWatermark
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
+from schemas.records import SiteEntry
 
 log = logging.getLogger("lowmark.services")
 
@@ -91,6 +94,8 @@ def run_serve(
     time_source: TimeSource = REAL_TIME,
 ) -> None:
     cg = open_primary(cfg, time_source)  # refuses a site that is not the CG's primary
+    if cfg.serve.site:
+        register_site(cfg, "primary", cfg.serve.site, cfg.serve.data_dir, cfg.serve.metrics)
     stop = threading.Event()
     stop_on_signals(stop)
     try:
@@ -109,6 +114,16 @@ async def _serve_async(
     exports: dict[str, Export] = {name: VolumeExport(vol) for name, vol in cg.volumes.items()}
     server = NbdServer(exports, nbd_config(cfg))
     await server.start()
+
+    def export_new(vol: Volume) -> None:
+        if vol.name not in server.exports:
+            server.add_export(vol.name, VolumeExport(vol))
+
+    admin = None
+    if cfg.serve.admin_socket:
+        path = admin_socket_path(cfg)
+        admin = AdminServer(cg, path, export_new)
+        await admin.start()
     if cfg.serve.metrics:
         serve_metrics(
             cfg.serve.metrics,
@@ -137,7 +152,14 @@ async def _serve_async(
             level=logging.ERROR,
             error=str(cg.interceptor.failure),
         )
+    if admin is not None:
+        await admin.close()
     await server.close()
+
+
+def admin_socket_path(cfg: LowmarkConfig) -> Path:
+    s = cfg.serve.admin_socket
+    return default_admin_socket(cfg.serve.data_dir) if s == "auto" else Path(s)
 
 
 # ---------------------------------------------------------------- watermark
@@ -247,6 +269,7 @@ def run_apply(
 ) -> None:
     if bootstrap_from is not None:
         prepare_from_peer(cfg, bootstrap_from)
+    register_site(cfg, "backup", cfg.apply.site, cfg.apply.data_dir, cfg.apply.metrics)
     svc = make_applier(cfg, skip, time_source)
     labels = {"cg": cfg.cg.name, "site": cfg.apply.site}
     stop = threading.Event()
@@ -257,6 +280,16 @@ def run_apply(
     _run_loop(svc, cfg.apply.metrics, "applier", labels, time_source, stop)
     if svc.finished is not None:
         event(log, "applier finished", cg=cfg.cg.name, site=cfg.apply.site, why=svc.finished)
+
+
+def register_site(cfg: LowmarkConfig, kind: str, site: str, data_dir: str, metrics: str) -> None:
+    """This site's ``SiteEntry`` in ``lowmark.config`` (best effort: a failure is logged,
+    the next start registers again)."""
+    writer = TopologyWriter(cfg.kafka_conf(), cfg.replication_factor)
+    writer.register_site(SiteEntry(cfg.cg.name, site, kind, this_host(),
+                                   str(Path(data_dir).resolve()), metrics, lowmark_version(),
+                                   wall_us()))  # fmt: skip
+    writer.close()
 
 
 def prepare_from_peer(cfg: LowmarkConfig, source: Path) -> BootstrapResult | None:

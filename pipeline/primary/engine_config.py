@@ -59,13 +59,15 @@ class InterceptorConfig:
     #: per volume, at most this many bytes of regions are kept dirty for the keep window
     #: (bounds the republish after a crash beyond what is not yet in Kafka)
     region_keep_max_bytes: int = 1 << 30
-    #: take part in the CG's markers (``pipeline.primary.marker_member``): a consumer of
-    #: the control topic and a thread; off, a ``lowmark marker`` naming this interceptor
-    #: aborts for want of its answer
     #: a named snapshot's background copy at most this fast, bytes/s (0: unlimited), so
     #: the copy does not starve the volumes' own I/O
     snapshot_copy_rate: int = 0
+    #: take part in the CG's markers (``pipeline.primary.marker_member``): a consumer of
+    #: the control topic and a thread; off, a ``lowmark marker`` naming this interceptor
+    #: aborts for want of its answer
     markers: bool = True
+    #: publish each volume's entry to ``lowmark.config`` (``pipeline.topology.catalog``)
+    topology: bool = True
 
     def validate(self) -> InterceptorConfig:
         if not self.interceptor_id or "/" in self.interceptor_id:

@@ -48,6 +48,7 @@ from pipeline.primary.pit_copy import PitCopy
 from pipeline.primary.pit_snapshots import PrimarySnapshots
 from pipeline.primary.region_log import NO_MARK, Mark, RegionLog, VolumeRegions
 from pipeline.primary.republish import republish
+from pipeline.primary.topology_entries import VolumeEntries
 from pipeline.site import SiteDir, check_volume_id
 from pipeline.timesource import REAL_TIME, TimeSource
 from schemas.records import VolumeChange, VolumeOp, Zero, ZeroKind
@@ -278,6 +279,8 @@ class ConsistencyGroup:
         self.gate = WriteGate(interceptor.time_source.monotonic)
         self.markers: MarkerMember | None = None
         self.snapshots: PrimarySnapshots | None = None
+        #: this primary's word on its volumes in ``lowmark.config`` (None: not published)
+        self.entries: VolumeEntries | None = None
         region_bytes = interceptor.config.region_bytes
         #: the volumes' dirty-region logs (None: off, ``InterceptorConfig.region_bytes`` 0)
         self.regions: RegionLog | None = (
@@ -332,6 +335,9 @@ class ConsistencyGroup:
         if any(v.mode == "sync" for v in self.volumes.values()):
             # warm before the first sync write, which would otherwise pay the set-up
             self.interceptor.cuts.start()
+        if config.topology:
+            self.entries = VolumeEntries(self)
+            self.entries.publish_all()
         if config.markers:
             self.snapshots = PrimarySnapshots(self)
             self.markers = MarkerMember(self.interceptor, self.gate, self.snapshots)
@@ -350,6 +356,8 @@ class ConsistencyGroup:
         if self.snapshots is not None:
             self.snapshots.close()
         self.interceptor.close()
+        if self.entries is not None:
+            self.entries.close()
         if self.regions is not None:
             # after the drain: every region whose records reached Kafka is cleared
             self.regions.close()
@@ -399,11 +407,23 @@ class ConsistencyGroup:
         return vol
 
     def resize_volume(self, name: str, size: int) -> Volume:
+        """Grow or shrink a volume; a shrink that would cut off data is refused (trim the
+        tail first: nothing the client wrote is ever dropped by a resize)."""
         vol = self.volume(name)
+        if size <= 0 or size % 512:
+            raise VolumeError(f"volume size {size} must be a positive multiple of 512")
         with vol._lock:
             if vol.pit is not None:
                 raise VolumeError(f"volume {name} is being copied for a snapshot: resize it "
                                   "once the copy is done (`lowmark snapshot list`)")  # fmt: skip
+            if size < vol.size:
+                at = vol.image.first_data_at_or_after(size)
+                if at is not None:
+                    raise VolumeError(
+                        f"volume {name} holds data at offset {at}, beyond the new size {size}: "
+                        f"nothing was changed. Trim or zero [{size}, {vol.size}) first (NBD "
+                        f"TRIM, blkdiscard), or resize to at least {at // 512 * 512 + 512}"
+                    )
             vol.image.resize(size)
             vol.info = replace(vol.info, size=size)
             if vol.regions is not None:
@@ -427,6 +447,8 @@ class ConsistencyGroup:
             rec = VolumeChange(op, vol.volume_id, vol.name, vol.size, meta, ts, iid, epoch)
             ticket = engine.append_record(token, rec)
         ticket.wait()
+        if self.entries is not None:  # after the log has it: the model never runs ahead
+            self.entries.changed(vol.info, ts, deleted=op is VolumeOp.DELETE)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """fdatasync every image; wait until every record so far is durable in Kafka."""

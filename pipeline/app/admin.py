@@ -1,0 +1,151 @@
+"""A running primary's local admin socket: volumes created, resized and listed live.
+
+``lowmark serve`` listens on a unix socket (``[serve] admin_socket``, default
+``<data_dir>/state/admin.sock``; file permissions are its access control, as with
+``drbdsetup``'s netlink or ``lvm``'s lock dir: whoever may write the images may manage
+them). One JSON request per line, one JSON answer per line::
+
+    {"op": "create", "name": "db2", "size": 1073741824, "mode": "async"}
+    {"op": "resize", "name": "db", "size": 2147483648}
+    {"op": "list"}
+    -> {"ok": true, "volume": {...}}  |  {"ok": false, "error": "..."}
+
+A change goes through ``ConsistencyGroup`` (the record in the CG's log, in order with the
+writes, then the entry in ``lowmark.config``) and the NBD export appears or grows at once.
+``AdminClient`` is the other end (``lowmark volume``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.errors import ConfigError, LowmarkError, SetupError
+from pipeline.logs import event
+from pipeline.primary.volume import ConsistencyGroup, Volume
+
+__all__ = ["AdminClient", "AdminServer", "default_admin_socket"]
+
+log = logging.getLogger("lowmark.admin")
+ADMIN_SOCKET = "admin.sock"
+_MAX_LINE = 64 << 10
+
+
+def default_admin_socket(data_dir: Path | str) -> Path:
+    return Path(data_dir) / "state" / ADMIN_SOCKET
+
+
+def volume_json(vol: Volume) -> dict[str, Any]:
+    return {"name": vol.name, "volume_id": vol.volume_id, "size": vol.size, "mode": vol.mode,
+            "metadata": dict(vol.info.metadata or {})}  # fmt: skip
+
+
+class AdminServer:
+    """Answers admin requests for ``cg``; ``on_volume(vol)`` is called (in the event loop)
+    after a volume is created or resized, so the NBD server can export it."""
+
+    def __init__(self, cg: ConsistencyGroup, path: Path, on_volume: Callable[[Volume], None]):
+        self.cg, self.path, self.on_volume = cg, path, on_volume
+        self._server: asyncio.AbstractServer | None = None
+        self.stats = {"requests": 0, "errors": 0}
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket of a process that is gone (the site lock)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, str(self.path),
+                                                           limit=_MAX_LINE)  # fmt: skip
+        except OSError as exc:
+            raise SetupError(f"admin socket {self.path}: {exc}; set [serve] admin_socket "
+                             "to a writable path ('' disables it)") from None  # fmt: skip
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                answer = await self._answer(line)
+                writer.write(orjson.dumps(answer) + b"\n")
+                await writer.drain()
+        except (ValueError, ConnectionError):  # a line over the limit, a client gone
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        self.stats["requests"] += 1
+        try:
+            req = orjson.loads(line)
+            if not isinstance(req, dict):
+                raise ConfigError("an admin request is a JSON object with an 'op'")
+            return {"ok": True, **await self._do(req)}
+        except orjson.JSONDecodeError as exc:
+            return self._error(f"the request is not JSON ({exc})")
+        except LowmarkError as exc:
+            return self._error(str(exc))
+        except (TypeError, KeyError) as exc:
+            return self._error(f"bad request: {exc!r} (see `lowmark volume --help`)")
+
+    def _error(self, why: str) -> dict[str, Any]:
+        self.stats["errors"] += 1
+        return {"ok": False, "error": why}
+
+    async def _do(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "list":
+            return {"volumes": [volume_json(v) for _n, v in sorted(self.cg.volumes.items())]}
+        if op not in ("create", "resize"):
+            raise ConfigError(f"unknown admin op {op!r}: create, resize or list")
+        name, size = req["name"], req["size"]
+        if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool):
+            raise ConfigError("name must be a string and size an integer number of bytes")
+        if op == "create":
+            mode, meta = req.get("mode", "async"), req.get("metadata") or {}
+            vol = await asyncio.to_thread(self.cg.create_volume, name, size, mode=mode,
+                                          metadata=dict(meta))  # fmt: skip
+        else:
+            vol = await asyncio.to_thread(self.cg.resize_volume, name, size)
+        self.on_volume(vol)
+        event(log, f"volume {op}d", volume=vol.name, size=vol.size, mode=vol.mode)
+        return {"volume": volume_json(vol)}
+
+
+class AdminClient:
+    """``lowmark volume``'s end of the admin socket."""
+
+    def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
+        self.path, self.timeout_s = path, timeout_s
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout_s)
+        try:
+            s.connect(str(self.path))
+        except OSError as exc:
+            s.close()
+            raise SetupError(f"no running `lowmark serve` answers on {self.path} ({exc}): "
+                             "start it, or pass --admin-socket / --data-dir of the one "
+                             "that is running") from None  # fmt: skip
+        with s, s.makefile("rwb") as f:
+            f.write(orjson.dumps(req) + b"\n")
+            f.flush()
+            line = f.readline()
+        if not line:
+            raise SetupError(f"`lowmark serve` at {self.path} closed the connection")
+        answer: dict[str, Any] = orjson.loads(line)
+        return answer
