@@ -153,3 +153,6 @@ def list_(config_path, admin_socket, data_dir, as_json) -> None:
     if not as_json:
         for v in a["volumes"]:
             click.echo(f"{v['name']:<16} {v['size']:>16,} B  {v['mode']}")
+
+
+COMMANDS = [topology, volume]
