@@ -38,6 +38,7 @@ from connectors.kafka.topics import CgTopics
 from pipeline.backup import snapshots as snapshot_store
 from pipeline.backup.applier_config import ApplierConfig, ApplierStats
 from pipeline.backup.applier_numbers import ApplierNumbers
+from pipeline.backup.backlog import Backlog
 from pipeline.backup.bootstrap import check_not_half_bootstrapped
 from pipeline.backup.checkpointer import Checkpointer, retention_lost, retention_lost_message
 from pipeline.backup.follow import FollowGenerations
@@ -80,7 +81,7 @@ MAX_MARKERS = 1024
 MAX_TARGETS = 4096
 
 
-class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
+class Applier(Backlog, FollowGenerations, PauseAndHandOver, ApplierNumbers):
     def __init__(
         self,
         config: ApplierConfig,
@@ -117,6 +118,10 @@ class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
         self._wm_end_at_start = 0
         self._wm_read_to = 0
         self._restart_floor = 0
+        #: the W whose ops were applied ahead of applied_w (``_apply_early``; 0: none),
+        #: kept in a file so a restart knows the images may hold writes up to it
+        self._ahead_path = SiteDir(config.data_dir).state_dir / "applied_ahead"
+        self._early_w = 0
         self.planner = ApplyPlanner(0, config.max_pending_bytes)
         self._log: Consumer | None = None
         self._wm: Consumer | None = None
@@ -147,6 +152,8 @@ class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
     def start(self) -> None:
         self.lock.acquire()  # before anything touches the images; close() releases it
         check_not_half_bootstrapped(self.config.data_dir, self.config.site)
+        if self._ahead_path.exists():
+            self._early_w = int(self._ahead_path.read_text() or 0)
         if SiteDir(self.config.data_dir).resync_dir.exists():  # its images are half synced
             raise ApplyError(f"site {self.config.site} is resyncing: run `lowmark failback` again")
         settings = ApplierSettings(self.kafka_conf, self.config.cg, self.config.site)
@@ -224,7 +231,9 @@ class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
         got = self._read_log(0) + self._read_watermarks(0)
         applied = self._apply_ready()
         if self.planner.over_budget():
-            self._spill()
+            applied = self._apply_early() or applied
+            if self.planner.over_budget():
+                self._spill()
         if (
             self.applied_w > self.checkpoint_w
             and self._now() - self._last_checkpoint >= self.config.checkpoint_interval_s
@@ -392,29 +401,12 @@ class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
             applied = self._apply_cut() or applied
         return applied
 
-    def _spill(self, why: str = "pending records exceeded the memory budget") -> None:
-        """Bounded memory: forget pending records and re-read them from Kafka later."""
-        offsets = self.planner.drop_pending()
-        assert self._log is not None
-        for p, off in offsets.items():
-            self._log.seek(self.topics.log, p, off)
-        # a paused partition would never re-read what lies before its bad record; reading
-        # on reaches the bad record again, and _block pauses it again
-        blocked = [p for p in self._blocked if p in offsets]
-        if blocked:
-            self._log.resume(self.topics.log, blocked)
-        event(
-            log,
-            f"{why}; re-reading from Kafka",
-            level=logging.WARNING,
-            offsets=offsets,
-        )
-
     # ---------------------------------------------------------------- applying
 
     def _apply(self, op: ApplyOp) -> None:
         if isinstance(op.record, Snapshot):  # the images are at its ts: copy them now
-            self.named.take(op.record, self.catalog, staged=self._stage is not None)
+            self.named.take(op.record, self.catalog, staged=self._stage is not None,
+                            ahead=self._early_w > op.ts)  # fmt: skip
         if isinstance(op.record, CgRecord):
             if len(self.markers) == self.markers.maxlen:
                 self.stats.markers_dropped += 1
@@ -566,6 +558,9 @@ class Applier(FollowGenerations, PauseAndHandOver, ApplierNumbers):
         except KafkaError as exc:
             log.warning("offset commit failed: %s", exc)
         self.checkpoint_w = max(self.checkpoint_w, rec.w)
+        if self._early_w and self.checkpoint_w >= self._early_w:
+            self._ahead_path.unlink(missing_ok=True)  # a cut again: nothing is ahead of it
+            self._early_w = 0
         self.stats.checkpoints += 1
         self.stats.last_checkpoint_us = rec.written_us
 

@@ -57,6 +57,8 @@ class ApplierStats:
     checkpoints: int = 0
     skipped_bad: int = 0
     records_read: int = 0
+    #: ops applied ahead of their W being readable to its offsets (a backlog over budget)
+    applied_early: int = 0
     bytes_read: int = 0
     watermarks_seen: int = 0
     consumer_errors: int = 0

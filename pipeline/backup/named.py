@@ -72,8 +72,11 @@ class SiteSnapshots:
                   "taken again when its record is applied", logging.WARNING, snapshot=name,
                   site=site)  # fmt: skip
 
-    def take(self, rec: Snapshot, catalog: dict[str, dict[str, Any]], staged: bool) -> None:
-        """Copy every volume the record names, now (the images are at ``rec.ts``)."""
+    def take(
+        self, rec: Snapshot, catalog: dict[str, dict[str, Any]], staged: bool, ahead: bool = False
+    ) -> None:
+        """Copy every volume the record names, now (the images are at ``rec.ts``, unless
+        ``staged`` or ``ahead``: a catch-up applied later writes early, then no copy)."""
         held = self.store.get(rec.name)
         if held is not None:
             if held.ts == rec.ts:
@@ -84,6 +87,13 @@ class SiteSnapshots:
                   "another ts; the one held is kept. Delete it if the new one is wanted",
                   logging.ERROR, snapshot=rec.name, held_ts=format_ts(held.ts),
                   record_ts=format_ts(rec.ts), site=self.site)  # fmt: skip
+            return
+        if ahead:
+            self.stats["snapshots_missed"] += 1
+            event(log, "site catching up a backlog: writes after the snapshot's ts were "
+                  "applied early, no copy taken here; restore it by replay (`lowmark restore "
+                  "--snapshot`) while the log holds it", logging.WARNING, snapshot=rec.name,
+                  site=self.site)  # fmt: skip
             return
         if staged:
             self.stats["snapshots_missed"] += 1

@@ -31,101 +31,34 @@ watermark's member table, bounded by that watermark's ``log_offsets``).
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 
+from pipeline.backup.plan_types import (
+    CG_OP_KINDS,
+    PENDING_OVERHEAD_BYTES,
+    ZERO_OP_KINDS,
+    AddOutcome,
+    ApplyOp,
+    OpKind,
+    PlannerStats,
+    Source,
+    _halt,
+    _op,
+    _Pending,
+    _Volume,
+    _where_list,
+)
 from pipeline.errors import ApplierHaltedError, ApplyError
 from schemas.records import (
     CgRecord,
     LogRecord,
-    Marker,
-    Snapshot,
     VolumeChange,
     Write,
     Zero,
-    ZeroKind,
 )
 
-
-class OpKind(StrEnum):
-    """What an ``ApplyOp`` does to the images."""
-
-    WRITE = "write"
-    ZERO = "zero"  # reads as zeros, stays allocated
-    TRIM = "trim"  # reads as zeros, may be deallocated
-    VOLUME_CHANGE = "volume_change"
-    MARKER = "marker"  # CG-wide: changes no image
-    SNAPSHOT = "snapshot"  # CG-wide: changes no image
-
-
-#: the op kind of a CG-wide record; a new CG-wide record type adds its line here
-CG_OP_KINDS: dict[type[CgRecord], OpKind] = {Marker: OpKind.MARKER, Snapshot: OpKind.SNAPSHOT}
-#: the op kind of a Zero's kind
-ZERO_OP_KINDS = {ZeroKind.ZERO: OpKind.ZERO, ZeroKind.TRIM: OpKind.TRIM}
-
-#: bytes charged per pending operation or fragment on top of its data, so a backlog of
-#: tiny records (zeros, markers) is bounded too
-PENDING_OVERHEAD_BYTES = 64
-
-
-class AddOutcome(StrEnum):
-    ACCEPTED = "accepted"  # something of the record is pending
-    SKIPPED_APPLIED = "skipped_applied"  # every ts <= applied_w: already in the images
-    REJECTED_STALE_EPOCH = "rejected_stale_epoch"  # from a fenced instance; never applied
-    BLOCKED = "blocked"  # at or after a bad record of its partition: not even looked at
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyOp:
-    """One whole, applicable operation."""
-
-    kind: OpKind
-    volume_id: str | None  # None for CG-wide ops (marker, snapshot)
-    ts: int
-    offset: int
-    length: int
-    data: bytes | None  # a whole write's data, fragments joined in index order
-    record: VolumeChange | CgRecord | None  # the source record of volume_change/marker/snapshot
-    interceptor_id: str
-    epoch: int
-
-
-@dataclass
-class PlannerStats:
-    applied_ops: int = 0
-    applied_bytes: int = 0  # write data bytes handed out by take()
-    skipped: int = 0  # ops/extents with ts <= applied_w (replay); re-reads count again
-    rejected_stale_epoch: int = 0  # records
-    dropped: int = 0  # pending records forgotten by drop_pending()
-
-
-Source = tuple[int, int]  # (partition, offset) of a Kafka record
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A pending op, or a write whose fragments are still arriving."""
-
-    ts: int
-    volume_id: str | None
-    sources: list[Source]
-    charge: int  # bytes counted in pending_bytes
-    op: ApplyOp | None = None  # set once complete
-    # fragment collection (op is None until all have arrived)
-    write_length: int = 0
-    fragment_count: int = 0
-    interceptor_id: str = ""
-    epoch: int = 0
-    parts: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # index -> (offset, data)
-
-
-@dataclass(slots=True)
-class _Volume:
-    partition: int
-    last_ts: int | None = None  # ts of the latest accepted op (ordering check)
-    queue: deque[_Pending] = field(default_factory=deque)  # ts order
+__all__ = ["PENDING_OVERHEAD_BYTES", "AddOutcome", "ApplyOp", "ApplyPlanner", "OpKind",
+           "PlannerStats"]  # fmt: skip
 
 
 class ApplyPlanner:
@@ -155,6 +88,8 @@ class ApplyPlanner:
         self._ready_w = applied_w
         self._bound: tuple[int, dict[int, int]] | None = None  # (w, log_offsets)
         self._departed: dict[tuple[str, int], int] = {}  # (interceptor, epoch) -> final S
+        #: volume -> the highest ts take_early() handed out above applied_w
+        self._early: dict[str, int] = {}
         # partition -> offset of a record that could not be decoded: nothing at or after it
         # is taken in, and the position never passes it (invariant 5)
         self._blocked: dict[int, int] = {}
@@ -331,6 +266,7 @@ class ApplyPlanner:
                 vol.queue.popleft()
         if cg_taken:
             self._cg_ops = [c for c in self._cg_ops if c.ts > w]
+        self._early = {v: t for v, t in self._early.items() if t > w}
         for item in taken:
             self._release(item)
         self.applied_w = w
@@ -342,6 +278,59 @@ class ApplyPlanner:
         ops = [item.op for item in taken if item.op is not None]
         self.stats.applied_ops += len(ops)
         self.stats.applied_bytes += sum(len(op.data) for op in ops if op.data is not None)
+        return ops
+
+    def take_early(self, w: int, required_offsets: Mapping[int, int]) -> list[ApplyOp]:
+        """Ahead of ``ready(w)``: per volume, the whole ops at the head of its queue with
+        ts <= w (a W record read, its log offsets not yet reached), so a backlog larger
+        than the memory budget streams through instead of being dropped and re-read.
+
+        A volume's records with ts <= w are a prefix of its records (per-volume order),
+        so this is what ``take(w)`` would hand out for that volume; staleness is judged
+        with what is known now, as ``take`` does (everything before a record in its
+        partition has been read). applied_w stays: the images are no cut until ``take(w)``
+        (the caller must not checkpoint or expose them before). CG-wide ops never go early.
+        """
+        if w <= self.applied_w:
+            return []
+        taken: list[_Pending] = []
+        counts: list[tuple[_Volume, int]] = []
+        for vol in self._volumes.values():
+            n = 0
+            for item in vol.queue:
+                if item.ts > w or item.op is None:
+                    break  # a write still collecting fragments waits, and all after it
+                taken.append(item)
+                n += 1
+            if n:
+                counts.append((vol, n))
+        stale = {id(i) for i in taken if self._stale_now(i)}
+        for item in taken:
+            if id(item) in stale:
+                continue
+            for where in item.sources:
+                end = required_offsets.get(where[0])
+                if end is not None and where[1] >= end:
+                    raise _halt(where, f"has ts {item.ts} <= W {w} but lies at or above that "
+                                f"watermark's log offset {end}: a record appeared after W was "
+                                "published (watermark safety broken)")  # fmt: skip
+        for vol, n in counts:
+            for _ in range(n):
+                vol.queue.popleft()
+        for item in taken:
+            self._release(item)
+            # a drop re-reads from the earliest pending record, which may lie before these
+            # (another fragment's record): what is re-read up to here is skipped, never
+            # taken twice or left half-collected
+            assert item.volume_id is not None
+            self._early[item.volume_id] = max(self._early.get(item.volume_id, -1), item.ts)
+        self.stats.rejected_stale_epoch += len(stale)
+        out = sorted((i for i in taken if id(i) not in stale),
+                     key=lambda i: (i.ts, i.volume_id or "", i.sources[0]))  # fmt: skip
+        ops = [i.op for i in out if i.op is not None]
+        self.stats.applied_ops += len(ops)
+        self.stats.applied_bytes += sum(len(op.data) for op in ops if op.data is not None)
+        self.stats.taken_early += len(ops)
         return ops
 
     def checkpoint_offsets(self) -> dict[int, int]:
@@ -435,8 +424,8 @@ class ApplyPlanner:
         vid = record.volume_id
         for x in record.extents:
             ts = x.ts
-            if ts <= self.applied_w:
-                self.stats.skipped += 1
+            if ts <= self.applied_w or ts <= self._early.get(vid, -1):
+                self.stats.skipped += 1  # applied, or taken early (a re-read after a drop)
                 continue
             offset, length, data = x.offset, x.write_length, x.data
             index, count = x.fragment_index, x.fragment_count
@@ -520,6 +509,9 @@ class ApplyPlanner:
 
     def _add_volume_op(self, where: Source, op: ApplyOp) -> None:
         assert op.volume_id is not None
+        if op.ts <= self._early.get(op.volume_id, -1):
+            self.stats.skipped += 1  # re-read after a drop: taken early already
+            return
         vol = self._volume(op.volume_id, where)
         self._check_order(vol, op.volume_id, op.ts, where)
         if op.offset < 0 or op.length < 0:
@@ -612,29 +604,3 @@ class ApplyPlanner:
                 f"has ts {ts} <= W {w} but lies at or above that watermark's log offset "
                 f"{end}: a record appeared after W was published (watermark safety broken)",
             )
-
-
-def _op(
-    kind: OpKind,
-    volume_id: str | None,
-    ts: int,
-    iid: str,
-    epoch: int,
-    *,
-    offset: int = 0,
-    length: int = 0,
-    data: bytes | None = None,
-    record: VolumeChange | CgRecord | None = None,
-) -> ApplyOp:
-    return ApplyOp(kind, volume_id, ts, offset, length, data, record, iid, epoch)
-
-
-def _where_list(sources: list[Source]) -> str:
-    return ", ".join(f"partition {p} offset {o}" for p, o in sources)
-
-
-def _halt(where: Source, what: str) -> ApplierHaltedError:
-    return ApplierHaltedError(
-        f"log record at partition {where[0]} offset {where[1]} {what}; the log is not what "
-        "lowmark wrote: halt, inspect the record (kcat -o <offset>) and its dead-letter copy"
-    )
