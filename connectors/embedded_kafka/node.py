@@ -69,6 +69,9 @@ def broker_props(
         "offsets.topic.num.partitions": "10",
         "transaction.state.log.num.partitions": "10",
         "group.initial.rebalance.delay.ms": "0",
+        # retention acts within a second (default: every 5 minutes), so a topic with a small
+        # retention.bytes shows its effect while a test or a drill watches
+        "log.retention.check.interval.ms": "1000",
         # A crashed broker is fenced (and leaves the ISR) after the session timeout, and
         # a restarted one cannot register again before it: 9 s by default, 3 s on
         # loopback where a missed 500 ms heartbeat means a stall, not the network.

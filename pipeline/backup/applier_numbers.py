@@ -72,6 +72,11 @@ class ApplierNumbers:
             "applied_bytes": self.stats.applied_bytes,
             "apply_bytes_per_s": self.stats.applied_bytes / elapsed,
             "pending_bytes": self.planner.pending_bytes(),
+            "records_read": self.stats.records_read,
+            "bytes_read": self.stats.bytes_read,
+            # ops applied ahead of their W over the memory budget (a backlog caught up)
+            "applied_early": self.stats.applied_early,
+            "pending_dropped": self.planner.stats.dropped,
             "checkpoints": self.stats.checkpoints,
             "halted": self.halted is not None,
             "consumer_errors": self.stats.consumer_errors,

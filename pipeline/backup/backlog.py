@@ -20,6 +20,9 @@ from pipeline.logs import event
 
 log = logging.getLogger("lowmark.applier")
 
+#: over budget, read at most this many batches of W's before taking ops early
+_WM_CATCH_UP_READS = 50
+
 
 class Backlog:
     """Mixin of ``Applier``: the attributes below are the applier's."""
@@ -37,13 +40,21 @@ class Backlog:
     _ahead_path: Path
 
     def _apply(self, op: ApplyOp) -> None: ...
+    def _read_watermarks(self, timeout_s: float = 0) -> int: ...
 
     def _apply_early(self) -> bool:
         """Over the memory budget with a W known but not yet readable to its offsets (a
         long backlog): apply each volume's ops with ts <= that W now, and hold checkpoints
         until applied_w reaches it (``_restart_floor``), instead of dropping the backlog
         and reading it again, which cannot reach a W whose records exceed the budget."""
-        if not self._targets or self.paused or self._cut is not None:
+        if self.paused or self._cut is not None:
+            return False
+        # the log is read 2000 records a step, W's 100: after an outage the log runs far
+        # ahead of the W's known; the newest W frees the most
+        for _ in range(_WM_CATCH_UP_READS):
+            if not self._read_watermarks(0):
+                break
+        if not self._targets:
             return False
         target = max(self._targets, key=lambda t: t.w)
         ops = self.planner.take_early(target.w, target.log_offsets)
