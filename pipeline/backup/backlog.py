@@ -40,7 +40,8 @@ class Backlog:
     _ahead_path: Path
 
     def _apply(self, op: ApplyOp) -> None: ...
-    def _read_watermarks(self, timeout_s: float = 0) -> int: ...
+    def _read_watermarks(self, timeout_s: float = 0) -> int:
+        raise NotImplementedError
 
     def _apply_early(self) -> bool:
         """Over the memory budget with a W known but not yet readable to its offsets (a
