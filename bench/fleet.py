@@ -48,10 +48,7 @@ from bench.common import (
     write_results,
 )
 from connectors.embedded_kafka.procs import free_port
-from connectors.kafka.consumer import Consumer
-from connectors.kafka.errors import PARTITION_EOF
-from connectors.kafka.reading import bounds
-from connectors.kafka.settings import ToolSettings
+from connectors.kafka.reading import value_bytes_from
 from connectors.kafka.topics import CgTopics
 from pipeline.ops.status import scrape
 from pipeline.primary.volume import ConsistencyGroup
@@ -154,22 +151,6 @@ class Sampler(threading.Thread):
                 "p99_ms": round(percentile(xs, 99), 1), "max_ms": round(xs[-1], 1)}  # fmt: skip
 
 
-def log_bytes_from(conf: dict[str, str], topic: str, start: dict[int, int]) -> int:
-    ends = {p: end for p, (_low, end) in (bounds(conf, topic) or {}).items()}
-    c = Consumer(ToolSettings(conf).log_reader())
-    c.assign(topic, {p: start.get(p, 0) for p in ends})
-    total, done = 0, {p for p, end in ends.items() if start.get(p, 0) >= end}
-    while len(done) < len(ends):
-        for msg in c.consume(1000, 1.0):
-            if msg.error():
-                if msg.error().code() == PARTITION_EOF:
-                    done.add(msg.partition())
-                continue
-            total += len(msg.value() or b"")
-    c.close()
-    return total
-
-
 def wait_for(pred: Any, timeout_s: float, what: str) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
@@ -247,8 +228,8 @@ def execute(a: argparse.Namespace, broker: Broker, work: Path) -> dict[str, Any]
         time.sleep(0.5)
         cg.flush()
         topic = CgTopics(cg_name).log
-        after = log_bytes_from(conf, topic, dict(ckpt.log_offsets))
-        whole = log_bytes_from(conf, topic, {})
+        after = value_bytes_from(conf, topic, dict(ckpt.log_offsets))
+        whole = value_bytes_from(conf, topic, {})
         dr4 = Site("dr4", work, broker.bootstrap, cg_name)
         t5 = time.monotonic()
         dr4.start("--bootstrap-from", str(newest.root))

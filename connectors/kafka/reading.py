@@ -200,6 +200,18 @@ def mean_value_bytes(
     return sum(sizes) / len(sizes) if sizes else 0.0
 
 
+def value_bytes_from(
+    conf: Mapping[str, Any], topic: str, start: Mapping[int, int], timeout_s: float = 60.0
+) -> int:
+    """The bytes of the committed record values of ``topic`` from ``start[p]`` (missing: 0)
+    to each partition's end as of now: what a reader starting there fetches."""
+    ends = {p: end for p, (_low, end) in (bounds(conf, topic) or {}).items()}
+    begin = {p: start.get(p, 0) for p in ends}
+    msgs = read_range(ToolSettings(conf).log_reader(), topic, begin, ends,
+                      stall_timeout_s=timeout_s, timeout_s=timeout_s)  # fmt: skip
+    return sum(len(m.value() or b"") for m in msgs)
+
+
 def latest(
     conf: Mapping[str, Any],
     topic: str,

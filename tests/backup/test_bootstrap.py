@@ -17,10 +17,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from connectors.kafka.consumer import Consumer
-from connectors.kafka.errors import PARTITION_EOF
-from connectors.kafka.reading import bounds
-from connectors.kafka.settings import ToolSettings
+from connectors.kafka.reading import value_bytes_from
 from connectors.kafka.topics import CgTopics
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.backup.bootstrap import bootstrap_mark, bootstrap_site, needs_bootstrap
@@ -33,24 +30,6 @@ from tests.oracles import first_difference, read_image
 from tests.replication_helpers import ServiceThread, running_backup, stop_all, wait_until
 
 GIB = 1 << 30
-
-
-def log_bytes_from(kafka_conf, cg: str, start: dict[int, int]) -> int:  # type: ignore[no-untyped-def]
-    """The bytes of the record values in the log at or after ``start`` (read_committed)."""
-    topic = CgTopics(cg).log
-    ends = {p: end for p, (_low, end) in (bounds(kafka_conf, topic) or {}).items()}
-    c = Consumer(ToolSettings(kafka_conf).log_reader())
-    c.assign(topic, {p: start.get(p, 0) for p in ends})
-    total, done = 0, {p for p, end in ends.items() if start.get(p, 0) >= end}
-    while len(done) < len(ends):
-        for msg in c.consume(1000, 1.0):
-            if msg.error():
-                if msg.error().code() == PARTITION_EOF:
-                    done.add(msg.partition())
-                continue
-            total += len(msg.value() or b"")
-    c.close()
-    return total
 
 
 def assert_same_images(primary: Path, backup: Path, sizes: dict[str, int]) -> None:
@@ -89,8 +68,8 @@ def test_a_replacement_site_reads_only_the_log_after_the_peers_checkpoint(
             )
             _workload(cg, rng, 100, ts)
             cg.flush()
-            after = log_bytes_from(kafka_conf, unique_name, res.log_offsets)
-            whole = log_bytes_from(kafka_conf, unique_name, {})
+            after = value_bytes_from(kafka_conf, CgTopics(unique_name).log, res.log_offsets)
+            whole = value_bytes_from(kafka_conf, CgTopics(unique_name).log, {})
             dr3 = ServiceThread(Applier(ApplierConfig(cg=unique_name, site="dr3",
                                                       data_dir=tmp_path / "dr3"), kafka_conf),
                                 "dr3").start()  # fmt: skip
