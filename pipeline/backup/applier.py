@@ -228,11 +228,14 @@ class Applier(Backlog, FollowGenerations, PauseAndHandOver, ApplierNumbers):
         self._control()
         if self.finished is not None:
             return
-        got = self._read_log(0) + self._read_watermarks(0)
+        # over budget with no W known, nothing could be applied or freed by reading on:
+        # wait for a W instead of dropping what was read (Backlog)
+        held = self.planner.over_budget() and not self._targets
+        got = (0 if held else self._read_log(0)) + self._read_watermarks(0)
         applied = self._apply_ready()
         if self.planner.over_budget():
             applied = self._apply_early() or applied
-            if self.planner.over_budget():
+            if self.planner.over_budget() and self._targets:
                 self._spill()
         if (
             self.applied_w > self.checkpoint_w

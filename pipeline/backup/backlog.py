@@ -6,6 +6,8 @@ as they stream in (``ApplyPlanner.take_early``: per-volume order makes that safe
 holds checkpoints and snapshot copies until applied_w reaches it; only what that does not
 free is dropped and read again from Kafka (``_spill``), so an applier that was offline for
 hours catches up within its budget instead of stalling on a W whose records exceed it.
+Over budget with no W known at all, the applier stops reading the log until one arrives
+(``Applier.step``): nothing could be applied, so dropping and re-reading would only loop.
 """
 
 from __future__ import annotations
