@@ -48,7 +48,7 @@ test: deps
 	$(VENV)/bin/pytest -m "not torture"
 
 torture: deps
-	$(VENV)/bin/pytest -m torture
+	LOWMARK_TORTURE_JSON=bench/results/torture.json $(VENV)/bin/pytest -m torture
 
 # Both run even when the first fails, so one CI log shows every finding; the exit status
 # is not 0 when either found something (.ci/run fails on it).

@@ -33,6 +33,7 @@ from connectors.embedded_kafka.cluster import KafkaCluster
 from connectors.embedded_kafka.state import cluster_dir
 from connectors.kafka.config import KafkaConnection
 from connectors.kafka.reading import close_metadata_clients
+from tests import torture_summary
 from tests.kafka_helpers import ExternalKafka, unique
 from tests.outcome_gate import from_config
 from tests.prereqs import strict_mode, unavailable
@@ -66,6 +67,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for what, seconds in _STARTUP_S.items():
         terminalreporter.write_line(f"{what} start-up: {seconds:.1f} s")
+    found = torture_summary.rows()
+    if found:
+        terminalreporter.section("faults injected and what was checked")
+        for line in torture_summary.table(found):
+            terminalreporter.write_line(line)
+        written = torture_summary.write_json(found)
+        if written is not None:
+            terminalreporter.write_line(f"written to {written}")
 
 
 def _session_cluster(
