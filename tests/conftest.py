@@ -43,6 +43,11 @@ pytest_plugins = ["pytester"]
 
 _STARTUP_S: dict[str, float] = {}
 
+#: the test clusters are mostly one broker: sync volumes run there on purpose (their
+#: refusal by default is tested in tests/primary/test_sync_durability.py); inherited by
+#: the services the tests start as processes
+os.environ.setdefault("LOWMARK_SERVE_ALLOW_SINGLE_COPY_SYNC", "1")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(from_config(strict_mode()), "lowmark-outcome-gate")

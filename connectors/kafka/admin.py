@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
 
 from connectors.kafka.errors import TOPIC_ALREADY_EXISTS, as_error
 from pipeline.errors import KafkaUnavailableError
@@ -43,6 +43,23 @@ class Admin:
                 f"cannot reach Kafka at {self.settings.get('bootstrap.servers')}",
                 "start it with `lowmark kafka up` or fix bootstrap.servers",
             ) from None
+
+    def durability(self, topic: str, timeout_s: float) -> tuple[int, int]:
+        """(the fewest replicas of any partition, the topic's min.insync.replicas): how
+        many brokers an acks=all write is on at least, and how many it may be on."""
+        md = self.metadata(timeout_s)
+        t = md.topics.get(topic)
+        if t is None or not t.partitions:
+            raise KafkaUnavailableError(f"topic {topic} has no metadata yet; retry", code=None,
+                                        retriable=True)  # fmt: skip
+        replicas = min(len(p.replicas) for p in t.partitions.values())
+        try:
+            res = ConfigResource("topic", topic)
+            cfg = self._a.describe_configs([res], request_timeout=timeout_s)[res].result()
+        except KafkaException as exc:
+            raise as_error(exc, f"reading the configuration of topic {topic}") from None
+        entry = cfg.get("min.insync.replicas")
+        return replicas, int(entry.value) if entry is not None and entry.value else 1
 
     def create_topics(self, specs: Iterable[TopicSpec], timeout_s: float) -> None:
         """Create the topics; one that exists already (another process was faster) is fine."""

@@ -17,6 +17,7 @@
     region_bytes = "64KiB"       # dirty-region log granularity; "0" turns it off
     region_extent_bytes = "4MiB" # its activity log's extent; "0": writes wait per region
     admin_socket = "auto"        # `lowmark volume` talks to it; "" turns it off
+    allow_single_copy_sync = false  # sync volumes on a 1-copy log topic (development only)
     [[serve.volumes]]
     name = "vol1"
     size = "1GiB"
@@ -125,6 +126,9 @@ class ServeSection:
     #: the local admin socket (``lowmark volume``): "auto" is <data_dir>/state/admin.sock,
     #: "" turns it off
     admin_socket: str = "auto"
+    #: a sync volume on a log topic with one copy (a 1-broker development cluster): its
+    #: acknowledgement survives no broker loss, so it is refused unless this is set
+    allow_single_copy_sync: bool = False
     volumes: tuple[VolumeSpec, ...] = ()
 
 

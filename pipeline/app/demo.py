@@ -90,6 +90,7 @@ interceptor_id = "primary"
 data_dir = "{self.dir / "primary"}"
 listen = "127.0.0.1:{self.ports["nbd"]}"
 metrics = "127.0.0.1:{self.ports["serve"]}"
+allow_single_copy_sync = true  # the demo's cluster is one broker
 [[serve.volumes]]
 name = "vol1"
 size = {size}

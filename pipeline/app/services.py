@@ -81,6 +81,7 @@ def open_primary(
         region_bytes=parse_size(s.region_bytes, "region_bytes"),
         region_extent_bytes=parse_size(s.region_extent_bytes, "region_extent_bytes"),
         snapshot_copy_rate=parse_size(s.snapshot_copy_rate, "snapshot_copy_rate"),
+        allow_single_copy_sync=s.allow_single_copy_sync,
     )
     for spec in s.volumes:
         if spec.name not in cg.volumes:

@@ -9,7 +9,8 @@ and the cut that generation starts from. ``clock_floor_us`` is a ts (the roles'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -66,6 +67,14 @@ class InterceptorConfig:
     #: the control topic and a thread; off, a ``lowmark marker`` naming this interceptor
     #: aborts for want of its answer
     markers: bool = True
+    #: let a sync volume run on a log topic with a single copy (replication factor 1 or
+    #: min.insync.replicas 1: a development cluster); its acknowledgement then survives no
+    #: broker loss. Default: ``LOWMARK_SERVE_ALLOW_SINGLE_COPY_SYNC`` (the [serve] key's
+    #: variable), else off
+    allow_single_copy_sync: bool = field(
+        default_factory=lambda: os.environ.get("LOWMARK_SERVE_ALLOW_SINGLE_COPY_SYNC", "")
+        .lower() in ("1", "true", "yes")
+    )
     #: publish each volume's entry to ``lowmark.config`` (``pipeline.topology.catalog``)
     topology: bool = True
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from connectors.image.image import Image
+from connectors.kafka.admin import Admin
 from pipeline.errors import ConfigError, VolumeError
 from pipeline.primary.gate import WriteGate, WriteHeld
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
@@ -332,7 +333,13 @@ class ConsistencyGroup:
             self.regions.start()
         # before any new write: the tail of a crashed instance gets the first ts's of this one
         republish(self)
-        if any(v.mode == "sync" for v in self.volumes.values()):
+        sync = sorted(v.name for v in self.volumes.values() if v.mode == "sync")
+        if sync:
+            try:
+                self._check_sync_durable(", ".join(sync))
+            except BaseException:
+                self.close()
+                raise
             # warm before the first sync write, which would otherwise pay the set-up
             self.interceptor.cuts.start()
         if config.topology:
@@ -387,6 +394,8 @@ class ConsistencyGroup:
             raise VolumeError(f"volume size {size} must be a positive multiple of 512")
         if mode not in ("async", "sync"):
             raise ConfigError(f"volume mode {mode!r} must be 'async' or 'sync'")
+        if mode == "sync":
+            self._check_sync_durable(name)
         with self._lock:
             if name in self.volumes:
                 existing = self.volumes[name]
@@ -432,6 +441,24 @@ class ConsistencyGroup:
             self._save_catalog()
         self._announce(vol, VolumeOp.RESIZE)
         return vol
+
+    def _check_sync_durable(self, what: str) -> None:
+        """A sync acknowledgement promises the write survives a broker loss: refuse a log
+        topic where an acks=all write can be on one broker only."""
+        engine = self.interceptor
+        if engine.config.allow_single_copy_sync:
+            return
+        topic = engine.topics.log
+        replicas, min_isr = Admin(engine.kafka_conf).durability(topic, 30)
+        if replicas < 2 or min_isr < 2:
+            raise ConfigError(
+                f"sync volume {what} refused: the log topic {topic} has replication factor "
+                f"{replicas} and min.insync.replicas {min_isr}, so an acknowledged sync write "
+                "can be on one broker only and a broker loss loses it. Use a cluster of 3 "
+                "brokers ([cg] replication_factor 3 gives min.insync.replicas 2), make the "
+                "volume async, or, on a development cluster, set [serve] "
+                "allow_single_copy_sync = true"
+            )
 
     def _name_tail_volumes(self) -> None:
         """Every PROGRESS names the async volumes (an unreplicated tail is possible there)."""
