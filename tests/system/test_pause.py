@@ -147,7 +147,9 @@ def test_an_applier_killed_while_paused_leaves_a_stage_the_failover_trusts_only_
             fo.wait_for("rolled forward", 120)
             n = _indexed(fo.output())
             assert n["staged_ops"] == len(staged.rows), (n, len(staged.rows))
-            if staged.w < scene.w:
+            # W goes on rising after the last write (idle ticks): a stage marked past every
+            # write has nothing left to read, so only a write past the mark proves the path
+            if any(staged.w < t <= scene.w for t in scene.write_ts):
                 assert n["records"] > 0, "the backlog past the stage was not read from Kafka"
             _check_images(fo, want, tmp_path)
         finally:
