@@ -16,9 +16,9 @@ from tests import torture_summary
 from tests.sim.failover_runs import FailoverWorld
 from tests.sim.world import Config, World
 
-SEEDS = 200
-TORTURE_SEEDS = 5000
-CHUNK = 100
+SEEDS = 1000
+TORTURE_SEEDS = 100_000
+CHUNK = 1000
 #: World.summary's keys that count what was checked, not faults injected
 _CHECKED = {
     "durable ops checked",
