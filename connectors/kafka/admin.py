@@ -102,9 +102,20 @@ class Admin:
             raise KafkaUnavailableError(
                 f"cannot read the end offsets of {topic}: no answer in {timeout_s} s"
             ) from None
-        bad = sorted(p for p in parts if out.get(p, -1) < 0)
-        if bad:
-            raise KafkaUnavailableError(
-                f"{topic} partitions {bad} have no end offset (leader election?)"
-            )
-        return out
+        return checked_end_offsets(topic, parts, out)
+
+
+def checked_end_offsets(topic: str, parts: Iterable[int], got: Mapping[int, int]) -> dict[int, int]:
+    """A ListOffsets answer as offsets, or ``KafkaUnavailableError`` if any partition has none.
+
+    A partition without a leader answers an offset below 0 (-1001 while a cluster elects):
+    a W published with it would name no position in that partition, and an applier would
+    take it as ready before reading the records it covers.
+    """
+    parts = list(parts)
+    bad = sorted(p for p in parts if got.get(p, -1) < 0)
+    if bad:
+        raise KafkaUnavailableError(
+            f"{topic} partitions {bad} have no end offset (leader election?)"
+        )
+    return {p: got[p] for p in parts}

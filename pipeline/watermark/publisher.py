@@ -33,6 +33,7 @@ from connectors.kafka.settings import WatermarkSettings
 from connectors.kafka.topics import WATERMARK_TAIL, CgTopics
 from pipeline.errors import FencedError, KafkaError, KafkaUnavailableError
 from pipeline.logs import event
+from pipeline.watermark.state import WatermarkState
 from schemas import codec
 from schemas.records import Watermark
 
@@ -49,6 +50,26 @@ class PublisherTimeouts:
 
 #: the latest W is read from this many of the watermark topic's last records
 WM_TAIL = WATERMARK_TAIL
+
+
+def resume_from_floor(
+    fold: WatermarkState | None, floor: Watermark | None
+) -> WatermarkState | None:
+    """The fold to continue with after taking the publisher, or None to keep ``fold``.
+
+    The progress log folds deterministically, so a floor further on in it than our own fold
+    is our fold, further on: continue from it (a lagging instance would otherwise fold its
+    way to a W below the floor). A fresh instance (no fold) starts from the floor.
+    """
+    if fold is None or (floor is not None and floor.progress_offset > fold.progress_offset):
+        return WatermarkState.from_watermark(floor) if floor is not None else WatermarkState()
+    return None
+
+
+def may_publish(w: int, floor_w: int) -> bool:
+    """Invariant 2 at the writer: a W below the floor (the highest W committed, by any
+    instance) is never published; the instance waits until its fold catches up."""
+    return w >= floor_w
 
 
 def decode_watermark(value: bytes) -> Watermark:

@@ -65,11 +65,13 @@ from pipeline.watermark.publisher import (
     PublisherTimeouts,
     WatermarkPublisher,
     decode_watermark,
+    may_publish,
     newer_watermark,
+    resume_from_floor,
 )
 from pipeline.watermark.state import WatermarkState
 from schemas import codec
-from schemas.records import Hold, Progress, ProgressKind, Watermark
+from schemas.records import Hold, Progress, ProgressKind
 from schemas.ts import ts_physical_us
 
 log = logging.getLogger("lowmark.watermark")
@@ -254,9 +256,9 @@ class WatermarkService:
             self._watch = None
         if self._resumed:
             self.stats.takeovers += 1
-        ahead = floor is not None and floor.progress_offset > self.state.progress_offset
-        if ahead or not self._resumed:
-            self._resume(floor)  # a floor ahead of our fold is the same fold, further on
+        resumed = resume_from_floor(self.state if self._resumed else None, floor)
+        if resumed is not None:
+            self._resume(resumed)
         if floor is not None:
             self.published_w = max(self.published_w, floor.w)
         self._recovered(self._now())
@@ -271,9 +273,9 @@ class WatermarkService:
             members=len(self.state.members),
         )
 
-    def _resume(self, floor: Watermark | None) -> None:
+    def _resume(self, state: WatermarkState) -> None:
         assert self._consumer is not None
-        self.state = WatermarkState.from_watermark(floor) if floor else WatermarkState()
+        self.state = state
         now_us = int(self._now() * 1e6)
         for member in self.state.members:
             # a resumed service gives everyone a full timeout
@@ -410,7 +412,7 @@ class WatermarkService:
 
     def _publish(self, now: float) -> None:
         w = self.state.w
-        if w < self.published_w:
+        if not may_publish(w, self.published_w):
             return  # behind the floor (a takeover): publish again once the fold caught up
         try:
             rec = self.state.watermark(self.config.cg, self._log_end_offsets(), self._wall_us())
@@ -422,7 +424,7 @@ class WatermarkService:
         if not committed:  # fenced: another instance publishes now
             self._active_seen = now
             return
-        if w < self.published_w:  # pragma: no cover - guarded above and by the fold
+        if not may_publish(w, self.published_w):  # pragma: no cover - guarded above
             raise WatermarkError(f"W would decrease from {self.published_w} to {w}")
         self.published_w = w
         self._dirty_since = None

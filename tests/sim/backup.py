@@ -20,8 +20,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from connectors.kafka import admin
 from pipeline.backup.plan import ApplyOp, ApplyPlanner, OpKind
-from pipeline.errors import ApplyError
+from pipeline.errors import ApplyError, KafkaUnavailableError
+from pipeline.watermark import publisher
 from pipeline.watermark.state import WatermarkState
 from schemas.records import Progress, ProgressKind, Watermark
 from tests.sim.log import SimLog
@@ -38,15 +40,36 @@ class WatermarkService:
         self.shadow_cursor = 0
         #: (progress offset, final S) of every instance removed by a fence (oracle)
         self.fences: list[tuple[int, int]] = []
+        self.leaderless = 0  # end-offset answers with a partition without a leader
+        #: a second instance, standing by: it folds too, at its own pace
+        self.standby = WatermarkState()
+        self.standby_cursor = 0
         self.restart()
 
     def restart(self) -> None:
+        """The active instance crashes; a fresh one takes the publisher."""
+        self._take_over(None, 0)
+
+    def take_over(self) -> None:
+        """The standby, folding on its own and maybe behind, fences the active instance and
+        takes the publisher (the old active stands by with its fold): two instances racing."""
+        fold, cursor = self.standby, self.standby_cursor
+        self.standby, self.standby_cursor = self.state, self.cursor
+        self._take_over(fold, cursor)
+
+    def _take_over(self, fold: WatermarkState | None, cursor: int) -> None:
+        """WatermarkService._take_over: the floor is read once the others are fenced."""
         latest = self.log.watermarks[-1] if self.log.watermarks else None
-        self.state = WatermarkState.from_watermark(latest) if latest else WatermarkState()
-        self.cursor = self.state.progress_offset + 1
+        resumed = publisher.resume_from_floor(fold, latest)
+        if resumed is not None:
+            self.state, self.cursor = resumed, resumed.progress_offset + 1
+        else:
+            assert fold is not None
+            self.state, self.cursor = fold, cursor
         self.last_seen: dict[str, int] = {}
         self.started_us = self.now()
         self.floor = latest.w if latest else 0  # the highest committed W (publisher.py)
+        self.last_published: int | None = None  # this instance's own cadence
 
     def fold(self, rng: random.Random) -> None:
         """Fold some of the committed progress records not folded yet (a consumer batch)."""
@@ -58,6 +81,11 @@ class WatermarkService:
                 self.last_seen[rec.interceptor_id] = self.now()
         self.cursor = max(self.cursor, end)
         self._fold_shadow(end)
+        if self.standby_cursor < end and rng.random() < 0.5:
+            stop = rng.randint(self.standby_cursor + 1, end)
+            for off, rec in self.log.visible_progress(self.standby_cursor, stop):
+                self.standby.apply(rec, off)
+            self.standby_cursor = stop
 
     def _fold_shadow(self, end: int) -> None:
         for off, rec in self.log.visible_progress(self.shadow_cursor, end):
@@ -80,13 +108,26 @@ class WatermarkService:
             self.log.append_txn([], fence, committed=True)
         return [m.interceptor_id for m in silent]
 
-    def publish(self) -> Watermark | None:
-        """Publish W if it rose above the floor; log_offsets: the ends, read after the fold."""
-        if self.state.w <= self.floor:
+    def publish(self, rng: random.Random | None = None) -> Watermark | None:
+        """Publish W if it moved since this instance last published and is not below the
+        floor; log_offsets: the ends, read after the fold (one ListOffsets request, which a
+        partition without a leader answers with -1001: W is held then). No ``rng``: no
+        fault (the drain)."""
+        w = self.state.w
+        if w == self.last_published or not publisher.may_publish(w, self.floor):
             return None
-        wm = self.state.watermark("sim", self.log.ends(), self.now())
+        ends: dict[int, int] = self.log.ends()
+        if rng is not None and rng.random() < 0.05:
+            ends[rng.randrange(self.log.partitions)] = -1001
+            self.leaderless += 1
+        try:
+            offsets = admin.checked_end_offsets("log", range(self.log.partitions), ends)
+        except KafkaUnavailableError:
+            return None
+        wm = self.state.watermark("sim", offsets, self.now())
         self.log.watermarks.append(wm)
-        self.floor = wm.w
+        self.floor = max(self.floor, wm.w)
+        self.last_published = wm.w
         return wm
 
 

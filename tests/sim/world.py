@@ -143,6 +143,7 @@ class World:
         out["aborted transaction"] += sum(
             1 for part in self.log.parts for e in part if e.record is not None and not e.committed
         )
+        out["leaderless partition"] += self.wm.leaderless
         out["durable ops checked"] += len(self.ref)
         out["acknowledged writes checked"] += self.acked
         out["W published"] += len(self.log.watermarks)
@@ -279,11 +280,19 @@ class World:
                 f"watermark service restarts at W {self.wm.state.w}", fault="watermark restart"
             )
             return
+        if rng.random() < 0.03:
+            self.wm.take_over()
+            self._note(
+                f"the standby watermark instance takes over at W {self.wm.state.w} "
+                f"(floor {self.wm.floor})",
+                fault="watermark takeover",
+            )
+            return
         self.wm.fold(rng)
         for iid in self.wm.fence_silent():
             self._note(f"FENCE {iid}")
         if rng.random() < 0.6:
-            wm = self.wm.publish()
+            wm = self.wm.publish(rng)
             if wm is not None:
                 self._note(f"publishes W {wm.w} offsets {dict(wm.log_offsets)}")
                 self.check(checks.published_w_bounds_its_records(wm, self.log.parts))
