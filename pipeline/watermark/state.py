@@ -64,6 +64,10 @@ from schemas.records import (
 JOIN_EPOCH_FROM_OFFSET = -1
 #: how many declared-lost tails the state keeps (the CG's record of accepted loss)
 LOST_HISTORY = 64
+#: departed instances a W keeps per interceptor (its last ones): an applier rejects a
+#: zombie of any of them by its final S, even one whose other evidence (the W that listed
+#: its successor) the compacted watermark topic no longer holds
+DEPARTED_HISTORY = 8
 
 
 class Reason(StrEnum):
@@ -104,7 +108,7 @@ class WatermarkState:
         max_s: int = 0,
         members: Iterable[Member] = (),
         progress_offset: int = -1,
-        departed: Mapping[str, tuple[int, int]] | None = None,
+        departed: Iterable[tuple[str, int, int]] = (),
         holds: Iterable[Hold] = (),
         lost: Iterable[LostTail] = (),
     ) -> None:
@@ -122,7 +126,9 @@ class WatermarkState:
         # interceptor id -> (epoch, final S) of its last instance that left or was fenced;
         # an applier rejects that instance's records above it (a zombie that Kafka's
         # fencing did not stop must still never reach a backup)
-        self.departed: dict[str, tuple[int, int]] = dict(departed or {})
+        self._departed: dict[str, list[tuple[int, int]]] = {}
+        for iid, epoch, final_s in sorted(departed):
+            self._depart(iid, epoch, final_s)
         self.max_s = max_s
         self.progress_offset = progress_offset
         self.members: dict[str, Member] = {}
@@ -140,6 +146,22 @@ class WatermarkState:
     @property
     def w(self) -> int:
         return self._w
+
+    @property
+    def departed(self) -> dict[str, tuple[int, int]]:
+        """interceptor id -> (epoch, final S) of its last instance that left or was fenced."""
+        return {iid: h[-1] for iid, h in self._departed.items()}
+
+    def departures(self) -> list[tuple[str, int, int]]:
+        """(interceptor id, epoch, final S) of the last DEPARTED_HISTORY instances of every
+        interceptor that left or were fenced, sorted."""
+        return [(iid, e, s) for iid in sorted(self._departed) for e, s in self._departed[iid]]
+
+    def _depart(self, iid: str, epoch: int, final_s: int) -> None:
+        history = [x for x in self._departed.get(iid, []) if x[0] != epoch]
+        history.append((epoch, final_s))
+        history.sort()
+        self._departed[iid] = history[-DEPARTED_HISTORY:]
 
     def apply(self, event: Progress, offset: int) -> EventOutcome:
         """Fold one progress event read at ``offset``."""
@@ -225,7 +247,7 @@ class WatermarkState:
         m = self.members.get(iid)
         if m is not None and m.epoch <= epoch:
             del self.members[iid]  # declared lost, so no hold of its own: it was fenced
-            self.departed[iid] = (m.epoch, m.s)
+            self._depart(iid, m.epoch, m.s)
             self.lost.append(LostTail(iid, m.epoch, m.s, m.async_volumes, declared_us))
         mine = [k for k, h in self.holds.items() if k[0] == iid and h.epoch <= epoch]
         if (m is None or m.epoch > epoch) and not mine:
@@ -249,7 +271,7 @@ class WatermarkState:
             return Reason.STALE_EPOCH
         # every record it acked is durable and it will not write again: no clamp
         del self.members[iid]
-        self.departed[iid] = (m.epoch, m.s)
+        self._depart(iid, m.epoch, m.s)
         return Reason.ACCEPTED
 
     def _fence(self, iid: str, epoch: int) -> Reason:
@@ -264,7 +286,7 @@ class WatermarkState:
 
     def _remove_and_clamp(self, fenced: Member) -> None:
         del self.members[fenced.interceptor_id]
-        self.departed[fenced.interceptor_id] = (fenced.epoch, fenced.s)
+        self._depart(fenced.interceptor_id, fenced.epoch, fenced.s)
         if fenced.async_volumes:
             key = (fenced.interceptor_id, fenced.epoch)
             self.holds[key] = Hold(*key, fenced.s, fenced.async_volumes)
@@ -289,8 +311,7 @@ class WatermarkState:
             "progress_offset": self.progress_offset,
             "members": [dataclasses.asdict(self.members[k]) for k in sorted(self.members)],
             "departed": [
-                {"interceptor_id": k, "epoch": e, "s": s}
-                for k, (e, s) in sorted(self.departed.items())
+                {"interceptor_id": k, "epoch": e, "s": s} for k, e, s in self.departures()
             ],
             "holds": [dataclasses.asdict(self.holds[k]) for k in sorted(self.holds)],
             "lost": [dataclasses.asdict(x) for x in self.lost],
@@ -308,7 +329,7 @@ class WatermarkState:
                 WatermarkMember(**dataclasses.asdict(self.members[k])) for k in sorted(self.members)
             ),
             published_us,
-            tuple(Departed(k, e, s) for k, (e, s) in sorted(self.departed.items())),
+            tuple(Departed(k, e, s) for k, e, s in self.departures()),
             tuple(self.holds[k] for k in sorted(self.holds)),
             tuple(self.lost),
         )
@@ -321,7 +342,7 @@ class WatermarkState:
             max_s=wm.max_s,
             members=[Member(**dataclasses.asdict(m)) for m in wm.members],
             progress_offset=wm.progress_offset,
-            departed={d.interceptor_id: (d.epoch, d.s) for d in wm.departed},
+            departed=[(d.interceptor_id, d.epoch, d.s) for d in wm.departed],
             holds=wm.holds,
             lost=wm.lost,
         )
@@ -341,7 +362,7 @@ class WatermarkState:
                 max_s=d["max_s"],
                 members=members,
                 progress_offset=d["progress_offset"],
-                departed={x["interceptor_id"]: (x["epoch"], x["s"]) for x in d.get("departed", [])},
+                departed=[(x["interceptor_id"], x["epoch"], x["s"]) for x in d.get("departed", [])],
                 holds=[Hold(**{**x, "volumes": tuple(x["volumes"])}) for x in d.get("holds", [])],
                 lost=[LostTail(**{**x, "volumes": tuple(x["volumes"])}) for x in d.get("lost", [])],
             )

@@ -135,7 +135,7 @@ def strictly_increasing(iid: str, issued: list[int], since: int = 0) -> str | No
 def _fold(s: WatermarkState) -> tuple[object, ...]:
     # the fold's fields compared as they are: snapshot() copies them with dataclasses.asdict,
     # which cost a third of the simulation's time when run after every step
-    return (s.w, s.max_s, s.progress_offset, s.members, s.departed, s.holds, s.lost)
+    return (s.w, s.max_s, s.progress_offset, s.members, s.departures(), s.holds, s.lost)
 
 
 def fold_agrees(service_state: WatermarkState, shadow: WatermarkState) -> str | None:
