@@ -20,6 +20,7 @@ A set of images is a cut (invariant 1) when, for each volume with newest write `
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import struct
 from collections.abc import Mapping, Sequence
@@ -69,27 +70,51 @@ def check_cut(images: Mapping[int, bytes], answers: Mapping[int, Sequence[str]])
     """Why ``images`` ({volume index: bytes}, two volumes) is not a causal cut of the
     writes whose answers ``answers[v][seq - 1]`` gives; [] when it is one."""
     problems: list[str] = []
+    held: dict[int, list[tuple[int, int]]] = {}
+    for v, image in images.items():
+        held[v], bad = decode(image, v)
+        problems += bad
+    return problems + check_held(held, answers)
+
+
+def ack_index(said: Sequence[str], blocks: int) -> list[list[int]]:
+    """The acknowledged seqs aimed at each block, ascending."""
+    out: list[list[int]] = [[] for _ in range(blocks)]
+    for s, answer in enumerate(said, start=1):
+        if answer == ACK:
+            out[block_for(s, blocks)].append(s)
+    return out
+
+
+def check_held(
+    held: Mapping[int, Sequence[tuple[int, int]]],
+    answers: Mapping[int, Sequence[str]],
+    index: Mapping[int, list[list[int]]] | None = None,
+) -> list[str]:
+    """``check_cut`` of images already decoded (``decode``) to [(seq, dep)] per block;
+    ``index``: ``ack_index`` of each volume's answers, when many cuts share them."""
+    problems: list[str] = []
     newest: dict[int, int] = {}
     deps: dict[int, int] = {}
-    for v, image in images.items():
-        held, bad = decode(image, v)
-        problems += bad
-        blocks = len(held)
-        m = max((s for s, _ in held), default=0)
-        newest[v], deps[v] = m, max((d for _, d in held), default=0)
+    for v, blocks_held in held.items():
+        blocks = len(blocks_held)
+        m = max((s for s, _ in blocks_held), default=0)
+        newest[v], deps[v] = m, max((d for _, d in blocks_held), default=0)
         said = answers[v]
         if m > len(said):
             problems.append(f"volume {v} holds seq {m}, but only {len(said)} were issued")
             continue
-        for b, (seq, _dep) in enumerate(held):
-            later = seq + blocks if seq else b + 1
-            for s in range(later, m + 1, blocks):
-                if said[s - 1] == ACK:
-                    problems.append(f"volume {v} block {b} holds seq {seq} but acknowledged "
-                                    f"seq {s} <= the newest held ({m}) is missing")  # fmt: skip
-                    break
-    for v in images:
-        for o in images:
+        acked = index[v] if index is not None else ack_index(said, blocks)
+        for b, (seq, _dep) in enumerate(blocks_held):
+            # the newest acknowledged write to b not newer than m must be the one held,
+            # or older than it
+            at = bisect.bisect_right(acked[b], m)
+            if at and acked[b][at - 1] > seq:
+                problems.append(f"volume {v} block {b} holds seq {seq} but acknowledged "
+                                f"seq {acked[b][at - 1]} <= the newest held ({m}) is "
+                                "missing")  # fmt: skip
+    for v in held:
+        for o in held:
             if o != v and newest[o] < deps[v]:
                 problems.append(f"volume {v} holds a write issued after volume {o}'s seq "
                                 f"{deps[v]} was acknowledged, but volume {o} holds only up "
