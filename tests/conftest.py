@@ -38,8 +38,9 @@ from tests.kafka_helpers import ExternalKafka, unique
 from tests.outcome_gate import from_config
 from tests.prereqs import strict_mode, unavailable
 
-# pytester: tests/test_outcome_gate.py runs the gate plugin on generated test files
-pytest_plugins = ["pytester"]
+# pytester: tests/test_outcome_gate.py runs the gate plugin on generated test files;
+# tests.faults.fixtures: the proxied 3-node cluster of the broker-fault tests
+pytest_plugins = ["pytester", "tests.faults.fixtures"]
 
 _STARTUP_S: dict[str, float] = {}
 

@@ -64,6 +64,9 @@ class KafkaCluster:
     brokers die with the process that started them (test sessions); the CLI leaves it off
     so ``lowmark kafka up`` returns with the cluster running. ``pom`` runs another Kafka
     pom than the packaged one (see :func:`~connectors.embedded_kafka.jars.kafka_pom`).
+    ``client_listeners`` = {node: (listen port, advertised port)} gives nodes a CLIENT
+    listener advertising another port (a fault proxy in front of it, tests/faults):
+    ``client_bootstrap_servers`` goes through it, ``bootstrap_servers`` does not.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class KafkaCluster:
         base_port: int | None = None,
         die_with_parent: bool = False,
         pom: Path | str | None = None,
+        client_listeners: Mapping[int, tuple[int, int]] | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise SetupError(
@@ -92,6 +96,7 @@ class KafkaCluster:
         self.base_port = base_port
         self.die_with_parent = die_with_parent
         self.pom = kafka_pom(pom)
+        self.client_listeners = dict(client_listeners or {})
         self.version = kafka_version(self.pom)
         self._nodes: dict[int, NodeState] = {}
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -107,6 +112,12 @@ class KafkaCluster:
         if not self._nodes:
             raise SetupError(f"cluster {self.name!r} was never started: call start() first")
         return ",".join(f"127.0.0.1:{n.port}" for n in self._nodes.values())
+
+    @property
+    def client_bootstrap_servers(self) -> str:
+        """Through the CLIENT listeners' advertised ports where there are any."""
+        ports = [self.client_listeners.get(i, (0, n.port))[1] for i, n in self._nodes.items()]
+        return ",".join(f"127.0.0.1:{p}" for p in ports) if self._nodes else ""
 
     @property
     def node_pids(self) -> dict[int, int | None]:
@@ -292,7 +303,8 @@ class KafkaCluster:
                           for n in self._nodes.values())
         for node in self._nodes.values():
             node.props.write_text(render_props(
-                broker_props(node, voters, self.nodes, self.extra_broker_props)))
+                broker_props(node, voters, self.nodes, self.extra_broker_props,
+                             self.client_listeners.get(node.node_id))))
             (Path(node.dir) / "log4j2.properties").write_text(log4j2_config(node.server_log))
 
     def _pick_ports(self, fresh: bool) -> list[int]:

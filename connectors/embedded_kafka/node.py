@@ -37,20 +37,34 @@ TOOL_JVM_FLAGS = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
 
 
 def broker_props(
-    node: NodeState, voters: str, nodes: int, extra: Mapping[str, str]
+    node: NodeState,
+    voters: str,
+    nodes: int,
+    extra: Mapping[str, str],
+    client: tuple[int, int] | None = None,
 ) -> dict[str, str]:
-    """``server.properties`` of ``node`` in a cluster of ``nodes``; ``extra`` wins."""
+    """``server.properties`` of ``node`` in a cluster of ``nodes``; ``extra`` wins.
+
+    ``client`` = (listen port, advertised port) adds a CLIENT listener that advertises
+    another port (a fault proxy's) while the brokers keep talking to each other directly.
+    """
     rf = min(3, nodes)
     min_isr = min(2, nodes)
+    listen = f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}"
+    advertised = f"PLAINTEXT://127.0.0.1:{node.port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    if client is not None:
+        listen += f",CLIENT://127.0.0.1:{client[0]}"
+        advertised += f",CLIENT://127.0.0.1:{client[1]}"
+        protocols += ",CLIENT:PLAINTEXT"
     props = {
         "process.roles": "broker,controller",
         "node.id": str(node.node_id),
-        "listeners": f"PLAINTEXT://127.0.0.1:{node.port},"
-                     f"CONTROLLER://127.0.0.1:{node.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+        "listeners": listen,
+        "advertised.listeners": advertised,
         "inter.broker.listener.name": "PLAINTEXT",
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": protocols,
         # A static quorum: every node knows every voter, so a killed node restarts and
         # rejoins without any reconfiguration.
         "controller.quorum.voters": voters,
