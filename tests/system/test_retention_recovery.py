@@ -1,7 +1,8 @@
 """A site pushed past the log's retention: detected, warned about, refused, rebuilt.
 
-The CG's log has a small ``retention.bytes`` (Kafka deletes whole 1 MiB segments within a
-second). dr2 is stopped while the primary writes on; retention deletes what it needs.
+The CG's log has 1 MiB segments; once dr1 holds everything, ``retention.bytes`` drops to
+1 MiB (Kafka deletes whole segments within a second). dr2 was stopped while the primary
+wrote on, so retention deletes what it needs.
 Tries to break: `lowmark status` calling it fine; `lowmark apply` silently starting at the
 log's end (the default of a Kafka consumer) and checkpointing a W whose writes it never
 applied; `lowmark apply --bootstrap-from` not bringing it back byte-identical.
@@ -43,11 +44,17 @@ def test_a_site_past_retention_is_warned_refused_and_rebuilt_from_a_peer(
 ):
     topics = ensure_topics(kafka_conf, unique_name)
     admin = AdminClient(kafka_conf)
-    small = [ConfigEntry(k, str(MIB), incremental_operation=AlterConfigOpType.SET)
-             for k in ("retention.bytes", "segment.bytes")]  # fmt: skip
-    res = ConfigResource("topic", topics.log, incremental_configs=small)
-    for fut in admin.incremental_alter_configs([res]).values():
-        fut.result(30)
+
+    def set_log_config(**entries: int) -> None:
+        ops = [ConfigEntry(k.replace("_", "."), str(v), incremental_operation=AlterConfigOpType.SET)
+               for k, v in entries.items()]  # fmt: skip
+        res = ConfigResource("topic", topics.log, incremental_configs=ops)
+        for fut in admin.incremental_alter_configs([res]).values():
+            fut.result(30)
+
+    # Small segments from the start, but no retention until dr1 holds everything: on a
+    # loaded machine dr1 itself could otherwise fall behind a 1 MiB retention mid-write.
+    set_log_config(segment_bytes=MIB, retention_bytes=-1)
     rng = random.Random(8)
     with ConsistencyGroup.open(unique_name, tmp_path / "p", kafka_conf, **FAST) as cg:
         vol = cg.create_volume("a", 4 * MIB)
@@ -65,6 +72,7 @@ def test_a_site_past_retention_is_warned_refused_and_rebuilt_from_a_peer(
             wait_until(lambda: dr1.service.applied_w >= last, 60, "dr1 to apply")
             wait_until(lambda: any(w >= last for w, _s in SiteDir(tmp_path / "dr1").snapshots()),
                        30, "dr1's copy at the end")  # fmt: skip
+            set_log_config(retention_bytes=MIB)
             wait_until(lambda: any(low > 0 for low, _e in (bounds(kafka_conf, topics.log)
                                                            or {}).values()), 60,
                        "retention to delete the log's first segments")  # fmt: skip
