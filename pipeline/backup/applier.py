@@ -476,6 +476,12 @@ class Applier(Backlog, FollowGenerations, PauseAndHandOver, ApplierNumbers):
             try:
                 for img in images:
                     img.sync()
+            except OSError as exc:
+                # not retried: after a failed fdatasync Linux may drop the dirty pages and
+                # report the next one clean, so a later checkpoint would be ahead of its data
+                result["sync_error"] = exc
+                return
+            try:
                 result["value"] = self.checkpointer.persist(rec)
             except BaseException as exc:
                 result["error"] = exc
@@ -493,6 +499,13 @@ class Applier(Backlog, FollowGenerations, PauseAndHandOver, ApplierNumbers):
         if thread.is_alive():
             return
         self._bg = None
+        if "sync_error" in result:
+            raise ApplyError(
+                f"fdatasync of site {self.config.site}'s images failed ({result['sync_error']}): "
+                f"what was applied since checkpoint W {self.checkpoint_w} may not be on disk, "
+                "and no later checkpoint may claim it. Check the disk (dmesg), then restart "
+                "the applier: it re-applies everything after that checkpoint"
+            )
         if "error" in result:
             event(
                 log,

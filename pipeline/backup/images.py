@@ -13,6 +13,7 @@ from typing import Any
 from connectors.image.image import Image
 from pipeline.backup.plan import ApplyOp, OpKind
 from pipeline.errors import ApplyError, VolumeError
+from pipeline.fsutil import fsync_path
 from pipeline.site import SiteDir
 from schemas.records import VolumeChange, VolumeOp
 
@@ -84,17 +85,26 @@ class ImageSet:
             if img is not None:
                 img.close()
                 if self.keep_deleted:
-                    path.rename(self.site.deleted_path(vid))
+                    gone = self.site.deleted_path(vid)
+                    path.rename(gone)
+                    if gone.parent != path.parent:
+                        fsync_path(gone.parent)
                 else:
                     path.unlink(missing_ok=True)
+                # the name change is durable before the catalog stops naming the volume
+                fsync_path(path.parent)
             self.catalog.pop(vid, None)
             self._touched.discard(vid)
         else:
             img = self.images.get(vid)
             if img is None:
                 img = self.images[vid] = Image(path, create_size=rec.size)
+                img.sync()
+                # the new file and its name are durable before the catalog names it
+                fsync_path(path.parent)
             if img.size != rec.size:
                 img.resize(rec.size)
+                img.sync()  # the size the catalog is about to state
             self.catalog[vid] = {
                 "volume_id": vid,
                 "name": rec.name,

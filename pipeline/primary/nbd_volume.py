@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from pipeline.errors import LowmarkError
+from pipeline.errors import LowmarkError, ReplicationError
 from pipeline.primary.gate import WriteHeld
 from pipeline.primary.interceptor import Ticket
 from pipeline.primary.region_log import Mark
@@ -201,11 +201,18 @@ class VolumeExport:
 
     def _covered(self, ticket: Ticket) -> asyncio.Future[None]:
         """Durable, then inside a published cut (W >= ts): chained callbacks, so no thread
-        of the executor is held per in-flight sync write."""
+        of the executor is held per in-flight sync write. Both within one
+        ``replication_timeout_s`` once it took effect, as ``Volume._acknowledge``: the
+        durability callback alone has no deadline (the tick thread retries a transaction
+        for as long as the brokers are away), so a timer answers the client with an error."""
         loop = self._get_loop()
         fut: asyncio.Future[None] = loop.create_future()
         engine = self._engine
         settle = self._settler(fut, 1)
+        timeout_s = engine.config.replication_timeout_s
+        deadline = engine.time_source.monotonic() + timeout_s
+        timer = loop.call_later(timeout_s, settle, _late(ticket, timeout_s))
+        fut.add_done_callback(lambda _: timer.cancel())
 
         def reply(exc: BaseException | None) -> None:
             loop.call_soon_threadsafe(settle, exc)
@@ -214,10 +221,20 @@ class VolumeExport:
             if exc is not None:
                 reply(exc)
             else:
-                engine.on_covered(ticket.ts, reply)
+                left = max(0.0, deadline - engine.time_source.monotonic())
+                engine.on_covered(ticket.ts, reply, left)
 
         ticket.add_done_callback(durable)
         return fut
+
+
+def _late(ticket: Ticket, timeout_s: float) -> ReplicationError:
+    return ReplicationError(
+        f"sync write at ts {ticket.ts} is not inside a published cut within "
+        f"replication_timeout_s ({timeout_s:.1f} s): it is on the primary image but may be "
+        "missing at the backup; check the brokers (min.insync.replicas, leaders) and "
+        "`lowmark watermark`, then retry the write"
+    )
 
 
 def callback_future(

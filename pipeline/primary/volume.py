@@ -42,6 +42,7 @@ from typing import Any, Literal
 from connectors.image.image import Image
 from connectors.kafka.admin import Admin
 from pipeline.errors import ConfigError, VolumeError
+from pipeline.fsutil import fsync_path
 from pipeline.primary.gate import WriteGate, WriteHeld
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
 from pipeline.primary.marker_member import MarkerMember
@@ -406,7 +407,10 @@ class ConsistencyGroup:
                     )
                 return existing
             info = VolumeInfo(name, name, size, mode, dict(metadata or {}))
-            vol = Volume(self, info, Image(self._image_path(info), create_size=size))
+            path = self._image_path(info)
+            vol = Volume(self, info, Image(path, create_size=size))
+            vol.image.sync()  # the file, its size and its name, before the catalog names it
+            fsync_path(path.parent)
             self.volumes[name] = vol
             self._save_catalog()
             self._name_tail_volumes()
@@ -434,6 +438,7 @@ class ConsistencyGroup:
                         f"TRIM, blkdiscard), or resize to at least {at // 512 * 512 + 512}"
                     )
             vol.image.resize(size)
+            vol.image.sync()  # the size the catalog is about to state
             vol.info = replace(vol.info, size=size)
             if vol.regions is not None:
                 vol.regions.resize(size)
