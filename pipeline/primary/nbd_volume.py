@@ -189,9 +189,14 @@ class VolumeExport:
         return settle
 
     def _durable(self, ticket: Ticket, writes: int = 1) -> asyncio.Future[None]:
+        """Durable in Kafka (a FUA write or a flush), answered within
+        ``replication_timeout_s`` as ``Interceptor.wait_durable``: an error, not a hang."""
         loop = self._get_loop()
         fut: asyncio.Future[None] = loop.create_future()
         settle = self._settler(fut, writes)
+        timeout_s = self._engine.config.replication_timeout_s
+        timer = loop.call_later(timeout_s, settle, _not_durable(ticket, writes, timeout_s))
+        fut.add_done_callback(lambda _: timer.cancel())
 
         def wake(exc: BaseException | None) -> None:  # on the tick thread
             loop.call_soon_threadsafe(settle, exc)
@@ -226,6 +231,15 @@ class VolumeExport:
 
         ticket.add_done_callback(durable)
         return fut
+
+
+def _not_durable(ticket: Ticket, writes: int, timeout_s: float) -> ReplicationError:
+    what = f"write at ts {ticket.ts}" if writes else "flush"
+    return ReplicationError(
+        f"{what} is not durable in Kafka within replication_timeout_s ({timeout_s:.1f} s): "
+        "the data is on the primary image but NOT replicated; check the brokers "
+        "(min.insync.replicas, leaders), then retry"
+    )
 
 
 def _late(ticket: Ticket, timeout_s: float) -> ReplicationError:

@@ -70,3 +70,31 @@ def test_a_sync_write_gets_an_error_reply_within_the_timeout(durable_after_s: fl
     assert took < TIMEOUT_S + 0.2, f"the error reply took {took:.2f} s"
     if durable_after_s is not None:  # the cut's wait gets only what is left of the deadline
         assert engine.covered_timeouts and engine.covered_timeouts[0] <= TIMEOUT_S - 0.15
+
+
+@pytest.mark.parametrize("writes", [1, 0], ids=["fua-write", "flush"])
+def test_a_fua_write_or_flush_gets_an_error_reply_within_the_timeout(writes: int) -> None:
+    """The async path's durability wait (FUA, flush) has the same bound: the Python API's
+    ``wait_durable`` raises after ``replication_timeout_s``, NBD did not answer at all."""
+    engine = _Engine()
+
+    async def flush() -> float:
+        started = time.monotonic()
+        ticket: Any = _Ticket(9, None)
+        with pytest.raises(ReplicationError, match="NOT replicated"):
+            await asyncio.wait_for(_export(engine)._durable(ticket, writes), TIMEOUT_S * 5)
+        return time.monotonic() - started
+
+    took = asyncio.run(flush())
+    assert took < TIMEOUT_S + 0.2, f"the error reply took {took:.2f} s"
+
+
+def test_a_durable_flush_is_answered_at_once_with_success() -> None:
+    engine = _Engine()
+
+    async def flush() -> float:
+        started = time.monotonic()
+        await _export(engine)._durable(_Ticket(9, 0.0), 0)  # type: ignore[arg-type]
+        return time.monotonic() - started
+
+    assert asyncio.run(flush()) < TIMEOUT_S / 2
