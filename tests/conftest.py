@@ -83,11 +83,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"written to {written}")
 
 
-def _session_cluster(
-    tmp_path_factory: pytest.TempPathFactory, nodes: int, **kwargs: Any
+def session_cluster(
+    tmp_path_factory: pytest.TempPathFactory, nodes: int, name: str = "", **kwargs: Any
 ) -> Iterator[KafkaCluster]:
-    name = f"test{nodes}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    home = tmp_path_factory.mktemp(f"lowmark-home-kafka{nodes}")  # a LOWMARK_HOME of its own
+    """Start a cluster for the session, yield it, stop it (the fixtures' shared body)."""
+    label = f"kafka {nodes}-node cluster" + (f" ({name})" if name else "")
+    kind = name or f"kafka{nodes}"
+    name = f"{kind}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    home = tmp_path_factory.mktemp(f"lowmark-home-{kind}")  # a LOWMARK_HOME of its own
     cluster = KafkaCluster(
         name, nodes=nodes, base_dir=cluster_dir(name, home), die_with_parent=True, **kwargs
     )
@@ -97,7 +100,7 @@ def _session_cluster(
     except BaseException:
         cluster.stop(grace_s=5)
         raise
-    _STARTUP_S[f"kafka {nodes}-node cluster"] = time.monotonic() - started
+    _STARTUP_S[label] = time.monotonic() - started
     try:
         yield cluster
     finally:
@@ -115,7 +118,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster | E
     if os.environ.get("LOWMARK_KAFKA", "").strip() == "testcontainers":
         yield from _testcontainers_kafka()
         return
-    yield from _session_cluster(tmp_path_factory, 1)
+    yield from session_cluster(tmp_path_factory, 1)
 
 
 def _testcontainers_kafka() -> Iterator[ExternalKafka]:
@@ -139,7 +142,7 @@ def _testcontainers_kafka() -> Iterator[ExternalKafka]:
 
 @pytest.fixture(scope="session")
 def _kafka3_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
-    yield from _session_cluster(tmp_path_factory, 3)
+    yield from session_cluster(tmp_path_factory, 3)
 
 
 @pytest.fixture

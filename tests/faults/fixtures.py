@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +19,8 @@ import pytest
 
 from connectors.embedded_kafka.cluster import KafkaCluster
 from connectors.embedded_kafka.procs import free_port
-from connectors.embedded_kafka.state import cluster_dir
 from connectors.kafka.config import KafkaConnection
+from tests.conftest import session_cluster
 from tests.faults.proxy import ProxySet
 
 NODES = 3
@@ -66,26 +64,17 @@ def _proxied3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedClust
     ports = _ports()
     # node: (broker's CLIENT listener, its proxy = what the broker advertises)
     listeners = {n: (ports[2 * n - 2], ports[2 * n - 1]) for n in range(1, NODES + 1)}
-    name = f"proxied3-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    home = tmp_path_factory.mktemp("lowmark-home-proxied3")
-    cluster = KafkaCluster(
-        name, nodes=NODES, base_dir=cluster_dir(name, home), die_with_parent=True,
-        client_listeners=listeners, extra_broker_props={"min.insync.replicas": "2"},
-    )  # fmt: skip
     routes = {n: (adv, listen) for n, (listen, adv) in listeners.items()}
     with ProxySet(routes) as proxies:
-        started = time.monotonic()
+        clusters = session_cluster(
+            tmp_path_factory, NODES, name="proxied3", client_listeners=listeners,
+            extra_broker_props={"min.insync.replicas": "2"},
+        )  # fmt: skip
         try:
-            cluster.start(timeout_s=120)
-        except BaseException:
-            cluster.stop(grace_s=5)
-            raise
-        print(f"proxied 3-node cluster started in {time.monotonic() - started:.1f} s")
-        try:
-            yield ProxiedCluster(cluster, proxies)
+            yield ProxiedCluster(next(clusters), proxies)
         finally:
             proxies.heal()
-            cluster.stop(grace_s=10)
+            clusters.close()  # the generator's finally: the cluster stopped
 
 
 @pytest.fixture
