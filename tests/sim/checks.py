@@ -91,17 +91,15 @@ def applied_only_legit_and_below_w(
     return None
 
 
-def checkpoint_stops_at_bad_records(applier: Applier, parts: list[list[Entry]]) -> str | None:
+def checkpoint_stops_at_bad_records(applier: Applier, bad: list[list[int]]) -> str | None:
     """Invariant 5: nothing at or after a bad record counts as consumed until it is skipped:
-    no checkpoint's offsets pass it."""
-    for p, part in enumerate(parts):
-        bad = next(
-            (e.offset for e in part if e.corrupt and (p, e.offset) not in applier.skip), None
-        )
-        if bad is not None and applier.checkpoint.offsets.get(p, 0) > bad:
+    no checkpoint's offsets pass it. ``bad``: per partition, the corrupt records' offsets."""
+    for p, offsets in enumerate(bad):
+        first = next((o for o in offsets if (p, o) not in applier.skip), None)
+        if first is not None and applier.checkpoint.offsets.get(p, 0) > first:
             return (
                 f"{applier.name}'s checkpoint offset {applier.checkpoint.offsets[p]} of partition "
-                f"{p} passes the bad record at {bad}, which nobody skipped"
+                f"{p} passes the bad record at {first}, which nobody skipped"
             )
     return None
 

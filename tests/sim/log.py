@@ -39,9 +39,13 @@ class SimLog:
     #: the progress topic (one partition): (record, committed) per offset
     progress: list[tuple[Progress, bool]] = field(default_factory=list)
     watermarks: list[Watermark] = field(default_factory=list)
+    #: per partition, the offsets of the corrupt records, in order (the per-step check
+    #: reads these instead of scanning the whole log)
+    bad: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.parts = [[] for _ in range(self.partitions)]
+        self.bad = [[] for _ in range(self.partitions)]
 
     def end(self, p: int) -> int:
         return len(self.parts[p])
@@ -78,6 +82,7 @@ class SimLog:
         part = self.parts[p]
         part.append(Entry(len(part), None, True, corrupt=True))
         part.append(Entry(len(part), None, False))
+        self.bad[p].append(len(part) - 2)
         return len(part) - 2
 
     def progress_offset_of_last(self) -> int:

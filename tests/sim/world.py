@@ -410,7 +410,7 @@ class World:
             self._checked_ts[i.iid] = len(i.issued)
         for a in (self.site, self.shadow):
             self.check(checks.applied_only_legit_and_below_w(a, self.legit))
-            self.check(checks.checkpoint_stops_at_bad_records(a, self.log.parts))
+            self.check(checks.checkpoint_stops_at_bad_records(a, self.log.bad))
             if a.is_cut():
                 self.check(checks.images_equal(a.name, a.images, self.reference(a.applied_w)))
         if self.wm.cursor == self.wm.shadow_cursor:
