@@ -20,8 +20,11 @@ timeouts handle an unreachable cluster as before.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,30 +119,54 @@ def _readable(setting: str, path: str) -> None:
 
 
 def _check_validity(cert: str, now_s: float) -> None:
-    try:
-        # the stdlib's only certificate parser without a handshake; it reads the first
-        # certificate of a PEM file, the client's own
-        decoded = ssl._ssl._test_decode_cert(cert)  # type: ignore[attr-defined]
-        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
-        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
-    except (ssl.SSLError, ValueError, KeyError) as exc:
-        raise KafkaAuthError(
-            f"ssl.certificate.location {cert} is not a PEM certificate ({exc})",
-            setting="ssl.certificate.location",
-        ) from None
-    if now_s > not_after:
+    dates = _cert_dates(cert)
+    if dates is None:
+        return  # no openssl here: an expired certificate still fails, as a TLS alert
+    not_before, not_after = dates
+    if now_s > ssl.cert_time_to_seconds(not_after):
         raise KafkaAuthError(
             f"the client certificate ssl.certificate.location {cert} expired on "
-            f"{decoded['notAfter']}: the brokers refuse it. Renew it (and its key, "
+            f"{not_after}: the brokers refuse it. Renew it (and its key, "
             "ssl.key.location) and restart",
             setting="ssl.certificate.location",
         )
-    if now_s < not_before:
+    if now_s < ssl.cert_time_to_seconds(not_before):
         raise KafkaAuthError(
             f"the client certificate ssl.certificate.location {cert} is not valid before "
-            f"{decoded['notBefore']} (is this host's clock right?)",
+            f"{not_before} (is this host's clock right?)",
             setting="ssl.certificate.location",
         )
+
+
+def _cert_dates(cert: str) -> tuple[str, str] | None:
+    """(notBefore, notAfter) of the first certificate in ``cert``, as openssl prints them.
+
+    The standard library parses a certificate only inside a handshake, and lowmark does
+    not depend on ``cryptography``; ``openssl x509`` is on every host that has TLS files.
+    None when openssl is not installed.
+    """
+    exe = shutil.which("openssl")
+    if exe is None:
+        return None
+    done = subprocess.run(
+        [exe, "x509", "-noout", "-startdate", "-enddate", "-in", cert],
+        capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"},
+    )  # fmt: skip
+    found = dict(
+        line.split("=", 1) for line in done.stdout.splitlines() if line.startswith("not")
+    )
+    try:
+        dates = found["notBefore"], found["notAfter"]
+        for text in dates:
+            ssl.cert_time_to_seconds(text)
+    except (KeyError, ValueError):
+        why = done.stderr.strip().splitlines()[-1:] or [f"openssl printed {done.stdout!r}"]
+        raise KafkaAuthError(
+            f"ssl.certificate.location {cert} is not a PEM certificate ({why[0]}): set "
+            f"{where_set('ssl.certificate.location')} to the client certificate's PEM file",
+            setting="ssl.certificate.location",
+        ) from None
+    return dates
 
 
 # ---------------------------------------------------------------- the brokers' verdict
