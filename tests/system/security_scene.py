@@ -114,6 +114,7 @@ class Scene:
                  via: str) -> None:  # fmt: skip
         assert via in ("file", "env")
         self.tmp, self.cg, self.via = tmp, cg, via
+        tmp.mkdir(parents=True, exist_ok=True)
         self.nbd_port = free_port()
         self.ports = {name: free_port() for name in ("serve", "watermark", "apply")}
         self.config = tmp / "lowmark.toml"

@@ -179,7 +179,7 @@ def test_services_and_tools_run_on_a_secured_cluster(secured, tmp_path, unique_n
            "primary", seconds=seconds, commands=len(done) + 3,
            tool_s={k: round(d.seconds, 1) for k, d in done.items()},
            phases_s={k: round(v, 1) for k, v in phases.items()})  # fmt: skip
-    print("phases (s from start):", phases, "tools:", {k: round(d.seconds, 1) for k, d in done.items()})
+    print("phases (s from start):", phases, "tools:", {k: round(d.seconds, 1) for k, d in done.items()})  # noqa: E501
 
 
 def _bad_cases(s: Secured) -> list[tuple[str, dict[str, str | None], str]]:
