@@ -92,6 +92,8 @@ def _no_leaks(texts: dict[str, str], secrets: list[str]) -> int:
     return len(texts)
 
 
+# ~100 s on a quiet machine; 250 s measured under a load average of 40 on 2 cores
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("secured", MODES, indirect=True)
 def test_services_and_tools_run_on_a_secured_cluster(secured, tmp_path, unique_name):
     t0 = time.monotonic()
@@ -225,7 +227,9 @@ def test_bad_credentials_fail_fast_naming_the_setting(secured, tmp_path, unique_
                       settings(secured.security, **override), VIA[secured.mode])  # fmt: skip
         for args in (("serve",), *(FIRST_CASE_ALSO if i == 0 else ())):
             jobs[f"{case}: {args[0]}"] = (scene, args)
-    done = run_parallel(jobs, timeout_s=90)
+    # two at a time: each verdict is timed as an operator's one command would be, not
+    # behind a crowd of Python start-ups on a shared 2-core machine
+    done = run_parallel(jobs, timeout_s=90, at_once=2)
     expected = {case: setting for case, _o, setting in cases}
     wrong = []
     for key, d in done.items():
@@ -251,6 +255,8 @@ def test_bad_credentials_fail_fast_naming_the_setting(secured, tmp_path, unique_
                       "env")  # fmt: skip
         scene.run("topology", "--json").ok()
     slowest = max(d.seconds for d in done.values())
+    print(f"{secured.mode}: slowest verdict {slowest:.1f} s;",
+          {k: round(d.seconds, 1) for k, d in done.items()})  # fmt: skip
     record(f"security {secured.mode}: bad credentials", faults=len(cases), checked=len(done),
            violations=0, checked_what="refused commands: exit != 0 < 30 s naming the setting, "
            "no record, no secret", seconds=time.monotonic() - t0,
