@@ -10,6 +10,8 @@ The message says what happened and what the operator can do about it.
      ├── KafkaError                  talking to Kafka failed (.code, .retriable, .fatal,
      │    │                          .txn_requires_abort: librdkafka's verdict, when it gave one)
      │    ├── KafkaUnavailableError  no broker answered within the timeout   (retriable)
+     │    ├── KafkaAuthError         TLS/SASL refused us (.setting: the one to fix); not
+     │    │                          retriable: fix the setting and start again
      │    └── FencedError            a newer instance took over this transactional.id
      ├── RecordError                 a Kafka record we cannot trust; never applied
      │    ├── UnknownSchemaError     fingerprint / magic we do not know
@@ -89,6 +91,21 @@ class KafkaUnavailableError(KafkaError):
     """No broker answered in time. Check bootstrap.servers and that the cluster is up."""
 
     retriable = True
+
+
+class KafkaAuthError(KafkaError):
+    """The brokers refused our TLS or SASL credentials, or a credential file is unusable.
+
+    ``setting`` names the connection setting to fix (``sasl.password``,
+    ``ssl.ca.location``, ...); the message says what was refused and how to fix it, never
+    a secret. Retrying with the same settings fails the same way.
+    """
+
+    retriable = False
+
+    def __init__(self, message: str, *, setting: str, code: int | None = None) -> None:
+        super().__init__(message, code=code, retriable=False)
+        self.setting = setting
 
 
 class FencedError(KafkaError):

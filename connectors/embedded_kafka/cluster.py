@@ -45,6 +45,7 @@ from connectors.embedded_kafka.procs import (
     read_text,
     tail,
 )
+from connectors.embedded_kafka.security import ClusterSecurity, redact_args
 from connectors.embedded_kafka.state import STATE_FILE, NodeState, cluster_dir, load_state
 from pipeline.errors import KafkaStartError, SetupError
 
@@ -67,6 +68,7 @@ class KafkaCluster:
     ``client_listeners`` = {node: (listen port, advertised port)} gives nodes a CLIENT
     listener advertising another port (a fault proxy in front of it, tests/faults):
     ``client_bootstrap_servers`` goes through it, ``bootstrap_servers`` does not.
+    ``security`` secures the client listener (TLS, mutual TLS, SASL/SCRAM: ``security.py``).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class KafkaCluster:
         die_with_parent: bool = False,
         pom: Path | str | None = None,
         client_listeners: Mapping[int, tuple[int, int]] | None = None,
+        security: ClusterSecurity | None = None,
     ) -> None:
         if not _NAME.match(name):
             raise SetupError(
@@ -97,6 +100,12 @@ class KafkaCluster:
         self.die_with_parent = die_with_parent
         self.pom = kafka_pom(pom)
         self.client_listeners = dict(client_listeners or {})
+        self.security = security or ClusterSecurity()
+        if self.client_listeners and self.security.mode != "plaintext":
+            raise SetupError(
+                "a secured cluster with fault-proxy client listeners is not supported yet: "
+                "both define the CLIENT listener; use one or the other"
+            )
         self.version = kafka_version(self.pom)
         self._nodes: dict[int, NodeState] = {}
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -303,8 +312,9 @@ class KafkaCluster:
                           for n in self._nodes.values())
         for node in self._nodes.values():
             node.props.write_text(render_props(
-                broker_props(node, voters, self.nodes, self.extra_broker_props,
-                             self.client_listeners.get(node.node_id))))
+                broker_props(node, voters, self.nodes, {
+                    **self.security.broker_props(node.port, node.controller_port),
+                    **self.extra_broker_props}, self.client_listeners.get(node.node_id))))
             (Path(node.dir) / "log4j2.properties").write_text(log4j2_config(node.server_log))
 
     def _pick_ports(self, fresh: bool) -> list[int]:
@@ -326,7 +336,8 @@ class KafkaCluster:
             cmd = [java, *TOOL_JVM_FLAGS, *cds, "-cp", f"{libs}/*",
                    f"-Dlog4j2.configurationFile={Path(node.dir) / 'log4j2.properties'}",
                    "kafka.tools.StorageTool", "format", "--ignore-formatted",
-                   "-t", str(self._cluster_id), "-c", str(node.props)]
+                   "-t", str(self._cluster_id), "-c", str(node.props),
+                   *self.security.format_args()]
             procs.append((node, cmd, subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)))
         for node, cmd, proc in procs:
@@ -336,7 +347,7 @@ class KafkaCluster:
                     f"formatting the storage of kafka node {node.node_id} failed "
                     f"(exit {proc.returncode}); check the broker properties "
                     f"(extra_broker_props: {self.extra_broker_props}).\n"
-                    f"command: {shlex.join(cmd)}\n"
+                    f"command: {shlex.join(redact_args(cmd))}\n"
                     + last_lines(out.decode(errors="replace"))
                 )
 
@@ -447,7 +458,7 @@ class KafkaCluster:
                 if not self._alive(node):
                     raise self._start_error(node, "exited during start-up")
             if admin is None and all(accepts(self._nodes[i].port) for i in node_ids):
-                admin = _admin(self.bootstrap_servers)
+                admin = _admin(self.bootstrap_servers, self.security.client_conf())
             if (admin is not None and all(self._started(i) for i in node_ids)
                     and self._brokers(admin) >= node_ids
                     and self._quorum_leader() is not None):
@@ -530,7 +541,7 @@ class KafkaCluster:
         os.replace(tmp, self.state_file)
 
 
-def _admin(bootstrap: str) -> object:
+def _admin(bootstrap: str, security: Mapping[str, str]) -> object:
     from confluent_kafka.admin import AdminClient
 
     quiet = logging.getLogger("lowmark.embedded_kafka.librdkafka")
@@ -539,6 +550,7 @@ def _admin(bootstrap: str) -> object:
         "bootstrap.servers": bootstrap,
         "logger": quiet,
         "socket.connection.setup.timeout.ms": 2000,
+        **security,
     }
     return AdminClient(conf)
 

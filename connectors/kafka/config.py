@@ -64,6 +64,9 @@ class KafkaConnection:
     ssl_certificate_location: str | None = None
     ssl_key_location: str | None = None
     ssl_key_password: Secret | None = None
+    #: "https" (librdkafka's default: the broker's certificate must name the host dialled)
+    #: or "none" (no hostname check: a test cluster, never production)
+    ssl_endpoint_identification_algorithm: str | None = None
     client_id: str = "lowmark"
     #: further librdkafka settings, passed through as they are
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -112,6 +115,17 @@ class KafkaConnection:
                 f"TLS files are given but security.protocol is {self.security_protocol}; "
                 "they would be ignored. Use SSL (or SASL_SSL) or drop them."
             )
+        endpoint = self.ssl_endpoint_identification_algorithm
+        if endpoint is not None and endpoint not in ("https", "none"):
+            raise ConfigError(
+                f"ssl.endpoint.identification.algorithm {endpoint!r} is not 'https' (check "
+                "that the broker certificate names the host) or 'none' (do not check)"
+            )
+        if endpoint is not None and not ssl:
+            raise ConfigError(
+                f"ssl.endpoint.identification.algorithm is given but security.protocol is "
+                f"{self.security_protocol}; it would be ignored. Use SSL or SASL_SSL or drop it."
+            )
         if bool(self.ssl_certificate_location) != bool(self.ssl_key_location):
             raise ConfigError(
                 "a TLS client certificate needs both ssl.certificate.location and "
@@ -158,6 +172,7 @@ class KafkaConnection:
             "ssl.key.location": self.ssl_key_location,
             "ssl.key.password": self.ssl_key_password.get_secret_value()
             if self.ssl_key_password else None,
+            "ssl.endpoint.identification.algorithm": self.ssl_endpoint_identification_algorithm,
         }
         conf.update({k: v for k, v in optional.items() if v})
         return conf
@@ -170,6 +185,20 @@ class KafkaConnection:
         """A copy naming a different client (so broker logs tell components apart)."""
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
         return KafkaConnection(**{**fields, "client_id": client_id})
+
+
+#: what ``from_env`` reads after ``LOWMARK_KAFKA_`` (and a [kafka] table's keys, lower case)
+ENV_KEYS = (
+    "SECURITY_PROTOCOL", "SASL_MECHANISM", "SASL_USERNAME", "SASL_PASSWORD", "SSL_CA_LOCATION",
+    "SSL_CERTIFICATE_LOCATION", "SSL_KEY_LOCATION", "SSL_KEY_PASSWORD",
+    "SSL_ENDPOINT_IDENTIFICATION_ALGORITHM", "CLIENT_ID", "EXTRA",
+)  # fmt: skip
+
+
+def where_set(setting: str) -> str:
+    """How an operator sets librdkafka's ``setting`` for lowmark, for error messages."""
+    key = setting.replace(".", "_")
+    return f"{setting} (LOWMARK_KAFKA_{key.upper()}, or {key} in the [kafka] table)"
 
 
 def _parse_extra(text: str, var: str) -> dict[str, str]:
@@ -195,7 +224,8 @@ def from_env(
     Bootstrap: the argument, else ``LOWMARK_BOOTSTRAP_SERVERS``. The rest from
     ``<prefix>SECURITY_PROTOCOL``, ``SASL_MECHANISM``, ``SASL_USERNAME``, ``SASL_PASSWORD``,
     ``SSL_CA_LOCATION``, ``SSL_CERTIFICATE_LOCATION``, ``SSL_KEY_LOCATION``,
-    ``SSL_KEY_PASSWORD``, ``CLIENT_ID`` and ``EXTRA`` (``key=value,key=value``).
+    ``SSL_KEY_PASSWORD``, ``SSL_ENDPOINT_IDENTIFICATION_ALGORITHM``, ``CLIENT_ID`` and
+    ``EXTRA`` (``key=value,key=value``).
     """
     env = os.environ if environ is None else environ
     bootstrap = bootstrap_servers or env.get(BOOTSTRAP_ENV, "")
@@ -219,6 +249,9 @@ def from_env(
         ssl_certificate_location=get("SSL_CERTIFICATE_LOCATION"),
         ssl_key_location=get("SSL_KEY_LOCATION"),
         ssl_key_password=Secret(p) if (p := get("SSL_KEY_PASSWORD")) else None,
+        ssl_endpoint_identification_algorithm=(
+            e.lower() if (e := get("SSL_ENDPOINT_IDENTIFICATION_ALGORITHM")) else None
+        ),
         client_id=get("CLIENT_ID") or "lowmark",
         extra=_parse_extra(get("EXTRA") or "", prefix + "EXTRA"),
     )

@@ -41,14 +41,24 @@ def build_config(
     config_path: Path | None,
     bootstrap_servers: str | None,
     cg_name: str | None,
+    *,
+    kafka_access: bool = True,
     **sections: dict[str, Any],
 ) -> LowmarkConfig:
+    """The command's configuration; with ``kafka_access`` (every command that talks to
+    Kafka) a TLS/SASL connection is checked first, so a bad credential fails in seconds
+    naming its setting, before anything is produced (``connectors.kafka.access``)."""
     overrides: dict[str, dict[str, Any]] = {k: v for k, v in sections.items() if v}
     overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
     if cg_name:
         overrides.setdefault("cg", {})["name"] = cg_name
     # the CLI, not the config, knows the development cluster: `lowmark kafka up` just works
-    return load_config(config_path, overrides, embedded=find_bootstrap)
+    cfg = load_config(config_path, overrides, embedded=find_bootstrap)
+    if kafka_access:
+        from connectors.kafka.access import check_access
+
+        check_access(cfg.kafka)
+    return cfg
 
 
 @click.command()

@@ -20,7 +20,8 @@ from pipeline.site import SiteDir, SiteLock
 
 
 def _site_dir(config_path, bootstrap_servers, cg_name, site, site_dir) -> tuple[str, SiteDir]:
-    cfg = build_config(config_path, bootstrap_servers, cg_name)
+    # a local control file: no Kafka is reached, so none is checked
+    cfg = build_config(config_path, bootstrap_servers, cg_name, kafka_access=False)
     name, sdir = _site(cfg, site, site_dir)
     if sdir is None or not SiteDir(sdir).is_site():
         raise ConfigError(

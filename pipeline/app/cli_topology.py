@@ -86,8 +86,9 @@ def _client(config_path: Path | None, admin_socket: Path | None, data_dir: Path 
     if admin_socket is None and data_dir is not None:
         admin_socket = default_admin_socket(data_dir)
     if admin_socket is None:
-        # the serve section only: no Kafka is needed to reach a local primary
-        cfg = load_config(config_path, {"kafka": {"bootstrap_servers": "unused:0"}})
+        # the serve section only: no Kafka is needed to reach a local primary, but the
+        # connection is validated all the same, so the stand-in must be a valid host:port
+        cfg = load_config(config_path, {"kafka": {"bootstrap_servers": "unused.invalid:9"}})
         if not cfg.serve.admin_socket:
             raise ConfigError("[serve] admin_socket is off: no running primary can be reached")
         admin_socket = admin_socket_path(cfg)

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from connectors.kafka.config import KafkaConnection, resolve
+from connectors.kafka.config import ENV_KEYS, KafkaConnection, resolve
 from pipeline.errors import ConfigError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -306,6 +306,11 @@ def _kafka(
     embedded: Callable[[str], str | None] | None = None,
 ) -> KafkaConnection:
     """bootstrap: flag > env > file > the embedded cluster; security: env > file."""
+    unknown = {k for k in raw if k != "bootstrap_servers" and k.upper() not in ENV_KEYS}
+    if unknown:
+        # a typo in sasl_password must not leave lowmark connecting without one
+        known = sorted(["bootstrap_servers", *(k.lower() for k in ENV_KEYS)])
+        raise ConfigError(f"[kafka] has unknown keys {sorted(unknown)}; known keys: {known}")
     bootstrap = flags.get("bootstrap_servers") or raw.pop("bootstrap_servers", None)
     merged = {f"LOWMARK_KAFKA_{k.upper()}": str(v) for k, v in raw.items()}
     merged.update(env)

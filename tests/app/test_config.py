@@ -91,3 +91,35 @@ def test_volumes_from_env_and_flags(tmp_path):
 )
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+def test_an_unknown_kafka_key_is_an_error_naming_it(tmp_path):
+    # a typo must not leave lowmark connecting without the password it was given
+    path = _write(tmp_path, '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_pasword = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=BASE)
+    msg = str(info.value)
+    assert "['sasl_pasword']" in msg and "sasl_password" in msg
+    assert "'x'" not in msg
+
+
+def test_every_documented_kafka_key_is_accepted_in_the_file(tmp_path):
+    path = _write(tmp_path, """
+[kafka]
+bootstrap_servers = "h:9093"
+security_protocol = "SASL_SSL"
+sasl_mechanism = "SCRAM-SHA-512"
+sasl_username = "u"
+sasl_password = "p"
+ssl_ca_location = "/ca.pem"
+ssl_certificate_location = "/c.pem"
+ssl_key_location = "/k.pem"
+ssl_key_password = "kp"
+ssl_endpoint_identification_algorithm = "none"
+client_id = "me"
+extra = "socket.keepalive.enable=true"
+""")
+    kafka = load_config(path, environ={}).kafka
+    assert kafka.bootstrap_servers == "h:9093" and kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert kafka.ssl_endpoint_identification_algorithm == "none" and kafka.client_id == "me"
+    assert kafka.extra == {"socket.keepalive.enable": "true"}

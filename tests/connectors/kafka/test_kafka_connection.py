@@ -66,9 +66,22 @@ def test_connection_renders_sasl_ssl_and_hides_the_password():
         ({"ssl_ca_location": "/ca.pem"}, "would be ignored"),
         ({"security_protocol": "SSL", "ssl_certificate_location": "/c.pem"}, "ssl.key.location"),
         ({"extra": {"bootstrap.servers": "other:1"}}, "redefine"),
+        ({"security_protocol": "SSL", "ssl_endpoint_identification_algorithm": "off"},
+         "is not 'https'"),
+        ({"ssl_endpoint_identification_algorithm": "none"}, "would be ignored"),
     ],
 )
 def test_connection_rejects_inconsistent_settings(kwargs, message):
     args = {"bootstrap_servers": "127.0.0.1:9092", **kwargs}
     with pytest.raises(ConfigError, match=message):
         KafkaConnection(**args)
+
+
+def test_endpoint_identification_is_read_from_the_environment_and_rendered():
+    env = {"LOWMARK_KAFKA_SECURITY_PROTOCOL": "ssl",
+           "LOWMARK_KAFKA_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM": "NONE"}  # fmt: skip
+    conf = from_env(bootstrap_servers="a:9093", environ=env).librdkafka()
+    assert conf["ssl.endpoint.identification.algorithm"] == "none"
+    # unset: librdkafka's own default (https) stands, not a value of ours
+    plain = from_env(bootstrap_servers="a:9093", environ={"LOWMARK_KAFKA_SECURITY_PROTOCOL": "SSL"})
+    assert "ssl.endpoint.identification.algorithm" not in plain.librdkafka()
