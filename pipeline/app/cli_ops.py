@@ -2,7 +2,8 @@
 
 Each takes --config/--bootstrap-servers/--cg like the service commands
 (``pipeline.app.cli_services.config_options``). Errors are ``LowmarkError``s that
-``pipeline.app.cli.run`` prints as one line; ``verify`` exits 1 on a mismatch.
+``pipeline.app.cli.run`` prints as one line; ``verify`` exits 1 on a mismatch, 2 when
+it could not compare (UNVERIFIED).
 """
 
 from __future__ import annotations
@@ -310,7 +311,8 @@ def replay(config_path, bootstrap_servers, cg_name, from_ts, to_ts, images_dir, 
 )
 @click.option("--json", "as_json", is_flag=True)
 def verify(config_path, bootstrap_servers, cg_name, site, site_dir, at_checkpoint, as_json) -> None:
-    """Compare a site's latest checkpoint with the log replayed to its W; exit 1 if unequal."""
+    """Compare a site's latest checkpoint with the log replayed to its W; exit 1 if unequal,
+    2 if nothing differed but something could not be compared (no digests, no snapshot)."""
     from dataclasses import asdict
 
     from pipeline.ops import verify as vf
@@ -335,8 +337,10 @@ def verify(config_path, bootstrap_servers, cg_name, site, site_dir, at_checkpoin
         click.echo(orjson.dumps({**asdict(report), "ok": report.ok}).decode())
     else:
         click.echo(vf.render(report))
-    if not report.ok:
+    if report.mismatched:
         sys.exit(1)
+    if not report.ok:
+        sys.exit(2)  # nothing differed, but not everything could be compared
 
 
 COMMANDS = [tail, restore, replay, verify]

@@ -146,7 +146,15 @@ class ApplySection:
     max_pending_bytes: str = "256MiB"
     snapshot_interval_s: float = 0.0
     snapshots_kept: int = 4
+    #: per-volume digests in a running site's checkpoint this often (0: only at a clean
+    #: stop); each costs a read of every allocated byte, during which nothing is applied
+    digest_interval_s: float = 0.0
     metrics: str = ""
+
+    def __post_init__(self) -> None:
+        if self.digest_interval_s < 0:
+            raise ConfigError(f"[apply] digest_interval_s {self.digest_interval_s} must be "
+                              ">= 0 (0: digests only at a clean stop)")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -251,6 +251,7 @@ def make_applier(
             max_pending_bytes=parse_size(a.max_pending_bytes, "max_pending_bytes"),
             snapshot_interval_s=a.snapshot_interval_s,
             snapshots_kept=a.snapshots_kept,
+            digest_interval_s=a.digest_interval_s or None,
             named_keep_last=cfg.snapshots.keep_last,
             named_max_age_s=cfg.snapshots.max_age_s,
             log_partitions=cfg.cg.log_partitions,

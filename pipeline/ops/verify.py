@@ -29,12 +29,14 @@ from pipeline.topology.store import current_generation
 
 OK = "OK"
 MISMATCH = "MISMATCH"
+#: nothing to compare with: not a mismatch, but not a verification either
+UNCHECKED = frozenset({"NO-DIGEST", "NO-SNAPSHOT"})
 
 
 @dataclass(frozen=True)
 class VolumeVerdict:
     volume_id: str
-    status: str  # OK | MISMATCH | MISSING-AT-SITE | NOT-IN-LOG | NO-DIGEST
+    status: str  # OK | MISMATCH | MISSING-AT-SITE | NOT-IN-LOG | NO-DIGEST | NO-SNAPSHOT
     site_digest: str | None
     replay_digest: str | None
     site_size: int | None
@@ -54,6 +56,11 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return all(v.status == OK for v in self.verdicts)
+
+    @property
+    def mismatched(self) -> bool:
+        """Some volume differs from the replay (as opposed to: could not be compared)."""
+        return any(v.status != OK and v.status not in UNCHECKED for v in self.verdicts)
 
 
 def compare(
@@ -168,5 +175,14 @@ def render(report: VerifyReport) -> str:
             )
         lines.append(f"  {v.what:<10} {v.volume_id:<20} {v.status}{detail}")
     lines.extend(f"  note: {n}" for n in report.notes)
-    lines.append("OK" if report.ok else "MISMATCH: the site does not hold the cut it claims")
+    if report.ok:
+        lines.append("OK")
+    elif report.mismatched:
+        lines.append("MISMATCH: the site does not hold the cut it claims")
+    else:
+        lines.append(
+            "UNVERIFIED: the site's checkpoint carries no digests to compare (a running "
+            "`lowmark apply` adds them every [apply] digest_interval_s; a clean stop always "
+            "does), or --at-checkpoint found no snapshot at its W; nothing differed"
+        )
     return "\n".join(lines)

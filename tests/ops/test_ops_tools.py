@@ -529,6 +529,18 @@ def test_verify_ok_then_mismatch_on_a_wrong_checkpoint_or_snapshot(cg_run, tmp_p
     assert res.exit_code == 1, res.output
     assert f"{vol.volume_id}" in res.stdout and "MISMATCH" in res.stdout
 
+    # a running site's checkpoint without digests: nothing to compare is not a mismatch
+    # (it said "MISMATCH: the site does not hold the cut it claims" and exited 1)
+    bare = dataclasses.replace(
+        ck, site="bare", volumes=tuple(dataclasses.replace(v, digest="") for v in ck.volumes)
+    )
+    p.produce(CgTopics(cg).checkpoints, codec.encode(bare), b"bare")
+    p.flush(10)
+    res = _cli(conf, cg, "verify", "--site", "bare")
+    assert res.exit_code == 2, res.output
+    assert "NO-DIGEST" in res.stdout and "MISMATCH" not in res.stdout, res.stdout
+    assert "UNVERIFIED" in res.stdout and "digest_interval_s" in res.stdout
+
     # a snapshot copy with one byte changed on disk: --at-checkpoint catches it
     copy = tmp_path / "site-copy"
     shutil.copytree(SiteDir(run["site_dir"]).snapshots_dir, SiteDir(copy).snapshots_dir)
