@@ -145,7 +145,7 @@ def one_log(kafka, tmp_path_factory) -> Log:
     ("crashes", "seed"),
     [
         pytest.param(20, 1, id="short"),
-        pytest.param(500, 2, id="long", marks=pytest.mark.torture),
+        pytest.param(500, 2, id="long", marks=[pytest.mark.torture, pytest.mark.timeout(3000)]),
     ],
 )
 def test_applier_fsync_loss(one_log, kafka_conf, tmp_path, crashes, seed):
