@@ -12,7 +12,9 @@ volume, stricter than per extent; a pwrite into the page cache takes microsecond
 Promises, per mode (``flush`` is the same in both):
 
 - write / write_zeroes / trim return: async, after the local write; sync, acknowledged
-  once the write is inside a published cut: W >= ts (durable in Kafka is not enough:
+  once the image is fdatasynced (else a power cut could lose it here, and the restart's
+  republish of its region would take it from the backups too) and the write is inside a
+  published cut: W >= ts (durable in Kafka is not enough:
   another interceptor of the CG can hold W below it, for good if it dies before it is
   fenced; so a sync CG needs `lowmark watermark` running, see ``pipeline.primary.cut_follower``).
 - failure to replicate: async, later writes block at the backpressure bound and ``flush``
@@ -254,6 +256,7 @@ class Volume:
             engine = self._cg.interceptor
             now = engine.time_source.monotonic
             deadline = now() + engine.config.replication_timeout_s
+            self.image.sync()  # while the record is on its way (see the module doc)
             ticket.wait()
             engine.wait_covered(ticket.ts, max(0.0, deadline - now()))
         # a fenced interceptor (a newer generation exists) acknowledges nothing

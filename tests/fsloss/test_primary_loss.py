@@ -59,7 +59,7 @@ ENGINE = {
     "markers": False,
     "topology": False,
 }
-OPS_PER_LIFE = 40
+OPS_PER_LIFE = 24
 
 
 @dataclass
@@ -179,11 +179,11 @@ def workload(cg: ConsistencyGroup, model: Model, rng: random.Random, fs: FsLoss,
                 model.durable("s")
                 run.flushes += 1
                 continue
-            vid = "s" if r < 0.3 else "a"
+            vid = "s" if r < 0.22 else "a"  # a sync ack waits for a cut: ~0.1 s each
             vol = cg.volume(vid)
             n = rng.choice([512, 4096, 8192, 16384])
             off = rng.randrange(0, SIZES[vid] - n) // SECTOR * SECTOR
-            if r < 0.4:
+            if rng.random() < 0.15:
                 model.attempt(vid, off, bytes(n))
                 ts = vol.write_zeroes(off, n)
             else:
