@@ -296,7 +296,9 @@ def test_primary_fsync_loss(kafka_conf, unique_name, tmp_path, monkeypatch, cras
     primary = read_images(tmp_path / "primary")
     site = tmp_path / "backup"
     with running_backup(kafka_conf, unique_name, site):
-        wait_until(lambda: read_images(site) == primary, 90, "the backup equal to the primary")
+        wait_until(
+            lambda: read_images(site) == primary, 90 + crashes, "the backup equal to the primary"
+        )
     record(
         f"fsync loss: primary ({crashes} crashes)",
         faults=run.cuts,
