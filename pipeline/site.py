@@ -309,9 +309,13 @@ class SiteLock:
         except BaseException:
             os.close(fd)
             raise
-        # the pid, for the next one refused; truncating after the lock is taken is safe
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
+        try:
+            # the pid, for the next one refused; truncating after the lock is taken is safe
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {self.what}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)  # else the open file keeps the lock: this process blocks itself
+            raise
         self._fd = fd
         return self
 

@@ -5,8 +5,10 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
 - WRITE / WRITE_ZEROES / TRIM, async volume: replied after the local write took effect
   (and the clock's commit wait); the record reaches Kafka at the next tick.
 - same, sync volume: replied only once the write is inside a published cut: W >= ts
-  (durable in Kafka, and no member of the CG holds W below it; ``pipeline.primary.cut_follower``).
-  With NBD_CMD_FLAG_FUA the primary image is fdatasynced first.
+  (durable in Kafka, and no member of the CG holds W below it; ``pipeline.primary.cut_follower``),
+  and the primary image is fdatasynced first, FUA or not: a sync write lost from the image
+  in a power cut would be republished at the restart as the bytes the image kept, and
+  the backups would lose it too (tests/fsloss/test_primary_loss.py).
 - same, async volume with NBD_CMD_FLAG_FUA: replied once the primary image is fdatasynced
   and the record is durable in Kafka (not necessarily inside a cut yet).
 - a replication failure, or no W covering a sync write within ``replication_timeout_s``,
@@ -114,7 +116,7 @@ class VolumeExport:
         wait_us = self._engine.clock.commit_wait_us(ticket.ts)
         sync = self.volume.mode == "sync"
         if fua or sync:
-            return self._acknowledge(ticket, wait_us, fua=fua, covered=sync)
+            return self._acknowledge(ticket, wait_us, fua=fua or sync, covered=sync)
         if wait_us > 0:
             return self._wait_then_admit(wait_us)
         self._engine.admit_ack()  # raises once fenced: an EIO reply

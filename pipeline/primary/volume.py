@@ -12,7 +12,9 @@ volume, stricter than per extent; a pwrite into the page cache takes microsecond
 Promises, per mode (``flush`` is the same in both):
 
 - write / write_zeroes / trim return: async, after the local write; sync, acknowledged
-  once the write is inside a published cut: W >= ts (durable in Kafka is not enough:
+  once the image is fdatasynced (else a power cut could lose it here, and the restart's
+  republish of its region would take it from the backups too) and the write is inside a
+  published cut: W >= ts (durable in Kafka is not enough:
   another interceptor of the CG can hold W below it, for good if it dies before it is
   fenced; so a sync CG needs `lowmark watermark` running, see ``pipeline.primary.cut_follower``).
 - failure to replicate: async, later writes block at the backpressure bound and ``flush``
@@ -254,6 +256,7 @@ class Volume:
             engine = self._cg.interceptor
             now = engine.time_source.monotonic
             deadline = now() + engine.config.replication_timeout_s
+            self.image.sync()  # while the record is on its way (see the module doc)
             ticket.wait()
             engine.wait_covered(ticket.ts, max(0.0, deadline - now()))
         # a fenced interceptor (a newer generation exists) acknowledges nothing
@@ -283,13 +286,14 @@ class ConsistencyGroup:
         self.snapshots: PrimarySnapshots | None = None
         #: this primary's word on its volumes in ``lowmark.config`` (None: not published)
         self.entries: VolumeEntries | None = None
+        self._images_synced_seq = 0
         region_bytes = interceptor.config.region_bytes
         #: the volumes' dirty-region logs (None: off, ``InterceptorConfig.region_bytes`` 0)
         self.regions: RegionLog | None = (
             RegionLog(
                 self.site,
                 region_bytes,
-                lambda: interceptor.durable_seq,
+                self._synced_seq,
                 extent_bytes=interceptor.config.region_extent_bytes,
                 keep_s=interceptor.config.region_keep_s,
                 max_dirty_bytes=interceptor.config.region_keep_max_bytes,
@@ -298,6 +302,20 @@ class ConsistencyGroup:
             if region_bytes
             else None
         )
+
+    def _synced_seq(self) -> int:
+        """The interceptor's durable seq, once every image holds the writes up to it on
+        disk: what the dirty-region log may clear. A region cleared while its write was
+        only in the page cache is, after a power cut, neither in the image nor republished
+        at the restart, and the backups keep bytes the primary lost (found by
+        tests/fsloss/test_primary_loss.py). Read before the fdatasync: a write's pwrite
+        precedes its record's seq, so the sync covers every write up to it."""
+        seq = self.interceptor.durable_seq
+        if seq > self._images_synced_seq:
+            for vol in list(self.volumes.values()):
+                vol.image.sync()  # an EIO fails the region log: nothing is cleared after it
+            self._images_synced_seq = seq
+        return self._images_synced_seq
 
     @property
     def name(self) -> str:

@@ -243,3 +243,19 @@ def test_site_lock_is_dropped_when_the_holder_is_killed(tmp_path: Path) -> None:
     proc.join(30)
     with SiteLock(site) as lock:  # the kernel dropped it: the stale pid blocks nobody
         assert lock.holder_pid() == os.getpid()
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # the ftruncate, the pid's pwrite
+def test_site_lock_failing_to_write_its_pid_holds_nothing(tmp_path: Path, fail_at: int) -> None:
+    """Found by tests/fsloss/test_applier_loss.py: an EIO after the flock leaked the open
+    file, and with it the lock: every later applier of the site was refused as busy."""
+    from tests.fsloss.shim import FsLoss
+
+    site = SiteDir(tmp_path / "site").create()
+    SiteLock(site).acquire().release()  # the file is there from an earlier holder
+    with FsLoss(site.root, 0, crash_at=fail_at) as fs:
+        with pytest.raises(OSError, match="power cut"):
+            SiteLock(site, "applier of site dr1").acquire()
+        fs.crash()
+        with SiteLock(site.root) as again:
+            assert again.held
