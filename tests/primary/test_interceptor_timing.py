@@ -53,7 +53,13 @@ def test_a_sync_ack_shares_one_deadline_between_durable_and_covered(tmp_path: Pa
     clock = FakeTime()
     engine = _engine(tmp_path, clock, replication_timeout_s=30.0)
     cg = ConsistencyGroup(tmp_path, engine)
-    vol = Volume(cg, VolumeInfo("v", "v", 512, "sync"), image=None)  # type: ignore[arg-type]
+    synced: list[float] = []
+
+    class Image:
+        def sync(self) -> None:  # a sync ack waits for the primary image too
+            synced.append(clock.monotonic())
+
+    vol = Volume(cg, VolumeInfo("v", "v", 512, "sync"), image=Image())  # type: ignore[arg-type]
     left: list[float] = []
 
     class Ticket:
@@ -65,3 +71,4 @@ def test_a_sync_ack_shares_one_deadline_between_durable_and_covered(tmp_path: Pa
     engine.wait_covered = lambda ts, timeout_s: left.append(timeout_s)  # type: ignore[method-assign]
     assert vol._acknowledge(Ticket()) == 5  # type: ignore[arg-type]
     assert left == [pytest.approx(17.5)]  # what remains of the one 30 s bound
+    assert len(synced) == 1
