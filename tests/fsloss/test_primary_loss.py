@@ -232,7 +232,9 @@ def crash_lives(kafka_conf: dict[str, Any], cg_name: str, tmp_path: Path, crashe
             fs.tear = rng.random() < 0.5
             fs.crash_at = fs.ops + rng.randint(1, per_life)
             floor = run.issued[-1] if run.issued else 0
-            workload(cg, model, rng, fs, run, floor, OPS_PER_LIFE * 4)
+            workload(
+                cg, model, rng, fs, run, floor, per_life + OPS_PER_LIFE
+            )  # each op: >= 1 file op
             tag = f"seed {seed} life {life} (keep {fs.keep_share}, tear {fs.tear})"
             if not fs.cut.is_set():
                 fs.crash_at = None
