@@ -257,8 +257,18 @@ def crash_lives(kafka_conf: dict[str, Any], cg_name: str, tmp_path: Path, crashe
             fs.crash_at = None  # the republish this checks is uncrashed
             cg = opened or ConsistencyGroup.open(cg_name, data_dir, kafka_conf, **ENGINE)
             cg.flush()
-            run.violations += [f"{tag}: {v}" for v in logimg.read_on()]
             now = read_images(data_dir)
+            # the flush returns once the coordinator took the commit; its markers (and so
+            # what a read_committed reader sees) may follow a moment later: read on until
+            # the log's image matches, or a deadline says it never will
+            deadline = time.monotonic() + 10
+            while True:
+                run.violations += [f"{tag}: {v}" for v in logimg.read_on()]
+                if all(bytes(logimg.images[v]) == now[v] for v in SIZES):
+                    break
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
             for vid in SIZES:
                 if bytes(logimg.images[vid]) != now[vid]:
                     at = next(i for i in range(SIZES[vid]) if logimg.images[vid][i] != now[vid][i])
