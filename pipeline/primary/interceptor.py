@@ -215,7 +215,8 @@ class Interceptor:
         event(log, "interceptor closed", interceptor=self.config.interceptor_id, s=self.last_s)
 
     def crash(self) -> None:
-        """Stop without publishing anything more (tests: a process that dies)."""
+        """Stop without publishing anything more: a process that dies (tests), or an open
+        that failed after the start (``ConsistencyGroup.open``)."""
         self.failure = self.failure or ReplicationError("interceptor crashed (simulated)")
         self._crashed = True
         self.generation_watch.close()

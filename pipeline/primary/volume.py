@@ -351,7 +351,17 @@ class ConsistencyGroup:
         if self.regions is not None:
             self.regions.start()
         # before any new write: the tail of a crashed instance gets the first ts's of this one
-        republish(self)
+        try:
+            republish(self)
+        except BaseException:
+            # stopped as a dead process would be: nothing more published, every dirty
+            # region kept for the next open's republish, no thread left running here
+            self.interceptor.crash()
+            if self.regions is not None:
+                self.regions.crash()
+            for vol in self.volumes.values():
+                vol.image.close()
+            raise
         sync = sorted(v.name for v in self.volumes.values() if v.mode == "sync")
         if sync:
             try:
