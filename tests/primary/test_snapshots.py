@@ -80,7 +80,9 @@ def test_a_failed_snapshot_leaves_no_copy_and_writes_flow(two, kafka_conf, tmp_p
     # the cancelled copier removes its partial after it stops copying: wait for that too
     wait_until(lambda: _partials(tmp_path) == [], 10, "the partial copy removed")
     assert SnapshotStore(tmp_path / "a").get("taken") is None
-    assert not two.a.gate.held and not two.b.gate.held
+    # the marker thread cancels the copies, then releases its hold: wait for the release
+    # too (CI saw the hold a moment after the cancel), bounded well below the marker timeout
+    wait_until(lambda: not two.a.gate.held and not two.b.gate.held, 2, "the holds released")
     two.vol_a.write(0, b"x" * 512)  # writes flow
     with pytest.raises(SnapshotError, match="invalid"):
         sn.create(kafka_conf, two.cg, _opts("../escape"))
