@@ -232,6 +232,7 @@ def test_async_writes_block_at_the_backpressure_bound_and_lose_nothing(
     }
     size = 16 << 20
     cg = ConsistencyGroup.open(unique_name, tmp_path / "p", kafka3_conf, **opts)
+    stop = threading.Event()  # before the try: its finally sets it
     try:
         vol = cg.create_volume("bp", size)
         leader = kafka3.controller_leader()
@@ -239,7 +240,6 @@ def test_async_writes_block_at_the_backpressure_bound_and_lose_nothing(
         for node in stopped:
             kafka3.kill_node(node)
         acked: list[int] = []
-        stop = threading.Event()
 
         def writer() -> None:
             i = 0
