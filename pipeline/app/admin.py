@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +37,29 @@ __all__ = ["AdminClient", "AdminServer", "default_admin_socket"]
 log = logging.getLogger("lowmark.admin")
 ADMIN_SOCKET = "admin.sock"
 _MAX_LINE = 64 << 10
+#: sockaddr_un.sun_path holds 108 bytes with its NUL; a data dir can be deeper than that
+_SUN_PATH_MAX = 107
 
 
 def default_admin_socket(data_dir: Path | str) -> Path:
     return Path(data_dir) / "state" / ADMIN_SOCKET
+
+
+@contextlib.contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """A name for ``path`` that fits in a unix socket address.
+
+    A deep data dir (a test's tmp dir, a mount under a long path) would otherwise refuse
+    the default socket. Linux resolves ``/proc/self/fd/N/name`` through the open
+    directory N, so bind and connect both work on the socket's real file."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def volume_json(vol: Volume) -> dict[str, Any]:
@@ -61,10 +80,14 @@ class AdminServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # a stale socket of a process that is gone (the site lock)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._server = await asyncio.start_unix_server(self._client, str(self.path),
+            with _reachable(self.path) as name:
+                sock.bind(name)
+            self._server = await asyncio.start_unix_server(self._client, sock=sock,
                                                            limit=_MAX_LINE)  # fmt: skip
         except OSError as exc:
+            sock.close()
             raise SetupError(f"admin socket {self.path}: {exc}; set [serve] admin_socket "
                              "to a writable path ('' disables it)") from None  # fmt: skip
         os.chmod(self.path, 0o600)
@@ -135,7 +158,8 @@ class AdminClient:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout_s)
         try:
-            s.connect(str(self.path))
+            with _reachable(self.path) as name:
+                s.connect(name)
         except OSError as exc:
             s.close()
             raise SetupError(f"no running `lowmark serve` answers on {self.path} ({exc}): "
