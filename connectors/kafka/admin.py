@@ -13,6 +13,7 @@ from typing import Any
 from confluent_kafka import IsolationLevel, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, OffsetSpec
 
+from connectors.kafka.client_log import client_logger
 from connectors.kafka.errors import TOPIC_ALREADY_EXISTS, as_error
 from pipeline.errors import KafkaUnavailableError
 
@@ -29,12 +30,17 @@ class Admin:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
         try:
-            self._a = AdminClient(self.settings)
+            self._a = AdminClient({"logger": client_logger(), **self.settings})  # type: ignore[dict-item]
         except KafkaException as exc:  # a setting librdkafka refuses
             raise as_error(exc, "creating a Kafka admin client", "check the settings") from None
 
+    def _serve_logs(self) -> None:
+        # an admin client's log lines wait for its poll(); nothing else here polls it
+        self._a.poll(0)
+
     def metadata(self, timeout_s: float) -> Any:
         """The cluster's metadata (``.brokers``, ``.topics[name].partitions[p].leader``)."""
+        self._serve_logs()
         try:
             return self._a.list_topics(timeout=timeout_s)
         except KafkaException as exc:
@@ -69,6 +75,7 @@ class Admin:
         ]
         if not new:
             return
+        self._serve_logs()
         try:
             futures = self._a.create_topics(new, request_timeout=timeout_s)
         except KafkaException as exc:
@@ -91,6 +98,7 @@ class Admin:
         level = IsolationLevel.READ_COMMITTED if committed else IsolationLevel.READ_UNCOMMITTED
         latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]  # unannotated upstream
         request = {TopicPartition(topic, p): latest for p in parts}
+        self._serve_logs()
         try:
             futures = self._a.list_offsets(
                 request, isolation_level=level, request_timeout=timeout_s

@@ -20,6 +20,7 @@ from confluent_kafka import OFFSET_END as _END
 from confluent_kafka import Consumer as _Consumer
 from confluent_kafka import KafkaException, TopicPartition
 
+from connectors.kafka.client_log import client_logger
 from connectors.kafka.errors import UNKNOWN_PARTITION, UNKNOWN_TOPIC, as_error
 from pipeline.errors import KafkaUnavailableError
 
@@ -35,7 +36,7 @@ class Consumer:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
         try:
-            self._c = _Consumer(self.settings)
+            self._c = _Consumer({"logger": client_logger(), **self.settings})
         except KafkaException as exc:  # a setting librdkafka refuses
             raise as_error(exc, "creating a Kafka consumer", "check the Kafka settings") from None
 

@@ -22,6 +22,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 from confluent_kafka import Producer as _Producer
 
+from connectors.kafka.client_log import client_logger
 from connectors.kafka.errors import as_error
 from pipeline.errors import KafkaError, KafkaUnavailableError
 
@@ -39,7 +40,7 @@ class Producer:
     ) -> None:
         self.transactional = "transactional.id" in settings
         try:
-            self._p = _Producer(dict(settings))
+            self._p = _Producer({"logger": client_logger(), **settings})
         except KafkaException as exc:  # a setting librdkafka refuses
             raise as_error(exc, "creating a Kafka producer", "check the Kafka settings") from None
         self._tries = max(1, buffer_full_tries)
