@@ -14,7 +14,8 @@ shared ground), never one after it:
     app/        configuration, the long-lived services, metrics, the `lowmark` command, demo
 
 Shared ground, importable from every room: ``errors`` (the ``LowmarkError`` tree), ``logs``
-(structured log lines), ``fsutil`` (durable file writes), ``timesource`` (the injectable
+(structured log lines), ``fault_streak`` (when a passing fault is said), ``fsutil``
+(durable file writes), ``timesource`` (the injectable
 time every service runs on), ``site`` (``SiteDir``, the one layout of a site directory,
 the primary's and a backup's alike) and ``snapshot_store`` (a site's named snapshots,
 the same at the primary and at a backup). Below the rooms: ``schemas`` (records and the ts

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = (
     "pipeline.errors",
     "pipeline.logs",
+    "pipeline.fault_streak",
     "pipeline.fsutil",
     "pipeline.timesource",
     "pipeline.site",

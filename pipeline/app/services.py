@@ -26,6 +26,7 @@ from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.backup.bootstrap import BootstrapResult, bootstrap_site, needs_bootstrap
 from pipeline.errors import FencedError, LowmarkError
+from pipeline.fault_streak import FaultStreak
 from pipeline.logs import event
 from pipeline.ops.marker_schedule import MarkerSchedule, ScheduleConfig
 from pipeline.primary.nbd_volume import VolumeExport
@@ -227,7 +228,8 @@ def run_watermark(
         schedule.start()
     try:
         _run_loop(svc, cfg.watermark.metrics, "watermark", {"cg": cfg.cg.name}, time_source,
-                  stop, extra=schedule.stats if schedule else None)  # fmt: skip
+                  stop, extra=schedule.stats if schedule else None,
+                  tried=kafka_tried(cfg))  # fmt: skip
     finally:
         if schedule is not None:
             schedule.close()
@@ -279,7 +281,8 @@ def run_apply(
     # a site that became the CG's primary stops applying: a clean exit (status 0), so a
     # supervisor does not restart it into the same answer
     svc.on_finish = stop.set
-    _run_loop(svc, cfg.apply.metrics, "applier", labels, time_source, stop)
+    _run_loop(svc, cfg.apply.metrics, "applier", labels, time_source, stop,
+              tried=kafka_tried(cfg))  # fmt: skip
     if svc.finished is not None:
         event(log, "applier finished", cg=cfg.cg.name, site=cfg.apply.site, why=svc.finished)
 
@@ -292,6 +295,13 @@ def register_site(cfg: LowmarkConfig, kind: str, site: str, data_dir: str, metri
                                    str(Path(data_dir).resolve()), metrics, lowmark_version(),
                                    wall_us()))  # fmt: skip
     writer.close()
+
+
+def kafka_tried(cfg: LowmarkConfig) -> str:
+    """The cluster a service reaches, as an operator would check it (no secrets)."""
+    conf = cfg.kafka_conf()
+    return (f"bootstrap.servers={conf.get('bootstrap.servers', '')} "
+            f"security.protocol={conf.get('security.protocol', 'plaintext')}")  # fmt: skip
 
 
 def prepare_from_peer(cfg: LowmarkConfig, source: Path) -> BootstrapResult | None:
@@ -312,28 +322,35 @@ def prepare_from_peer(cfg: LowmarkConfig, source: Path) -> BootstrapResult | Non
                           kafka_conf=cfg.kafka_conf(), progress=progress)  # fmt: skip
 
 
-def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event) -> float:
-    """Log a retriable error and wait (doubling, bounded); the new backoff."""
+def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event,
+                streak: FaultStreak, tried: str) -> float:  # fmt: skip
+    """Note a retriable error (said as ``streak`` decides) and wait, doubling, bounded;
+    the new backoff. ``tried``: what the service was reaching, for the operator."""
     if not exc.retriable:
         raise exc
     backoff_s = min(_MAX_BACKOFF_S, max(0.05, backoff_s * 2))
-    event(
-        log,
-        f"{name}: passing fault, retrying",
-        level=logging.WARNING,
-        error=str(exc),
-        retry_in_s=backoff_s,
-    )
+    said = streak.failed(str(exc))
+    if said is not None:
+        event(log, f"{name}: passing fault, retrying until it clears", level=logging.WARNING,
+              tried=tried, retry_every_s=_MAX_BACKOFF_S, **said)  # fmt: skip
     stop.wait(backoff_s)
     return backoff_s
 
 
-def _start_with_retries(svc: Any, name: str, stop: threading.Event) -> None:
+def _cleared(name: str, streak: FaultStreak) -> None:
+    ended = streak.succeeded()
+    if ended is not None:
+        event(log, f"{name}: the fault cleared", **ended)
+
+
+def _start_with_retries(svc: Any, name: str, stop: threading.Event, streak: FaultStreak,
+                        tried: str) -> None:  # fmt: skip
     """A service started while the cluster elects (or restarts) waits for it."""
     backoff_s = 0.0
     while not stop.is_set():
         try:
             svc.start()
+            _cleared(name, streak)
             return
         except LowmarkError as exc:
             # half-started: drop its clients; an applier must not checkpoint here
@@ -342,7 +359,7 @@ def _start_with_retries(svc: Any, name: str, stop: threading.Event) -> None:
                     svc.close(checkpoint=False)
                 else:
                     svc.close()
-            backoff_s = _retry_wait(name, exc, backoff_s, stop)
+            backoff_s = _retry_wait(name, exc, backoff_s, stop, streak, tried)
 
 
 def _run_loop(
@@ -353,9 +370,11 @@ def _run_loop(
     time_source: TimeSource = REAL_TIME,
     stop: threading.Event | None = None,
     extra: dict[str, Any] | None = None,
+    tried: str = "",
 ) -> None:
     """Start ``svc`` and step it until SIGINT/SIGTERM (or ``stop``, when given, is set).
-    ``extra``: more numbers for its /metrics and status lines (read live).
+    ``extra``: more numbers for its /metrics and status lines (read live); ``tried``:
+    what it reaches (the Kafka cluster), named when a passing fault is said.
 
     Retry waits are ``stop.wait`` (a signal must end them); the status line every
     ``_STATUS_EVERY_S`` follows ``time_source.monotonic``.
@@ -364,7 +383,8 @@ def _run_loop(
         stop = threading.Event()
         stop_on_signals(stop)
     now = time_source.monotonic
-    _start_with_retries(svc, name, stop)
+    streak = FaultStreak(now)
+    _start_with_retries(svc, name, stop, streak, tried)
 
     def numbers() -> dict[str, Any]:
         return {**svc.metrics(), **(extra or {})}
@@ -378,9 +398,10 @@ def _run_loop(
             try:
                 svc.step()
                 backoff_s = 0.0
+                _cleared(name, streak)
             except LowmarkError as exc:
                 # a routine fault (an election, a broker restart): ride it out
-                backoff_s = _retry_wait(name, exc, backoff_s, stop)
+                backoff_s = _retry_wait(name, exc, backoff_s, stop, streak, tried)
             if now() - last_log >= _STATUS_EVERY_S:
                 event(
                     log,

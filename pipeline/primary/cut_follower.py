@@ -32,6 +32,7 @@ from connectors.kafka.errors import PARTITION_EOF
 from connectors.kafka.settings import InterceptorSettings
 from connectors.kafka.topics import CgTopics
 from pipeline.errors import LowmarkError, ReplicationError
+from pipeline.fault_streak import FaultStreak
 from pipeline.logs import event
 from schemas import codec
 from schemas.records import Watermark
@@ -175,18 +176,23 @@ class CutFollower:
     def _run(self) -> None:
         consumer: Any = None
         backoff = 0.05
+        faults = FaultStreak(self._now)
         try:
             while not self._closed:
                 if consumer is None:
                     try:
                         consumer = self._subscribe()
                         backoff = 0.05
+                        if (ended := faults.succeeded()) is not None:
+                            event(log, "following the watermark topic again", cg=self.cg,
+                                  **ended)  # fmt: skip
                     except LowmarkError as exc:
                         # transient (brokers away, an election): waiters time out meanwhile
                         # with a message naming what to check
                         self.stats["errors"] += 1
-                        event(log, "cannot follow the watermark topic; retrying",
-                              level=logging.WARNING, cg=self.cg, error=str(exc))  # fmt: skip
+                        if (said := faults.failed(str(exc))) is not None:
+                            event(log, "cannot follow the watermark topic; retrying",
+                                  level=logging.WARNING, cg=self.cg, **said)  # fmt: skip
                         self._expire()
                         with self._cv:
                             self._cv.wait(backoff)

@@ -46,6 +46,7 @@ from pipeline.errors import (
     LowmarkError,
     ReplicationError,
 )
+from pipeline.fault_streak import FaultStreak
 from pipeline.logs import event
 from pipeline.primary.clock import HybridClock
 from pipeline.primary.cut_follower import CutFollower
@@ -82,6 +83,7 @@ class Interceptor:
         self.config = config.validate()
         #: every wait, deadline, backoff and wall-clock stamp of this engine reads this
         self.time_source = time_source
+        self._txn_faults = FaultStreak(time_source.monotonic)
         self.kafka_conf = dict(kafka_conf)
         self.topics = CgTopics(config.cg, config.generation)
         config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -560,6 +562,8 @@ class Interceptor:
                 p.commit_transaction(self.config.replication_timeout_s)
                 p.poll(0)
                 self.stats["transactions"] += 1
+                if (ended := self._txn_faults.succeeded()) is not None:
+                    event(log, "transactions commit again", **ended)
                 return
             except KafkaError as err:
                 self._raise_if_fatal(err)
@@ -571,14 +575,9 @@ class Interceptor:
                     raise ReplicationError(
                         f"could not commit to Kafka before shutdown: {err}"
                     ) from None
-                event(
-                    log,
-                    "transaction failed; retrying",
-                    level=logging.WARNING,
-                    error=str(err),
-                    retriable=err.retriable,
-                    abort=err.txn_requires_abort,
-                )
+                if (said := self._txn_faults.failed(str(err))) is not None:  # not every try
+                    event(log, "transaction failed; retrying until it commits",
+                          logging.WARNING, abort=err.txn_requires_abort, **said)  # fmt: skip
                 self.time_source.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
