@@ -7,10 +7,7 @@ that do not move while the workload runs, a service that does not stop on SIGTER
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,15 +16,16 @@ from connectors.embedded_kafka.procs import free_port
 from connectors.image.image import file_digest
 from pipeline.ops.status import scrape
 from pipeline.site import SiteDir
+from tests.cli_services import CliServices
 from tests.prereqs import require_tools
 from tests.replication_helpers import read_log, rebuild_from_log, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
 
-class Services:
+class Services(CliServices):
     def __init__(self, tmp: Path, bootstrap: str, cg: str) -> None:
-        self.tmp = tmp
+        super().__init__(tmp)
         self.cg = cg
         self.nbd_port = free_port()
         self.ports = {name: free_port() for name in ("serve", "watermark", "apply")}
@@ -65,49 +63,9 @@ checkpoint_interval_s = 0.5
 metrics = "127.0.0.1:{self.ports["apply"]}"
 """
         )
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str) -> None:
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        self.procs[name] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipeline.app.cli",
-                "--log-format",
-                "json",
-                name,
-                "--config",
-                str(self.config),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "LOWMARK_CONFIG": ""},
-        )
 
     def metrics(self, name: str) -> dict[str, float]:
         return scrape(f"127.0.0.1:{self.ports[name]}")
-
-    def stop(self, name: str) -> int:
-        p = self.procs[name]
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                raise AssertionError(f"{name} did not stop within 30 s of SIGTERM") from None
-        return p.returncode
-
-    def kill_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
 
 
 def test_services_replicate_nbd_clients_and_expose_metrics(kafka_conf, unique_name, tmp_path):

@@ -10,9 +10,7 @@ connection's security settings over either in its ``[kafka]`` table or as
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -25,6 +23,7 @@ from connectors.embedded_kafka.cluster import KafkaCluster
 from connectors.embedded_kafka.procs import free_port
 from connectors.embedded_kafka.security import Certs, ClusterSecurity
 from connectors.embedded_kafka.state import cluster_dir
+from tests.cli_services import CliServices
 
 #: the SCRAM password of lowmark's user: long and odd enough that a hit is a leak
 PASSWORD = "Pw-" + uuid.uuid4().hex
@@ -107,19 +106,19 @@ class Done:
         return self
 
 
-class Scene:
+class Scene(CliServices):
     """lowmark's config for one CG on a secured cluster, and its commands run for real."""
 
     def __init__(self, tmp: Path, bootstrap: str, cg: str, kafka: Mapping[str, str],
                  via: str) -> None:  # fmt: skip
         assert via in ("file", "env")
-        self.tmp, self.cg, self.via = tmp, cg, via
+        self.cg, self.via = cg, via
         tmp.mkdir(parents=True, exist_ok=True)
         self.nbd_port = free_port()
         self.ports = {name: free_port() for name in ("serve", "watermark", "apply")}
         self.config = tmp / "lowmark.toml"
         table = {TABLE[k]: v for k, v in kafka.items()}
-        self.env = {**os.environ, "LOWMARK_CONFIG": ""}
+        super().__init__(tmp)
         for key in TABLE.values():
             self.env.pop(f"LOWMARK_KAFKA_{key.upper()}", None)
         if via == "env":
@@ -152,17 +151,6 @@ data_dir = "{tmp / "backup"}"
 checkpoint_interval_s = 0.5
 metrics = "127.0.0.1:{self.ports["apply"]}"
 """)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "pipeline.app.cli", "--log-format", "json", *args]
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(self.argv(*(args or (name,)), "--config", str(self.config)),
-                                stdout=log, stderr=subprocess.STDOUT, env=self.env)  # fmt: skip
-        self.procs[name] = proc
-        return proc
 
     def run(self, *args: str, timeout_s: float = 120, config: bool = True) -> Done:
         cmd = self.argv(*args, *(("--config", str(self.config)) if config else ()))
@@ -172,27 +160,6 @@ metrics = "127.0.0.1:{self.ports["apply"]}"
 
     def metrics(self, name: str) -> str:
         return metrics_page(f"127.0.0.1:{self.ports[name]}")
-
-    def stop(self, name: str) -> int:
-        p = self.procs[name]
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-                raise AssertionError(f"{name} did not stop within 30 s of SIGTERM") from None
-        return p.returncode
-
-    def kill_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
 
 
 def qemu_write(uri: str, *commands: str) -> None:
