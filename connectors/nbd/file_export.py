@@ -12,6 +12,12 @@ server's fast path. Promises, per call (the nbdkit plugin contract):
 - ``trim``: advisory; punches a hole when the filesystem can, else does nothing. The
   range's content afterwards is unspecified by NBD (here: zeroes or the old data).
 - ``flush``: every write that returned before it is on stable storage (fdatasync).
+- ``extents`` (BLOCK_STATUS, and the holes of a structured READ): the file's holes by
+  SEEK_DATA / SEEK_HOLE as HOLE|ZERO, the rest data. Every call here is synchronous on
+  the loop, so every write answered before the request is in the file and is data.
+  A range zeroed without a hole (FALLOC_FL_ZERO_RANGE: unwritten extents) may be
+  reported as a hole by file systems that treat unwritten extents so; it reads as
+  zeroes, which is what a client acts on.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import errno
 import os
 from pathlib import Path
 
+from connectors.image.allocation import fd_allocation
+from connectors.nbd.protocol import STATE_HOLE, STATE_ZERO
 from pipeline.errors import VolumeError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = bytes(1 << 20)
+_HOLE = STATE_HOLE | STATE_ZERO
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -100,6 +109,11 @@ class FileExport:
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        return [
+            (n, _HOLE if hole else 0) for n, hole in fd_allocation(self._fd, offset, length, limit)
+        ]
 
     def close(self) -> None:
         if self._fd >= 0:
