@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 #: (position, whence) -> position, as ``os.lseek`` of one descriptor
 Seek = Callable[[int, int], int]
@@ -62,6 +62,47 @@ def allocation_runs(seek: Seek, offset: int, length: int, limit: int) -> list[tu
         runs.append((hole - pos, False))
         pos = hole
     return runs
+
+
+def with_data(
+    runs: list[tuple[int, bool]], offset: int, spans: Iterable[tuple[int, int]]
+) -> list[tuple[int, bool]]:
+    """``runs`` (from ``offset``) with every byte inside one of ``spans`` (start, end)
+    called data: what a caller uses for writes it has accepted but not yet made, so a
+    range about to be written is never reported a hole. Neighbours with the same state
+    are merged; the runs cover the same bytes as before."""
+    end = offset + sum(n for n, _ in runs)
+    cuts = sorted(
+        (max(s, offset), min(e, end)) for s, e in spans if s < e and s < end and e > offset
+    )
+    if not cuts:
+        return runs
+    out: list[tuple[int, bool]] = []
+
+    def add(n: int, hole: bool) -> None:
+        if n <= 0:
+            return
+        if out and out[-1][1] == hole:
+            out[-1] = (out[-1][0] + n, hole)
+        else:
+            out.append((n, hole))
+
+    pos = offset
+    for n, hole in runs:
+        stop = pos + n
+        if not hole:
+            add(n, False)
+        else:
+            at = pos
+            for s, e in cuts:
+                if e <= at or s >= stop:
+                    continue
+                add(max(s, at) - at, True)
+                add(min(e, stop) - max(s, at), False)
+                at = max(at, min(e, stop))
+            add(stop - at, True)
+        pos = stop
+    return out
 
 
 def fd_allocation(fd: int, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:

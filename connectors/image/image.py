@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from connectors.image.allocation import fd_allocation
 from pipeline.errors import VolumeError
 
 _CHUNK = 1 << 20
@@ -129,6 +130,10 @@ class Image:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """``(length, is_hole)`` runs of a prefix of the range (``allocation.fd_allocation``)."""
+        return fd_allocation(self.fd, offset, length, limit)
 
     def data_extents(self) -> list[tuple[int, int]]:
         """(offset, length) of allocated regions, via SEEK_DATA/SEEK_HOLE."""

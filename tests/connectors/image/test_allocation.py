@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.image.allocation import allocation_runs, fd_allocation
+from connectors.image.allocation import allocation_runs, fd_allocation, with_data
 
 BLOCK = 2  # bytes per model block: small, so every offset inside a block is tried
 
@@ -139,3 +139,33 @@ def test_real_sparse_file(tmp_path: Path) -> None:
     ]  # fmt: skip  (the last hole runs past the end of the file)
     assert runs == expect
     assert tail == [(chunk, False)]
+
+
+# --- with_data: ranges a caller is about to write are data ------------------------------------
+
+
+def test_with_data_every_layout_and_span() -> None:
+    n = 5
+    for blocks in itertools.product((False, True), repeat=n):
+        seek, is_data = model_seek(blocks)
+        runs = allocation_runs(seek, 0, n * BLOCK, 1 << 30)
+        for s1, e1, s2, e2 in itertools.product(range(0, n * BLOCK + 2, 3), repeat=4):
+            spans = [(s1, e1), (s2, e2)]  # overlapping, touching, empty and reversed ones too
+            out = with_data(runs, 0, spans)
+            assert sum(k for k, _ in out) == n * BLOCK
+            assert all(k > 0 for k, _ in out)
+            assert all(a[1] != b[1] for a, b in itertools.pairwise(out))
+            pos = 0
+            for k, hole in out:
+                for at in range(pos, pos + k):
+                    landing = any(s <= at < e for s, e in spans)
+                    assert hole == (not is_data(at) and not landing), (blocks, spans, out, at)
+                pos += k
+
+
+def test_with_data_from_an_offset_and_without_spans() -> None:
+    runs = [(4, True), (2, False), (4, True)]
+    assert with_data(runs, 100, []) is runs
+    assert with_data(runs, 100, [(0, 50), (200, 300)]) == runs
+    assert with_data(runs, 100, [(98, 101), (108, 120)]) == [(1, False), (3, True), (2, False),
+                                                            (2, True), (2, False)]  # fmt: skip
