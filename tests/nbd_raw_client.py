@@ -59,6 +59,9 @@ class Client:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pending: dict[bytes, tuple[int, int]] = {}  # cookie -> (cmd, length)
+        self.offsets: dict[bytes, int] = {}  # cookie -> offset, to bound content chunks
+        self.structured_on = False  # NBD_OPT_STRUCTURED_REPLY acknowledged
+        self._head = b""  # bytes read ahead to tell a simple reply from a chunk
 
     def close(self) -> None:
         self.sock.close()
@@ -71,6 +74,10 @@ class Client:
 
     def recvn(self, n: int) -> bytes:
         chunks = []
+        if self._head:
+            head, self._head = self._head[:n], self._head[n:]
+            chunks.append(head)
+            n -= len(head)
         while n:
             try:
                 chunk = self.sock.recv(min(n, 1 << 20))
@@ -121,6 +128,7 @@ class Client:
         """NBD_OPT_STRUCTURED_REPLY; the reply type."""
         self.option(p.OPT_STRUCTURED_REPLY)
         ((rtype, _),) = self.option_replies(p.OPT_STRUCTURED_REPLY)
+        self.structured_on = self.structured_on or rtype == p.REP_ACK
         return rtype
 
     def meta(
@@ -151,23 +159,28 @@ class Client:
     ) -> bytes:
         cookie = os.urandom(8)
         self.pending[cookie] = (cmd, length)
+        self.offsets[cookie] = offset
         self.send(
             struct.pack(">IHH8sQI", p.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + payload
         )
         return cookie
 
-    def structured_reply(self, offset: int = 0, length: int = 0) -> tuple[bytes, Structured]:
-        """Chunks up to the one flagged DONE (all for one cookie: this client keeps one
-        request in flight when it reads structured replies). ``offset``/``length``: the
-        request, which content chunks must stay inside without overlapping."""
+    def structured_reply(self) -> tuple[bytes, Structured]:
+        """Chunks up to the one flagged DONE (all for one cookie: this server never
+        interleaves the chunks of two replies). Content chunks must stay inside the
+        request's range (its offset as ``request`` recorded it) without overlapping."""
+        assert self.structured_on, "a structured reply without NBD_OPT_STRUCTURED_REPLY"
         reply = Structured()
         cookie = b""
         spans: list[tuple[int, int]] = []
+        offset = length = 0
         while True:
             magic, flags, rtype, got, n = _CHUNK.unpack(self.recvn(_CHUNK.size))
             assert magic == p.STRUCTURED_REPLY_MAGIC, f"chunk magic {magic:#x}"
             assert got in self.pending, f"chunk for unknown cookie {got.hex()}"
             assert not cookie or got == cookie, "chunks of two replies interleaved"
+            if not cookie:
+                offset, length = self.offsets.get(got, 0), self.pending[got][1]
             cookie = got
             assert rtype in _KNOWN_TYPES, f"unknown chunk type {rtype:#x}"
             payload = self.recvn(n)
@@ -175,6 +188,7 @@ class Client:
             self._check_chunk(reply, rtype, payload, offset, length, spans)
             if flags & p.REPLY_FLAG_DONE:
                 self.pending.pop(cookie)
+                self.offsets.pop(cookie, None)
                 return cookie, reply
             assert rtype != p.REPLY_TYPE_NONE, "NONE chunk without DONE"
 
@@ -219,15 +233,29 @@ class Client:
     ) -> Structured:
         """One request answered with a structured reply."""
         cookie = self.request(cmd, offset, length, flags, payload)
-        got, reply = self.structured_reply(offset, length)
+        got, reply = self.structured_reply()
         assert got == cookie
         return reply
 
     def reply(self) -> tuple[bytes, int, bytes]:
-        magic, err, cookie = p.SIMPLE_REPLY.unpack(self.recvn(16))
+        """The next reply, simple or structured: (cookie, error, read data). A READ of a
+        structured connection must get chunks (the protocol forbids a simple reply)."""
+        head = self.recvn(4)
+        if struct.unpack(">I", head)[0] == p.STRUCTURED_REPLY_MAGIC:
+            self._head = head
+            offsets = dict(self.offsets)
+            pending = dict(self.pending)
+            cookie, got = self.structured_reply()
+            cmd, length = pending[cookie]
+            err = got.errors[0][0] if got.errors else 0
+            ok_read = cmd == p.CMD_READ and not err
+            return cookie, err, got.content(offsets.get(cookie, 0), length) if ok_read else b""
+        magic, err, cookie = p.SIMPLE_REPLY.unpack(head + self.recvn(12))
         assert magic == p.SIMPLE_REPLY_MAGIC, hex(magic)
         assert cookie in self.pending, f"reply for unknown cookie {cookie.hex()}"
         cmd, length = self.pending.pop(cookie)
+        self.offsets.pop(cookie, None)
+        assert not (self.structured_on and cmd == p.CMD_READ), "simple reply to a READ"
         data = self.recvn(length) if cmd == p.CMD_READ and err == 0 else b""
         return cookie, err, data
 
