@@ -8,13 +8,15 @@ BLOCK_STATUS answered without a selected context, for a context selected for ano
 export or cleared by a later SET, past the end, of length zero, with the wrong context
 id, or more than one extent under REQ_ONE; an export whose extents are garbage, or whose
 pread fails halfway, crashing the connection instead of an error chunk; the server
-switches leaving structured replies or block status on. Every error case then sends one
+switches leaving structured replies or block status on; STARTTLS keeping what was
+negotiated before it (the protocol says it must not survive). Every error case then sends one
 more good request on the same connection: the server must still be serving.
 """
 
 from __future__ import annotations
 
 import errno
+import ssl
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ import pytest
 
 from connectors.nbd import protocol as p
 from connectors.nbd.file_export import FileExport
+from tests.connectors.nbd.test_nbd_clients import tls_dir  # noqa: F401  (a fixture)
 from tests.nbd_helpers import ServerThread
 from tests.nbd_raw_client import Client, collect_errors
 
@@ -326,3 +329,34 @@ def test_switches_turn_it_off(image: Path) -> None:
         c.go("")
         assert [e[0] for e in c.scall(p.CMD_BLOCK_STATUS, 0, K).errors] == [p.EINVAL]
         assert c.scall(p.CMD_READ, 0, K).holes == {0: K}  # structured reads keep holes
+
+
+def test_starttls_forgets_structured_replies_and_contexts(image: Path, tls_dir: Path) -> None:  # noqa: F811
+    config = {
+        "tls_cert": str(tls_dir / "server-cert.pem"),
+        "tls_key": str(tls_dir / "server-key.pem"),
+    }
+    with ServerThread({"": Watched(FileExport(image, ""))}, **config) as srv:
+        c = Client(srv.port)
+        c.greet()
+        assert c.structured() == p.REP_ACK
+        assert c.meta(p.OPT_SET_META_CONTEXT, "", ["base:allocation"])[0][0] == p.REP_META_CONTEXT
+        c.option(p.OPT_STARTTLS)
+        assert c.option_replies(p.OPT_STARTTLS) == [(p.REP_ACK, b"")]
+        ctx = ssl.create_default_context(cafile=str(tls_dir / "ca-cert.pem"))
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+        c.structured_on = False  # what the client must assume too
+        _, tflags = c.go("")
+        assert not tflags & p.TFLAG_SEND_DF
+        assert c.call(p.CMD_READ, K, 4) == (0, bytes([2]) * 4)  # a simple reply
+        assert c.call(p.CMD_BLOCK_STATUS, 0, K) == (p.EINVAL, b"")
+        # negotiated again under TLS, both work
+        d = Client(srv.port)
+        d.greet()
+        d.option(p.OPT_STARTTLS)
+        assert d.option_replies(p.OPT_STARTTLS) == [(p.REP_ACK, b"")]
+        d.sock = ctx.wrap_socket(d.sock, server_hostname="localhost")
+        assert d.structured() == p.REP_ACK
+        d.meta(p.OPT_SET_META_CONTEXT, "", ["base:allocation"])
+        d.go("")
+        assert d.scall(p.CMD_BLOCK_STATUS, 0, 2 * K).status[0][1] == [(K, H), (K, 0)]
