@@ -105,6 +105,69 @@ def with_data(
     return out
 
 
+class Allocation:
+    """The walk of one file, remembering the longest data run a SEEK_HOLE measured.
+
+    SEEK_HOLE inside a long run of data costs time in proportion to the run on some file
+    systems (tmpfs walks its page cache: 0.85 ms for 64 MiB, 55 ms for a dense 4 GiB
+    file), and a structured READ asks on every request. A range inside the remembered run
+    is answered without a syscall. Remembering data is always safe: writes only turn
+    holes into data, and ``punched`` trims the run where a hole may have appeared (a
+    punch or a zeroed range). A run remembered by a walk racing a punch in another thread
+    may call a fresh hole data, which the protocol allows and a read answers with the
+    zeroes it finds; a hole is never remembered, so nothing here calls data a hole.
+    """
+
+    def __init__(self, seek: Seek) -> None:
+        self._seek = seek
+        self._data = (0, 0)  # [start, stop) known to be data
+        self.hole_seeks = 0  # SEEK_HOLE calls made, for tests and benchmarks
+
+    @classmethod
+    def of_fd(cls, fd: int) -> Allocation:
+        return cls(lambda pos, whence: os.lseek(fd, pos, whence))
+
+    def runs(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """As ``allocation_runs``."""
+        start, stop = self._data
+        head: list[tuple[int, bool]] = []
+        if start <= offset < stop:
+            n = min(stop - offset, length)
+            if n == length or limit == 1:
+                return [(n, False)]
+            head = [(n, False)]
+            offset, length = offset + n, length - n
+        found: list[tuple[int, int]] = []
+
+        def seek(pos: int, whence: int) -> int:
+            at = self._seek(pos, whence)
+            if whence == os.SEEK_HOLE:
+                self.hole_seeks += 1
+                if at > pos:
+                    found.append((pos, at))  # pos is data: SEEK_DATA said so just before
+            return at
+
+        tail = allocation_runs(seek, offset, length, limit)
+        if found:
+            longest = max(found, key=lambda run: run[1] - run[0])
+            if longest[1] - longest[0] >= stop - start:
+                self._data = longest
+        if head and tail and not tail[0][1]:  # the file grew data right after the run
+            return [(head[0][0] + tail[0][0], False), *tail[1:]]
+        # Whole runs only: cut at the limit, so fewer than ``limit`` still means all of it.
+        return (head + tail)[:limit]
+
+    def punched(self, offset: int, length: int) -> None:
+        """[offset, offset + length) may be a hole now: keep the larger side of the run."""
+        start, stop = self._data
+        end = offset + length
+        if end <= start or offset >= stop:
+            return
+        left, right = (start, min(offset, stop)), (max(end, start), stop)
+        keep = max(left, right, key=lambda run: run[1] - run[0])
+        self._data = keep if keep[1] > keep[0] else (0, 0)
+
+
 def fd_allocation(fd: int, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
     """``allocation_runs`` of an open file. ``lseek`` moves the descriptor's shared file
     position, which no ``pread``/``pwrite`` on it uses, so it is safe under concurrent I/O."""

@@ -27,7 +27,7 @@ import errno
 import os
 from pathlib import Path
 
-from connectors.image.allocation import fd_allocation
+from connectors.image.allocation import Allocation
 from connectors.nbd.protocol import STATE_HOLE, STATE_ZERO
 from pipeline.errors import VolumeError
 
@@ -75,6 +75,7 @@ class FileExport:
         except FileNotFoundError:
             raise VolumeError(f"image {self.path} does not exist; create it first") from None
         self.size = os.fstat(self._fd).st_size
+        self._allocation = Allocation.of_fd(self._fd)
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
@@ -99,11 +100,13 @@ class FileExport:
             done = _falloc(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
         if not done:
             self._write_zero_bytes(offset, length)
+        self._allocation.punched(offset, length)
         if fua:
             os.fdatasync(self._fd)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         _falloc(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        self._allocation.punched(offset, length)
         if fua:
             os.fdatasync(self._fd)
 
@@ -112,7 +115,7 @@ class FileExport:
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
         return [
-            (n, _HOLE if hole else 0) for n, hole in fd_allocation(self._fd, offset, length, limit)
+            (n, _HOLE if hole else 0) for n, hole in self._allocation.runs(offset, length, limit)
         ]
 
     def close(self) -> None:

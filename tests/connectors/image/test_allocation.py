@@ -13,11 +13,13 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import random
 from pathlib import Path
 
 import pytest
 
-from connectors.image.allocation import allocation_runs, fd_allocation, with_data
+from connectors.image.allocation import Allocation, allocation_runs, fd_allocation, with_data
+from connectors.image.image import PUNCH_HOLE, fallocate
 
 BLOCK = 2  # bytes per model block: small, so every offset inside a block is tried
 
@@ -169,3 +171,60 @@ def test_with_data_from_an_offset_and_without_spans() -> None:
     assert with_data(runs, 100, [(0, 50), (200, 300)]) == runs
     assert with_data(runs, 100, [(98, 101), (108, 120)]) == [(1, False), (3, True), (2, False),
                                                             (2, True), (2, False)]  # fmt: skip
+
+
+# --- Allocation: the walk with the longest data run remembered ---------------------------------
+
+
+def test_remembered_runs_never_call_data_a_hole_under_writes_and_punches() -> None:
+    rng = random.Random(23)
+    n = 24
+    for _ in range(300):
+        blocks = [rng.random() < 0.5 for _ in range(n)]
+
+        def seek(pos: int, whence: int, blocks: list[bool] = blocks) -> int:
+            return model_seek(tuple(blocks))[0](pos, whence)  # the file as it is now
+
+        alloc = Allocation(seek)
+        for _ in range(40):
+            roll = rng.random()
+            a = rng.randrange(n)
+            b = rng.randrange(a + 1, n + 1)
+            if roll < 0.25:  # a write: holes become data, nothing to tell the walk
+                blocks[a:b] = [True] * (b - a)
+            elif roll < 0.4:  # a punch, told
+                blocks[a:b] = [False] * (b - a)
+                alloc.punched(a * BLOCK, (b - a) * BLOCK)
+            else:
+                offset = rng.randrange(n * BLOCK)
+                length = rng.randrange(1, n * BLOCK - offset + 1)
+                limit = rng.choice((1, 2, 5, 1 << 30))
+                runs = alloc.runs(offset, length, limit)
+                assert runs and len(runs) <= limit and all(k > 0 for k, _ in runs)
+                assert sum(k for k, _ in runs) <= length
+                if len(runs) < limit:
+                    assert sum(k for k, _ in runs) == length
+                pos = offset
+                for k, hole in runs:
+                    if hole:  # data may be called data from memory; a hole must be one
+                        assert not any(blocks[b // BLOCK] for b in range(pos, pos + k))
+                    pos += k
+
+
+def test_a_dense_file_is_measured_once_until_a_punch(tmp_path: Path) -> None:
+    size = 8 << 20
+    path = tmp_path / "dense.img"
+    path.write_bytes(os.urandom(size))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        alloc = Allocation.of_fd(fd)
+        for offset in range(0, size, 256 << 10):  # a sequential copy's reads
+            assert alloc.runs(offset, 256 << 10, 1024) == [(256 << 10, False)]
+        assert alloc.hole_seeks == 1
+        assert fallocate(fd, PUNCH_HOLE, 1 << 20, 1 << 20)
+        alloc.punched(1 << 20, 1 << 20)
+        assert alloc.runs(0, 4 << 20, 1024) == [(1 << 20, False), (1 << 20, True), (2 << 20, False)]
+        assert alloc.runs(3 << 20, 1 << 20, 1024) == [(1 << 20, False)]
+        assert alloc.hole_seeks <= 3
+    finally:
+        os.close(fd)
