@@ -269,9 +269,7 @@ class Transmission:
         """A READ as structured chunks: holes the export knows of are OFFSET_HOLE (not
         read), the rest OFFSET_DATA; the last chunk carries DONE. Every byte is read
         before a chunk is queued, so no chunk is marked done while an error may follow."""
-        err = p.check_request(
-            p.CMD_READ, flags, offset, length, self._size, self._read_only, structured=True
-        )
+        err = p.check_request(p.CMD_READ, flags, offset, length, self._size, self._read_only, True)
         if err:
             self._stats.errors[p.CMD_READ] += 1
             out.append(self._refused(err, p.CMD_READ, flags, cookie, offset, length))
