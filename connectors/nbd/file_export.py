@@ -114,9 +114,10 @@ class FileExport:
         os.fdatasync(self._fd)
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
-        return [
-            (n, _HOLE if hole else 0) for n, hole in self._allocation.runs(offset, length, limit)
-        ]
+        runs = self._allocation.runs(offset, length, limit)
+        if len(runs) == 1:  # a read inside one run: every structured READ asks
+            return [(runs[0][0], _HOLE if runs[0][1] else 0)]
+        return [(n, _HOLE if hole else 0) for n, hole in runs]
 
     def close(self) -> None:
         if self._fd >= 0:
