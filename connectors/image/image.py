@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from connectors.image.allocation import Allocation
 from pipeline.errors import VolumeError
 
 _CHUNK = 1 << 20
@@ -72,6 +73,7 @@ class Image:
         if create_size is not None and os.fstat(self.fd).st_size == 0 and create_size > 0:
             os.ftruncate(self.fd, create_size)
         self.size = os.fstat(self.fd).st_size
+        self._allocation = Allocation.of_fd(self.fd)
 
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -104,7 +106,9 @@ class Image:
         """
         if length == 0:
             return
-        if fallocate(self.fd, PUNCH_HOLE if punch else ZERO_RANGE, offset, length):
+        done = fallocate(self.fd, PUNCH_HOLE if punch else ZERO_RANGE, offset, length)
+        self._allocation.punched(offset, length)  # a hole now, or unwritten extents
+        if done:
             return
         end = offset + length
         while offset < end:
@@ -115,6 +119,7 @@ class Image:
     def resize(self, size: int) -> None:
         os.ftruncate(self.fd, size)
         self.size = size
+        self._allocation = Allocation.of_fd(self.fd)  # a shrink drops data it remembered
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
@@ -129,6 +134,10 @@ class Image:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def allocation(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """``(length, is_hole)`` runs of a prefix of the range (``allocation.fd_allocation``)."""
+        return self._allocation.runs(offset, length, limit)
 
     def data_extents(self) -> list[tuple[int, int]]:
         """(offset, length) of allocated regions, via SEEK_DATA/SEEK_HOLE."""

@@ -44,6 +44,8 @@ class Connection(Transmission, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._served = False  # reached transmission
+        self._meta: p.MetaSelection | None = None  # what SET_META_CONTEXT selected last
+        self._next_context_id = 1
 
     # --- asyncio.Protocol ----------------------------------------------------------
 
@@ -185,10 +187,20 @@ class Connection(Transmission, asyncio.Protocol):
                 tls_configured=server.ssl_context is not None,
                 tls_required=server.config.tls_required,
                 tls_active=self._tls,
+                structured=self._structured,
+                structured_enabled=server.config.structured_replies,
+                block_status_enabled=server.config.block_status,
+                next_context_id=self._next_context_id,
             ),
         )
         if outcome.reply:
             self._transport.write(outcome.reply)
+        if outcome.structured:
+            self._structured = True
+        if outcome.meta is not p.KEEP_META:
+            self._meta = outcome.meta
+            if outcome.meta is not None:
+                self._next_context_id += 1  # a new id per selection: clients must not cache it
         nxt = outcome.next
         if nxt is p.Next.OPTIONS:
             if outcome.problem:  # routine: clients probe for options we lack
@@ -201,6 +213,9 @@ class Connection(Transmission, asyncio.Protocol):
         elif nxt is p.Next.STARTTLS:
             assert server.ssl_context is not None
             self._phase = PHASE_TLS_UPGRADE
+            # The protocol: nothing negotiated before STARTTLS survives it.
+            self._structured = False
+            self._meta = None
             # Nothing may be parsed until the TLS layer owns the socket.
             self._transport.pause_reading()
             self._loop.create_task(self._upgrade(server.ssl_context))
@@ -239,6 +254,11 @@ class Connection(Transmission, asyncio.Protocol):
 
     def _start_transmission(self, export: Export) -> None:
         self._export = export
+        meta = self._meta
+        # The selection counts only for the export it named (by the name the client used).
+        if meta is not None and self._server.exports.get(meta.export) is export:
+            self._meta_id = meta.context_id
+        self._extents = getattr(export, "extents", None)
         self._size = export.size
         self._read_only = export.read_only
         self._phase = PHASE_TRANSMISSION

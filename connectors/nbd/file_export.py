@@ -12,6 +12,12 @@ server's fast path. Promises, per call (the nbdkit plugin contract):
 - ``trim``: advisory; punches a hole when the filesystem can, else does nothing. The
   range's content afterwards is unspecified by NBD (here: zeroes or the old data).
 - ``flush``: every write that returned before it is on stable storage (fdatasync).
+- ``extents`` (BLOCK_STATUS, and the holes of a structured READ): the file's holes by
+  SEEK_DATA / SEEK_HOLE as HOLE|ZERO, the rest data. Every call here is synchronous on
+  the loop, so every write answered before the request is in the file and is data.
+  A range zeroed without a hole (FALLOC_FL_ZERO_RANGE: unwritten extents) may be
+  reported as a hole by file systems that treat unwritten extents so; it reads as
+  zeroes, which is what a client acts on.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import errno
 import os
 from pathlib import Path
 
+from connectors.image.allocation import Allocation
+from connectors.nbd.protocol import STATE_HOLE, STATE_ZERO
 from pipeline.errors import VolumeError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = bytes(1 << 20)
+_HOLE = STATE_HOLE | STATE_ZERO
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -66,6 +75,7 @@ class FileExport:
         except FileNotFoundError:
             raise VolumeError(f"image {self.path} does not exist; create it first") from None
         self.size = os.fstat(self._fd).st_size
+        self._allocation = Allocation.of_fd(self._fd)
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fd, length, offset)
@@ -90,16 +100,24 @@ class FileExport:
             done = _falloc(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
         if not done:
             self._write_zero_bytes(offset, length)
+        self._allocation.punched(offset, length)
         if fua:
             os.fdatasync(self._fd)
 
     def trim(self, offset: int, length: int, fua: bool) -> None:
         _falloc(self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        self._allocation.punched(offset, length)
         if fua:
             os.fdatasync(self._fd)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        runs = self._allocation.runs(offset, length, limit)
+        if len(runs) == 1:  # a read inside one run: every structured READ asks
+            return [(runs[0][0], _HOLE if runs[0][1] else 0)]
+        return [(n, _HOLE if hole else 0) for n, hole in runs]
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -15,6 +15,11 @@ Transmission::
 
     C: u32 REQUEST_MAGIC  u16 flags  u16 type  u64 cookie  u64 offset  u32 length  [payload]
     S: u32 SIMPLE_REPLY_MAGIC  u32 error  u64 cookie  [read data]
+    S: u32 STRUCTURED_REPLY_MAGIC  u16 flags  u16 type  u64 cookie  u32 length  <payload>
+
+Structured replies (chunks, ``structured.py``) are sent only to a client that negotiated
+NBD_OPT_STRUCTURED_REPLY; a client that selected ``base:allocation`` with
+NBD_OPT_SET_META_CONTEXT for the export it then enters may send NBD_CMD_BLOCK_STATUS.
 """
 
 from __future__ import annotations
@@ -44,10 +49,13 @@ OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
 
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 _REP_ERR = 1 << 31
 REP_ERR_UNSUP = _REP_ERR | 1
 REP_ERR_POLICY = _REP_ERR | 2
@@ -78,6 +86,20 @@ TFLAG_CAN_MULTI_CONN = 1 << 8
 
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+REPLY_FLAG_DONE = 1 << 0  # the last chunk of a structured reply
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+BASE_ALLOCATION = "base:allocation"  # the one metadata context we serve
+STATE_HOLE = 1 << 0  # base:allocation: not allocated
+STATE_ZERO = 1 << 1  # base:allocation: reads as zeroes
+MAX_EXTENTS = 1 << 20  # the protocol's SHOULD-limit of descriptors in one chunk
 
 CMD_READ = 0
 CMD_WRITE = 1
@@ -171,10 +193,14 @@ def option_error(option: int, reply_type: int, message: str) -> bytes:
     return option_reply(option, reply_type, _utf8_prefix(message, MAX_NAME))
 
 
-def transmission_flags(read_only: bool, can_multi_conn: bool) -> int:
+def transmission_flags(read_only: bool, can_multi_conn: bool, structured: bool = False) -> int:
     """Capabilities of one export. A read-only export advertises no write-side features
-    (FUA, TRIM, WRITE_ZEROES), like nbdkit -r; FLUSH stays, it is harmless."""
+    (FUA, TRIM, WRITE_ZEROES), like nbdkit -r; FLUSH stays, it is harmless. DF (one
+    content chunk per read) only means something with structured replies, so it is
+    advertised only to a client that negotiated them, as nbdkit does."""
     flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH
+    if structured:
+        flags |= TFLAG_SEND_DF
     if read_only:
         flags |= TFLAG_READ_ONLY
     else:
@@ -282,22 +308,43 @@ class Next(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class MetaSelection:
+    """What NBD_OPT_SET_META_CONTEXT selected: ``base:allocation`` of one export, under
+    an id. It counts only if the client then enters that very export."""
+
+    export: str
+    context_id: int
+
+
+#: ``OptionOutcome.meta`` when the option did not touch the selection
+KEEP_META = MetaSelection("", 0)
+
+
+@dataclass(frozen=True, slots=True)
 class OptionOutcome:
     reply: bytes  # write this first (may be empty)
     next: Next
     export: ExportFacts | None = None  # with Next.TRANSMISSION
     problem: str = ""  # why an error reply or a DROP, for the log
+    structured: bool = False  # this option negotiated structured replies
+    # SET_META_CONTEXT replaces the selection, also when it fails (None: nothing selected)
+    meta: MetaSelection | None = KEEP_META
 
 
 @dataclass(frozen=True, slots=True)
 class Negotiation:
-    """The handshake's context: what is served and where TLS stands."""
+    """The handshake's context: what is served, where TLS stands, what was negotiated."""
 
     exports: Mapping[str, ExportFacts]
     no_zeroes: bool = False  # the client set NBD_FLAG_C_NO_ZEROES
     tls_configured: bool = False
     tls_required: bool = False
     tls_active: bool = False
+    structured: bool = False  # NBD_OPT_STRUCTURED_REPLY was acknowledged
+    # server switches (NbdServerConfig): off, the option is answered NBD_REP_ERR_UNSUP
+    structured_enabled: bool = True
+    block_status_enabled: bool = True
+    next_context_id: int = 1  # the id a SET_META_CONTEXT that selects gives
 
 
 def answer_option(option: int, data: bytes, ctx: Negotiation) -> OptionOutcome:
@@ -330,6 +377,15 @@ def answer_option(option: int, data: bytes, ctx: Negotiation) -> OptionOutcome:
         if data:
             return _refuse(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
         return OptionOutcome(option_reply(option, REP_ACK), Next.STARTTLS)
+    if option == OPT_STRUCTURED_REPLY:
+        if not ctx.structured_enabled:
+            return _refuse(option, REP_ERR_UNSUP, "structured replies are off on this server")
+        if data:
+            return _refuse(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        # A repeat is acknowledged again: the state asked for is the state we are in.
+        return OptionOutcome(option_reply(option, REP_ACK), Next.OPTIONS, structured=True)
+    if option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+        return _meta_context(option, data, ctx)
     return _refuse(option, REP_ERR_UNSUP, f"option {option} is not supported")
 
 
@@ -348,7 +404,7 @@ def _export_name(data: bytes, ctx: Negotiation) -> OptionOutcome:
         return OptionOutcome(
             b"", Next.DROP, problem=f"NBD_OPT_EXPORT_NAME {name!r}: no such export"
         )
-    tflags = transmission_flags(export.read_only, export.can_multi_conn)
+    tflags = transmission_flags(export.read_only, export.can_multi_conn, ctx.structured)
     reply = export_name_reply(export.size, tflags, ctx.no_zeroes)
     return OptionOutcome(reply, Next.TRANSMISSION, export)
 
@@ -361,7 +417,7 @@ def _info(option: int, data: bytes, ctx: Negotiation) -> OptionOutcome:
     export = ctx.exports.get(request.name)
     if export is None:
         return _refuse(option, REP_ERR_UNKNOWN, f"no export named {request.name!r}")
-    tflags = transmission_flags(export.read_only, export.can_multi_conn)
+    tflags = transmission_flags(export.read_only, export.can_multi_conn, ctx.structured)
     replies = [option_reply(option, REP_INFO, info_export(export.size, tflags))]
     # Only what was asked for, once each: NBD_INFO_EXPORT is always sent.
     for info in dict.fromkeys(request.infos):
@@ -377,10 +433,94 @@ def _info(option: int, data: bytes, ctx: Negotiation) -> OptionOutcome:
     return OptionOutcome(b"".join(replies), Next.OPTIONS)
 
 
+# --- metadata contexts -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MetaRequest:
+    """The payload of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT."""
+
+    name: str
+    queries: tuple[str, ...]
+
+
+def parse_meta_request(data: bytes) -> MetaRequest:
+    """Parse ``u32 namelen, name, u32 n, n * (u32 len, query)``; every length must fit
+    and they must add up to the payload exactly."""
+    if len(data) < 8:
+        raise MalformedError(f"meta context payload of {len(data)} bytes is shorter than 8")
+    (name_len,) = _U32.unpack_from(data, 0)
+    if name_len > MAX_NAME or 4 + name_len + 4 > len(data):
+        raise MalformedError(f"export name length {name_len} does not fit the option")
+    name = decode_name(data[4 : 4 + name_len])
+    pos = 4 + name_len
+    (count,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if count > (len(data) - pos) // 4:  # each query needs at least its length field
+        raise MalformedError(f"{count} queries cannot fit in {len(data) - pos} bytes")
+    queries = []
+    for i in range(count):
+        if pos + 4 > len(data):
+            raise MalformedError(f"query {i} has no length field")
+        (qlen,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if qlen > MAX_NAME or pos + qlen > len(data):
+            raise MalformedError(f"query {i} of {qlen} bytes does not fit the option")
+        try:
+            queries.append(data[pos : pos + qlen].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise MalformedError(f"query {i} is not UTF-8") from None
+        pos += qlen
+    if pos != len(data):
+        raise MalformedError(f"option payload is {len(data)} bytes, its fields say {pos}")
+    return MetaRequest(name, tuple(queries))
+
+
+def meta_context_reply(option: int, context_id: int, name: str) -> bytes:
+    return option_reply(option, REP_META_CONTEXT, _U32.pack(context_id) + name.encode())
+
+
+def _meta_context(option: int, data: bytes, ctx: Negotiation) -> OptionOutcome:
+    """LIST answers which contexts a query matches (ids 0); SET replaces the selection,
+    also when it fails, and selects ``base:allocation`` only by its full name ("base:"
+    is a LIST wildcard, SET must ignore it; unknown namespaces and leaves are ignored)."""
+    is_set = option == OPT_SET_META_CONTEXT
+    cleared = None if is_set else KEEP_META
+
+    def refuse(reply_type: int, problem: str) -> OptionOutcome:
+        return OptionOutcome(
+            option_error(option, reply_type, problem), Next.OPTIONS, problem=problem, meta=cleared
+        )
+
+    if not (ctx.structured_enabled and ctx.block_status_enabled):
+        return refuse(REP_ERR_UNSUP, "metadata contexts (block status) are off on this server")
+    if not ctx.structured:
+        return refuse(REP_ERR_INVALID, "negotiate NBD_OPT_STRUCTURED_REPLY first")
+    try:
+        request = parse_meta_request(data)
+    except MalformedError as exc:
+        return refuse(REP_ERR_INVALID, str(exc))
+    if request.name not in ctx.exports:
+        return refuse(REP_ERR_UNKNOWN, f"no export named {request.name!r}")
+    for query in request.queries:
+        if ":" not in query:
+            return refuse(REP_ERR_INVALID, f"query {query[:80]!r} has no namespace (ns:leaf)")
+    if is_set:
+        if BASE_ALLOCATION not in request.queries:
+            return OptionOutcome(option_reply(option, REP_ACK), Next.OPTIONS, meta=None)
+        selection = MetaSelection(request.name, ctx.next_context_id)
+        reply = meta_context_reply(option, selection.context_id, BASE_ALLOCATION)
+        return OptionOutcome(reply + option_reply(option, REP_ACK), Next.OPTIONS, meta=selection)
+    listed = not request.queries or any(q in ("base:", BASE_ALLOCATION) for q in request.queries)
+    reply = meta_context_reply(option, 0, BASE_ALLOCATION) if listed else b""
+    return OptionOutcome(reply + option_reply(option, REP_ACK), Next.OPTIONS)
+
+
 # --- transmission helpers --------------------------------------------------------------
 
 _FLAGS_ALLOWED = {
-    CMD_READ: CMD_FLAG_FUA,  # FUA on a read is meaningless but harmless: ignored
+    CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF,  # FUA: meaningless but harmless, ignored
+    CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
     CMD_WRITE: CMD_FLAG_FUA,
     CMD_FLUSH: CMD_FLAG_FUA,
     CMD_TRIM: CMD_FLAG_FUA,
@@ -392,7 +532,14 @@ _WRITING_COMMANDS = (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
 
 
 def check_request(
-    cmd: int, flags: int, offset: int, length: int, size: int, read_only: bool
+    cmd: int,
+    flags: int,
+    offset: int,
+    length: int,
+    size: int,
+    read_only: bool,
+    structured: bool = False,
+    block_status: bool = False,
 ) -> int:
     """The NBD error a request earns before the export sees it; 0 when it is valid.
 
@@ -400,13 +547,20 @@ def check_request(
     command or flag, FLUSH with an offset or length, READ/WRITE over MAX_PAYLOAD ->
     EINVAL; a write-side command on a read-only export -> EPERM; a range past the end
     (or empty) -> ENOSPC for the commands that write data (the protocol's SHOULD) and
-    EINVAL for the others.
+    EINVAL for the others. DF needs ``structured`` replies (only then is it advertised),
+    BLOCK_STATUS a selected metadata context (``block_status``), else EINVAL.
     """
     allowed = _FLAGS_ALLOWED.get(cmd)
     if allowed is None:
         return EINVAL
     if flags & ~allowed:
         return EINVAL
+    if flags & CMD_FLAG_DF and not structured:
+        return EINVAL
+    if cmd == CMD_BLOCK_STATUS:
+        if not block_status:
+            return EINVAL
+        return EINVAL if length == 0 or offset + length > size else 0
     if cmd == CMD_FLUSH:
         return EINVAL if offset or length else 0
     if cmd == CMD_DISC:

@@ -89,6 +89,22 @@ class Export(Protocol):
     def flush(self) -> Awaitable[None] | None: ...
 
 
+class ExtentsExport(Protocol):
+    """An export that can say where its holes are has this method too (optional: the
+    server looks it up; without it BLOCK_STATUS reports the whole range as data, which
+    the protocol allows, and reads send every byte).
+
+    ``extents(offset, length, limit)`` returns at most ``limit`` ``(length, flags)``
+    pairs covering a prefix of ``[offset, offset + length)`` (the server clips anything
+    past the range), flags ``protocol.STATE_HOLE | STATE_ZERO`` for a hole, 0 for data.
+    It runs on the event loop, synchronously: lseeks, not I/O. A range it calls a hole
+    must read as zeroes at that moment, and a write acknowledged before the request must
+    not be in one; see each export's promises for writes still in flight.
+    """
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]: ...
+
+
 @dataclass(frozen=True)
 class NbdServerConfig:
     """Where to listen and how much one connection may hold.
@@ -106,6 +122,11 @@ class NbdServerConfig:
     tls_key: str | None = None
     tls_required: bool = False
     max_inflight_per_conn: int = 64
+    # Off, NBD_OPT_STRUCTURED_REPLY (and with it block status) is answered UNSUP: every
+    # READ is a simple reply with all its bytes (the benchmark's baseline).
+    structured_replies: bool = True
+    # Off, the metadata context options are answered UNSUP: no BLOCK_STATUS.
+    block_status: bool = True
     max_inflight_bytes_per_conn: int = 256 * 1024 * 1024
     handshake_timeout_s: float = 30.0
     close_timeout_s: float = 30.0
@@ -137,6 +158,8 @@ class NbdStats:
     requests: list[int] = field(default_factory=lambda: [0] * CMD_SLOTS)
     errors: list[int] = field(default_factory=lambda: [0] * CMD_SLOTS)
     bytes_read: int = 0
+    #: of ``bytes_read``, bytes answered as OFFSET_HOLE chunks: never read nor sent
+    bytes_read_holes: int = 0
     bytes_written: int = 0
     #: requests whose export call suspended and became a task
     async_completions: int = 0
@@ -155,6 +178,7 @@ class NbdStats:
             "requests": {name(c): n for c, n in enumerate(self.requests) if n},
             "errors": {name(c): n for c, n in enumerate(self.errors) if n},
             "bytes_read": self.bytes_read,
+            "bytes_read_holes": self.bytes_read_holes,
             "bytes_written": self.bytes_written,
             "async_completions": self.async_completions,
             "read_pauses": self.read_pauses,

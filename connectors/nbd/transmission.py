@@ -5,7 +5,8 @@ collects a WRITE's payload before the export sees it, answers READs, passes the 
 commands on, steps an export's coroutine once and only makes a task of one that really
 suspends, and stops reading under the in-flight limits or write back-pressure. The
 contract with the export is in ``server.py``'s docstring; the handshake that leads here
-is ``connection.py``.
+is ``connection.py``. A connection that negotiated structured replies gets its READs
+and errors as chunks and may ask BLOCK_STATUS (what each reply holds: ``structured.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from connectors.nbd import protocol as p
+from connectors.nbd import structured as sr
 from pipeline.errors import LowmarkError, VolumeError
 
 if TYPE_CHECKING:
@@ -27,6 +29,10 @@ log = logging.getLogger("connectors.nbd.server")  # one logger for the whole ser
 _MAX_DISCARD = 2 * p.MAX_PAYLOAD
 _READ_BATCH = 1 << 20  # flush batched replies once they hold this much read data
 CMD_SLOTS = max(p.COMMAND_NAMES) + 2  # one counter per command, the last for unknown ones
+# Runs asked of an export's ``extents`` per request: each costs a couple of lseeks on the
+# loop, so a badly fragmented file answers a prefix (allowed) and the client asks again.
+READ_RUNS = 1024
+STATUS_RUNS = 8192
 
 # The phases of a connection, plain ints: compared on every received chunk.
 PHASE_FLAGS, PHASE_OPTIONS, PHASE_TLS_UPGRADE, PHASE_TRANSMISSION, PHASE_CLOSED = range(5)
@@ -72,6 +78,10 @@ class Transmission:
         self._closing = False  # DISC received or server closing: no new requests
         self._drained: asyncio.Future[None] | None = None
         self._serving = False  # inside _serve()
+        self._structured = False  # NBD_OPT_STRUCTURED_REPLY was acknowledged
+        self._meta_id = 0  # base:allocation's context id for this export; 0: none selected
+        self._extents: Any = None  # the export's ``extents`` method, if it has one
+        self._said: set[tuple[int, int]] = set()  # (cmd, error) refusals logged already
 
     # --- connection control (every phase) -------------------------------------------
 
@@ -212,7 +222,7 @@ class Transmission:
                 self._flush(out)
                 self._violation(f"WRITE of {length} bytes (max {p.MAX_PAYLOAD})")
                 return -1
-            reply = p.simple_reply(err, cookie)
+            reply = self._refused(err, p.CMD_WRITE, flags, cookie, offset, length)
             if need <= end:
                 out.append(reply)
                 return need
@@ -233,10 +243,12 @@ class Transmission:
 
     def _read(self, flags: int, cookie: bytes, offset: int, length: int, out: list[bytes]) -> int:
         """Answer a READ into ``out``; the number of data bytes added."""
+        if self._structured:
+            return self._read_chunks(flags, cookie, offset, length, out)
         err = p.check_request(p.CMD_READ, flags, offset, length, self._size, self._read_only)
         if err:
             self._stats.errors[p.CMD_READ] += 1
-            out.append(p.simple_reply(err, cookie))
+            out.append(self._refused(err, p.CMD_READ, flags, cookie, offset, length))
             return 0
         self._stats.requests[p.CMD_READ] += 1
         try:
@@ -251,6 +263,109 @@ class Transmission:
         out.append(data)
         return length
 
+    def _read_chunks(
+        self, flags: int, cookie: bytes, offset: int, length: int, out: list[bytes]
+    ) -> int:
+        """A READ as structured chunks: holes the export knows of are OFFSET_HOLE (not
+        read), the rest OFFSET_DATA; the last chunk carries DONE. Every byte is read
+        before a chunk is queued, so no chunk is marked done while an error may follow."""
+        err = p.check_request(p.CMD_READ, flags, offset, length, self._size, self._read_only, True)
+        if err:
+            self._stats.errors[p.CMD_READ] += 1
+            out.append(self._refused(err, p.CMD_READ, flags, cookie, offset, length))
+            return 0
+        self._stats.requests[p.CMD_READ] += 1
+        runs = [(offset, length, False)]
+        if self._extents is not None and not flags & p.CMD_FLAG_DF:
+            try:
+                runs = sr.read_runs(self._extents(offset, length, READ_RUNS), offset, length)
+            except Exception as exc:
+                out.append(self._failed(exc, p.CMD_READ, cookie, offset, length))
+                return 0
+        if len(runs) == 1 and not runs[0][2]:  # all data, the usual case: one chunk
+            try:
+                data = self._export.pread(offset, length)
+                if len(data) != length:
+                    raise OSError(errno.EIO, f"export returned {len(data)} of {length} bytes")
+            except Exception as exc:
+                out.append(self._failed(exc, p.CMD_READ, cookie, offset, length))
+                return 0
+            out.append(sr.data_header(True, cookie, offset, length))
+            out.append(data)
+            self._stats.bytes_read += length
+            return length
+        chunks: list[bytes] = []
+        sent = holes = 0
+        last = len(runs) - 1
+        for i, (pos, n, zero) in enumerate(runs):
+            if zero:
+                chunks.append(sr.hole(i == last, cookie, pos, n))
+                holes += n
+                continue
+            try:
+                data = self._export.pread(pos, n)
+                if len(data) != n:
+                    raise OSError(errno.EIO, f"export returned {len(data)} of {n} bytes")
+            except Exception as exc:
+                if not chunks:
+                    out.append(self._failed(exc, p.CMD_READ, cookie, offset, length))
+                    return 0
+                # What was read is sent; the error says where the rest failed.
+                code, message = self._failure(exc, p.CMD_READ, pos, n)
+                chunks.append(sr.error_offset(cookie, code, message, pos))
+                out.extend(chunks)
+                return sent
+            chunks.append(sr.data_header(i == last, cookie, pos, n))
+            chunks.append(data)
+            sent += n
+        out.extend(chunks)
+        self._stats.bytes_read += length
+        self._stats.bytes_read_holes += holes
+        return sent
+
+    def _block_status(self, flags: int, cookie: bytes, offset: int, length: int) -> bytes:
+        """BLOCK_STATUS of ``base:allocation``: the export's extents (all data for an
+        export that cannot tell), as a prefix of the range, never past it."""
+        cmd = p.CMD_BLOCK_STATUS
+        err = p.check_request(
+            cmd, flags, offset, length, self._size, self._read_only,
+            structured=self._structured, block_status=self._meta_id != 0,
+        )  # fmt: skip
+        if err:
+            self._stats.errors[cmd] += 1
+            return self._refused(err, cmd, flags, cookie, offset, length)
+        self._stats.requests[cmd] += 1
+        req_one = bool(flags & p.CMD_FLAG_REQ_ONE)
+        try:
+            if self._extents is None:
+                raw: Any = [(length, 0)]
+            else:
+                raw = self._extents(offset, length, 1 if req_one else STATUS_RUNS)
+            extents = sr.status_extents(raw, length, req_one)
+        except Exception as exc:
+            return self._failed(exc, cmd, cookie, offset, length)
+        return sr.block_status(cookie, self._meta_id, extents)
+
+    def _refused(
+        self, err: int, cmd: int, flags: int, cookie: bytes, offset: int, length: int
+    ) -> bytes:
+        """The reply to a request ``check_request`` refused: a simple reply, or an ERROR
+        chunk saying why once structured replies are on. Each kind is logged once per
+        connection: a client that repeats it is not news."""
+        name = p.COMMAND_NAMES.get(cmd, f"command {cmd}")
+        why = f"{name} flags={flags:#x} offset={offset} length={length}"
+        if cmd == p.CMD_BLOCK_STATUS and not self._meta_id:
+            why += " without base:allocation selected (NBD_OPT_SET_META_CONTEXT for this export)"
+        else:
+            why += f" on an export of {self._size} bytes"
+        message = f"{why}: {p.ERROR_NAMES.get(err, err)}"
+        if (cmd, err) not in self._said:
+            self._said.add((cmd, err))
+            log.info("NBD client %s: %s (said once per connection)", self._peer, message)
+        if self._structured:
+            return sr.error(cookie, err, message)
+        return p.simple_reply(err, cookie)
+
     def _flush(self, out: list[bytes]) -> None:
         if out:
             self._reply(b"".join(out) if len(out) > 1 else out[0])
@@ -264,13 +379,15 @@ class Transmission:
             self._closing = True
             self._update_blocked()
             return b""
+        if cmd == p.CMD_BLOCK_STATUS:
+            return self._block_status(flags, cookie, offset, length)
         err = p.check_request(cmd, flags, offset, length, self._size, self._read_only)
         if err:
             slot = min(cmd, CMD_SLOTS - 1)
             if slot == CMD_SLOTS - 1:
                 self._stats.protocol_errors += 1
             self._stats.errors[slot] += 1
-            return p.simple_reply(err, cookie)
+            return self._refused(err, cmd, flags, cookie, offset, length)
         self._stats.requests[cmd] += 1
         fua = bool(flags & p.CMD_FLAG_FUA)
         try:
@@ -290,6 +407,15 @@ class Transmission:
     def _failed(
         self, exc: BaseException, cmd: int, cookie: bytes, offset: int, length: int
     ) -> bytes:
+        code, message = self._failure(exc, cmd, offset, length)
+        if self._structured:
+            return sr.error(cookie, code, message)
+        return p.simple_reply(code, cookie)
+
+    def _failure(
+        self, exc: BaseException, cmd: int, offset: int, length: int
+    ) -> tuple[int, str]:
+        """Count and log a failed export call; its NBD error and the message for a client."""
         code = nbd_errno(exc)
         self._stats.errors[cmd] += 1
         what = (
@@ -299,7 +425,7 @@ class Transmission:
             log.warning("%s failed (%s): %s", what, p.ERROR_NAMES[code], exc)
         else:  # a bug in the export: keep the traceback
             log.error("%s raised unexpectedly; answered EIO", what, exc_info=exc)
-        return p.simple_reply(code, cookie)
+        return code, f"{what} failed: {exc}"
 
     # --- requests that wait on the export -----------------------------------------------
 

@@ -28,13 +28,25 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
   the volume's dirty-region log (``pipeline.primary.region_log``); a write to a region not
   yet set waits for the log's group-committed fdatasync through a callback (the loop never
   blocks on it), and takes effect on the image only after it.
+- BLOCK_STATUS (``base:allocation``) and the holes of a structured READ come from the
+  image file's SEEK_DATA / SEEK_HOLE. A range is reported a hole only if, when asked,
+  the image has no data there *and* no NBD WRITE / WRITE_ZEROES / TRIM accepted by this
+  export is still on its way to the image (waiting for its dirty-region mark, for
+  space, or for a marker's hold): those ranges are reported as data (always allowed)
+  until the write has taken effect. A write acknowledged before the request has taken
+  effect on the image (the ack comes after it), so it is never in a hole. Writes from
+  the Python volume API in other threads are concurrent with the answer, as two NBD
+  clients are; a range they are writing at that moment may be either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 
+from connectors.image.allocation import with_data
+from connectors.nbd.protocol import STATE_HOLE, STATE_ZERO
 from pipeline.errors import LowmarkError, ReplicationError
 from pipeline.primary.gate import WriteHeld
 from pipeline.primary.interceptor import Ticket
@@ -52,6 +64,9 @@ class VolumeExport:
         self.description = f"lowmark volume {volume.name} ({volume.mode} replication)"
         self._loop = loop
         self._engine = volume._cg.interceptor  # the CG's interceptor
+        # writes accepted but not yet on the image: (start, end) by a serial; loop thread only
+        self._landing: dict[int, tuple[int, int]] = {}
+        self._serial = itertools.count()
 
     @property
     def size(self) -> int:
@@ -64,6 +79,12 @@ class VolumeExport:
 
     def pread(self, offset: int, length: int) -> bytes:
         return self.volume.image.pread(offset, length)
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        runs = self.volume.image.allocation(offset, length, limit)
+        if self._landing:
+            runs = with_data(runs, offset, self._landing.values())[:limit]
+        return [(n, _HOLE if hole else 0) for n, hole in runs]
 
     def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
         # an exception here (FencedError from stamp, ...) is an EIO reply (connectors/nbd)
@@ -78,7 +99,7 @@ class VolumeExport:
                 return self._finish(submit(False), fua)
             except WriteHeld:
                 pass  # a marker holds writes: wait for it off the loop's back
-        return self._after_mark(mark, len(data), submit, fua)
+        return self._after_mark(mark, len(data), submit, fua, (offset, offset + len(data)))
 
     def write_zeroes(
         self, offset: int, length: int, fua: bool, may_trim: bool
@@ -102,7 +123,7 @@ class VolumeExport:
                 return self._finish(submit(False), fua)
             except WriteHeld:
                 pass
-        return self._after_mark(mark, 0, submit, fua)
+        return self._after_mark(mark, 0, submit, fua, (offset, offset + length))
 
     def flush(self) -> Awaitable[None] | None:
         return self._flush()
@@ -133,8 +154,18 @@ class VolumeExport:
             await asyncio.sleep(wait_us / 1e6)
         await (self._covered(ticket) if covered else self._durable(ticket))
 
-    async def _after_mark(
-        self, mark: Mark, nbytes: int, submit: Callable[[bool], Ticket], fua: bool
+    def _after_mark(
+        self, mark: Mark, nbytes: int, submit: Callable[[bool], Ticket], fua: bool,
+        span: tuple[int, int],
+    ) -> Awaitable[None]:  # fmt: skip
+        """The write's range is landing from now until it took effect (or failed to):
+        registered before this returns, so a BLOCK_STATUS behind it never calls it a hole."""
+        key = next(self._serial)
+        self._landing[key] = span
+        return self._land(mark, nbytes, submit, fua, key)
+
+    async def _land(
+        self, mark: Mark, nbytes: int, submit: Callable[[bool], Ticket], fua: bool, key: int
     ) -> None:
         """The write's regions are durably dirty first (the ack waits for that fsync anyway;
         the image is not touched before it, so it never differs from Kafka unmarked), then
@@ -159,6 +190,8 @@ class VolumeExport:
             if not handed:
                 mark.release(touched=False)
             raise
+        finally:
+            self._landing.pop(key, None)  # on the image now (or never will be)
         done = self._finish(ticket, fua)
         if done is not None:
             await done
@@ -233,6 +266,9 @@ class VolumeExport:
 
         ticket.add_done_callback(durable)
         return fut
+
+
+_HOLE = STATE_HOLE | STATE_ZERO
 
 
 def _not_durable(ticket: Ticket, writes: int, timeout_s: float) -> ReplicationError:

@@ -60,6 +60,7 @@ class RecordingExport:
         self.writes = 0
         self.asynchronous = asynchronous
         self._rng = random.Random(len(inner.name))
+        self.extents = inner.extents  # structured reads get holes, BLOCK_STATUS the truth
 
     def _done(self, action: Callable[[], None]) -> Any:
         if not self.asynchronous:
