@@ -129,7 +129,11 @@ logger.statechange.level = WARN
 
 def cds_archive(java: str, libs: Path) -> Path:
     """The class-data-sharing archive for this java and these jars (it may not exist yet)."""
-    key = f"{os.path.realpath(java)}\n{java_version_text(java)}\n{libs}"
+    # the jars' set changes with the pom (libs.complete names its hash): a stale archive
+    # would be refused by the JVM and every node would start without it
+    fetched = libs.parent / "libs.complete"
+    jars = fetched.read_text() if fetched.is_file() else ""
+    key = f"{os.path.realpath(java)}\n{java_version_text(java)}\n{libs}\n{jars}"
     return libs.parent / f"cds-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsa"
 
 
