@@ -59,6 +59,7 @@ from bench.common import (
     tmpfs_dir,
     write_results,
 )
+from bench.kafka_perf import JavaProducerRun, ceiling
 from pipeline.errors import ConfigError, SetupError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,17 +325,21 @@ def _bench(args: argparse.Namespace) -> int:
                     # other work, and what a second core would buy back.
                     cpu = (process_cpu_s(proc.pid) or 0.0) - cpu0
                     result["server_cpu_us_per_io"] = cpu * 1e6 / max(1, result["ios"])
+                    result["server_cpu_s"], result["seconds"] = cpu, runtime
                 img.unlink()
                 rows.append({"target": target, "job": job.name, **result})
                 print(f"  {job.name:18s} {target:16s} {result['mb_s']:9.1f} MB/s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    java = java_ceiling(args, runtime)
     base = {r["job"]: r["mb_s"] for r in rows if r["target"] == "nbdkit"}
     for r in rows:
         r["ratio"] = r["mb_s"] / base[r["job"]] if base.get(r["job"]) else None
+        add_java_ratios(r, java.get(JOB_BYTES[r["job"]]))
     print()
     print_table(
-        ["job", "target", "MB/s", "IOPS", "p50 us", "p99 us", "cpu us/io", "vs nbdkit"],
+        ["job", "target", "MB/s", "IOPS", "p50 us", "p99 us", "cpu us/io", "vs nbdkit",
+         "vs java", "cpu/MiB vs java"],
         [
             [
                 r["job"],
@@ -345,6 +350,8 @@ def _bench(args: argparse.Namespace) -> int:
                 r["p99_us"],
                 r["server_cpu_us_per_io"],
                 r["ratio"],
+                r.get("x_java"),
+                r.get("cpu_per_mib_x_java"),
             ]
             for r in rows
         ],
@@ -365,11 +372,37 @@ def _bench(args: argparse.Namespace) -> int:
                 "cg_dir": args.cg_dir or "tmpfs, next to the image",
             },
             "results": rows,
+            "java_producer": {str(k): v.as_dict() for k, v in java.items()},
             "region_log_ratio": cost,
         },
     )
     print(f"\nwrote {path}")
     return 0
+
+
+JOB_BYTES = {j.name: {"4k": 4096, "64k": 65536, "1m": 1 << 20}[j.bs] for j in JOBS}
+
+
+def java_ceiling(args: argparse.Namespace, runtime_s: float) -> dict[int, JavaProducerRun]:
+    """Kafka's own producer at each job's write size, on the broker the replicating
+    target used (none without replication)."""
+    bootstrap = os.environ.get("LOWMARK_BOOTSTRAP_SERVERS", "")
+    if args.export_factory != REPLICATING or not bootstrap or args.no_java:
+        return {}
+    print("\nKafka's own producer (ProducerPerformance), the same broker and settings:")
+    return ceiling(bootstrap, sorted(set(JOB_BYTES.values())), max_s=15.0)
+
+
+def add_java_ratios(row: dict[str, Any], run: JavaProducerRun | None) -> None:
+    """A replicating row against Kafka's own producer: MB/s, and server CPU per MiB."""
+    if run is None or not row["target"].startswith("lowmark-repl"):
+        return
+    row["x_java"] = row["mb_s"] / (run.mib_per_s * 1.048576) if run.mib_per_s else None
+    mib = row["mb_s"] * 1e6 / (1 << 20) * row["seconds"]
+    mine = row["server_cpu_s"] / mib if mib else None
+    row["cpu_s_per_mib"] = mine
+    theirs = run.cpu_s_per_mib
+    row["cpu_per_mib_x_java"] = mine / theirs if mine is not None and theirs else None
 
 
 def region_log_cost(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -397,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--no-replication", action="store_true", help="only nbdkit and lowmark without Kafka"
+    )
+    parser.add_argument(
+        "--no-java", action="store_true", help="skip Kafka's own producer (the ceiling rows)"
     )
     parser.add_argument(
         "--region-log-cost",

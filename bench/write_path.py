@@ -32,7 +32,7 @@ import logging
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from bench.common import (
     tmpfs_dir,
     write_results,
 )
+from bench.kafka_perf import JavaProducerRun, ceiling
 from bench.write_path_raw import KEY, TXN_INTERVAL_S, create_topic, producer_conf, run_raw
 from bench.write_path_volume import CountingHandler, run_volume
 from pipeline.primary.volume import ConsistencyGroup
@@ -158,11 +159,16 @@ def progress(row: dict[str, Any]) -> None:
           f"x{row['threads']:<2} {row['mib_s']:8.1f} MiB/s  {ok}", file=sys.stderr, flush=True)
 
 
-def add_ratios(rows: list[dict[str, Any]]) -> None:
+def add_ratios(rows: list[dict[str, Any]], java: Mapping[int, JavaProducerRun]) -> None:
     base = {(r["row"], r["size"]): r["mib_s"] for r in rows if r["row"].startswith("raw")}
     for r in rows:
         mib = r["bytes"] / MiB
         r["cpu_ms_per_mib"] = r["cpu"]["process_s"] * 1000 / mib if mib else None
+        run = java.get(r["size"])
+        r["vs_java"] = r["mib_s"] / run.mib_per_s if run and run.mib_per_s else None
+        theirs = run.cpu_s_per_mib if run else None
+        r["cpu_vs_java"] = (r["cpu_ms_per_mib"] / 1000 / theirs
+                            if theirs and r["cpu_ms_per_mib"] is not None else None)  # fmt: skip
         txn = base.get(("raw-txn", r["size"]))
         plain = base.get(("raw", r["size"]))
         r["vs_raw_txn"] = r["mib_s"] / txn if txn else None
@@ -172,7 +178,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = ["row", "KiB", "thr", "MiB/s", "writes/s", "p50 µs", "p99 µs", "drain ms",
-               "flush ms", "x raw-txn", "x raw", "CPU ms/MiB", "others", "ok"]
+               "flush ms", "x raw-txn", "x raw", "x java", "CPU ms/MiB", "CPU x java",
+               "others", "ok"]
     out = []
     for r in rows:
         lat = r.get("latency") or {}
@@ -182,9 +189,9 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
             r["row"], r["size"] // 1024, r["threads"], r["mib_s"], r["writes_s"],
             lat.get("p50_us"), lat.get("p99_us"), r["drain_s"] * 1000,
             r["flush_s"] * 1000 if "flush_s" in r else None,
-            r["vs_raw_txn"], r["vs_raw"],
+            r["vs_raw_txn"], r["vs_raw"], r["vs_java"],
             # client CPU per byte: on a CPU-bound box this, not MiB/s, is the stable number
-            r["cpu_ms_per_mib"],
+            r["cpu_ms_per_mib"], r["cpu_vs_java"],
             # cores busy outside this process (broker, other jobs): a noisy row shows here
             r["cpu"]["others_s"] / r["cpu"]["wall_s"] if r["cpu"]["wall_s"] else None,
             "ok" if r["verified"] else "FAIL",
@@ -274,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lowmark_log.setLevel(logging.WARNING)
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    java: dict[int, JavaProducerRun] = {}
     profile_row = worst = None
     with kafka_bootstrap() as broker, tempfile.TemporaryDirectory(
         prefix="lowmark-bench-", dir=s.data_dir
@@ -284,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for size in s.sizes:
                 rows += session.rows_for(size)
-            add_ratios(rows)
+            java = ceiling(broker.bootstrap, list(s.sizes), max_s=15.0)
+            add_ratios(rows, java)
             worst = worst_async(rows)
             if worst and (s.profile == "always" or (s.profile == "auto" and not worst["goal_met"])):
                 print(f"profiling async {worst['size'] // 1024} KiB x{worst['threads']} "
@@ -315,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "switch_interval_s": sys.getswitchinterval(),
         "wall_s": round(wall, 1),
         "rows": rows,
+        "java_producer": {str(k): v.as_dict() for k, v in java.items()},
         "profile": profile_row,
         "table": {"headers": headers, "rows": cells},
     })
