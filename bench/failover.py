@@ -62,6 +62,7 @@ from bench.common import (
 from bench.failover_scene import BLOCK, SITE, VOLUMES, Scene, pick_spots, site_with_backlog
 from connectors.embedded_kafka.procs import free_port
 from connectors.kafka.topics import CgTopics
+from pipeline.app.metric_names import from_scrape
 from pipeline.errors import SetupError
 
 GOAL_FIRST_READ_S = 1.0
@@ -69,6 +70,8 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 READER_MAIN = "import sys; from bench.failover_reader import main; sys.exit(main())"
 TIMING_KEYS = ("planned_s", "indexed_s", "committed_s", "serving_s", "first_read_s",
                "writes_s", "rolled_forward_s")
+ROLLFORWARD_KEYS = ("bytes_total", "bytes_done", "extents_done", "batches", "elapsed_s",
+                    "dropped_by_writes", "spilled_bytes")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- children
@@ -162,15 +165,17 @@ class FailoverProcess:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """``lowmark_failover_<key>`` gauges from /metrics (labels dropped)."""
+    """The command's own numbers (``failover_*_s``, ``rollforward_*``), by their keys, from
+    its /metrics (labels dropped)."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    out: dict[str, float] = {}
+    got: dict[str, float] = {}
     for line in body.decode().splitlines():
         if line.startswith("lowmark_failover_") and "part=" not in line:
             name, _, value = line.rpartition(" ")
             with contextlib.suppress(ValueError):
-                out[name.split("{", 1)[0][len("lowmark_failover_"):]] = float(value)
-    return out
+                got[name.split("{", 1)[0]] = float(value)
+    keys = [f"failover_{k}" for k in TIMING_KEYS] + [f"rollforward_{k}" for k in ROLLFORWARD_KEYS]
+    return from_scrape("failover", got, keys)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -311,9 +316,7 @@ def _measure(broker: Broker, args: argparse.Namespace, scene: Scene) -> dict[str
         "internal": timings,
         # the command's log lines, each with its at_s: where the time to the first read went
         "timeline": {m: e.get("at_s") for m, e in ev.items() if e.get("at_s") is not None},
-        "rollforward": {k: metrics.get(f"rollforward_{k}") for k in
-                        ("bytes_total", "bytes_done", "extents_done", "batches", "elapsed_s",
-                         "dropped_by_writes")},
+        "rollforward": {k: metrics.get(f"rollforward_{k}") for k in ROLLFORWARD_KEYS},
         "reads": {
             "during": lat_stats(during_window, spots, scene),
             "after": lat_stats(after["samples"], spots, scene),

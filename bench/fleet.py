@@ -50,6 +50,7 @@ from bench.common import (
 from connectors.embedded_kafka.procs import free_port
 from connectors.kafka.reading import value_bytes_from
 from connectors.kafka.topics import CgTopics
+from pipeline.app.metric_names import from_scrape
 from pipeline.ops.status import scrape
 from pipeline.primary.volume import ConsistencyGroup
 from pipeline.site import SiteDir
@@ -58,6 +59,9 @@ from schemas.records import Checkpoint
 
 MIB = 1 << 20
 WRITE = 64 << 10
+# the applier numbers the bench reads, by the service's own keys
+NUMBERS = ("rpo_s", "applied_w", "target_w", "applied_bytes", "applied_early", "pending_dropped",
+           "bytes_read")
 
 
 def say(msg: str) -> None:
@@ -91,7 +95,7 @@ class Site:
         self.proc = None
 
     def numbers(self) -> dict[str, float]:
-        return {k.removeprefix("lowmark_applier_"): v for k, v in scrape(self.metrics, 1).items()}
+        return from_scrape("applier", scrape(self.metrics, 1), NUMBERS)
 
     def peak_rss_bytes(self) -> int:
         assert self.proc is not None

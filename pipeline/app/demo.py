@@ -203,16 +203,16 @@ metrics = "127.0.0.1:{self.ports["apply"]}"
     def _show(self, t: float, prev: tuple[float, float, float]) -> tuple[float, float, float]:
         s, w, a = self._metrics("serve"), self._metrics("watermark"), self._metrics("apply")
         now = time.monotonic()
-        pb = s.get("lowmark_primary_bytes", 0.0)
-        ab = a.get("lowmark_applier_applied_bytes", 0.0)
+        pb = s.get("lowmark_primary_bytes_total", 0.0)
+        ab = a.get("lowmark_applier_applied_bytes_total", 0.0)
         dt = max(1e-3, now - prev[0])
 
         def ms(v: float | None) -> str:
             return "-" if v is None else f"{v * 1000:.0f} ms"
 
         self.out(
-            f"{t:5.0f} {ms(w.get('lowmark_watermark_rpo_s')):>9} "
-            f"{ms(a.get('lowmark_applier_rpo_s')):>11} {(pb - prev[1]) / dt / 1e6:13.1f} "
+            f"{t:5.0f} {ms(w.get('lowmark_watermark_rpo_seconds')):>9} "
+            f"{ms(a.get('lowmark_applier_rpo_seconds')):>11} {(pb - prev[1]) / dt / 1e6:13.1f} "
             f"{(ab - prev[2]) / dt / 1e6:13.1f} "
             f"{s.get('lowmark_primary_unreplicated_bytes', 0) / 1e6:11.1f} "
             f"{a.get('lowmark_applier_pending_bytes', 0) / 1e6:11.1f}"

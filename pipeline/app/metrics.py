@@ -1,9 +1,9 @@
 """Prometheus ``/metrics`` for every service, from the service's own ``metrics()`` dict.
 
 Each service already knows its numbers (W, RPO, lag, rates, errors); this module only
-renders them, so the numbers an operator scrapes are the ones the code acts on. Every
-numeric value becomes a gauge ``lowmark_<service>_<key>`` with the service's labels;
-counters are exposed as gauges too (Prometheus' ``rate()`` works on them all the same).
+renders them, so the numbers an operator scrapes are the ones the code acts on. The
+catalogue (:mod:`pipeline.app.metric_names`) says which key is a counter and which a
+gauge and names each by Prometheus' conventions; this module only builds the families.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from pipeline.app.config import parse_hostport
+from pipeline.app.metric_names import metric
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("lowmark.metrics")
@@ -29,9 +30,10 @@ class ServiceCollector:
         self.service = service
         self.source = source
         self.labels = dict(labels)
+        self._warned: set[str] = set()
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         try:
             values = self.source()
@@ -45,22 +47,20 @@ class ServiceCollector:
         up.add_metric(vals, 1.0)
         yield up
         for key, value in sorted(values.items()):
-            if isinstance(value, bool):
-                value = float(value)
-            if isinstance(value, dict):
-                # per-partition or per-volume numbers: one sample per sub-key
-                fam = GaugeMetricFamily(
-                    f"lowmark_{self.service}_{key}", key, labels=[*names, "part"]
-                )
-                for sub, v in sorted(value.items()):
-                    if isinstance(v, int | float):
-                        fam.add_metric([*vals, str(sub)], float(v))
-                yield fam
-                continue
-            if not isinstance(value, int | float):
-                continue
-            fam = GaugeMetricFamily(f"lowmark_{self.service}_{key}", key, labels=names)
-            fam.add_metric(vals, float(value))
+            m = metric(self.service, key)
+            samples = value if isinstance(value, dict) else {None: value}
+            numeric = [(sub, v) for sub, v in samples.items() if isinstance(v, int | float)]
+            if not numeric and not isinstance(value, dict):
+                continue  # a phase name, an error text: the log and `status` say those
+            if not m.known and key not in self._warned:
+                self._warned.add(key)
+                log.warning("metric %s is not in the catalogue; exported as a gauge", key)
+            family = CounterMetricFamily if m.kind == "counter" else GaugeMetricFamily
+            # per-partition or per-volume numbers: one sample per sub-key
+            fam = family(m.name, m.help, labels=[*names, "part"] if isinstance(value, dict)
+                         else names)  # fmt: skip
+            for sub, v in sorted(numeric, key=lambda kv: str(kv[0])):
+                fam.add_metric(vals if sub is None else [*vals, str(sub)], m.value(float(v)))
             yield fam
 
 

@@ -90,6 +90,8 @@ class ApplierNumbers:
             # 1: records this site still needs were deleted; it cannot catch up from Kafka
             "retention_lost": retention == "lost",
             "retained_share_before_checkpoint": share,
+            # per partition: records between this site's position and the log's end
+            "lag_records": self.lag() if self._log is not None else {},
             **self.pause_metrics(),
             **self.named.metrics(),
         }

@@ -288,16 +288,16 @@ def render(status: dict[str, Any]) -> str:
     ap = live.get("apply", {})
     if ap:
         lines.append(
-            f"  applier  applied W RPO {secs(ap.get('lowmark_applier_rpo_s'))}, "
-            f"{ap.get('lowmark_applier_apply_bytes_per_s', 0) / 1e6:.1f} MB/s applied, "
+            f"  applier  applied W RPO {secs(ap.get('lowmark_applier_rpo_seconds'))}, "
+            f"{ap.get('lowmark_applier_apply_bytes_per_second', 0) / 1e6:.1f} MB/s applied, "
             f"pending {ap.get('lowmark_applier_pending_bytes', 0) / 1e6:.1f} MB"
         )
     pr = live.get("serve", {})
     if pr:
         lines.append(
-            f"  primary  {pr.get('lowmark_primary_bytes', 0) / 1e6:.1f} MB replicated, "
+            f"  primary  {pr.get('lowmark_primary_bytes_total', 0) / 1e6:.1f} MB replicated, "
             f"{pr.get('lowmark_primary_unreplicated_bytes', 0) / 1e6:.1f} MB waiting, "
-            f"last commit {pr.get('lowmark_primary_last_commit_ms', 0):.1f} ms"
+            f"last commit {1e3 * pr.get('lowmark_primary_last_commit_seconds', 0):.1f} ms"
         )
     return "\n".join(lines)
 

@@ -135,23 +135,29 @@ def test_services_replicate_nbd_clients_and_expose_metrics(kafka_conf, unique_na
         # the numbers move while the workload runs
         wait_until(
             lambda: (
-                svc.metrics("apply").get("lowmark_applier_applied_w", 0)
-                > before["apply"].get("lowmark_applier_applied_w", 0)
+                svc.metrics("apply").get("lowmark_applier_applied_w_timestamp_seconds", 0)
+                > before["apply"].get("lowmark_applier_applied_w_timestamp_seconds", 0)
             ),
             30,
             "the applier's W to move",
         )
         after = {n: svc.metrics(n) for n in ("serve", "watermark", "apply")}
-        assert after["serve"]["lowmark_primary_bytes"] > before["serve"]["lowmark_primary_bytes"]
-        assert after["serve"]["lowmark_primary_nbd_bytes_written"] > 0
-        assert after["watermark"]["lowmark_watermark_w"] > before["watermark"].get(
-            "lowmark_watermark_w", 0
+        assert (
+            after["serve"]["lowmark_primary_bytes_total"]
+            > before["serve"]["lowmark_primary_bytes_total"]
         )
-        assert after["watermark"]["lowmark_watermark_published"] > before["watermark"].get(
-            "lowmark_watermark_published", 0
+        assert after["serve"]["lowmark_primary_nbd_bytes_written_total"] > 0
+        assert after["watermark"]["lowmark_watermark_w_timestamp_seconds"] > before[
+            "watermark"
+        ].get("lowmark_watermark_w_timestamp_seconds", 0)
+        assert after["watermark"]["lowmark_watermark_published_total"] > before["watermark"].get(
+            "lowmark_watermark_published_total", 0
         )
-        assert after["apply"]["lowmark_applier_applied_bytes"] > 0
-        assert 0 <= after["apply"]["lowmark_applier_rpo_s"] < 30
+        assert after["apply"]["lowmark_applier_applied_bytes_total"] > 0
+        assert 0 <= after["apply"]["lowmark_applier_rpo_seconds"] < 30
+        # every number a service exports is in the catalogue, named by the conventions
+        for name in ("serve", "watermark", "apply"):
+            assert "not in the catalogue" not in svc.log(name), svc.log(name)[-3000:]
         # graceful stop: the primary publishes everything, the backup applies it
         assert svc.stop("serve") == 0
         primary = {

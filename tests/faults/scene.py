@@ -90,7 +90,7 @@ metrics = "127.0.0.1:{self.ports["apply"]}"
         return scrape(f"127.0.0.1:{self.ports[name]}")
 
     def rpo(self) -> float | None:
-        value = self.metrics("apply").get("lowmark_applier_rpo_s")
+        value = self.metrics("apply").get("lowmark_applier_rpo_seconds")
         return None if value is None or value != value else value  # NaN: no W yet
 
     def exited(self) -> dict[str, int]:

@@ -102,7 +102,7 @@ def test_a_marker_every_100ms_for_30s_is_application_consistent(cluster, kafka_c
 def test_a_killed_coordinator_and_a_stopped_member_never_wedge_the_primary(cluster, kafka_conf):
     b = cluster.procs["b"]
     b_metrics = f"127.0.0.1:{cluster.ports['b_m']}"
-    b_quiesced = scrape(b_metrics)["lowmark_primary_markers_quiesced"]
+    b_quiesced = scrape(b_metrics)["lowmark_primary_markers_quiesced_total"]
     b.send_signal(signal.SIGSTOP)  # member b will never answer
     try:
         coordinator = subprocess.Popen(
@@ -126,7 +126,7 @@ def test_a_killed_coordinator_and_a_stopped_member_never_wedge_the_primary(clust
     # b wakes up to a QUIESCE that is long over: it must not hold for it
     wait_until(lambda: scrape(b_metrics).get("lowmark_primary_up") == 1.0, 10, "b answers")
     time.sleep(1)
-    assert scrape(b_metrics)["lowmark_primary_markers_quiesced"] == b_quiesced
+    assert scrape(b_metrics)["lowmark_primary_markers_quiesced_total"] == b_quiesced
     assert scrape(b_metrics)["lowmark_primary_marker_holding"] == 0.0
     assert "beyond its timeout" in cluster.log("b")
     names = {r["name"] for t, r, _p, _o in read_log(kafka_conf, cluster.cg) if t == "Marker"}
@@ -144,7 +144,8 @@ def test_markers_on_a_schedule_come_from_the_active_watermark_service_only(clust
             + '\n[markers]\ninterval_s = 0.3\nname = "sched"\ntimeout_s = 2\n')
 
     def taken(name: str) -> float:
-        return scrape(f"127.0.0.1:{ports[name]}").get("lowmark_watermark_scheduled_markers", -1)
+        got = scrape(f"127.0.0.1:{ports[name]}")
+        return got.get("lowmark_watermark_scheduled_markers_total", -1)
 
     def scheduled() -> list[str]:
         log = read_log(kafka_conf, cluster.cg)

@@ -115,7 +115,7 @@ def test_twenty_snapshots_under_load_are_identical_at_every_site(scene, kafka_co
     for site in SITES:
         wait_until(lambda site=site: held(scene, site) == COUNT, 120, f"{site} holds {COUNT}")
     assert scrape(f"127.0.0.1:{scene.site_metrics['dr2']}")[  # type: ignore[attr-defined]
-        "lowmark_applier_snapshots_already_held"] >= 1  # the restart re-applied a record
+        "lowmark_applier_snapshots_already_held_total"] >= 1  # the restart re-applied a record
 
     log = read_log(kafka_conf, scene.cg)
     records = {r["name"]: r for t, r, _p, _o in log if t == "Snapshot"}
@@ -152,7 +152,7 @@ def test_twenty_snapshots_under_load_are_identical_at_every_site(scene, kafka_co
         assert v["presence"]["primary:a"] == v["presence"]["primary:b"] == "held", v
         assert v["size"] == sum(SIZES.values())
     prim = scrape(f"127.0.0.1:{scene.ports['a_m']}")
-    assert prim["lowmark_primary_snapshots_sealed"] == COUNT
+    assert prim["lowmark_primary_snapshots_sealed_total"] == COUNT
     assert prim["lowmark_primary_snapshots_copying"] == 0
     status = cli(tmp_path, "status")
     newest = by_ts[-1]["name"]
