@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -25,7 +26,13 @@ from pipeline.app.metrics import serve_metrics
 from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.backup.bootstrap import BootstrapResult, bootstrap_site, needs_bootstrap
-from pipeline.errors import FencedError, LowmarkError
+from pipeline.errors import (
+    ApplierHaltedError,
+    FencedError,
+    LowmarkError,
+    RetentionLostError,
+    WatermarkHaltedError,
+)
 from pipeline.fault_streak import FaultStreak
 from pipeline.logs import event
 from pipeline.ops.marker_schedule import MarkerSchedule, ScheduleConfig
@@ -362,6 +369,28 @@ def _start_with_retries(svc: Any, name: str, stop: threading.Event, streak: Faul
             backoff_s = _retry_wait(name, exc, backoff_s, stop, streak, tried)
 
 
+# What a service must not go past without the operator: it stays up, halted, so /metrics
+# (``halted 1``, ``retention_lost 1``) and the alerts on them say so, instead of exiting
+# into a supervisor that restarts it into the same answer or a target that is merely down.
+_HALTS = (ApplierHaltedError, WatermarkHaltedError, RetentionLostError)
+_HALTED_SAID_EVERY_S = 60.0
+
+
+def _halted_numbers(exc: LowmarkError) -> dict[str, Any]:
+    """What a service that halted before it started exports (it has no other numbers)."""
+    return {"halted": 1, "retention_lost": int(isinstance(exc, RetentionLostError))}
+
+
+def _stay_halted(name: str, exc: LowmarkError, stop: threading.Event) -> None:
+    """Serve /metrics and say why, once a minute, until stopped (then exit 2 as before)."""
+    while True:
+        event(log, f"{name} halted: it stays up so /metrics and `lowmark status` show it "
+              "until it is stopped; the error says what to do", logging.ERROR,
+              error=str(exc))  # fmt: skip
+        if stop.wait(_HALTED_SAID_EVERY_S):
+            return
+
+
 def _run_loop(
     svc: Any,
     metrics: str,
@@ -384,7 +413,14 @@ def _run_loop(
         stop_on_signals(stop)
     now = time_source.monotonic
     streak = FaultStreak(now)
-    _start_with_retries(svc, name, stop, streak, tried)
+    try:
+        _start_with_retries(svc, name, stop, streak, tried)
+    except _HALTS as exc:  # a site retention left behind refuses to start: say so, up
+        if not metrics:
+            raise
+        serve_metrics(metrics, name, functools.partial(_halted_numbers, exc), labels)
+        _stay_halted(name, exc, stop)
+        raise
 
     def numbers() -> dict[str, Any]:
         return {**svc.metrics(), **(extra or {})}
@@ -399,6 +435,11 @@ def _run_loop(
                 svc.step()
                 backoff_s = 0.0
                 _cleared(name, streak)
+            except _HALTS as exc:
+                if not metrics:
+                    raise
+                _stay_halted(name, exc, stop)
+                raise
             except LowmarkError as exc:
                 # a routine fault (an election, a broker restart): ride it out
                 backoff_s = _retry_wait(name, exc, backoff_s, stop, streak, tried)
