@@ -13,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help venv tools kafka-jars deps test torture lint bench run clean distclean
+.PHONY: help venv tools kafka-jars promtool deps test torture lint bench run clean distclean
 
 help:
 	@echo "make run        run lowmark end to end, live, then verify the backup (ARGS=\"--duration 60\")"
@@ -21,7 +21,7 @@ help:
 	@echo "make torture    long randomized runs (pytest -m torture)"
 	@echo "make bench      run every benchmark in bench/ with its default arguments"
 	@echo "make lint       ruff check . and mypy (its files and strictness: pyproject.toml)"
-	@echo "make deps       venv + Debian tools + Kafka jars (what test and run need)"
+	@echo "make deps       venv + Debian tools + Kafka jars + promtool (what test and run need)"
 	@echo "make clean      stop the default cluster, delete its data and build caches"
 
 # The virtualenv, reinstalled whenever pyproject.toml changes.
@@ -42,7 +42,11 @@ tools:
 kafka-jars: venv tools
 	@$(PY) -m connectors.embedded_kafka.cli fetch
 
-deps: venv tools kafka-jars
+# promtool for the alert-rule tests, built with Go once into the same cache.
+promtool:
+	@bash deploy/prometheus/install-promtool.sh
+
+deps: venv tools kafka-jars promtool
 
 test: deps
 	$(VENV)/bin/pytest -m "not torture"
@@ -59,7 +63,7 @@ lint: venv
 	exit $$status
 
 # Every bench/*.py that runs as a script (has a __main__ block), as `python -m bench.x`.
-bench: deps
+bench: venv tools kafka-jars
 	@benches=$$(grep -l '^if __name__ == "__main__"' bench/*.py 2>/dev/null || true); \
 	if [ -z "$$benches" ]; then echo "nothing is benchmarked yet"; exit 0; fi; \
 	for file in $$benches; do \
@@ -67,7 +71,7 @@ bench: deps
 	  echo "== $(PY) -m $$module"; $(PY) -m $$module; \
 	done
 
-run: deps
+run: venv tools kafka-jars
 	@if [ -x deploy/run-demo.sh ]; then exec deploy/run-demo.sh $(ARGS); fi; \
 	$(VENV)/bin/lowmark kafka up; \
 	echo; \

@@ -85,14 +85,7 @@ def failback(config_path, bootstrap_servers, cg_name, site, site_dir, source_dir
         serve_metrics(
             metrics_port,
             "resync",
-            lambda: {
-                "bytes_copied": progress.bytes_done,
-                "bytes_planned": progress.bytes_planned,
-                "bytes_read": progress.bytes_read,
-                "bytes_left": max(0, progress.bytes_planned - progress.bytes_done),
-                "foreground_bytes_per_s": progress.foreground_bps,
-                "limit_bytes_per_s": progress.limit_bps,
-            },
+            progress.metrics,
             {"cg": cfg.cg.name, "site": name},
         )
     result = resync(

@@ -127,6 +127,17 @@ class Progress:
     def rate_bps(self, now: float) -> float:
         return self.bytes_read / max(1e-6, now - self.started_mono)
 
+    def metrics(self) -> dict[str, Any]:
+        """The resync's numbers for ``lowmark failback``'s /metrics (service ``resync``)."""
+        return {
+            "bytes_copied": self.bytes_done,
+            "bytes_planned": self.bytes_planned,
+            "bytes_read": self.bytes_read,
+            "bytes_left": max(0, self.bytes_planned - self.bytes_done),
+            "foreground_bytes_per_s": self.foreground_bps,
+            "limit_bytes_per_s": self.limit_bps,
+        }
+
     def to_json(self, now: float) -> dict[str, Any]:
         rate = self.rate_bps(now)
         return {

@@ -21,6 +21,7 @@ from pipeline.backup.checkpointer import RETENTION_WARN_SHARE, retention_state
 from pipeline.errors import RetentionLostError
 from pipeline.ops.status import cg_status, render
 from pipeline.primary.volume import ConsistencyGroup
+from tests.alert_check import fires_in_process
 from tests.ops.test_ops_tools import FAST, _workload
 from tests.replication_helpers import running_backup, wait_until
 
@@ -84,6 +85,24 @@ def test_status_warns_then_says_lost_as_retention_eats_a_stopped_sites_records(
     status = cg_status(kafka_conf, unique_name)
     assert status["sites"]["dr1"]["retention"] == "near", status["sites"]["dr1"]
     assert "near retention" in render(status)
+    # a site that starts there says so on /metrics until it checkpoints past the front
+    # (an hour away here), and the operator's alert on it fires
+    ap = Applier(ApplierConfig(cg=unique_name, site="dr1", data_dir=tmp_path / "dr1",
+                               checkpoint_interval_s=3600), kafka_conf)  # fmt: skip
+    ap.start()
+    try:
+
+        def seen() -> bool:
+            ap.step()
+            return ap.metrics()["retained_share_before_checkpoint"] is not None
+
+        wait_until(seen, 30, "the site to learn the log's new start")
+        m = ap.metrics()
+        assert m["retained_share_before_checkpoint"] < RETENTION_WARN_SHARE
+        fires_in_process(tmp_path, "applier", m, {"cg": unique_name, "site": "dr1"},
+                         {"LowmarkSiteNearRetention"}, hold_s=330)  # fmt: skip
+    finally:
+        ap.close(checkpoint=False)
     # and passes it: the site cannot catch up from Kafka any more, and status says so
     log_bounds = bounds(kafka_conf, topic) or {}
     delete_up_to({p: end for p, (_low, end) in log_bounds.items()})

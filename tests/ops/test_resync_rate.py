@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
-from pipeline.ops.resync_rate import ForegroundMeter, TokenBucket, eta_s, target_rate
+from pipeline.ops.resync_rate import ForegroundMeter, Progress, TokenBucket, eta_s, target_rate
+from tests.alert_check import Timeline, fires_in_process, render
 
 
 def test_target_rate_yields_to_foreground_but_keeps_the_floor():
@@ -64,3 +65,21 @@ def test_foreground_meter_stays_between_the_rates_it_saw(steps):
         rates.append(grew * 100.0 / dt)
         bps = meter.observe(now, offsets, 100.0)
         assert min(rates) - 1e-6 <= bps <= max(rates) + 1e-6
+
+
+def test_a_stalled_resync_fires_its_alert_and_a_moving_one_does_not(tmp_path) -> None:
+    """LowmarkResyncStalled, on what `lowmark failback --metrics` answers: bytes left and
+    none copied for five minutes fires; a resync that copies each scrape never does."""
+    labels = {"cg": "db", "site": "prod"}
+    moving = Progress(bytes_planned=64 << 20)
+    tl = Timeline()
+    job = ("lowmark-failback", "in-process")
+    for _ in range(40):  # ten minutes of a slow but moving copy
+        moving.bytes_done += 1 << 20
+        tl.sample({job: render("resync", moving.metrics(), labels)})
+    moving_end = len(tl.steps) - 1
+    tl.hold_for(660)  # then it stops copying, 24 MiB short
+    tl.assert_firing(tmp_path, {moving_end: set(), len(tl.steps) - 1: {"LowmarkResyncStalled"}},
+                     exact={moving_end})  # fmt: skip
+    done = Progress(bytes_planned=1 << 20, bytes_done=1 << 20)  # finished: nothing left
+    fires_in_process(tmp_path, "resync", done.metrics(), labels, set())

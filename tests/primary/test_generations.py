@@ -21,6 +21,7 @@ import pytest
 
 from connectors.kafka.reading import bounds, iter_range
 from connectors.kafka.topics import CgTopics
+from pipeline.app.runtime import primary_metrics
 from pipeline.errors import FencedError, ReplicationError
 from pipeline.primary.fencing import fence_interceptors, interceptor_ids, last_progress_age_s
 from pipeline.primary.nbd_volume import VolumeExport
@@ -31,6 +32,7 @@ from pipeline.topology.store import RolesStore
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from schemas.records import CgRoles, Progress, ProgressKind, Write
+from tests.alert_check import fires_in_process
 from tests.nbd_helpers import ServerThread
 from tests.primary.test_zero_allocation import nbdsh_env
 from tests.replication_helpers import FAST, ServiceThread, wait_until
@@ -116,6 +118,7 @@ def test_no_write_is_acknowledged_after_the_watch_learns_of_a_newer_generation(
             t.start()
         try:
             wait_until(lambda: min(acked) >= 3, 30, "every writer acknowledged")
+            healthy = primary_metrics(cg, None)
             fail_over(kafka_conf, unique_name, engine.last_s)
             wait_until(lambda: engine.fenced_by_generation is not None, 10, "the watch fired")
             for t in threads:
@@ -132,6 +135,10 @@ def test_no_write_is_acknowledged_after_the_watch_learns_of_a_newer_generation(
             vols[0].write(0, b"late")
         m = engine.metrics()
         assert (m["generation"], m["fenced_by_generation"], m["failed"]) == (0, 1, True)
+        # the operator's alert on it fires, from what the primary's /metrics would answer
+        fires_in_process(tmp_path, "primary", primary_metrics(cg, None),
+                         {"cg": unique_name, "interceptor": engine.config.interceptor_id},
+                         {"LowmarkPrimaryFenced"}, before=healthy)  # fmt: skip
 
 
 def nbd_writes(uri: str, count: int, pause_s: float = 0.0) -> list[str]:

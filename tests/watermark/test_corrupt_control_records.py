@@ -29,6 +29,7 @@ from pipeline.site import SiteDir
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from schemas.records import Progress
+from tests.alert_check import fires_in_process
 from tests.replication_helpers import FAST, ServiceThread, stop_all, wait_until
 
 pytestmark = pytest.mark.kafka
@@ -59,6 +60,7 @@ def test_corrupt_progress_record_freezes_w_until_the_operator_skips_it(
             before = vol.write(0, b"a" * 4096)
             cg.flush()
             wait_until(lambda: wm.service.published_w >= before, 20, "W passing a write")
+            healthy = wm.service.metrics()
             garbage = codec.MAGIC + codec.fingerprint(Progress).to_bytes(8, "little") + b"junk"
             bad = _raw(kafka_conf, topics.progress, b"primary", garbage)
             after = vol.write(0, b"b" * 4096)
@@ -71,6 +73,9 @@ def test_corrupt_progress_record_freezes_w_until_the_operator_skips_it(
             wait_until(lambda: wm.service.stats.published >= published + 3, 20, "heartbeats")
             assert wm.service.published_w < after, "W passed a corrupt progress record"
             assert wm.service.metrics()["halted"] == 1
+            # and the operator's alert on it fires, from what /metrics would answer
+            fires_in_process(tmp_path, "watermark", wm.service.metrics(), {"cg": unique_name},
+                             {"LowmarkWatermarkHalted"}, before=healthy)  # fmt: skip
             assert wm.thread.is_alive() and wm.error is None, "the service must not exit"
         finally:
             stop_all(wm)

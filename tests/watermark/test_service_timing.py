@@ -8,6 +8,7 @@ move time by hand. The rules themselves are WatermarkState's (tests/watermark/te
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from pipeline.watermark.service import WatermarkService, WatermarkServiceConfig
 from schemas import codec
 from schemas.records import Progress, ProgressKind
+from tests.alert_check import fires_in_process
 from tests.fake_time import FakeTime
 
 LIVENESS_S = 10.0
@@ -112,14 +114,19 @@ def test_a_left_member_is_never_fenced_and_its_fence_state_is_dropped(svc: Any) 
     assert fenced == [] and service._fencing == set()  # bounded: nothing piles up
 
 
-def test_kafka_trouble_backs_off_doubling_to_its_bound(svc: Any) -> None:
+def test_kafka_trouble_backs_off_doubling_to_its_bound(svc: Any, tmp_path: Path) -> None:
     service, clock, _fenced = svc
     waits = []
     for _ in range(8):
         service._trouble(clock.t, "down")
         waits.append(round(service._retry_at - clock.t, 3))
     assert waits == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    # the trouble is on /metrics, and the operator's alert on it fires once it lasts
+    assert service.metrics()["kafka_trouble"] == 1
+    fires_in_process(tmp_path, "watermark", service.metrics(), {"cg": "cg"},
+                     {"LowmarkKafkaUnreachable"}, hold_s=90)  # fmt: skip
     service._recovered(clock.t)
+    assert service.metrics()["kafka_trouble"] == 0
     service._trouble(clock.t, "down again")
     assert service._retry_at - clock.t == pytest.approx(0.05)
 
