@@ -6,7 +6,8 @@
 #   java >= 17 (default-jre-headless) + mvn (maven): run Kafka from Maven Central jars
 #   fio, qemu-img/qemu-io (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), nbdsh
 #   (python3-libnbd), nbdkit, kcat: the clients the tests and benches drive lowmark with;
-#   openssl: the TLS tests make their certificates with it
+#   openssl: the TLS tests make their certificates with it; chromium: the console's
+#   browser test drives it (headless, through Playwright)
 set -euo pipefail
 
 # command -> package providing it
@@ -22,6 +23,7 @@ tools=(
   "nbdkit:nbdkit"
   "kcat:kcat"
   "openssl:openssl"
+  "chromium:chromium"
 )
 
 missing=()
