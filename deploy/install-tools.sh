@@ -7,7 +7,8 @@
 #   fio, qemu-img/qemu-io (qemu-utils), nbdinfo/nbdcopy (libnbd-bin), nbdsh
 #   (python3-libnbd), nbdkit, kcat: the clients the tests and benches drive lowmark with;
 #   openssl: the TLS tests make their certificates with it; chromium: the console's
-#   browser test drives it (headless, through Playwright)
+#   browser test drives it (headless, through Playwright); tmux: `lowmark status --watch`
+#   is captured in a real 80-column terminal
 set -euo pipefail
 
 # command -> package providing it
@@ -24,6 +25,7 @@ tools=(
   "kcat:kcat"
   "openssl:openssl"
   "chromium:chromium"
+  "tmux:tmux"
 )
 
 missing=()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -197,12 +200,17 @@ def apply(
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--watch", is_flag=True, help="refresh until Ctrl-C")
+@click.option("--format", "fmt", type=click.Choice(["auto", "table", "text"]), default="auto",
+              show_default=True,
+              help="table: the colour table that fits the terminal (auto: on a terminal or "
+                   "with --watch); text: the plain lines")  # fmt: skip
 @click.option("--interval", type=float, default=1.0, show_default=True)
 @click.option("--data-dir", "data_dir", default=None,
               type=click.Path(file_okay=False, path_type=Path),
               help="a site's data dir on this host to report a resync of "
                    "(default: [serve] and [apply] data_dir)")  # fmt: skip
-def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval, data_dir) -> None:
+def status(config_path, bootstrap_servers, cg_name, as_json, watch, fmt, interval,
+           data_dir) -> None:  # fmt: skip
     """Roles (generation, primary, failover history), W, RPO, lag and apply rate; a resync
     of a site on this host."""
     from pipeline.ops import status as st
@@ -234,6 +242,14 @@ def status(config_path, bootstrap_servers, cg_name, as_json, watch, interval, da
             return orjson.dumps(s, option=orjson.OPT_NON_STR_KEYS).decode()
         if roles is not None:
             s["roles_lines"] = render_roles(cfg.cg.name, roles).splitlines()[1:]
+        tty = sys.stdout.isatty()
+        if fmt == "table" or (fmt == "auto" and (watch or tty)):
+            from pipeline.ops.status_table import render_table
+
+            # the configured site's applier: its scrape, or None when it did not answer
+            live = {apply.site: s.get("live", {}).get("apply")} if apply.metrics else {}
+            width = max(60, shutil.get_terminal_size((80, 24)).columns)
+            return render_table(s, live, width, color=tty and not os.environ.get("NO_COLOR"))
         return st.render(s)
 
     if watch:
