@@ -11,6 +11,7 @@ re-running it after a crash or ``kill -9`` continues the same resync.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -18,6 +19,7 @@ import click
 from pipeline.app.cli_services import build_config, config_options
 from pipeline.app.config import parse_size
 from pipeline.app.metrics import serve_metrics
+from pipeline.app.progress import ProgressBar
 from pipeline.topology.store import RolesStore
 from schemas.records import TransitionKind
 from schemas.ts import format_ts
@@ -88,10 +90,22 @@ def failback(config_path, bootstrap_servers, cg_name, site, site_dir, source_dir
             progress.metrics,
             {"cg": cfg.cg.name, "site": name},
         )
-    result = resync(
-        conf, cfg.cg.name, name, sdir, Path(source_dir), rc,
-        on_line=lambda line: click.echo(line, err=True), progress=progress,
-    )  # fmt: skip
+    # a terminal gets a bar; a log or a pipe the plain lines (the limit and the foreground)
+    bar = ProgressBar("resync", "MiB", quiet_s=0.0) if sys.stderr.isatty() else None
+
+    def on_line(line: str) -> None:
+        if bar is None:
+            click.echo(line, err=True)
+            return
+        limit = f"limit {progress.limit_bps / 1e6:.2f} MB/s" if progress.limit_bps else ""
+        bar.show(progress.bytes_done, max(progress.bytes_planned, 1), f"{progress.phase} {limit}")
+
+    try:
+        result = resync(conf, cfg.cg.name, name, sdir, Path(source_dir), rc, on_line=on_line,
+                        progress=progress)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
     if result.already:
         ckpt = result.checkpoint
         click.echo(

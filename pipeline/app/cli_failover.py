@@ -24,6 +24,7 @@ from pipeline.app.cli_ops import ProgressLine, _site, _ts
 from pipeline.app.cli_services import build_config, config_options
 from pipeline.app.config import LowmarkConfig, parse_hostport, parse_size
 from pipeline.app.metrics import serve_metrics
+from pipeline.app.progress import ProgressBar
 from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.images import ImageSet
 from pipeline.backup.rollforward import Backlog, RollForward
@@ -287,35 +288,20 @@ class Run:
 
 
 class _RollForwardBar:
-    """``roll-forward [#####.....]  52%  312/600 MiB  410 MiB/s`` on stderr."""
+    """The roll-forward's progress bar, from its metrics."""
 
     def __init__(self, every_s: float = 0.25) -> None:
-        self.every_s = every_s
-        self._next = 0.0
-        self.shown = False
+        self.bar = ProgressBar("roll-forward", "MiB", quiet_s=0.0, every_s=every_s)
 
     def show(self, m: Mapping[str, Any]) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self.every_s
-        self.shown = True
-        frac = float(m.get("progress", 0.0))
-        done = int(m.get("bytes_done", 0)) / (1 << 20)
-        total = int(m.get("bytes_total", 0)) / (1 << 20)
-        rate = done / max(1e-6, float(m.get("elapsed_s", 0.0)))
-        bar = "#" * int(frac * 30)
-        click.echo(
-            f"\rroll-forward [{bar:<30}] {100 * frac:3.0f}%  {done:.0f}/{total:.0f} MiB  "
-            f"{rate:.0f} MiB/s",
-            err=True,
-            nl=False,
-        )
+        self.bar.show(int(m.get("bytes_done", 0)), int(m.get("bytes_total", 0)))
+
+    @property
+    def shown(self) -> bool:
+        return self.bar.shown
 
     def close(self) -> None:
-        if self.shown:
-            click.echo("", err=True)
-            self.shown = False
+        self.bar.close()
 
 
 def failover_config(

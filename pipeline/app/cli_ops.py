@@ -19,6 +19,7 @@ import orjson
 
 from pipeline.app.cli_services import build_config, config_options
 from pipeline.app.config import LowmarkConfig
+from pipeline.app.progress import ProgressBar
 from pipeline.errors import ConfigError
 from pipeline.ops.replay import ReplayProgress
 from schemas.records import LOG_RECORDS
@@ -37,35 +38,24 @@ def _ts(value: str | None, flag: str) -> int | None:
 
 
 class ProgressLine:
-    """A progress line on stderr for replays that take more than a moment."""
+    """The progress bar of a replay (restore, replay, drill, a failover's indexing)."""
 
     def __init__(self, what: str, quiet_s: float = 1.0, every_s: float = 0.25) -> None:
-        self.what = what
-        self.quiet_until = time.monotonic() + quiet_s
-        self.every_s = every_s
-        self._next = 0.0
-        self.shown = False
+        self.bar = ProgressBar(what, "records", quiet_s, every_s)
 
     def __call__(self, prog: ReplayProgress) -> None:
         now = time.monotonic()
-        if now < self.quiet_until or now < self._next:
-            return
-        self._next = now + self.every_s
-        self.shown = True
-        total = max(prog.records_total, prog.records_done, 1)
-        pct = 100 * prog.records_done / total
         rate = prog.bytes_read / max(1e-6, now - prog.started_mono) / 1e6
-        click.echo(
-            f"\r{self.what}: {prog.records_done}/{prog.records_total} records ({pct:3.0f}%), "
-            f"{prog.bytes_read / 1e6:.1f} MB read ({rate:.1f} MB/s), "
-            f"{prog.bytes_applied / 1e6:.1f} MB applied",
-            err=True,
-            nl=False,
-        )
+        self.bar.show(prog.records_done, max(prog.records_total, prog.records_done, 1),
+                      f"{prog.bytes_read / 1e6:.1f} MB read ({rate:.1f} MB/s), "
+                      f"{prog.bytes_applied / 1e6:.1f} MB applied")  # fmt: skip
+
+    @property
+    def shown(self) -> bool:
+        return self.bar.shown
 
     def close(self) -> None:
-        if self.shown:
-            click.echo("", err=True)
+        self.bar.close()
 
 
 def _site(cfg: LowmarkConfig, site: str | None, site_dir: Path | None) -> tuple[str, Path | None]:

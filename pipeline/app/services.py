@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from connectors.nbd.server import Export, NbdServer
 from pipeline.app.admin import AdminServer, default_admin_socket
 from pipeline.app.config import LowmarkConfig, parse_size
 from pipeline.app.metrics import serve_metrics
+from pipeline.app.progress import ProgressBar
 from pipeline.app.runtime import nbd_config, primary_metrics, stop_on_signals
 from pipeline.backup.applier import Applier, ApplierConfig
 from pipeline.backup.bootstrap import BootstrapResult, bootstrap_site, needs_bootstrap
@@ -322,11 +324,22 @@ def prepare_from_peer(cfg: LowmarkConfig, source: Path) -> BootstrapResult | Non
         return None
     event(log, "bootstrapping the site from a peer", site=a.site, source=str(source), why=why)
 
+    bars: dict[str, ProgressBar] = {}  # on a terminal: a bar per volume, beside the log lines
+
     def progress(volume: str, done: int, total: int) -> None:
         event(log, "bootstrap progress", volume=volume, done_bytes=done, total_bytes=total)
+        if sys.stderr.isatty():
+            for other in [v for v in bars if v != volume]:
+                bars.pop(other).close()
+            bar = bars.setdefault(volume, ProgressBar(f"bootstrap {volume}", quiet_s=0.0))
+            bar.show(done, total)
 
-    return bootstrap_site(Path(a.data_dir), cg=cfg.cg.name, site=a.site, source=source,
-                          kafka_conf=cfg.kafka_conf(), progress=progress)  # fmt: skip
+    try:
+        return bootstrap_site(Path(a.data_dir), cg=cfg.cg.name, site=a.site, source=source,
+                              kafka_conf=cfg.kafka_conf(), progress=progress)  # fmt: skip
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _retry_wait(name: str, exc: LowmarkError, backoff_s: float, stop: threading.Event,
