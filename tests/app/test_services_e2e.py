@@ -12,60 +12,24 @@ from pathlib import Path
 
 import pytest
 
-from connectors.embedded_kafka.procs import free_port
 from connectors.image.image import file_digest
-from pipeline.ops.status import scrape
 from pipeline.site import SiteDir
-from tests.cli_services import CliServices
+from tests.cli_services import CgServices
 from tests.prereqs import require_tools
 from tests.replication_helpers import read_log, rebuild_from_log, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
 
-class Services(CliServices):
+class Services(CgServices):
+    """Two volumes, vol2 in sync mode."""
+
     def __init__(self, tmp: Path, bootstrap: str, cg: str) -> None:
-        super().__init__(tmp)
-        self.cg = cg
-        self.nbd_port = free_port()
-        self.ports = {name: free_port() for name in ("serve", "watermark", "apply")}
-        self.config = tmp / "lowmark.toml"
-        self.config.write_text(
-            f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-
-[cg]
-name = "{cg}"
-
-[serve]
-interceptor_id = "primary-a"
-data_dir = "{tmp / "primary"}"
-listen = "127.0.0.1:{self.nbd_port}"
-metrics = "127.0.0.1:{self.ports["serve"]}"
-tick_interval_ms = 5
-[[serve.volumes]]
-name = "vol1"
-size = "64MiB"
-[[serve.volumes]]
-name = "vol2"
-size = "16MiB"
-mode = "sync"
-
-[watermark]
-liveness_timeout_s = 30
-metrics = "127.0.0.1:{self.ports["watermark"]}"
-
-[apply]
-site = "dr1"
-data_dir = "{tmp / "backup"}"
-checkpoint_interval_s = 0.5
-metrics = "127.0.0.1:{self.ports["apply"]}"
-"""
-        )
+        vols = (("vol1", "64MiB", "async"), ("vol2", "16MiB", "sync"))
+        super().__init__(tmp, bootstrap, cg, volumes=vols)
 
     def metrics(self, name: str) -> dict[str, float]:
-        return scrape(f"127.0.0.1:{self.ports[name]}")
+        return self.numbers(name)
 
 
 def test_services_replicate_nbd_clients_and_expose_metrics(kafka_conf, unique_name, tmp_path):

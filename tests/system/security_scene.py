@@ -23,7 +23,7 @@ from connectors.embedded_kafka.cluster import KafkaCluster
 from connectors.embedded_kafka.procs import free_port
 from connectors.embedded_kafka.security import Certs, ClusterSecurity
 from connectors.embedded_kafka.state import cluster_dir
-from tests.cli_services import CliServices
+from tests.cli_services import CliServices, cg_config
 
 #: the SCRAM password of lowmark's user: long and odd enough that a hit is a leak
 PASSWORD = "Pw-" + uuid.uuid4().hex
@@ -124,33 +124,8 @@ class Scene(CliServices):
         if via == "env":
             self.env.update({f"LOWMARK_KAFKA_{k.upper()}": v for k, v in table.items()})
         lines = "".join(f'{k} = "{v}"\n' for k, v in table.items()) if via == "file" else ""
-        self.config.write_text(f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-{lines}
-[cg]
-name = "{cg}"
-
-[serve]
-interceptor_id = "primary-a"
-data_dir = "{tmp / "primary"}"
-listen = "127.0.0.1:{self.nbd_port}"
-metrics = "127.0.0.1:{self.ports["serve"]}"
-tick_interval_ms = 5
-[[serve.volumes]]
-name = "vol1"
-size = "16MiB"
-
-[watermark]
-liveness_timeout_s = 30
-metrics = "127.0.0.1:{self.ports["watermark"]}"
-
-[apply]
-site = "dr1"
-data_dir = "{tmp / "backup"}"
-checkpoint_interval_s = 0.5
-metrics = "127.0.0.1:{self.ports["apply"]}"
-""")
+        self.config.write_text(cg_config(tmp, bootstrap, cg, self.ports, self.nbd_port,
+                                         kafka_lines=lines))  # fmt: skip
 
     def run(self, *args: str, timeout_s: float = 120, config: bool = True) -> Done:
         cmd = self.argv(*args, *(("--config", str(self.config)) if config else ()))

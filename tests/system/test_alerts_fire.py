@@ -17,20 +17,17 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from connectors.embedded_kafka.procs import free_port
 from connectors.kafka.reading import bounds
 from connectors.kafka.topics import CgTopics
-from pipeline.ops.status import scrape
 from tests.alert_check import Timeline, promtool
 from tests.app.test_alert_rules import metric_names, rules
-from tests.cli_services import CliServices
+from tests.cli_services import CgServices
 from tests.prereqs import require_tools
 from tests.replication_helpers import wait_until
 
@@ -38,65 +35,15 @@ pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
 # exported only once their condition exists (a retention that has deleted something)
 ONLY_WHEN = {"lowmark_applier_retained_share_before_checkpoint"}
-JOBS = {"serve": "lowmark-serve", "watermark": "lowmark-watermark", "apply": "lowmark-apply"}
+JOBS = CgServices.JOBS
 
 
-class Scene(CliServices):
-    def __init__(self, tmp: Path, bootstrap: str, cg: str) -> None:
-        super().__init__(tmp)
-        self.bootstrap = bootstrap
-        self.nbd_port = free_port()
-        self.ports = {name: free_port() for name in JOBS}
-        self.config = tmp / "lowmark.toml"
-        self.config.write_text(f"""
-[kafka]
-bootstrap_servers = "{bootstrap}"
-[cg]
-name = "{cg}"
-[serve]
-interceptor_id = "primary-a"
-data_dir = "{tmp / "primary"}"
-listen = "127.0.0.1:{self.nbd_port}"
-metrics = "127.0.0.1:{self.ports["serve"]}"
-tick_interval_ms = 5
-[[serve.volumes]]
-name = "vol1"
-size = "16MiB"
-[watermark]
-liveness_timeout_s = 3
-metrics = "127.0.0.1:{self.ports["watermark"]}"
-[apply]
-site = "dr1"
-data_dir = "{tmp / "backup"}"
-checkpoint_interval_s = 0.5
-metrics = "127.0.0.1:{self.ports["apply"]}"
-""")  # fmt: skip
-
-    def numbers(self, name: str) -> dict[str, float]:
-        try:
-            return scrape(f"127.0.0.1:{self.ports[name]}")
-        except Exception:
-            return {}
-
-    def texts(self) -> dict[tuple[str, str], str | None]:
-        """One scrape of every service, as Prometheus makes it (None: the scrape failed)."""
-        out: dict[tuple[str, str], str | None] = {}
-        for name, job in JOBS.items():
-            url = f"http://127.0.0.1:{self.ports[name]}/metrics"
-            try:
-                with urllib.request.urlopen(url, timeout=1) as r:
-                    out[(job, f"127.0.0.1:{self.ports[name]}")] = r.read().decode()
-            except OSError:
-                out[(job, f"127.0.0.1:{self.ports[name]}")] = None
-        return out
-
-    def write(self, pattern: int) -> None:
-        uri = f"nbd://127.0.0.1:{self.nbd_port}/vol1"
-        subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern} 0 256k", uri],
-                       check=True, capture_output=True, timeout=60)  # fmt: skip
+def _scene(tmp: Path, bootstrap: str, cg: str) -> CgServices:
+    """One async volume, and a watermark that declares silence after 3 s."""
+    return CgServices(tmp, bootstrap, cg, liveness_timeout_s=3)
 
 
-def _samples(tl: Timeline, scene: Scene, n: int) -> int:
+def _samples(tl: Timeline, scene: CgServices, n: int) -> int:
     step = 0
     for _ in range(n):
         step = tl.sample(scene.texts())
@@ -109,15 +56,12 @@ def test_alerts_fire_on_provoked_conditions_and_not_on_a_healthy_cg(
 ):
     require_tools("qemu-io", "kcat")
     promtool()  # skip before starting anything if it is not built
-    scene = Scene(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
+    scene = _scene(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
     tl = Timeline()
     expected: dict[int, set[str]] = {}
     stopped = False
     try:
-        for name in JOBS:
-            scene.start(name)
-        for name, metric in (("serve", "lowmark_primary_up"), ("apply", "lowmark_applier_up")):
-            wait_until(lambda n=name, m=metric: scene.numbers(n).get(m) == 1.0, 60, name)
+        scene.start_all()
         scene.write(0x11)
         wait_until(lambda: scene.numbers("apply").get("lowmark_applier_applied_bytes_total", 0)
                    > 0, 60, "the backup to apply")  # fmt: skip
@@ -183,14 +127,12 @@ def test_a_site_retention_left_behind_stays_up_and_its_alert_fires(
     stays up saying so on /metrics, instead of exiting into a target that is merely down."""
     require_tools("qemu-io")
     promtool()
-    scene = Scene(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
+    scene = _scene(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
     tl = Timeline()
     expected: dict[int, set[str]] = {}
     topic = CgTopics(unique_name).log
     try:
-        for name in JOBS:
-            scene.start(name)
-        wait_until(lambda: scene.numbers("serve").get("lowmark_primary_up") == 1.0, 60, "serve")
+        scene.start_all()
         scene.write(0x11)
         wait_until(lambda: scene.numbers("apply").get("lowmark_applier_applied_bytes_total", 0)
                    > 0, 60, "the backup to apply")  # fmt: skip
@@ -211,8 +153,7 @@ def test_a_site_retention_left_behind_stays_up_and_its_alert_fires(
         assert scene.procs["apply"].poll() is None, "the halted applier exited"
         assert "--bootstrap-from" in scene.log("apply")  # and it said what to do
     except BaseException:
-        for name in scene.procs:
-            print(f"----- {name} log -----\n{scene.log(name)[-3000:]}")
+        scene.dump_logs()
         raise
     finally:
         scene.kill_all()

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from connectors.embedded_kafka.procs import free_port
+from tests.cli_services import CgServices
 from tests.prereqs import require_tools
 from tests.replication_helpers import wait_until
-from tests.system.test_alerts_fire import Scene
 
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
@@ -51,16 +51,13 @@ def test_console_shows_the_cg_live_turns_a_stopped_site_red_and_guards_actions(
     kafka_conf, unique_name, tmp_path, browser
 ):
     require_tools("qemu-io")
-    scene = Scene(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
+    scene = CgServices(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
     port = free_port()
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     shots = shots_dir(tmp_path)
     try:
-        for name in ("serve", "watermark", "apply"):
-            scene.start(name)
-        for name, metric in (("serve", "lowmark_primary_up"), ("apply", "lowmark_applier_up")):
-            wait_until(lambda n=name, m=metric: scene.numbers(n).get(m) == 1.0, 60, name)
+        scene.start_all()
         scene.write(0x11)
         scene.start("console", "console", "--listen", f"127.0.0.1:{port}", "--refresh", "0.5",
                     "--actions", "--token-file", str(token_file))  # fmt: skip
@@ -120,8 +117,7 @@ def test_console_shows_the_cg_live_turns_a_stopped_site_red_and_guards_actions(
         page.screenshot(path=str(shots / "console-marker-taken.png"), full_page=True)
         assert TOKEN not in page.content()
     except BaseException:
-        for name in scene.procs:
-            print(f"----- {name} log -----\n{scene.log(name)[-3000:]}")
+        scene.dump_logs()
         raise
     finally:
         scene.kill_all()

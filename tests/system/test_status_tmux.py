@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_services import CgServices
 from tests.prereqs import require_tools
 from tests.replication_helpers import wait_until
-from tests.system.test_alerts_fire import Scene
 
 pytestmark = [pytest.mark.kafka, pytest.mark.tools]
 
@@ -29,13 +29,10 @@ def capture(session: str, escapes: bool = False) -> str:
 
 def test_status_watch_renders_within_80_columns_in_tmux(kafka_conf, unique_name, tmp_path):
     require_tools("tmux", "qemu-io")
-    scene = Scene(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
+    scene = CgServices(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
     session = f"lowmark-{os.getpid()}"
     try:
-        for name in ("serve", "watermark", "apply"):
-            scene.start(name)
-        for name, metric in (("serve", "lowmark_primary_up"), ("apply", "lowmark_applier_up")):
-            wait_until(lambda n=name, m=metric: scene.numbers(n).get(m) == 1.0, 60, name)
+        scene.start_all()
         scene.write(0x11)
         cmd = shlex.join([*scene.argv("status", "--watch", "--interval", "0.5", "--config",
                                       str(scene.config))])  # fmt: skip
