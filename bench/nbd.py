@@ -29,6 +29,13 @@ and 1 MiB sequential write at QD16. Reported: MB/s, IOPS, p50/p99 completion lat
 the server process's CPU time per I/O (user+sys; steadier than MB/s when other work
 shares the machine) and the ratio of MB/s to nbdkit's. The image lives in /dev/shm when
 there is one, so the numbers are about the NBD path, not the disk.
+
+With replication on, Kafka's own producer (``bench.kafka_perf``) runs on the same broker
+at each write size: the ceiling the replicating rows are reported against (MB/s and CPU
+per MiB). Then the latency rows: 4 KiB randwrite and 64 KiB write at QD16, rate-limited
+(fio ``--rate``) to 25, 50 and 75% of that ceiling, through ``nbdkit file`` and through
+lowmark replicating, with p50/p99/p99.9 completion latency and lowmark's p99 over
+nbdkit's at the same rate — the tail a workload below saturation sees.
 """
 
 from __future__ import annotations
@@ -71,6 +78,8 @@ class Job:
     rw: str
     bs: str
     iodepth: int
+    rate_bytes_s: int = 0  # fio --rate: below saturation (0: as fast as it goes)
+    share: float = 0.0  # of the ceiling, for the latency rows
 
 
 REPLICATING = "bench.nbd:replicating_export"
@@ -81,6 +90,9 @@ JOBS = (
     Job("64k-write-qd16", "write", "64k", 16),
     Job("1m-write-qd16", "write", "1m", 16),
 )
+#: the latency rows: these jobs at these shares of Kafka's own producer's rate
+LATENCY_JOBS = ("4k-randwrite-qd16", "64k-write-qd16")
+LATENCY_SHARES = (0.25, 0.5, 0.75)
 
 
 # --- the server side: `python -m bench.nbd serve ...` ---------------------------------------
@@ -202,6 +214,7 @@ def run_fio(uri: str, job: Job, size: str, runtime_s: float, out: Path) -> dict[
         "--time_based",
         "--output-format=json",
         f"--output={out}",
+        *([f"--rate={job.rate_bytes_s}"] if job.rate_bytes_s else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime_s + 60)
     if proc.returncode != 0:
@@ -214,6 +227,7 @@ def run_fio(uri: str, job: Job, size: str, runtime_s: float, out: Path) -> dict[
         "iops": w["iops"],
         "p50_us": pct.get("50.000000", 0) / 1e3,
         "p99_us": pct.get("99.000000", 0) / 1e3,
+        "p999_us": pct.get("99.900000", 0) / 1e3,
     }
 
 
@@ -302,36 +316,19 @@ def _bench(args: argparse.Namespace) -> int:
     if args.cg_dir:
         os.environ["LOWMARK_BENCH_CG_DIR"] = args.cg_dir
     rows: list[dict[str, Any]] = []
+    latency: list[dict[str, Any]] = []
     try:
         for job in JOBS:
             for target, template in targets:
-                img = work / f"{target}.img"
-                sock = work / f"{target}.sock"
-                with img.open("wb") as f:
-                    f.truncate(args.size_mib << 20)
-                with contextlib.suppress(FileNotFoundError):
-                    sock.unlink()
-                cmd = [part.format(img=img, sock=sock) for part in template]
-                with started(cmd, sock, work / f"{target}.log") as proc:
-                    cpu0 = process_cpu_s(proc.pid) or 0.0
-                    result = run_fio(
-                        f"nbd+unix:///?socket={sock}",
-                        job,
-                        f"{args.size_mib}M",
-                        runtime,
-                        work / "fio.json",
-                    )
-                    # Server CPU per I/O: steadier than MB/s on a machine shared with
-                    # other work, and what a second core would buy back.
-                    cpu = (process_cpu_s(proc.pid) or 0.0) - cpu0
-                    result["server_cpu_us_per_io"] = cpu * 1e6 / max(1, result["ios"])
-                    result["server_cpu_s"], result["seconds"] = cpu, runtime
-                img.unlink()
-                rows.append({"target": target, "job": job.name, **result})
-                print(f"  {job.name:18s} {target:16s} {result['mb_s']:9.1f} MB/s", flush=True)
+                rows.append(run_target(job, target, template, args, work, runtime))
+        java = java_ceiling(args, runtime)
+        # below saturation: the same rate through nbdkit and through lowmark, replicating
+        for job in rate_jobs(java):
+            for target, template in targets:
+                if target in ("nbdkit", "lowmark-repl"):
+                    latency.append(run_target(job, target, template, args, work, runtime))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    java = java_ceiling(args, runtime)
     base = {r["job"]: r["mb_s"] for r in rows if r["target"] == "nbdkit"}
     for r in rows:
         r["ratio"] = r["mb_s"] / base[r["job"]] if base.get(r["job"]) else None
@@ -356,6 +353,15 @@ def _bench(args: argparse.Namespace) -> int:
             for r in rows
         ],
     )
+    if latency:
+        add_latency_ratios(latency)
+        print("\nlatency below saturation: fio --rate at a share of Kafka's own producer")
+        print_table(
+            ["job", "share", "target", "rate MB/s", "MB/s", "p50 us", "p99 us", "p99.9 us",
+             "p99 x nbdkit"],
+            [[r["job"], r["share"], r["target"], r["rate_mb_s"], r["mb_s"], r["p50_us"],
+              r["p99_us"], r["p999_us"], r.get("p99_x_nbdkit")] for r in latency],
+        )  # fmt: skip
     cost = region_log_cost(rows)
     if cost:
         print("\ndirty-region log: MB/s with it / without it (goal >= 0.95)")
@@ -372,6 +378,7 @@ def _bench(args: argparse.Namespace) -> int:
                 "cg_dir": args.cg_dir or "tmpfs, next to the image",
             },
             "results": rows,
+            "latency": latency,
             "java_producer": {str(k): v.as_dict() for k, v in java.items()},
             "region_log_ratio": cost,
         },
@@ -381,6 +388,57 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 JOB_BYTES = {j.name: {"4k": 4096, "64k": 65536, "1m": 1 << 20}[j.bs] for j in JOBS}
+
+
+def run_target(job: Job, target: str, template: list[str], args: argparse.Namespace,
+               work: Path, runtime: float) -> dict[str, Any]:  # fmt: skip
+    """One fio job against one target, on a fresh image and a fresh server."""
+    img = work / f"{target}.img"
+    sock = work / f"{target}.sock"
+    with img.open("wb") as f:
+        f.truncate(args.size_mib << 20)
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    cmd = [part.format(img=img, sock=sock) for part in template]
+    with started(cmd, sock, work / f"{target}.log") as proc:
+        cpu0 = process_cpu_s(proc.pid) or 0.0
+        result = run_fio(f"nbd+unix:///?socket={sock}", job, f"{args.size_mib}M", runtime,
+                         work / "fio.json")  # fmt: skip
+        # Server CPU per I/O: steadier than MB/s on a machine shared with other work, and
+        # what a second core would buy back.
+        cpu = (process_cpu_s(proc.pid) or 0.0) - cpu0
+        result["server_cpu_us_per_io"] = cpu * 1e6 / max(1, result["ios"])
+        result["server_cpu_s"], result["seconds"] = cpu, runtime
+    img.unlink()
+    row = {"target": target, "job": job.name, **result}
+    if job.rate_bytes_s:
+        row |= {"share": job.share, "rate_mb_s": job.rate_bytes_s / 1e6}
+    print(f"  {job.name:18s} {target:16s} {result['mb_s']:9.1f} MB/s"
+          + (f"  (rate {job.rate_bytes_s / 1e6:.1f}, p99 {result['p99_us']:.0f} us)"
+             if job.rate_bytes_s else ""), flush=True)  # fmt: skip
+    return row
+
+
+def rate_jobs(java: dict[int, JavaProducerRun]) -> list[Job]:
+    """The latency rows' jobs: each latency job at each share of Kafka's own producer's
+    rate at that write size (none without the ceiling)."""
+    out = []
+    for job in JOBS:
+        run = java.get(JOB_BYTES[job.name])
+        if job.name not in LATENCY_JOBS or run is None or not run.mib_per_s:
+            continue
+        for share in LATENCY_SHARES:
+            rate = int(share * run.mib_per_s * (1 << 20))
+            out.append(Job(job.name, job.rw, job.bs, job.iodepth, rate, share))
+    return out
+
+
+def add_latency_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each lowmark row's p99 over nbdkit's at the same job and rate."""
+    base = {(r["job"], r["share"]): r["p99_us"] for r in rows if r["target"] == "nbdkit"}
+    for r in rows:
+        b = base.get((r["job"], r["share"]))
+        r["p99_x_nbdkit"] = r["p99_us"] / b if b else None
 
 
 def java_ceiling(args: argparse.Namespace, runtime_s: float) -> dict[int, JavaProducerRun]:
