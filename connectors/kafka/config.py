@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -193,6 +194,12 @@ ENV_KEYS = (
     "SSL_CERTIFICATE_LOCATION", "SSL_KEY_LOCATION", "SSL_KEY_PASSWORD",
     "SSL_ENDPOINT_IDENTIFICATION_ALGORITHM", "CLIENT_ID", "EXTRA",
 )  # fmt: skip
+
+
+def cluster_tried(conf: Mapping[str, Any]) -> str:
+    """The cluster a client reaches, as an operator would check it (no secrets)."""
+    return (f"bootstrap.servers={conf.get('bootstrap.servers', '')} "
+            f"security.protocol={conf.get('security.protocol', 'plaintext')}")  # fmt: skip
 
 
 def where_set(setting: str) -> str:

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from connectors.kafka.config import cluster_tried
 from connectors.nbd.server import Export, NbdServer
 from pipeline.app.admin import AdminServer, default_admin_socket
 from pipeline.app.config import LowmarkConfig, parse_size
@@ -308,9 +309,7 @@ def register_site(cfg: LowmarkConfig, kind: str, site: str, data_dir: str, metri
 
 def kafka_tried(cfg: LowmarkConfig) -> str:
     """The cluster a service reaches, as an operator would check it (no secrets)."""
-    conf = cfg.kafka_conf()
-    return (f"bootstrap.servers={conf.get('bootstrap.servers', '')} "
-            f"security.protocol={conf.get('security.protocol', 'plaintext')}")  # fmt: skip
+    return cluster_tried(cfg.kafka_conf())
 
 
 def prepare_from_peer(cfg: LowmarkConfig, source: Path) -> BootstrapResult | None:

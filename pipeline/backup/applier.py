@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from connectors.image.image import Image
+from connectors.kafka.config import cluster_tried
 from connectors.kafka.consumer import Consumer
 from connectors.kafka.deadletter import deadletter_headers
 from connectors.kafka.errors import OFFSET_GONE, PARTITION_EOF, as_error
@@ -55,6 +56,7 @@ from pipeline.errors import (
     RecordError,
     RetentionLostError,
 )
+from pipeline.fault_streak import FaultStreak
 from pipeline.logs import event
 from pipeline.site import SiteDir, SiteLock
 from pipeline.timesource import REAL_TIME, TimeSource
@@ -114,7 +116,7 @@ class Applier(Backlog, FollowGenerations, PauseAndHandOver, ApplierNumbers):
         self._last_snapshot = 0.0
         self._last_digest = 0.0
         self._bg: tuple[threading.Thread, dict[str, Any]] | None = None
-        self._last_error_log: dict[int, float] = {}
+        self._consumer_faults = FaultStreak(self._now, remind_s=10.0)  # said, not per event
         self._wm_end_at_start = 0
         self._wm_read_to = 0
         self._restart_floor = 0
@@ -326,6 +328,8 @@ class Applier(Backlog, FollowGenerations, PauseAndHandOver, ApplierNumbers):
                 self.planner.note_position(p, off)
                 continue
             value = msg.value() or b""
+            if (ended := self._consumer_faults.succeeded()) is not None:
+                event(log, "kafka consumer errors over: records arrive again", **ended)
             self.stats.records_read += 1
             self.stats.bytes_read += len(value)
             try:
@@ -369,11 +373,10 @@ class Applier(Backlog, FollowGenerations, PauseAndHandOver, ApplierNumbers):
             raise RetentionLostError(
                 retention_lost_message(self.config.site, self.topics.log, p, at, low)
             )
-        now = self._now()
-        if now - self._last_error_log.get(exc.code or 0, -1e9) >= 10:
-            self._last_error_log[exc.code or 0] = now
-            level = logging.WARNING if exc.retriable else logging.ERROR
-            event(log, "kafka consumer error; retrying", level, error=str(exc))
+        if (said := self._consumer_faults.failed(str(exc))) is not None:
+            event(log, "kafka consumer error; retrying",
+                  logging.WARNING if exc.retriable else logging.ERROR,
+                  tried=cluster_tried(self.kafka_conf), **said)  # fmt: skip
 
     def _apply_ready(self) -> bool:
         applied = False

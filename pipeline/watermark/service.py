@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.kafka.admin import Admin
+from connectors.kafka.config import cluster_tried
 from connectors.kafka.consumer import END, Consumer
 from connectors.kafka.deadletter import deadletter_headers
 from connectors.kafka.errors import PARTITION_EOF, as_error
@@ -59,6 +60,7 @@ from pipeline.errors import (
     WatermarkError,
     WatermarkHaltedError,
 )
+from pipeline.fault_streak import FaultStreak
 from pipeline.logs import event
 from pipeline.timesource import REAL_TIME, TimeSource
 from pipeline.watermark.publisher import (
@@ -159,6 +161,8 @@ class WatermarkService:
         self._retry_at = 0.0
         self._backoff_s = 0.0
         self._trouble_since: float | None = None
+        self._streak = FaultStreak(self._now, remind_s=10.0)
+        self._tried = cluster_tried(self.kafka_conf)
         self._last_trouble = -1e18
         self._started = self._now()
 
@@ -436,30 +440,22 @@ class WatermarkService:
     # ---------------------------------------------------------------- faults
 
     def _trouble(self, now: float, why: str) -> None:
-        """A passing Kafka fault: back off (doubling), log it once per outage and every 10 s."""
+        """A passing Kafka fault: back off (doubling); said when it starts, when the error
+        changes and every 10 s while it lasts (``FaultStreak``), with the cluster tried."""
         self._last_trouble = now
         self._backoff_s = min(self.config.retry_max_s, max(0.05, self._backoff_s * 2))
         self._retry_at = now + self._backoff_s
-        if self._trouble_since is None or now - self._trouble_since >= 10:
-            event(
-                log,
-                "kafka trouble; W held, retrying",
-                level=logging.WARNING,
-                cg=self.config.cg,
-                why=why,
-                retry_in_s=round(self._backoff_s, 3),
-            )
-            if self._trouble_since is None:
-                self._trouble_since = now
+        if self._trouble_since is None:
+            self._trouble_since = now
+        said = self._streak.failed(why)
+        if said is not None:
+            event(log, "kafka trouble; W held, retrying", logging.WARNING, cg=self.config.cg,
+                  retry_in_s=round(self._backoff_s, 3), tried=self._tried, **said)  # fmt: skip
 
     def _recovered(self, now: float) -> None:
-        if self._trouble_since is not None:
-            event(
-                log,
-                "kafka trouble over",
-                cg=self.config.cg,
-                lasted_s=round(now - self._trouble_since, 3),
-            )
+        ended = self._streak.succeeded()
+        if ended is not None:
+            event(log, "kafka trouble over", cg=self.config.cg, **ended)
         self._trouble_since = None
         self._backoff_s = 0.0
         self._retry_at = 0.0
