@@ -43,8 +43,10 @@ def console(config_path, bootstrap_servers, cg_name, listen, refresh_s, actions,
     from pipeline.app.runtime import stop_on_signals
 
     cfg = build_config(config_path, bootstrap_servers, cg_name)
+    # a resync of a site on this host shows as status shows it: from its data dir
+    local = ((Path(cfg.serve.data_dir), cfg.serve.site), (Path(cfg.apply.data_dir), cfg.apply.site))
     ccfg = ConsoleConfig(cfg.cg.name, cfg.kafka_conf(), listen, refresh_s, actions=actions,
-                         token=_token(token_file) if actions else "")  # fmt: skip
+                         token=_token(token_file) if actions else "", data_dirs=local)  # fmt: skip
     stop = threading.Event()
     stop_on_signals(stop)
     asyncio.run(Console(ccfg).run(stop))

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -50,6 +51,8 @@ class ConsoleConfig:
     history_s: float = 3600.0
     actions: bool = False
     token: str = field(default="", repr=False)
+    #: (data dir, site) on this host whose unfinished resync the page shows (as status)
+    data_dirs: tuple[tuple[Path, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.actions and len(self.token) < 16:
@@ -93,7 +96,7 @@ class Console:
         """One view of the CG (I/O: Kafka, the sites' /metrics)."""
         from pipeline.app.cli_roles import render_roles
 
-        status = cg_status(self.cfg.kafka_conf, self.cfg.cg)
+        status = cg_status(self.cfg.kafka_conf, self.cfg.cg, data_dirs=self.cfg.data_dirs)
         live = {}
         for site, addr in self._site_urls().items():
             numbers = scrape(addr, timeout_s=min(1.0, self.cfg.refresh_s))

@@ -78,6 +78,8 @@ def test_the_view_names_the_laggard_and_colours_every_site() -> None:
     levels = {s["name"]: s["health"]["level"] for s in v["sites"]}
     assert levels == {"dr1": "ok", "dr2": "bad"} and v["overall"]["level"] == "bad"
     assert v["dead_letters"] == 2 and v["history"] == ["g1 failover at ..."]
+    rs = {"site": "prod", "phase": "copy", "bytes_planned": 8, "bytes_left": 3, "silent_s": 1.0}
+    assert build_view({**status, "resync": rs}, live, [], 0)["resync"] == rs  # its bar's data
 
 
 def test_rpo_history_keeps_the_last_hour() -> None:
