@@ -33,12 +33,17 @@ def _token(token_file: Path | None) -> str:
               help="allow taking markers and snapshots from the page (needs a token)")  # fmt: skip
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="file holding the actions' token (default: LOWMARK_CONSOLE_TOKEN)")  # fmt: skip
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path(".lowmark/console"), show_default=True,
+              help="where drills started from the page put their clone, and the logs of "
+                   "drills and failovers")  # fmt: skip
 def console(config_path, bootstrap_servers, cg_name, listen, refresh_s, actions,
-            token_file) -> None:  # fmt: skip
+            token_file, work_dir) -> None:  # fmt: skip
     """Serve a live page of the CG: sites and roles, W and RPO (a graph over the last
     hour), the interceptor holding W back, lag and apply rate per site, markers,
     snapshots, resync progress, failover history and dead letters. Read-only unless
-    started with --actions."""
+    started with --actions: then markers and snapshots, and — on a backup site's host —
+    a drill (started and stopped) or a failover, each the lowmark command itself."""
     from pipeline.app.console import Console, ConsoleConfig
     from pipeline.app.runtime import stop_on_signals
 
@@ -46,7 +51,8 @@ def console(config_path, bootstrap_servers, cg_name, listen, refresh_s, actions,
     # a resync of a site on this host shows as status shows it: from its data dir
     local = ((Path(cfg.serve.data_dir), cfg.serve.site), (Path(cfg.apply.data_dir), cfg.apply.site))
     ccfg = ConsoleConfig(cfg.cg.name, cfg.kafka_conf(), listen, refresh_s, actions=actions,
-                         token=_token(token_file) if actions else "", data_dirs=local)  # fmt: skip
+                         token=_token(token_file) if actions else "", data_dirs=local,
+                         config_path=config_path, work_dir=work_dir)  # fmt: skip
     stop = threading.Event()
     stop_on_signals(stop)
     asyncio.run(Console(ccfg).run(stop))

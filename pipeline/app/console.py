@@ -31,6 +31,7 @@ from aiohttp import web
 from connectors.kafka.reading import bounds
 from connectors.kafka.topics import CgTopics
 from pipeline.app.config import parse_hostport
+from pipeline.app.console_ops import Operations
 from pipeline.errors import ConfigError, LowmarkError
 from pipeline.logs import event
 from pipeline.ops.console_view import RpoHistory, SiteLive, build_view
@@ -38,7 +39,7 @@ from pipeline.ops.status import cg_status, scrape
 
 log = logging.getLogger("lowmark.console")
 
-ACTIONS = ("marker", "snapshot")
+ACTIONS = ("marker", "snapshot", "drill", "drill-stop", "failover")
 TOPOLOGY_EVERY_S = 10.0  # sites register rarely; their /metrics are scraped every refresh
 
 
@@ -53,6 +54,9 @@ class ConsoleConfig:
     token: str = field(default="", repr=False)
     #: (data dir, site) on this host whose unfinished resync the page shows (as status)
     data_dirs: tuple[tuple[Path, str], ...] = ()
+    #: the config the drill and failover children read, and where their dirs/logs go
+    config_path: Path | None = None
+    work_dir: Path = Path(".lowmark/console")
 
     def __post_init__(self) -> None:
         if self.actions and len(self.token) < 16:
@@ -77,6 +81,7 @@ class Console:
                       "actions": 0, "actions_refused": 0}  # fmt: skip
         self._sites: dict[str, str] = {}  # backup site -> its /metrics address
         self._sites_at = -1e9
+        self.ops = Operations(cfg.config_path, cfg.work_dir)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next: asyncio.Future[None] | None = None  # done when the next view is in
 
@@ -124,7 +129,8 @@ class Console:
             self.latest = {**view, "error": error, "rpo_history": self.history.to_json(),
                            "actions": list(ACTIONS) if self.cfg.actions else [],
                            "refresh_s": self.cfg.refresh_s,
-                           "console": dict(self.stats)}  # fmt: skip
+                           "console": dict(self.stats),
+                           "operations": self.ops.states()}  # fmt: skip
             self.version += 1
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._bump)
@@ -188,11 +194,14 @@ class Console:
         name = str(body.get("name", "")).strip()
         if body.get("confirm") is not True or not name:
             return self._refuse(kind, who, 400, 'send {"name": ..., "confirm": true}')
+        if kind == "failover" and body.get("typed") != name:
+            return self._refuse(kind, who, 400, "a failover is confirmed by typing the "
+                                "site's name (\"typed\")")  # fmt: skip
         self.stats["actions"] += 1
         event(log, "console action", action=kind, label=name, remote=who, cg=self.cfg.cg)
         try:
             result = await asyncio.get_running_loop().run_in_executor(None, self._act, kind, name)
-        except LowmarkError as exc:
+        except (LowmarkError, OSError) as exc:
             event(log, "console action failed", logging.WARNING, action=kind, label=name,
                   remote=who, error=str(exc))  # fmt: skip
             return web.json_response({"ok": False, "error": str(exc)}, status=409)
@@ -209,6 +218,14 @@ class Console:
         from pipeline.ops import snapshot
         from pipeline.ops.marker import MarkerOptions, take_marker
 
+        if kind == "drill":
+            op = self.ops.drill(name)
+            return {"pid": op.proc.pid, "nbd": op.nbd, "log": str(op.log_path)}
+        if kind == "drill-stop":
+            return {"exit_code": self.ops.stop("drill", name)}
+        if kind == "failover":
+            op = self.ops.failover(name)
+            return {"pid": op.proc.pid, "log": str(op.log_path)}
         opts = MarkerOptions(name)
         if kind == "snapshot":
             res = snapshot.create(self.cfg.kafka_conf, self.cfg.cg, opts)
@@ -252,6 +269,7 @@ class Console:
         finally:
             await runner.cleanup()
             poller.join(5)
+            self.ops.close()
 
 
 __all__ = ["ACTIONS", "Console", "ConsoleConfig"]

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from pipeline.app.console import Console, ConsoleConfig
+from pipeline.app.console_ops import OperationError, Operations
 from pipeline.errors import ConfigError, LowmarkError
 
 TOKEN = "a-token-of-enough-length"
@@ -79,11 +80,18 @@ def test_actions_need_the_flag_the_token_and_a_confirmation() -> None:
         assert post(port, "marker", {"name": "m", "confirm": True}, TOKEN + "x")[0] == 403
         assert post(port, "marker", {"name": "m"}, TOKEN)[0] == 400
         assert post(port, "marker", {"confirm": True}, TOKEN)[0] == 400
-        assert post(port, "drill", {"name": "m", "confirm": True}, TOKEN)[0] == 404
+        assert post(port, "reboot", {"name": "m", "confirm": True}, TOKEN)[0] == 404
+        # a failover is confirmed by typing the site's name, not by a flag alone
+        assert post(port, "failover", {"name": "dr1", "confirm": True}, TOKEN)[0] == 400
+        assert post(port, "failover", {"name": "dr1", "confirm": True, "typed": "dr2"},
+                    TOKEN)[0] == 400  # fmt: skip
         assert rw.acted == []
+        assert post(port, "failover", {"name": "dr1", "confirm": True, "typed": "dr1"},
+                    TOKEN)[0] == 200  # fmt: skip
+        assert rw.acted.pop() == ("failover", "dr1")
         code, body = post(port, "snapshot", {"name": "s1", "confirm": True}, TOKEN)
         assert (code, body["ok"], rw.acted) == (200, True, [("snapshot", "s1")])
-        assert rw.stats["actions_refused"] == 5 and rw.stats["actions"] == 1
+        assert rw.stats["actions_refused"] == 7 and rw.stats["actions"] == 2
     finally:
         stop.set()
 
@@ -118,3 +126,15 @@ def test_the_event_stream_delivers_each_new_view_and_a_failed_poll_keeps_the_las
         assert b"EventSource" in page
     finally:
         stop.set()
+
+
+def test_a_drill_that_cannot_start_says_why_from_its_own_log(tmp_path) -> None:
+    """The page starts the lowmark command itself; when it fails, its last log line is
+    the answer (here: a config that does not exist)."""
+    ops = Operations(tmp_path / "missing.toml", tmp_path / "work")
+    with pytest.raises(OperationError, match=r"did not start serving: .*missing\.toml"):
+        ops.drill("d1", wait_s=60)
+    (state,) = ops.states()
+    assert state["kind"] == "drill" and not state["running"] and state["exit_code"] != 0
+    with pytest.raises(ConfigError, match="drill name"):
+        ops.drill("../etc")

@@ -50,7 +50,7 @@ def browser() -> Any:
 def test_console_shows_the_cg_live_turns_a_stopped_site_red_and_guards_actions(
     kafka_conf, unique_name, tmp_path, browser
 ):
-    require_tools("qemu-io")
+    require_tools("qemu-io", "nbdinfo")
     scene = CgServices(tmp_path, kafka_conf["bootstrap.servers"], unique_name)
     port = free_port()
     token_file = tmp_path / "token"
@@ -60,7 +60,8 @@ def test_console_shows_the_cg_live_turns_a_stopped_site_red_and_guards_actions(
         scene.start_all()
         scene.write(0x11)
         scene.start("console", "console", "--listen", f"127.0.0.1:{port}", "--refresh", "0.5",
-                    "--actions", "--token-file", str(token_file))  # fmt: skip
+                    "--actions", "--token-file", str(token_file), "--work-dir",
+                    str(tmp_path / "console"))  # fmt: skip
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         wait_until(lambda: _reachable(port), 30, "the console to serve")
         page.goto(f"http://127.0.0.1:{port}/")
@@ -115,6 +116,23 @@ def test_console_shows_the_cg_live_turns_a_stopped_site_red_and_guards_actions(
             "document.getElementById('marker').textContent === 'from-console'", timeout=20_000
         )
         page.screenshot(path=str(shots / "console-marker-taken.png"), full_page=True)
+
+        # a drill from the page: the lowmark command itself, serving a clone over NBD
+        page.fill("#action-name", "d1")
+        page.once("dialog", lambda d: d.accept())
+        page.click("#take-drill")
+        page.wait_for_function(
+            "document.getElementById('action-result').textContent.includes('serves nbd+unix')",
+            timeout=90_000)  # fmt: skip
+        uri = page.text_content("#action-result").split("serves ", 1)[1].strip()
+        listed = subprocess.run(["nbdinfo", "--list", uri], capture_output=True, text=True,
+                                timeout=30)  # fmt: skip
+        assert listed.returncode == 0 and "vol1" in listed.stdout, listed.stdout + listed.stderr
+        page.wait_for_selector('li[data-op="drill:d1"][data-running="true"]', timeout=10_000)
+        page.screenshot(path=str(shots / "console-drill.png"), full_page=True)
+        page.once("dialog", lambda d: d.accept())
+        page.click("#take-drill-stop")
+        page.wait_for_selector('li[data-op="drill:d1"][data-running="false"]', timeout=60_000)
         assert TOKEN not in page.content()
     except BaseException:
         scene.dump_logs()
