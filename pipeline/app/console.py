@@ -250,7 +250,8 @@ class Console:
         poller = threading.Thread(target=self.poll_forever, args=(stop,), daemon=True,
                                   name="lowmark-console-poll")  # fmt: skip
         poller.start()
-        runner = web.AppRunner(self.app(), shutdown_timeout=1.0)
+        # no access log: every action is an event of its own, a page poll is not news
+        runner = web.AppRunner(self.app(), shutdown_timeout=1.0, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, addr[0], addr[1])
         try:
