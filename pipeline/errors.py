@@ -20,6 +20,9 @@ The message says what happened and what the operator can do about it.
      │    └── ChecksumMismatchError  crc32c over the record does not match
      ├── ReplicationError            a write could not be made durable in Kafka
      ├── VolumeError                 a volume operation is invalid (range, size, name)
+ │    └── VolumeMovedError       the volume is not accessible here (migrated, or in a
+ │                               migration's cutover): reconnect to where it is served
+ ├── MigrationError              a volume migration cannot go on as asked
      ├── ClockError                  the hybrid logical clock cannot honour its promise
      ├── WatermarkError              the watermark would break an invariant (e.g. decrease)
      │    └── WatermarkHaltedError   a bad progress record froze W; operator must skip it
@@ -143,6 +146,16 @@ class ReplicationError(LowmarkError):
 
 class VolumeError(LowmarkError):
     """A volume operation is invalid: out of range, wrong size, unknown volume."""
+
+
+class VolumeMovedError(VolumeError):
+    """The volume is not accessible at this interceptor (its access state is
+    ``inaccessible``): an NBD client gets ESHUTDOWN and should reconnect where it is
+    served now."""
+
+
+class MigrationError(LowmarkError):
+    """A volume migration cannot go on as asked; the message says which side and what to do."""
 
 
 class ClockError(LowmarkError):

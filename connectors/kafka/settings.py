@@ -256,3 +256,12 @@ class ToolSettings(_Role):
             "max.partition.fetch.bytes": 16 << 20,
             "fetch.max.bytes": 128 << 20,
         }
+
+    def follower(self) -> Settings:
+        """A migration target following the CG's log until its cutover."""
+        return {
+            **self.log_reader(),
+            # the cutover's I/O pause waits for the follower to reach the log's end: a
+            # fetch that waits 50 ms for more data at an idle partition is 50 ms of pause
+            "fetch.wait.max.ms": 5,
+        }

@@ -68,9 +68,11 @@ class Export(Protocol):
     """
 
     name: str
-    description: str
     read_only: bool
     can_multi_conn: bool
+
+    @property
+    def description(self) -> str: ...  # may change while served (an access state)
 
     @property
     def size(self) -> int:  # read-only: a volume's size changes only through its own API
@@ -206,6 +208,19 @@ class NbdServer:
         if len(name.encode()) > p.MAX_NAME:
             raise ConfigError(f"NBD export name {name[:40]!r}... exceeds {p.MAX_NAME} bytes")
         self.exports[name] = export
+
+    async def disconnect(self, export: Export) -> int:
+        """Close every connection serving ``export`` once the requests it already passed
+        have been answered (a volume that moved away: its clients reconnect where it is
+        served now). Returns how many were closed."""
+        conns = [c for c in self._connections if c.export is export]
+        drained = [c.shutdown() for c in conns]
+        if drained:
+            await asyncio.wait(drained, timeout=self.config.close_timeout_s)
+        for conn, done in zip(conns, drained, strict=True):
+            if not done.done():
+                conn.abort(force=True)  # drained ones close once their replies are out
+        return len(conns)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from connectors.nbd import protocol as p
 from connectors.nbd import structured as sr
-from pipeline.errors import LowmarkError, VolumeError
+from pipeline.errors import LowmarkError, VolumeError, VolumeMovedError
 
 if TYPE_CHECKING:
     from connectors.nbd.server import Export, NbdServer
@@ -40,6 +40,8 @@ PHASE_FLAGS, PHASE_OPTIONS, PHASE_TLS_UPGRADE, PHASE_TRANSMISSION, PHASE_CLOSED 
 
 def nbd_errno(exc: BaseException) -> int:
     """The NBD error a failed export call is reported as."""
+    if isinstance(exc, VolumeMovedError):
+        return p.ESHUTDOWN  # the client should reconnect: the volume is served elsewhere
     if isinstance(exc, VolumeError):
         return p.EINVAL
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -84,6 +86,11 @@ class Transmission:
         self._said: set[tuple[int, int]] = set()  # (cmd, error) refusals logged already
 
     # --- connection control (every phase) -------------------------------------------
+
+    @property
+    def export(self) -> Export | None:
+        """The export this connection serves (None before its handshake ends)."""
+        return self._export
 
     def abort(self, force: bool = False) -> None:
         """Close the connection; replies already written still go out unless ``force``."""

@@ -8,7 +8,13 @@ them). One JSON request per line, one JSON answer per line::
     {"op": "create", "name": "db2", "size": 1073741824, "mode": "async"}
     {"op": "resize", "name": "db", "size": 2147483648}
     {"op": "list"}
+    {"op": "whoami"}
+    {"op": "migrate", "step": "state|hold|release|...", "volume": "db", ...}
     -> {"ok": true, "volume": {...}}  |  {"ok": false, "error": "..."}
+
+``migrate`` requests are one interceptor's half of ``lowmark migrate``
+(``pipeline.ops.migrate_member`` says what each step does); ``Exports`` is told after each
+so the NBD server serves, parks or disconnects the volume's export.
 
 A change goes through ``ConsistencyGroup`` (the record in the CG's log, in order with the
 writes, then the entry in ``lowmark.config``) and the NBD export appears or grows at once.
@@ -22,17 +28,18 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from pipeline.errors import ConfigError, LowmarkError, SetupError
 from pipeline.logs import event
+from pipeline.ops.migrate_member import MigrationMember
 from pipeline.primary.volume import ConsistencyGroup, Volume
 
-__all__ = ["AdminClient", "AdminServer", "default_admin_socket"]
+__all__ = ["AdminClient", "AdminServer", "Exports", "default_admin_socket"]
 
 log = logging.getLogger("lowmark.admin")
 ADMIN_SOCKET = "admin.sock"
@@ -64,15 +71,32 @@ def _reachable(path: Path) -> Iterator[str]:
 
 def volume_json(vol: Volume) -> dict[str, Any]:
     return {"name": vol.name, "volume_id": vol.volume_id, "size": vol.size, "mode": vol.mode,
-            "metadata": dict(vol.info.metadata or {})}  # fmt: skip
+            "metadata": dict(vol.info.metadata or {}), "access": vol.access}  # fmt: skip
+
+
+class Exports(Protocol):
+    """What the NBD server does when a volume is served, parked or moved away here."""
+
+    def serve(self, vol: Volume) -> None: ...
+
+    def park(self, name: str) -> None: ...
+
+    def drop(self, name: str) -> None: ...
+
+    def disconnect(self, name: str) -> Awaitable[int]: ...
 
 
 class AdminServer:
     """Answers admin requests for ``cg``; ``on_volume(vol)`` is called (in the event loop)
-    after a volume is created or resized, so the NBD server can export it."""
+    after a volume is created or resized, so the NBD server can export it; ``exports``
+    after a migration step changed what is served here."""
 
-    def __init__(self, cg: ConsistencyGroup, path: Path, on_volume: Callable[[Volume], None]):
+    def __init__(self, cg: ConsistencyGroup, path: Path, on_volume: Callable[[Volume], None],
+                 exports: Exports | None = None,
+                 migrations: MigrationMember | None = None):  # fmt: skip
         self.cg, self.path, self.on_volume = cg, path, on_volume
+        self.exports = exports
+        self.migrations = migrations
         self._server: asyncio.AbstractServer | None = None
         self.stats = {"requests": 0, "errors": 0}
 
@@ -131,9 +155,19 @@ class AdminServer:
     async def _do(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "list":
-            return {"volumes": [volume_json(v) for _n, v in sorted(self.cg.volumes.items())]}
+            parked = [{**p.catalog_entry(), "parked": p.role}
+                      for _n, p in sorted(self.cg.parking.parked.items())]  # fmt: skip
+            return {"volumes": [volume_json(v) for _n, v in sorted(self.cg.volumes.items())],
+                    "parked": parked}  # fmt: skip
+        if op == "whoami":
+            engine = self.cg.interceptor
+            return {"interceptor": engine.config.interceptor_id, "cg": engine.config.cg,
+                    "generation": engine.config.generation,
+                    "data_dir": str(self.cg.data_dir)}  # fmt: skip
+        if op == "migrate":
+            return await self._migrate(req)
         if op not in ("create", "resize"):
-            raise ConfigError(f"unknown admin op {op!r}: create, resize or list")
+            raise ConfigError(f"unknown admin op {op!r}: create, resize, list, whoami or migrate")
         name, size = req["name"], req["size"]
         if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool):
             raise ConfigError("name must be a string and size an integer number of bytes")
@@ -146,6 +180,50 @@ class AdminServer:
         self.on_volume(vol)
         event(log, f"volume {op}d", volume=vol.name, size=vol.size, mode=vol.mode)
         return {"volume": volume_json(vol)}
+
+
+    async def _migrate(self, req: dict[str, Any]) -> dict[str, Any]:
+        m, ex = self.migrations, self.exports
+        if m is None or ex is None:
+            raise ConfigError("this `lowmark serve` takes no migrations (no NBD server)")
+        step, name, mid = req["step"], str(req["volume"]), str(req.get("migration", ""))
+        run = asyncio.to_thread
+        if step == "state":
+            return m.state(name)
+        if step == "hold":
+            return await run(m.hold, name, str(req["peer"]), mid, float(req["lease_s"]))
+        if step == "release":
+            out = await run(m.release, name, str(req["peer"]), mid)
+            out["disconnected"] = await ex.disconnect(name)  # told ESHUTDOWN, then closed
+            ex.park(name)
+            return out
+        if step == "reclaim":
+            vol = await run(m.reclaim, name)
+            if vol is not None:
+                ex.serve(vol)
+            return {}
+        if step == "forget":
+            await run(m.forget, name, mid)
+            ex.drop(name)
+            return {}
+        if step == "prepare":
+            out = await run(m.prepare, req["info"], str(req["source_image"]), str(req["peer"]),
+                            mid)  # fmt: skip
+            ex.park(name)
+            return out
+        if step == "catch_up":
+            return await run(m.catch_up, name, mid, float(req["timeout_s"]))
+        if step == "activate":
+            vol = await run(m.activate, name, mid, int(req["final_ts"]), str(req["source"]),
+                            float(req["timeout_s"]))  # fmt: skip
+            if vol is not None:
+                ex.serve(vol)
+            return {}
+        if step == "unstage":
+            await run(m.unstage, name)
+            ex.drop(name)
+            return {}
+        raise ConfigError(f"unknown migration step {step!r}")
 
 
 class AdminClient:

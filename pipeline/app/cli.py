@@ -36,6 +36,7 @@ _COMMAND_MODULES = {
     "serve-snapshot": "pipeline.app.cli_snapshot",
     "topology": "pipeline.app.cli_topology",
     "volume": "pipeline.app.cli_topology",
+    "migrate": "pipeline.app.cli_migrate",
     "console": "pipeline.app.cli_console",
     "kafka": "connectors.embedded_kafka.cli",
 }

@@ -107,9 +107,13 @@ def serve(
             "volumes": list(volumes),
         },
     )
-    if not cfg.serve.volumes and not SiteDir(Path(cfg.serve.data_dir)).catalog_path.exists():
+    empty = not cfg.serve.volumes and not SiteDir(Path(cfg.serve.data_dir)).catalog_path.exists()
+    if empty and not cfg.serve.admin_socket:
+        # with the admin socket, an empty primary is one waiting for `lowmark volume
+        # create` or `lowmark migrate`; without it, it could never serve anything
         raise ConfigError(
-            "no volumes: add [[serve.volumes]] to the config or pass --volume NAME:SIZE"
+            "no volumes: add [[serve.volumes]] to the config or pass --volume NAME:SIZE "
+            "(or keep [serve] admin_socket on, to create or migrate them in live)"
         )
     run_serve(cfg)
 

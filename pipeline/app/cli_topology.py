@@ -153,7 +153,14 @@ def list_(config_path, admin_socket, data_dir, as_json) -> None:
     a = _call(_client(config_path, admin_socket, data_dir), {"op": "list"}, as_json)
     if not as_json:
         for v in a["volumes"]:
-            click.echo(f"{v['name']:<16} {v['size']:>16,} B  {v['mode']}")
+            click.echo(f"{v['name']:<16} {v['size']:>16,} B  {v['mode']:<5}  "
+                       f"{v.get('access', 'optimized')}")  # fmt: skip
+        for v in a.get("parked", []):
+            m = v["migration"]
+            what = f"migrated to {m['peer']}" if m["role"] == "source" else (
+                f"being migrated here from {m['peer']}")  # fmt: skip
+            click.echo(f"{v['name']:<16} {v['size']:>16,} B  {v['mode']:<5}  "
+                       f"inaccessible ({what})")  # fmt: skip
 
 
 COMMANDS = [topology, volume]

@@ -31,7 +31,8 @@ COUNTERS = frozenset({
     "blocked_s", "bytes", "bytes_read", "checkpoints", "consumer_errors", "control_errors",
     "events", "fenced", "gate_held_s", "gate_held_writes", "gate_holds", "generation_switches",
     "ignored", "markers_aborted", "markers_dropped", "markers_emitted", "markers_quiesced",
-    "markers_self_resumed", "nbd_bytes_read", "nbd_bytes_written", "nbd_protocol_errors",
+    "markers_self_resumed", "migration_holds", "migration_holds_lapsed", "migrations_in",
+    "migrations_out", "nbd_bytes_read", "nbd_bytes_written", "nbd_protocol_errors",
     "pending_dropped", "publish_failures", "published", "records", "records_read",
     "region_background_fsyncs", "region_cleared", "region_fsyncs", "region_marks",
     "region_marks_new", "region_page_writes", "republished_bytes", "republished_regions",
@@ -51,11 +52,12 @@ GAUGES = frozenset({
     "fenced_by_generation", "foreground_bytes_per_s", "generation", "halted", "holds",
     "kafka_trouble", "lag_records", "last_commit_ms", "limit_bytes_per_s", "lost_declared",
     "marker_holding", "marker_last_hold_s", "marker_last_step_lag_s", "marker_max_hold_s",
-    "members", "nbd_connections_open", "paused", "pending_bytes", "progress_offset",
+    "members", "migration_last_hold_s", "migrations_syncing", "nbd_connections_open",
+    "paused", "pending_bytes", "progress_offset",
     "region_bytes", "region_dirty", "region_marks_per_fsync",
     "retained_share_before_checkpoint", "retention_lost", "rpo_s", "snapshot_last_copy_s",
     "snapshots_copying", "snapshots_held", "staged_bytes", "staged_ops", "unreplicated_bytes",
-    "volumes"
+    "volumes", "volumes_parked"
 })
 # fmt: on
 

@@ -39,7 +39,8 @@ from pipeline.errors import (
 from pipeline.fault_streak import FaultStreak
 from pipeline.logs import event
 from pipeline.ops.marker_schedule import MarkerSchedule, ScheduleConfig
-from pipeline.primary.nbd_volume import VolumeExport
+from pipeline.ops.migrate_member import MigrationMember
+from pipeline.primary.nbd_volume import VolumeExport, parked_export
 from pipeline.primary.volume import ConsistencyGroup, Volume
 from pipeline.timesource import REAL_TIME, TimeSource, wall_us
 from pipeline.topology.catalog import TopologyWriter, lowmark_version, this_host
@@ -125,22 +126,26 @@ async def _serve_async(
 ) -> None:
     exports: dict[str, Export] = {name: VolumeExport(vol) for name, vol in cg.volumes.items()}
     server = NbdServer(exports, nbd_config(cfg))
+    served = ServedExports(server, cg)
+    for name in cg.parking.parked:
+        served.park(name)
     await server.start()
 
     def export_new(vol: Volume) -> None:
         if vol.name not in server.exports:
             server.add_export(vol.name, VolumeExport(vol))
 
+    migrations = MigrationMember(cg)
     admin = None
     if cfg.serve.admin_socket:
         path = admin_socket_path(cfg)
-        admin = AdminServer(cg, path, export_new)
+        admin = AdminServer(cg, path, export_new, served, migrations)
         await admin.start()
     if cfg.serve.metrics:
         serve_metrics(
             cfg.serve.metrics,
             "primary",
-            lambda: primary_metrics(cg, server),
+            lambda: {**primary_metrics(cg, server), **migrations.numbers()},
             {"cg": cfg.cg.name, "interceptor": cfg.serve.interceptor_id},
         )
     event(
@@ -149,24 +154,50 @@ async def _serve_async(
         cg=cfg.cg.name,
         generation=cg.interceptor.config.generation,
         site=cfg.serve.site,
-        exports=sorted(exports),
+        exports=sorted(server.exports),
         listen=cfg.serve.listen,
         unix_socket=cfg.serve.unix_socket,
     )
     if ready is not None:
         ready.set()
-    while not stop.is_set() and cg.interceptor.failure is None:
-        await asyncio.sleep(0.1)
-    if cg.interceptor.failure is not None:
-        event(
-            log,
-            "replication failed; stopping the NBD server",
-            level=logging.ERROR,
-            error=str(cg.interceptor.failure),
-        )
-    if admin is not None:
-        await admin.close()
-    await server.close()
+    try:
+        while not stop.is_set() and cg.interceptor.failure is None:
+            await asyncio.sleep(0.1)
+        if cg.interceptor.failure is not None:
+            event(
+                log,
+                "replication failed; stopping the NBD server",
+                level=logging.ERROR,
+                error=str(cg.interceptor.failure),
+            )
+        if admin is not None:
+            await admin.close()
+        await server.close()
+    finally:
+        await asyncio.to_thread(migrations.close)
+
+
+class ServedExports:
+    """The NBD server's side of a migration step (``pipeline.app.admin.Exports``)."""
+
+    def __init__(self, server: NbdServer, cg: ConsistencyGroup) -> None:
+        self.server, self.cg = server, cg
+
+    def serve(self, vol: Volume) -> None:
+        self.server.add_export(vol.name, VolumeExport(vol))
+
+    def park(self, name: str) -> None:
+        p = self.cg.parking.parked.get(name)
+        if p is not None:
+            iid = self.cg.interceptor.config.interceptor_id
+            self.server.add_export(name, parked_export(name, p.info.size, iid, p.role, p.peer))
+
+    def drop(self, name: str) -> None:
+        self.server.exports.pop(name, None)
+
+    async def disconnect(self, name: str) -> int:
+        export = self.server.exports.get(name)
+        return 0 if export is None else await self.server.disconnect(export)
 
 
 def admin_socket_path(cfg: LowmarkConfig) -> Path:

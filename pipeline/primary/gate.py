@@ -21,8 +21,11 @@ class WriteHeld(Exception):
 
 
 class WriteGate:
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, monotonic: Callable[[], float] = time.monotonic, holder: str = "a marker"
+    ) -> None:
         self._now = monotonic
+        self._holder = holder
         self._cv = threading.Condition()
         self._inside = 0
         self._held = False
@@ -50,8 +53,8 @@ class WriteGate:
                 self.stats["held_writes"] += 1
                 if not self._cv.wait_for(lambda: not self._held, timeout_s):
                     raise ReplicationError(
-                        f"writes were held for a marker for more than {timeout_s:.1f} s; "
-                        "check `lowmark marker` and the control topic"
+                        f"writes were held for {self._holder} for more than {timeout_s:.1f} "
+                        "s; check `lowmark marker`, `lowmark migrate` and the control topic"
                     )
             self._inside += 1
 

@@ -13,6 +13,11 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
   and the record is durable in Kafka (not necessarily inside a cut yet).
 - a replication failure, or no W covering a sync write within ``replication_timeout_s``,
   is an EIO reply, never a success.
+- the volume's access state (NVMe ANA's, ``pipeline.primary.migration``): ``optimized``
+  serves everything; ``change`` (a migration's cutover) parks writes until it ends, reads
+  go on; ``inaccessible`` (moved to another interceptor) answers every request ESHUTDOWN,
+  the server closes the volume's connections, and a new client is refused at NBD_OPT_GO
+  with a message naming the state: a client should reconnect where the volume is served.
 - once the interceptor is fenced (a newer generation of the CG exists: this site is no
   longer the primary), every WRITE, WRITE_ZEROES, TRIM and FLUSH gets an EIO reply, also
   one already in flight: each success passes ``Interceptor.admit_ack`` just before it.
@@ -47,7 +52,7 @@ from collections.abc import Awaitable, Callable
 
 from connectors.image.allocation import with_data
 from connectors.nbd.protocol import STATE_HOLE, STATE_ZERO
-from pipeline.errors import LowmarkError, ReplicationError
+from pipeline.errors import LowmarkError, ReplicationError, VolumeMovedError
 from pipeline.primary.gate import WriteHeld
 from pipeline.primary.interceptor import Ticket
 from pipeline.primary.region_log import Mark
@@ -61,7 +66,6 @@ class VolumeExport:
     def __init__(self, volume: Volume, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.volume = volume
         self.name = volume.name
-        self.description = f"lowmark volume {volume.name} ({volume.mode} replication)"
         self._loop = loop
         self._engine = volume._cg.interceptor  # the CG's interceptor
         # writes accepted but not yet on the image: (start, end) by a serial; loop thread only
@@ -72,12 +76,24 @@ class VolumeExport:
     def size(self) -> int:
         return self.volume.size
 
+    @property
+    def description(self) -> str:  # nbdinfo shows it
+        v = self.volume
+        return f"lowmark volume {v.name} ({v.mode} replication, access {v.access})"
+
+    @property
+    def refusal(self) -> str | None:
+        """Why a new client is refused at NBD_OPT_GO (connectors.nbd.protocol.refusal)."""
+        return str(self.volume.moved()) if self.volume.access == "inaccessible" else None
+
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
     def pread(self, offset: int, length: int) -> bytes:
+        if self.volume.access == "inaccessible":
+            raise self.volume.moved()
         return self.volume.image.pread(offset, length)
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
@@ -197,7 +213,10 @@ class VolumeExport:
             await done
 
     def _gate_open(self, fn: Callable[[BaseException | None], None]) -> None:
-        self.volume._cg.gate.when_open(lambda: fn(None))
+        """Once both the CG's gate (a marker) and the volume's (a cutover) are open; the
+        retried submit re-checks both, and the volume's access state."""
+        vol = self.volume
+        vol._cg.gate.when_open(lambda: vol.gate.when_open(lambda: fn(None)))
 
     def _mark_durable(self, mark: Mark) -> asyncio.Future[None]:
         return callback_future(self._get_loop(), mark.add_done_callback)
@@ -269,6 +288,43 @@ class VolumeExport:
 
 
 _HOLE = STATE_HOLE | STATE_ZERO
+
+
+class ParkedExport:
+    """A volume parked here (released to another interceptor, or staged from one): listed
+    by NBD_OPT_LIST with its state, refused at NBD_OPT_GO, every request ESHUTDOWN."""
+
+    read_only = True
+    can_multi_conn = True
+
+    def __init__(self, name: str, size: int, refusal: str) -> None:
+        self.name, self._size, self.refusal = name, size, refusal
+        self.description = f"lowmark volume {name} (access inaccessible: {refusal})"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _refuse(self, *_: object) -> None:
+        raise VolumeMovedError(self.refusal)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise VolumeMovedError(self.refusal)
+
+    write = trim = _refuse
+
+    def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        raise VolumeMovedError(self.refusal)
+
+    def flush(self) -> None:
+        raise VolumeMovedError(self.refusal)
+
+
+def parked_export(name: str, size: int, interceptor: str, role: str, peer: str) -> ParkedExport:
+    where = f"migrated to {peer}" if role == "source" else f"being migrated here from {peer}"
+    why = (f"volume {name} is inaccessible at interceptor {interceptor}: {where}; connect "
+           "to the interceptor serving it")  # fmt: skip
+    return ParkedExport(name, size, why)
 
 
 def _not_durable(ticket: Ticket, writes: int, timeout_s: float) -> ReplicationError:

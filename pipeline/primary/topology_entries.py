@@ -27,17 +27,25 @@ class VolumeEntries:
         engine = cg.interceptor
         self.writer = TopologyWriter(engine.kafka_conf, engine.config.replication_factor)
 
-    def entry(self, info: VolumeInfo, ts: int, deleted: bool = False) -> VolumeEntry:
+    def entry(
+        self, info: VolumeInfo, ts: int, deleted: bool = False,
+        access: dict[str, str] | None = None,
+    ) -> VolumeEntry:  # fmt: skip
+        """``access``: every interceptor's state of the volume (a migration's cutover
+        names the source ``inaccessible`` in the same entry); default: this one's only."""
         engine = self.cg.interceptor
         iid = engine.config.interceptor_id
         return VolumeEntry(
             engine.config.cg, info.volume_id, info.name, info.size, info.mode,
             dict(info.metadata or {}), deleted, engine.config.generation, iid, ts,
-            engine.time_source.wall_us(), {iid: "optimized"},
+            engine.time_source.wall_us(), {**(access or {}), iid: "optimized"},
         )  # fmt: skip
 
-    def changed(self, info: VolumeInfo, ts: int, deleted: bool = False) -> None:
-        self.writer.publish_volume(self.entry(info, ts, deleted))
+    def changed(
+        self, info: VolumeInfo, ts: int, deleted: bool = False,
+        access: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.writer.publish_volume(self.entry(info, ts, deleted, access))
 
     def publish_all(self) -> None:
         for vol in list(self.cg.volumes.values()):

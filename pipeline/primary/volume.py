@@ -43,8 +43,9 @@ from typing import Any, Literal
 
 from connectors.image.image import Image
 from connectors.kafka.admin import Admin
-from pipeline.errors import ConfigError, VolumeError
+from pipeline.errors import ConfigError, VolumeError, VolumeMovedError
 from pipeline.fsutil import fsync_path
+from pipeline.primary.access import Parked, Parking
 from pipeline.primary.gate import WriteGate, WriteHeld
 from pipeline.primary.interceptor import Interceptor, InterceptorConfig, Ticket
 from pipeline.primary.marker_member import MarkerMember
@@ -95,6 +96,11 @@ class Volume:
         self.regions: VolumeRegions | None = (
             cg.regions.open_volume(info.volume_id, info.size) if cg.regions else None
         )
+        #: its access state here (NVMe ANA's): only ``optimized`` takes writes; ``change``
+        #: while a migration's cutover holds ``gate``; ``inaccessible`` once it moved away
+        self.access = "optimized"
+        #: where a migration's cutover holds this volume's writes (the CG's gate is a marker's)
+        self.gate = WriteGate(cg.interceptor.time_source.monotonic, "a migration's cutover")
 
     @property
     def volume_id(self) -> str:
@@ -164,7 +170,8 @@ class Volume:
         touched = False
         try:
             engine.wait_for_space(len(data))
-            with self._cg.admitted(gate_wait), self._lock:
+            with self._cg.admitted(gate_wait), self.admitted(gate_wait), self._lock:
+                self.check_writable()
                 token, ts = engine.stamp()
                 try:
                     touched = True
@@ -208,7 +215,8 @@ class Volume:
         mark = self._marked(offset, length, mark)
         touched = False
         try:
-            with self._cg.admitted(gate_wait), self._lock:
+            with self._cg.admitted(gate_wait), self.admitted(gate_wait), self._lock:
+                self.check_writable()
                 token, ts = engine.stamp()
                 try:
                     touched = True
@@ -232,6 +240,38 @@ class Volume:
         if commit_wait:
             engine.clock.commit_wait(ts)
         return ticket
+
+    @contextmanager
+    def admitted(self, wait: bool) -> Iterator[None]:
+        """Inside this volume's gate (a migration's cutover holds it), as
+        ``ConsistencyGroup.admitted`` is the CG's."""
+        gate = self.gate
+        if wait:
+            gate.enter(self._cg.interceptor.config.replication_timeout_s)
+        elif not gate.try_enter():
+            raise WriteHeld()
+        try:
+            yield
+        finally:
+            gate.exit()
+
+    def check_writable(self) -> None:
+        """Writes only where the volume is ``optimized``: never two writers of one volume.
+        Checked inside the gate, so a write parked through a cutover is refused after it."""
+        if self.access != "optimized":
+            raise self.moved()
+
+    def check_readable(self) -> None:
+        if self.access == "inaccessible":
+            raise self.moved()
+
+    def moved(self) -> VolumeMovedError:
+        iid = self._cg.interceptor.config.interceptor_id
+        return VolumeMovedError(
+            f"volume {self.name} is {self.access} at interceptor {iid}: it was migrated "
+            "away or is being cut over; reconnect to the interceptor serving it now "
+            "(`lowmark status` shows its access states)"
+        )
 
     def submit_flush(self) -> Ticket:
         self.image.sync()
@@ -268,6 +308,7 @@ class Volume:
 
     def pread(self, offset: int, length: int) -> bytes:
         self.image.check_range(offset, length)
+        self.check_readable()
         return self.image.pread(offset, length)
 
 
@@ -286,6 +327,8 @@ class ConsistencyGroup:
         self.snapshots: PrimarySnapshots | None = None
         #: this primary's word on its volumes in ``lowmark.config`` (None: not published)
         self.entries: VolumeEntries | None = None
+        #: volumes released to another interceptor or staged from one (a migration)
+        self.parking = Parking(self)
         self._images_synced_seq = 0
         region_bytes = interceptor.config.region_bytes
         #: the volumes' dirty-region logs (None: off, ``InterceptorConfig.region_bytes`` 0)
@@ -340,8 +383,11 @@ class ConsistencyGroup:
         )
         self = cls(data_dir, Interceptor(config, kafka_conf, time_source=time_source))
         try:
-            for info in self._load_catalog():
-                self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
+            for info, parked in self._load_catalog():
+                if parked is not None:  # not served here: no image open, no region log
+                    self.parking.parked[info.name] = parked
+                else:
+                    self.volumes[info.name] = Volume(self, info, Image(self._image_path(info)))
             self._name_tail_volumes()
             self.interceptor.start()
         except BaseException:
@@ -400,6 +446,7 @@ class ConsistencyGroup:
         for vol in self.volumes.values():
             vol.image.sync()
             vol.image.close()
+        self.parking.close()
 
     def volume(self, name: str) -> Volume:
         try:
@@ -547,12 +594,15 @@ class ConsistencyGroup:
     def _image_path(self, info: VolumeInfo) -> Path:
         return self.site.image_path(info.volume_id)
 
-    def _load_catalog(self) -> list[VolumeInfo]:
+    def _load_catalog(self) -> list[tuple[VolumeInfo, Parked | None]]:
         out = []
         for e in self.site.read_catalog():
             mode: Mode = "sync" if e.get("mode") == "sync" else "async"
-            out.append(VolumeInfo(e["volume_id"], e["name"], e["size"], mode, e.get("metadata")))
+            info = VolumeInfo(e["volume_id"], e["name"], e["size"], mode, e.get("metadata"))
+            out.append((info, Parked.from_entry(info, dict(e))))
         return out
 
     def _save_catalog(self) -> None:
-        self.site.write_catalog(v.info.__dict__ for v in self.volumes.values())
+        entries = [v.info.__dict__ for v in self.volumes.values()]
+        entries += [p.catalog_entry() for p in self.parking.parked.values()]
+        self.site.write_catalog(entries)
