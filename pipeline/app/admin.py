@@ -218,7 +218,7 @@ class AdminServer:
                             float(req["timeout_s"]))  # fmt: skip
             if vol is not None:
                 ex.serve(vol)
-            return {}
+            return {"ms": m.last_activation_ms}
         if step == "unstage":
             await run(m.unstage, name)
             ex.drop(name)

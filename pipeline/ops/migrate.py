@@ -51,6 +51,7 @@ class MigrateResult:
     outcome: str = ""  # migrated, rolled back
     io_pause_s: float | None = None  # hold -> activate, when this run did the cutover
     held_s: float | None = None  # what the source measured between hold and release
+    cutover_ms: dict[str, float] = field(default_factory=dict)  # each cutover step's time
     copied_bytes: int = 0
     records_applied: int = 0
     steps: list[str] = field(default_factory=list)
@@ -154,13 +155,26 @@ def _cutover(step: Callable[..., dict[str, Any]], source: Ask, target: Ask, res:
              lease_s: float) -> None:  # fmt: skip
     """hold -> catch_up -> release -> activate; any failure goes back to the loop, which
     asks both sides where they stand (a lost answer included) and goes on from there."""
-    started = time.monotonic()
+    started = last = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        res.cutover_ms[name] = round((now - last) * 1000, 1)
+        last = now
+
     try:
         held = step(source, "source", "hold", peer=res.target, lease_s=lease_s)
+        lap("hold")
+        res.cutover_ms.update({f"hold.{k}": round(v, 1) for k, v in held.get("ms", {}).items()})
         step(target, "target", "catch_up", timeout_s=lease_s / 2)
+        lap("catch_up")
         rel = step(source, "source", "release", peer=res.target)
-        step(target, "target", "activate", final_ts=held["final_ts"], source=res.source,
-             timeout_s=lease_s)  # fmt: skip
+        lap("release")
+        act = step(target, "target", "activate", final_ts=held["final_ts"], source=res.source,
+                   timeout_s=lease_s)  # fmt: skip
+        lap("activate")
+        res.cutover_ms.update({f"activate.{k}": round(v, 1) for k, v in act.get("ms", {}).items()})
     except LowmarkError as exc:
         event(log, "migration cutover interrupted; looking again", level=logging.WARNING,
               migration=res.migration, error=str(exc))  # fmt: skip

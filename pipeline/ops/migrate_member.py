@@ -60,6 +60,9 @@ class MigrationMember:
         self._syncs: dict[str, TargetSync] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self.last_activation_ms: dict[str, float] = {}
+        self._admin: Admin | None = None
+        self._parts: list[int] = []
         self.stats = {"migrations_out": 0, "migrations_in": 0, "migration_holds": 0,
                       "migration_holds_lapsed": 0, "migration_last_hold_s": 0.0}  # fmt: skip
         self._lease = threading.Thread(target=self._lapse_loop, name="lowmark-migrate-lease",
@@ -133,17 +136,22 @@ class MigrationMember:
                 self._holds[name] = hold
                 self.stats["migration_holds"] += 1
             hold.deadline = self._now() + lease_s
+        drained = self._now()
         try:
             vol.image.sync()
+            synced = self._now()
             self._engine.barrier().wait(timeout_s)  # every record of it is in Kafka
         except BaseException:
             self._end_hold(name, vol)
             raise
         if not hold.final_ts:
             hold.final_ts = self._engine.clock.now()  # above every ts it ever gave the volume
+        ms = {"drain": (drained - hold.since) * 1e3, "sync": (synced - drained) * 1e3,
+              "kafka": (self._now() - synced) * 1e3}  # fmt: skip
         event(log, "migration: volume held", volume=name, to=peer, migration=migration,
-              final_ts=hold.final_ts)  # fmt: skip
-        return {"final_ts": hold.final_ts, "held_s": self._now() - hold.since}
+              final_ts=hold.final_ts, ms={k: round(v, 1) for k, v in ms.items()})  # fmt: skip
+        return {"final_ts": hold.final_ts, "held_s": self._now() - hold.since,
+                "ms": ms}  # fmt: skip
 
     def release(self, name: str, peer: str, migration: str) -> dict[str, Any]:
         parked = self.cg.parking.parked.get(name)
@@ -222,12 +230,15 @@ class MigrationMember:
             old = self._syncs.pop(name, None)
         if old is not None:
             old.stop()
+        if self.cg.entries is not None:
+            self.cg.entries.writer.warm()  # not inside the cutover's pause
         img = self.cg.parking.stage(vinfo, peer, migration)
         sync = TargetSync(img, vinfo.volume_id, Path(source_image), self._engine.kafka_conf,
                           self._engine.topics.log, migration)  # fmt: skip
         with self._lock:
             self._syncs[name] = sync
         sync.start()
+        self._log_ends()  # warms the admin client: the cutover's catch-up asks it again
         event(log, "migration: volume staged", volume=name, source=peer, migration=migration)
         return {"sync": sync.state.as_json()}
 
@@ -242,6 +253,7 @@ class MigrationMember:
                 raise MigrationError(f"the sync of volume {name} failed: {st.error}")
             if st.phase == "following" and all(st.positions.get(p, -1) >= o
                                                for p, o in end.items()):  # fmt: skip
+                sync.caught_up_to = end  # the source holds: nothing more of it comes
                 return {"sync": st.as_json()}
             if time.monotonic() > deadline:
                 raise MigrationError(f"volume {name}'s sync is not at the log's end after "
@@ -254,9 +266,13 @@ class MigrationMember:
         if name in self.cg.volumes and name not in self.cg.parking.parked:
             return None
         sync = self._sync(name, migration)
-        sync.finish(self._log_ends(), timeout_s)
+        t0 = self._now()
+        # caught up under this hold: the source wrote nothing since (it released after)
+        sync.finish(sync.caught_up_to or self._log_ends(), timeout_s)
+        t1 = self._now()
         iid = self._engine.config.interceptor_id
         vol = self.cg.parking.adopt(name, final_ts, {source: "inaccessible", iid: "optimized"})
+        self.last_activation_ms = {"finish": (t1 - t0) * 1e3, "adopt": (self._now() - t1) * 1e3}
         with self._lock:
             self._syncs.pop(name, None)
         self.stats["migrations_in"] += 1
@@ -289,8 +305,10 @@ class MigrationMember:
         """High watermarks (not the last stable offset: a record the source committed can
         lie above another producer's open transaction, and must still be read)."""
         conf, topic = self._engine.kafka_conf, self._engine.topics.log
-        parts = sorted(end_offsets(conf, topic, 30))
-        return Admin(conf).end_offsets(topic, parts, 30)
+        if self._admin is None:
+            self._admin = Admin(conf)  # a new client's first request costs ~100 ms
+            self._parts = sorted(end_offsets(conf, topic, 30))
+        return self._admin.end_offsets(topic, self._parts, 30)
 
     def numbers(self) -> dict[str, Any]:
         return {**self.stats, "volumes_parked": len(self.cg.parking.parked),

@@ -79,6 +79,8 @@ class TargetSync:
         self.topic = log_topic
         self.migration = migration
         self.state = SyncState(total_bytes=image.size)
+        #: the log ends a catch-up reached while the source held the volume
+        self.caught_up_to: dict[int, int] | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._key = volume_id.encode()
@@ -174,7 +176,7 @@ class TargetSync:
             c.assign(self.topic, dict(start))
             self.state.positions = dict(start)
             while not self._stop.is_set():
-                first = c.poll(0.05)
+                first = c.poll(0.01)
                 msgs = [] if first is None else [first, *c.consume(500, 0)]
                 for msg in msgs:
                     self._take(plan, msg)

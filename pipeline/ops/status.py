@@ -21,6 +21,7 @@ from pipeline.backup.checkpointer import retention_state
 from pipeline.errors import RecordError
 from pipeline.ops.marker import latest_marker
 from pipeline.timesource import wall_us
+from pipeline.topology.catalog import read_topology
 from pipeline.topology.store import RolesStore
 from pipeline.watermark.service import decode_watermark, newer_watermark
 from schemas import codec
@@ -206,6 +207,11 @@ def cg_status(
             values = scrape(url)
             if values:
                 status.setdefault("live", {})[name] = values
+    # each volume's access states, NVMe ANA's, as its interceptor last described them
+    status["volumes"] = {
+        v.name: {"interceptor": v.interceptor_id, "access": dict(v.access), "mode": v.mode}
+        for v in read_topology(kafka_conf, cg).live().values()
+    }
     status["resync"] = next(
         (rs for d, name in data_dirs if (rs := local_resync(d, name, now)) is not None), None
     )
@@ -252,6 +258,11 @@ def render(status: dict[str, Any]) -> str:
             f"  lost     interceptor {x['id']} (epoch {x['epoch']}) declared lost at S {x['s']}: "
             f"its unreplicated writes to {', '.join(x['volumes']) or 'no async volume'} are gone"
         )
+    for name, v in sorted(status.get("volumes", {}).items()):
+        states = [v["access"].get(v["interceptor"], "?")]
+        states += [f"{i} {a}" for i, a in sorted(v["access"].items()) if i != v["interceptor"]]
+        lines.append(f"  volume   {name:<16} {v['mode']:<5} at {v['interceptor']} "
+                     f"({'; '.join(states)})")  # fmt: skip
     lines += _resync_lines(status.get("resync"), secs)
     mk = status.get("last_marker")
     if mk:

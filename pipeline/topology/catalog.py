@@ -77,6 +77,14 @@ class TopologyWriter:
                 self._producer = Producer(TopologySettings(self.conf).entries_producer())
             return self._producer
 
+    def warm(self) -> None:
+        """Create the producer (and the topic) now, not at a first publish that someone
+        waits for (a migration's cutover publishes inside its I/O pause)."""
+        try:
+            self._ready()
+        except KafkaError as exc:
+            self._failed("(warm-up)", str(exc))
+
     def publish_volume(self, entry: VolumeEntry) -> None:
         self._send(volume_key(entry.cg, entry.volume_id), entry)
 
