@@ -240,6 +240,8 @@ class SiteDir:
         entries = _check_catalog(doc, path)
         if require_images:
             for e in entries:
+                if moved_away(e):
+                    continue  # a migrated volume's tombstone: its image went with it
                 img = self.image_path(e["volume_id"])
                 if not img.is_file():
                     raise VolumeError(
@@ -350,6 +352,13 @@ class SiteLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def moved_away(entry: Mapping[str, Any]) -> bool:
+    """A primary's catalog keeps a volume migrated to another interceptor as a tombstone
+    (``pipeline.primary.access``): so a restart does not create it again from the config."""
+    m = entry.get("migration")
+    return isinstance(m, dict) and m.get("role") == "moved"
 
 
 def _check_catalog(doc: object, path: Path) -> list[CatalogEntry]:

@@ -157,7 +157,7 @@ def list_(config_path, admin_socket, data_dir, as_json) -> None:
                        f"{v.get('access', 'optimized')}")  # fmt: skip
         for v in a.get("parked", []):
             m = v["migration"]
-            what = f"migrated to {m['peer']}" if m["role"] == "source" else (
+            what = f"migrated to {m['peer']}" if m["role"] != "target" else (
                 f"being migrated here from {m['peer']}")  # fmt: skip
             click.echo(f"{v['name']:<16} {v['size']:>16,} B  {v['mode']:<5}  "
                        f"inaccessible ({what})")  # fmt: skip

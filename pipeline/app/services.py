@@ -96,7 +96,12 @@ def open_primary(
         allow_single_copy_sync=s.allow_single_copy_sync,
     )
     for spec in s.volumes:
-        if spec.name not in cg.volumes:
+        parked = cg.parking.parked.get(spec.name)
+        if parked is not None:  # migrated away (or on its way): never created again here
+            event(log, "configured volume is parked here, not served", level=logging.WARNING,
+                  volume=spec.name, role=parked.role, peer=parked.peer,
+                  hint="remove it from [[serve.volumes]] once it lives elsewhere")  # fmt: skip
+        elif spec.name not in cg.volumes:
             cg.create_volume(spec.name, spec.size, mode=spec.mode)  # type: ignore[arg-type]
     return cg
 

@@ -99,7 +99,7 @@ class MigrationMember:
                 out.update(migration=hold.migration, peer=hold.peer, final_ts=hold.final_ts)
             return out
         parked = cg.parking.parked.get(name)
-        if parked is None:
+        if parked is None or parked.role == "moved":
             return {**out, "state": "absent", "access": None}
         out.update(access="inaccessible", info=_info_json(parked.info), peer=parked.peer,
                    migration=parked.migration, final_ts=parked.final_ts,

@@ -11,6 +11,10 @@ a restart comes back exactly where it stopped:
   so an abort can take it back (``reclaim``).
 - *staged* (``role: target``): being synchronized from ``peer``, exposed inaccessible,
   until ``adopt`` makes it this interceptor's (``optimized``), or ``unstage`` drops it.
+- *moved* (``role: moved``): the migration is complete and the source's copy is gone; a
+  tombstone without an image, so a restart does not create the volume again from
+  ``[[serve.volumes]]`` (a CREATE in the log would empty it at every backup) and a client
+  is told where it went. A migration back replaces it.
 
 The single-writer rule, NVMe ANA's: a source releases (durably) before a target adopts,
 and a source reclaims only after the target said its stage is gone. The coordinator
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ROLES", "Parked", "Parking"]
 
-ROLES = ("source", "target")
+ROLES = ("source", "target", "moved")
 
 
 @dataclass(frozen=True)
@@ -133,11 +137,11 @@ class Parking:
         return vol
 
     def forget(self, name: str) -> None:
-        """The migration is complete: the source's copy goes."""
+        """The migration is complete: the source's copy goes, a tombstone stays."""
         cg = self.cg
         with self._lock, cg._lock:
             p = self.get(name, "source")
-            del self.parked[name]
+            self.parked[name] = replace(p, role="moved")
             cg._save_catalog()
             vol = self._released.pop(name, None)
         if vol is not None:
@@ -162,7 +166,11 @@ class Parking:
                     f"{cg.interceptor.config.interceptor_id}: nothing to migrate here"
                 )
             if info.name in self.parked and self.parked[info.name].role == "source":
-                self._released.pop(info.name, None)  # moving back: the old copy is stale
+                raise MigrationError(
+                    f"volume {info.name} was released here to {self.parked[info.name].peer} "
+                    "and that migration is not complete: finish it (re-run `lowmark "
+                    "migrate` for it) before moving the volume back"
+                )
             self._remove_files(info.volume_id)
             path = cg.site.image_path(info.volume_id)
             img = Image(path, create_size=info.size)

@@ -321,7 +321,7 @@ class ParkedExport:
 
 
 def parked_export(name: str, size: int, interceptor: str, role: str, peer: str) -> ParkedExport:
-    where = f"migrated to {peer}" if role == "source" else f"being migrated here from {peer}"
+    where = f"being migrated here from {peer}" if role == "target" else f"migrated to {peer}"
     why = (f"volume {name} is inaccessible at interceptor {interceptor}: {where}; connect "
            "to the interceptor serving it")  # fmt: skip
     return ParkedExport(name, size, why)

@@ -91,7 +91,13 @@ def republish(cg: ConsistencyGroup) -> int:
     # the next PROGRESS after these records says so: the watermark lifts the holds that
     # earlier instances' tails of these volumes put on W (a log created just now knows
     # nothing of an earlier instance's writes: another disk, or the log was off)
-    known = tuple(sorted(v.volume_id for v in cg.volumes.values() if _knows_tail(v)))
+    known_ids = {v.volume_id for v in cg.volumes.values() if _knows_tail(v)}
+    # a volume parked here (released by a migration, moved away, or staged) has no tail:
+    # a source releases only after every record of it is durable, a stage takes no write;
+    # an instance killed right after a release still named it in its last PROGRESS, and
+    # its hold would otherwise never lift (found by tests/system/test_migrate_kills.py)
+    known_ids |= {p.info.volume_id for p in cg.parking.parked.values()}
+    known = tuple(sorted(known_ids))
     if known:
         engine.resynced(engine.barrier().seq, known)
     if total:

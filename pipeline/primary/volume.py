@@ -473,6 +473,13 @@ class ConsistencyGroup:
         if mode == "sync":
             self._check_sync_durable(name)
         with self._lock:
+            parked = self.parking.parked.get(name)
+            if parked is not None:
+                raise VolumeError(
+                    f"volume {name} is parked here ({parked.role} of a migration with "
+                    f"{parked.peer}): it is not created again; `lowmark volume list` says "
+                    "where it is, `lowmark migrate` moves it back"
+                )
             if name in self.volumes:
                 existing = self.volumes[name]
                 if existing.size != size:

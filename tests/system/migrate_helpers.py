@@ -41,10 +41,10 @@ class TwoPrimaries(CgServices):
         self.nbd = {"primary-a": self.nbd_port, "primary-b": self.nbd_port_b}
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        if name != "serve_b":
-            return super().start(name, *args)
+        """As ``CliServices.start``, but a restart appends to the log (kill tests)."""
+        config, args = (self.config_b, ("serve",)) if name == "serve_b" else (self.config, args)
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(self.argv("serve", "--config", str(self.config_b)),
+        proc = subprocess.Popen(self.argv(*(args or (name,)), "--config", str(config)),
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env)  # fmt: skip
         self.procs[name] = proc
         return proc
