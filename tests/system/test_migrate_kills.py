@@ -156,7 +156,7 @@ def two(kafka, tmp_path):
                 20, seed, id=f"long-{seed}", marks=[pytest.mark.torture, pytest.mark.timeout(1800)]
             )
             for seed in (1801, 1802, 1803)
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_migrations_with_random_kills_keep_one_writer_and_every_write(two, kafka_conf, rounds,
