@@ -299,13 +299,6 @@ class ExportFacts(Protocol):
     def size(self) -> int: ...
 
 
-def refusal(export: object) -> str | None:
-    """Why an export is listed but not served now (its optional ``refusal``: a volume
-    whose access state here is ``inaccessible``, say), or None."""
-    why = getattr(export, "refusal", None)
-    return why if isinstance(why, str) else None
-
-
 class Next(enum.Enum):
     """What the connection does after answering an option."""
 
@@ -408,10 +401,11 @@ def _export_name(data: bytes, ctx: Negotiation) -> OptionOutcome:
     except MalformedError as exc:
         return OptionOutcome(b"", Next.DROP, problem=f"NBD_OPT_EXPORT_NAME: {exc}")
     export = ctx.exports.get(name)
-    if export is None or refusal(export):
+    if export is None:
         # The old way in has no error reply: the protocol says disconnect.
-        why = refusal(export) or "no such export"
-        return OptionOutcome(b"", Next.DROP, problem=f"NBD_OPT_EXPORT_NAME {name!r}: {why}")
+        return OptionOutcome(
+            b"", Next.DROP, problem=f"NBD_OPT_EXPORT_NAME {name!r}: no such export"
+        )
     tflags = transmission_flags(export.read_only, export.can_multi_conn, ctx.structured)
     reply = export_name_reply(export.size, tflags, ctx.no_zeroes)
     return OptionOutcome(reply, Next.TRANSMISSION, export)
@@ -425,9 +419,6 @@ def _info(option: int, data: bytes, ctx: Negotiation) -> OptionOutcome:
     export = ctx.exports.get(request.name)
     if export is None:
         return _refuse(option, REP_ERR_UNKNOWN, f"no export named {request.name!r}")
-    why = refusal(export)
-    if why:
-        return _refuse(option, REP_ERR_UNKNOWN, why)
     tflags = transmission_flags(export.read_only, export.can_multi_conn, ctx.structured)
     replies = [option_reply(option, REP_INFO, info_export(export.size, tflags))]
     # Only what was asked for, once each: NBD_INFO_EXPORT is always sent.

@@ -58,7 +58,6 @@ from pipeline.errors import ConfigError, SetupError
 log = logging.getLogger(__name__)
 
 
-
 class Export(Protocol):
     """What the server serves. lowmark's replicating volume adapter implements it too.
 
@@ -209,15 +208,26 @@ class NbdServer:
             raise ConfigError(f"NBD export name {name[:40]!r}... exceeds {p.MAX_NAME} bytes")
         self.exports[name] = export
 
-    async def disconnect(self, export: Export) -> int:
+    def connections_of(self, export: Export) -> int:
+        return sum(1 for c in self._connections if c.export is export)
+
+    async def disconnect(self, export: Export, grace_s: float = 0.0) -> int:
         """Close every connection serving ``export`` once the requests it already passed
         have been answered (a volume that moved away: its clients reconnect where it is
-        served now). Returns how many were closed."""
+        served now). ``grace_s``: first let the clients leave by themselves (a client told
+        ESHUTDOWN should disconnect; closing under it can hide which of its requests were
+        refused). Returns how many connections there were."""
         conns = [c for c in self._connections if c.export is export]
-        drained = [c.shutdown() for c in conns]
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while any(c in self._connections for c in conns):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        left = [c for c in conns if c in self._connections]
+        drained = [c.shutdown() for c in left]
         if drained:
             await asyncio.wait(drained, timeout=self.config.close_timeout_s)
-        for conn, done in zip(conns, drained, strict=True):
+        for conn, done in zip(left, drained, strict=True):
             if not done.done():
                 conn.abort(force=True)  # drained ones close once their replies are out
         return len(conns)

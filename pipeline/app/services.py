@@ -56,6 +56,8 @@ log = logging.getLogger("lowmark.services")
 _MAX_BACKOFF_S = 5.0
 #: a running service logs its metrics this often
 _STATUS_EVERY_S = 10.0
+#: how long the clients of a volume migrated away may take to leave by themselves
+_LEAVE_GRACE_S = 2.0
 
 
 # ---------------------------------------------------------------- serve
@@ -187,6 +189,7 @@ class ServedExports:
 
     def __init__(self, server: NbdServer, cg: ConsistencyGroup) -> None:
         self.server, self.cg = server, cg
+        self._tasks: set[asyncio.Future[int]] = set()
 
     def serve(self, vol: Volume) -> None:
         self.server.add_export(vol.name, VolumeExport(vol))
@@ -201,8 +204,16 @@ class ServedExports:
         self.server.exports.pop(name, None)
 
     async def disconnect(self, name: str) -> int:
+        """The volume's clients, told ESHUTDOWN, are given a moment to leave, then closed:
+        in the background, so the release (inside the cutover's pause) does not wait."""
         export = self.server.exports.get(name)
-        return 0 if export is None else await self.server.disconnect(export)
+        if export is None:
+            return 0
+        n = self.server.connections_of(export)
+        task = asyncio.ensure_future(self.server.disconnect(export, grace_s=_LEAVE_GRACE_S))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return n
 
 
 def admin_socket_path(cfg: LowmarkConfig) -> Path:

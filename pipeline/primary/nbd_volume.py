@@ -15,9 +15,11 @@ What an NBD client's acknowledgements mean here (the nbdkit-plugin way of statin
   is an EIO reply, never a success.
 - the volume's access state (NVMe ANA's, ``pipeline.primary.migration``): ``optimized``
   serves everything; ``change`` (a migration's cutover) parks writes until it ends, reads
-  go on; ``inaccessible`` (moved to another interceptor) answers every request ESHUTDOWN,
-  the server closes the volume's connections, and a new client is refused at NBD_OPT_GO
-  with a message naming the state: a client should reconnect where the volume is served.
+  go on; ``inaccessible`` (moved to another interceptor) answers every request ESHUTDOWN
+  and the server closes the volume's connections. As with NVMe ANA, the path stays
+  visible: a new client still negotiates (``nbdinfo`` shows the state in the export's
+  description) and gets ESHUTDOWN at its first request, the error a multipath client
+  takes as "try the next path".
 - once the interceptor is fenced (a newer generation of the CG exists: this site is no
   longer the primary), every WRITE, WRITE_ZEROES, TRIM and FLUSH gets an EIO reply, also
   one already in flight: each success passes ``Interceptor.admit_ack`` just before it.
@@ -80,11 +82,6 @@ class VolumeExport:
     def description(self) -> str:  # nbdinfo shows it
         v = self.volume
         return f"lowmark volume {v.name} ({v.mode} replication, access {v.access})"
-
-    @property
-    def refusal(self) -> str | None:
-        """Why a new client is refused at NBD_OPT_GO (connectors.nbd.protocol.refusal)."""
-        return str(self.volume.moved()) if self.volume.access == "inaccessible" else None
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -291,33 +288,34 @@ _HOLE = STATE_HOLE | STATE_ZERO
 
 
 class ParkedExport:
-    """A volume parked here (released to another interceptor, or staged from one): listed
-    by NBD_OPT_LIST with its state, refused at NBD_OPT_GO, every request ESHUTDOWN."""
+    """A volume parked here (released to another interceptor, or staged from one): seen
+    as an NVMe ANA path in the inaccessible state is, its state in its description, every
+    request answered ESHUTDOWN."""
 
     read_only = True
     can_multi_conn = True
 
-    def __init__(self, name: str, size: int, refusal: str) -> None:
-        self.name, self._size, self.refusal = name, size, refusal
-        self.description = f"lowmark volume {name} (access inaccessible: {refusal})"
+    def __init__(self, name: str, size: int, why: str) -> None:
+        self.name, self._size, self.why = name, size, why
+        self.description = f"lowmark volume {name} (access inaccessible: {why})"
 
     @property
     def size(self) -> int:
         return self._size
 
     def _refuse(self, *_: object) -> None:
-        raise VolumeMovedError(self.refusal)
+        raise VolumeMovedError(self.why)
 
     def pread(self, offset: int, length: int) -> bytes:
-        raise VolumeMovedError(self.refusal)
+        raise VolumeMovedError(self.why)
 
     write = trim = _refuse
 
     def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
-        raise VolumeMovedError(self.refusal)
+        raise VolumeMovedError(self.why)
 
     def flush(self) -> None:
-        raise VolumeMovedError(self.refusal)
+        raise VolumeMovedError(self.why)
 
 
 def parked_export(name: str, size: int, interceptor: str, role: str, peer: str) -> ParkedExport:

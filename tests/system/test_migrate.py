@@ -79,9 +79,10 @@ def test_migrate_moves_the_volume_and_the_backup_follows(two):
     assert res["io_pause_s"] is not None and res["io_pause_s"] < 5, res
     assert two.states("vol1") == {"primary-a": "absent", "primary-b": "served"}
 
-    # the source refuses a new client with a message naming the move; nbdinfo shows it
+    # the source answers a client ESHUTDOWN (reconnect elsewhere): a path that is
+    # inaccessible, as NVMe ANA has it
     r = qemu_io(a, "vol1", "read 0 4k", check=False)
-    assert r.returncode != 0
+    assert r.returncode != 0 or "shutdown" in (r.stdout + r.stderr).lower(), r
     listing = subprocess.run(["nbdinfo", "--list", f"nbd://127.0.0.1:{b}"],
                              capture_output=True, text=True, timeout=30).stdout  # fmt: skip
     assert "access optimized" in listing, listing
@@ -93,6 +94,24 @@ def test_migrate_moves_the_volume_and_the_backup_follows(two):
     want = nbd_digest(b, "vol1", 16 * MIB)
     # the backup site follows with no action of its own
     wait_until(lambda: backup_caught_up(two, "vol1", want), 60, "backup has vol1 as at b")
+    # the source restarts with vol1 still in its [[serve.volumes]]: the tombstone keeps it
+    # from being created again (a CREATE in the log would empty it at the backup)
+    two.stop("serve")
+    two.start("serve")
+    wait_until(lambda: two.numbers("serve").get("lowmark_primary_up") == 1.0, 60, "a again")
+    assert two.states("vol1") == {"primary-a": "absent", "primary-b": "served"}
+    assert "parked here, not served" in two.log("serve")
+    r = subprocess.run(["nbdinfo", "--list", f"nbd://127.0.0.1:{a}"], capture_output=True,
+                       text=True, timeout=30)  # fmt: skip
+    want_text = "access inaccessible: volume vol1 is inaccessible at interceptor primary-a: "
+    assert want_text + "migrated to primary-b" in r.stdout, r.stdout + r.stderr
+    argv = two.argv("status", "--config", str(two.config), "--format", "text")
+    status = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                            env=two.env).stdout  # fmt: skip
+    assert "vol1" in status and "at primary-b (optimized; primary-a inaccessible)" in status, status
+    qemu_io(b, "vol1", "write -P 0x15 2M 64k")
+    want = nbd_digest(b, "vol1", 16 * MIB)
+    wait_until(lambda: backup_caught_up(two, "vol1", want), 60, "backup has vol1 after a restart")
     # vol2 stayed at a and goes on
     qemu_io(a, "vol2", "write -P 0x22 1M 64k")
     want2 = nbd_digest(a, "vol2", 8 * MIB)

@@ -88,12 +88,13 @@ def loop_turns(srv: ServerThread, other: Client, turns: int = 5) -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "eager", "suspend"])
 def test_export_errors_become_nbd_errors(mode: str) -> None:
-    from pipeline.errors import ReplicationError, VolumeError
+    from pipeline.errors import ReplicationError, VolumeError, VolumeMovedError
 
     export = Scripted()
     export.mode = mode
     cases = [
         (VolumeError("offset out of range"), p.EINVAL),
+        (VolumeMovedError("migrated to b"), p.ESHUTDOWN),  # the client should reconnect
         (ReplicationError("Kafka did not take it"), p.EIO),
         (OSError(28, "No space left on device"), p.ENOSPC),
         (OSError(122, "Disk quota exceeded"), p.ENOSPC),
@@ -119,7 +120,39 @@ def test_export_errors_become_nbd_errors(mode: str) -> None:
         c.close()
     # Only the unexpected exception is logged as an error (with its traceback).
     assert [r.exc_info is not None for r in logged] == [True, True]
-    assert stats["async_completions"] == (14 if mode == "suspend" else 0)
+    assert stats["async_completions"] == (16 if mode == "suspend" else 0)
+
+
+def test_disconnect_closes_an_exports_connections_after_their_requests() -> None:
+    """``disconnect`` (a volume migrated away) closes every connection of that export once
+    the requests already passed on are answered, leaves the others alone, and the export
+    is listed with the description it has now (nbdinfo shows the access state there)."""
+    moved, other = Scripted(), Scripted()
+    moved.name, other.name = "m", "s"
+    moved.mode = "gate"
+    with ServerThread({"m": moved, "s": other}) as srv:
+        moved.gate = srv.call(asyncio.Event)
+        c, c2, keep = connected(srv, "m"), connected(srv, "m"), connected(srv, "s")
+        cookie = c.request(p.CMD_WRITE, 0, 16, payload=b"x" * 16)
+        wait_for(lambda: moved.calls, what="the write to reach the export")
+        moved.description = "volume m (access inaccessible: migrated to b)"
+        fut = srv.call(lambda: asyncio.ensure_future(srv.server.disconnect(moved)))
+        time.sleep(0.1)
+        srv.call(moved.gate.set)  # the write in flight is answered, then the close
+        got, err, _ = c.reply()
+        assert (got, err) == (cookie, 0)
+        c.expect_closed()
+        c2.expect_closed()
+        wait_for(fut.done, what="disconnect to finish")
+        assert fut.result() == 2
+        assert keep.call(p.CMD_READ, 0, 512) == (0, bytes(512))  # untouched
+        fresh = Client(srv.port)
+        fresh.greet()
+        fresh.option(p.OPT_LIST)
+        listed = fresh.option_replies(p.OPT_LIST)
+        assert any(b"access inaccessible: migrated to b" in d for _t, d in listed), listed
+        keep.close()
+        fresh.close()
 
 
 def test_slow_reader_pauses_the_server() -> None:
