@@ -52,6 +52,9 @@ class MigrateResult:
     io_pause_s: float | None = None  # hold -> activate, when this run did the cutover
     held_s: float | None = None  # what the source measured between hold and release
     cutover_ms: dict[str, float] = field(default_factory=dict)  # each cutover step's time
+    #: the source's last ts for the volume: every record at or below it is the source's,
+    #: every one above it the target's
+    final_ts: int = 0
     copied_bytes: int = 0
     records_applied: int = 0
     steps: list[str] = field(default_factory=list)
@@ -166,6 +169,7 @@ def _cutover(step: Callable[..., dict[str, Any]], source: Ask, target: Ask, res:
     try:
         held = step(source, "source", "hold", peer=res.target, lease_s=lease_s)
         lap("hold")
+        res.final_ts = held["final_ts"]
         res.cutover_ms.update({f"hold.{k}": round(v, 1) for k, v in held.get("ms", {}).items()})
         step(target, "target", "catch_up", timeout_s=lease_s / 2)
         lap("catch_up")

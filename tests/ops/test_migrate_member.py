@@ -154,3 +154,19 @@ def test_a_lapsed_hold_serves_the_volume_again(kafka_conf, unique_name, tmp_path
             m.release("v", "b", "v@a->b")
         assert m.stats["migration_holds_lapsed"] == 1
         m.close()
+
+
+def test_an_adopted_volume_writes_above_the_sources_final_ts_whatever_the_clocks(
+    kafka_conf, unique_name, tmp_path
+):
+    """The target's clock is raised above the source's final ts before the volume is
+    served: a source whose clock ran ahead (here: 5 s) must not see the volume's next
+    write stamped below its own last one (the per-volume ts order the planner needs)."""
+    with ConsistencyGroup.open(unique_name, tmp_path, kafka_conf, interceptor_id="b") as cg:
+        ahead = cg.interceptor.clock.now() + (5_000_000 << 12)
+        img = cg.parking.stage(VolumeInfo("v", "v", MIB), "a", "v@a->b")
+        img.close()
+        vol = cg.parking.adopt("v", ahead, {"a": "inaccessible", "b": "optimized"})
+        ts = vol.write(0, b"5" * 4096)
+        assert ts > ahead
+        assert "v" in cg.interceptor.tail_volumes  # named in PROGRESS from now on

@@ -114,27 +114,32 @@ class PathWriter:
             self._path = (self._path + 1) % len(self.ports)
         time.sleep(0.005)
 
-    def _run(self) -> None:
-        seq = 0
+    def put(self, block: int, seq: int) -> None:
+        """Write ``block`` as ``seq``, over whichever path takes it; returns once acked."""
         while not self._stop.is_set():
             if self._client is None:
                 self._client = self._connect()
                 if self._client is None:
                     self._next_path()
                     continue
-            block = self.blocks[seq % len(self.blocks)]
             s = Sent(block, seq, self._path, time.monotonic())
             self.log.append(s)
             try:
-                err, _ = self._client.call(p.CMD_WRITE, block * BS, BS, 0, block_bytes(block, seq))
-            except (TimeoutError, OSError, Closed, AssertionError):
+                data = block_bytes(block, seq)
+                err, _ = self._client.call(p.CMD_WRITE, block * BS, BS, 0, data)
+            except (OSError, Closed, AssertionError):  # a timeout is an OSError
                 s.replied, s.outcome = time.monotonic(), "closed"
                 self._next_path()
                 continue  # the same seq again, elsewhere
             s.replied = time.monotonic()
             if err == 0:
                 s.outcome = "ok"
-                seq += 1
-            else:
-                s.outcome = "eshutdown" if err == p.ESHUTDOWN else f"error {err}"
-                self._next_path()
+                return
+            s.outcome = "eshutdown" if err == p.ESHUTDOWN else f"error {err}"
+            self._next_path()
+
+    def _run(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            self.put(self.blocks[seq % len(self.blocks)], seq)
+            seq += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from tests.kafka_helpers import unique
 from tests.replication_helpers import wait_until
 from tests.system.migrate_helpers import TwoPrimaries
-from tests.system.nbd_paths import BS, PathWriter, decode_block
+from tests.system.nbd_paths import BS, PathWriter, block_bytes, decode_block
 
 pytestmark = pytest.mark.kafka
 
@@ -186,3 +187,103 @@ def test_fio_verifies_across_the_move_and_a_multipath_client_loses_nothing(two):
     again = fio(work, b, "--size=4m", "--offset=4m", "--do_verify=1")
     aout, aerr = again.communicate(timeout=120)
     assert again.returncode == 0, (aout[-3000:], aerr[-3000:])
+
+
+def restored(two: TwoPrimaries, ts: int, out: Path) -> dict[str, bytes]:
+    """The CG's images at exactly the cut ``ts``, by `lowmark restore --from-log`."""
+    argv = two.argv("restore", "--config", str(two.config), "--at", str(ts), "--to", str(out),
+                    "--from-log", "--json")  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=two.env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return {v: (out / "images" / f"{v}.img").read_bytes() for v in ("vol1", "vol2")}
+
+
+def test_every_cut_across_the_move_holds_the_primarys_bytes_and_stays_causal(two, kafka_conf):
+    """A causal chain across two volumes, one of them moving: seq n to vol1 (acked), then
+    seq n to vol2 (acked), then n + 1 to vol1... At every cut, before, during and after
+    the cutover, vol2 may trail vol1 by one write, never lead it; and each image is
+    exactly the primary's after that write (block 0 holds it, nothing else is there)."""
+    from pipeline.watermark.publisher import decode_watermark
+
+    a, b = two.nbd["primary-a"], two.nbd["primary-b"]
+    vol1 = PathWriter([a, b], "vol1", range(1))
+    vol2 = PathWriter([a], "vol2", range(1), pinned=0)
+    stop = threading.Event()
+    acked = [0]
+
+    def chain() -> None:
+        n = 1
+        while not stop.is_set():
+            vol1.put(0, n)
+            vol2.put(0, n)
+            acked[0] = n
+            n += 1
+
+    t = threading.Thread(target=chain, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    first = acked[0]
+    chain_us = int(time.time() * 1e6) - 500_000  # the chain's first writes are older
+    res = two.migrate_ok("vol1", "primary-b")
+    time.sleep(1.0)
+    stop.set()
+    t.join(30)
+    last = acked[0]
+    assert res["outcome"] == "migrated" and vol1.reconnects >= 1, (res, vol1.reconnects)
+    assert last > first > 0, (first, last)
+    # every W published from before the move to the end; a spread of them is restored
+    from connectors.kafka.reading import iter_range
+    from connectors.kafka.topics import CgTopics
+    from schemas.ts import ts_physical_us
+
+    topic = CgTopics(two.cg, 0).watermark
+    ws = sorted({decode_watermark(m.value()).w for m in iter_range(kafka_conf, topic, 0)})
+    ws = [w for w in ws if ts_physical_us(w) > chain_us]
+    assert len(ws) > 20, len(ws)
+    # a spread of them, and the ones around the cutover (the source's final ts)
+    cut = res["final_ts"]
+    below = [w for w in ws if w <= cut][-2:]
+    above = [w for w in ws if w > cut][:3]
+    assert below and above, (cut, ws[0], ws[-1])
+    picks = sorted(set(ws[:: max(1, len(ws) // 10)] + ws[-2:] + below + above))
+    seen = []
+    for i, w in enumerate(picks):
+        imgs = restored(two, w, two.tmp / f"cut{i}")
+        s1, s2 = (decode_block(imgs[v][:BS]) for v in ("vol1", "vol2"))
+        n1, n2 = (s[1] if s else 0 for s in (s1, s2))
+        assert n2 <= n1 <= n2 + 1, f"cut {w}: vol1 at {n1}, vol2 at {n2}: not causal"
+        for v, n in (("vol1", n1), ("vol2", n2)):
+            want = (block_bytes(0, n) if n else bytes(BS)) + bytes(len(imgs[v]) - BS)
+            assert imgs[v] == want, f"cut {w}: {v} is not the primary's after write {n}"
+        seen.append(n1)
+    assert seen == sorted(seen) and seen[-1] >= first, seen
+
+
+def test_a_failover_after_the_move_lands_on_the_destinations_data(two):
+    """The backup followed the move with no action of its own; a failover to it then
+    serves the destination's writes (and the other volume's, from the source)."""
+    a, b = two.nbd["primary-a"], two.nbd["primary-b"]
+    qemu_io(a, "vol1", "write -P 0x31 0 1M")
+    two.migrate_ok("vol1", "primary-b")
+    qemu_io(b, "vol1", "write -P 0x32 1M 1M")
+    qemu_io(a, "vol2", "write -P 0x33 0 64k")
+    want = {"vol1": nbd_digest(b, "vol1", 16 * MIB), "vol2": nbd_digest(a, "vol2", 8 * MIB)}
+    wait_until(lambda: all(backup_caught_up(two, v, d) for v, d in want.items()), 60,
+               "the backup holds both volumes as the primaries do")  # fmt: skip
+    for name in ("serve", "serve_b"):  # the primary site is lost (stopped: its W stands)
+        two.stop(name)
+    sock = two.tmp / "failover.sock"
+    log = open(two.tmp / "failover.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(two.argv("failover", "--config", str(two.config), "--site", "dr1",
+                                     "--listen", "", "--unix-socket", str(sock), "--force"),
+                            stdout=log, stderr=subprocess.STDOUT, env=two.env)  # fmt: skip
+    try:
+        wait_until(sock.exists, 120, "the failover to serve")
+        for v, d in want.items():
+            out = subprocess.run(["nbdcopy", f"nbd+unix:///{v}?socket={sock}", "-"],
+                                 capture_output=True, timeout=60, check=True).stdout  # fmt: skip
+            assert hashlib.sha256(out).hexdigest() == d, f"{v} after the failover differs"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
