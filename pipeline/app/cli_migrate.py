@@ -57,3 +57,6 @@ def migrate(config_path, admin_socket, data_dir, volume_name, to, to_admin, abor
     click.echo(f"volume {volume_name} migrated {res.source} -> {res.target}: {pause}; "
                f"copied {res.copied_bytes / 2**20:.1f} MiB, {res.records_applied} records "
                f"from the log; {res.seconds:.1f} s")  # fmt: skip
+
+
+COMMANDS = [migrate]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from pipeline.errors import ReplicationError
 
@@ -57,6 +58,19 @@ class WriteGate:
                         "s; check `lowmark marker`, `lowmark migrate` and the control topic"
                     )
             self._inside += 1
+
+    @contextmanager
+    def admitted(self, wait: bool, timeout_s: float) -> Iterator[None]:
+        """Inside the gate for the block. ``wait=False``: ``WriteHeld`` at once while it is
+        held (the NBD export parks the request on ``when_open``)."""
+        if wait:
+            self.enter(timeout_s)
+        elif not self.try_enter():
+            raise WriteHeld()
+        try:
+            yield
+        finally:
+            self.exit()
 
     def exit(self) -> None:
         with self._cv:

@@ -94,6 +94,8 @@ class VolumeExport:
         return self.volume.image.pread(offset, length)
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        if self.volume.access == "inaccessible":
+            raise self.volume.moved()
         runs = self.volume.image.allocation(offset, length, limit)
         if self._landing:
             runs = with_data(runs, offset, self._landing.values())[:limit]
@@ -101,6 +103,8 @@ class VolumeExport:
 
     def write(self, offset: int, data: bytes, fua: bool) -> Awaitable[None] | None:
         # an exception here (FencedError from stamp, ...) is an EIO reply (connectors/nbd)
+        if self.volume.access == "inaccessible":
+            raise self.volume.moved()  # before a mark: nothing of it touches the volume
         mark = self.volume.mark(offset, len(data))
 
         def submit(block: bool) -> Ticket:
@@ -125,6 +129,8 @@ class VolumeExport:
         return self._zero(offset, length, fua, trim=True)
 
     def _zero(self, offset: int, length: int, fua: bool, trim: bool) -> Awaitable[None] | None:
+        if self.volume.access == "inaccessible":
+            raise self.volume.moved()
         mark = self.volume.mark(offset, length)
 
         def submit(block: bool) -> Ticket:
@@ -139,6 +145,8 @@ class VolumeExport:
         return self._after_mark(mark, 0, submit, fua, (offset, offset + length))
 
     def flush(self) -> Awaitable[None] | None:
+        if self.volume.access == "inaccessible":
+            raise self.volume.moved()  # every request: the client reconnects, flushes there
         return self._flush()
 
     async def _flush(self) -> None:

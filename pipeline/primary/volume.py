@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -241,19 +241,10 @@ class Volume:
             engine.clock.commit_wait(ts)
         return ticket
 
-    @contextmanager
-    def admitted(self, wait: bool) -> Iterator[None]:
+    def admitted(self, wait: bool) -> AbstractContextManager[None]:
         """Inside this volume's gate (a migration's cutover holds it), as
         ``ConsistencyGroup.admitted`` is the CG's."""
-        gate = self.gate
-        if wait:
-            gate.enter(self._cg.interceptor.config.replication_timeout_s)
-        elif not gate.try_enter():
-            raise WriteHeld()
-        try:
-            yield
-        finally:
-            gate.exit()
+        return self.gate.admitted(wait, self._cg.interceptor.config.replication_timeout_s)
 
     def check_writable(self) -> None:
         """Writes only where the volume is ``optimized``: never two writers of one volume.
@@ -570,19 +561,10 @@ class ConsistencyGroup:
             vol.image.sync()
         self.interceptor.barrier().wait(timeout_s)
 
-    @contextmanager
-    def admitted(self, wait: bool) -> Iterator[None]:
+    def admitted(self, wait: bool) -> AbstractContextManager[None]:
         """Inside the write gate (``pipeline.primary.gate``): a marker's hold waits for
         this to end. ``wait=False``: ``WriteHeld`` at once while the gate is held."""
-        gate = self.gate
-        if wait:
-            gate.enter(self.interceptor.config.replication_timeout_s)
-        elif not gate.try_enter():
-            raise WriteHeld()
-        try:
-            yield
-        finally:
-            gate.exit()
+        return self.gate.admitted(wait, self.interceptor.config.replication_timeout_s)
 
     @contextmanager
     def quiesced(self) -> Iterator[None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -37,6 +38,7 @@ def test_the_admin_socket_works_under_a_data_dir_deeper_than_a_socket_address(tm
 
     class Group:
         volumes: dict = {}
+        parking = SimpleNamespace(parked={})
 
     async def serve_and_ask():
         server = AdminServer(Group(), deep, on_volume=lambda _vol: None)  # type: ignore[arg-type]
@@ -46,5 +48,5 @@ def test_the_admin_socket_works_under_a_data_dir_deeper_than_a_socket_address(tm
         finally:
             await server.close()
 
-    assert asyncio.run(serve_and_ask()) == {"ok": True, "volumes": []}
+    assert asyncio.run(serve_and_ask()) == {"ok": True, "volumes": [], "parked": []}
     assert not deep.exists()  # close removed the socket file itself

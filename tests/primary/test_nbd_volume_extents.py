@@ -51,6 +51,7 @@ class SlowMark:
 class StandInVolume:
     name = "v"
     mode = "async"
+    access = "optimized"
 
     def __init__(self, image: Image) -> None:
         self.image = image

@@ -4,7 +4,9 @@ its watermark service and a backup site, run as an operator runs them, and the
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,18 @@ class TwoPrimaries(CgServices):
         assert r.returncode == 0, (r.stdout.decode() + r.stderr.decode())[-4000:]
         out: dict[str, Any] = orjson.loads(r.stdout.strip().splitlines()[-1])
         return out
+
+
+@contextlib.contextmanager
+def running(tmp: Path, bootstrap: str, cg: str,
+            volumes: tuple[tuple[str, str, str], ...]) -> Iterator[TwoPrimaries]:  # fmt: skip
+    """A started ``TwoPrimaries``; its logs printed if the block fails, all killed after."""
+    svc = TwoPrimaries(tmp, bootstrap, cg, volumes=volumes)
+    try:
+        svc.start_all()
+        yield svc
+    except BaseException:
+        svc.dump_logs()
+        raise
+    finally:
+        svc.kill_all()

@@ -19,7 +19,7 @@ import pytest
 
 from tests.kafka_helpers import unique
 from tests.replication_helpers import wait_until
-from tests.system.migrate_helpers import TwoPrimaries
+from tests.system.migrate_helpers import TwoPrimaries, running
 from tests.system.nbd_paths import BS, PathWriter, block_bytes, decode_block
 
 pytestmark = pytest.mark.kafka
@@ -29,16 +29,9 @@ MIB = 1 << 20
 
 @pytest.fixture
 def two(kafka, tmp_path):
-    svc = TwoPrimaries(tmp_path, kafka.bootstrap_servers, unique("migrate"),
-                       volumes=(("vol1", "16MiB", "async"), ("vol2", "8MiB", "async")))  # fmt: skip
-    try:
-        svc.start_all()
+    vols = (("vol1", "16MiB", "async"), ("vol2", "8MiB", "async"))
+    with running(tmp_path, kafka.bootstrap_servers, unique("migrate"), vols) as svc:
         yield svc
-    except BaseException:
-        svc.dump_logs()
-        raise
-    finally:
-        svc.kill_all()
 
 
 def qemu_io(

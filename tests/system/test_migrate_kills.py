@@ -24,7 +24,7 @@ import pytest
 from pipeline.topology.catalog import read_topology
 from tests.kafka_helpers import unique
 from tests.replication_helpers import wait_until
-from tests.system.migrate_helpers import TwoPrimaries
+from tests.system.migrate_helpers import TwoPrimaries, running
 from tests.system.nbd_paths import BS, PathWriter, decode_block
 from tests.torture_summary import record
 
@@ -135,16 +135,9 @@ def chaos(two: TwoPrimaries, kafka_conf: dict, rounds: int, seed: int) -> dict:
 
 @pytest.fixture
 def two(kafka, tmp_path):
-    svc = TwoPrimaries(tmp_path, kafka.bootstrap_servers, unique("migkill"),
-                       volumes=(("vol1", "16MiB", "async"),))  # fmt: skip
-    try:
-        svc.start_all()
+    vols = (("vol1", "16MiB", "async"),)
+    with running(tmp_path, kafka.bootstrap_servers, unique("migkill"), vols) as svc:
         yield svc
-    except BaseException:
-        svc.dump_logs()
-        raise
-    finally:
-        svc.kill_all()
 
 
 @pytest.mark.parametrize(
