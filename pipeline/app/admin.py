@@ -243,10 +243,15 @@ class AdminClient:
             raise SetupError(f"no running `lowmark serve` answers on {self.path} ({exc}): "
                              "start it, or pass --admin-socket / --data-dir of the one "
                              "that is running") from None  # fmt: skip
-        with s, s.makefile("rwb") as f:
-            f.write(orjson.dumps(req) + b"\n")
-            f.flush()
-            line = f.readline()
+        try:
+            with s, s.makefile("rwb") as f:
+                f.write(orjson.dumps(req) + b"\n")
+                f.flush()
+                line = f.readline()
+        except OSError as exc:  # it died or stalled mid-request (a timeout is an OSError)
+            raise SetupError(f"`lowmark serve` at {self.path} did not answer {req.get('op')!r} "
+                             f"({exc!r}): is it still running? Run the command again once "
+                             "it is") from None  # fmt: skip
         if not line:
             raise SetupError(f"`lowmark serve` at {self.path} closed the connection")
         answer: dict[str, Any] = orjson.loads(line)

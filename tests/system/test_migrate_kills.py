@@ -93,7 +93,13 @@ def chaos(two: TwoPrimaries, kafka_conf: dict, rounds: int, seed: int) -> dict:
             cmd = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    env=two.env)  # fmt: skip
             if kill != "none":
-                time.sleep(rng.uniform(0.0, 1.2))
+                # mid-migration: once the command has begun (the target stages it), then
+                # at a random point of the copy, the follow or the cutover
+                deadline = time.monotonic() + 10
+                while (two.states(VOLUME).get(to) == "absent" and cmd.poll() is None
+                       and time.monotonic() < deadline):  # fmt: skip
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0.0, 0.3))
                 victim = {"command": None, "source": SERVES[where], "target": SERVES[to]}[kill]
                 if victim is None:
                     cmd.kill()
@@ -101,6 +107,7 @@ def chaos(two: TwoPrimaries, kafka_conf: dict, rounds: int, seed: int) -> dict:
                     two.procs[victim].kill()
                     two.procs[victim].wait()
             cout, cerr = cmd.communicate(timeout=120)
+            assert b"Traceback" not in cerr, cerr.decode(errors="replace")[-3000:]
             print(
                 f"round {i} {where}->{to} kill {kill}: rc {cmd.returncode} "
                 f"{(cout + cerr).decode(errors='replace')[-300:]!r} states {two.states(VOLUME)}"
