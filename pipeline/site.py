@@ -211,14 +211,16 @@ class SiteDir:
     # ---------------------------------------------------------------- the catalog
 
     def read_catalog(
-        self, *, require_images: bool = True, missing_ok: bool = True
-    ) -> list[CatalogEntry]:
+        self, *, require_images: bool = True, missing_ok: bool = True,
+        with_tombstones: bool = False,
+    ) -> list[CatalogEntry]:  # fmt: skip
         """The catalogued volumes, checked; [] when there is no catalog (a new site).
 
         ``require_images``: every catalogued volume's image must exist (``VolumeError``
         otherwise). ``missing_ok=False``: no catalog raises ``FileNotFoundError`` (a
         snapshot being read while it is pruned). Any other damage is a ``ConfigError``
-        naming the file.
+        naming the file. ``with_tombstones``: also the volumes migrated away from a
+        primary (``moved_away``: no image); only the primary itself needs them.
         """
         path = self.catalog_path
         try:
@@ -238,6 +240,8 @@ class SiteDir:
                 "the site (`lowmark restore`)"
             ) from None
         entries = _check_catalog(doc, path)
+        if not with_tombstones:
+            entries = [e for e in entries if not moved_away(e)]
         if require_images:
             for e in entries:
                 if moved_away(e):

@@ -212,7 +212,8 @@ class AdminServer:
             ex.park(name)
             return out
         if step == "catch_up":
-            return await run(m.catch_up, name, mid, float(req["timeout_s"]))
+            return await run(m.catch_up, name, mid, float(req["timeout_s"]),
+                             bool(req.get("held", True)))  # fmt: skip
         if step == "activate":
             vol = await run(m.activate, name, mid, int(req["final_ts"]), str(req["source"]),
                             float(req["timeout_s"]))  # fmt: skip

@@ -6,7 +6,9 @@ names, and asks again, so a run killed anywhere is completed by the next (or rol
 by ``--abort``). The normal path:
 
 1. ``prepare`` at the target: stage the volume inaccessible, copy the source's image,
-   follow the CG's log (``migrate_sync``); ``wait`` until the copy is done.
+   follow the CG's log (``migrate_sync``); ``wait`` until the copy is done, then a
+   ``catch_up`` while the source still serves (what was written during the copy), so the
+   cutover's own catch-up covers only its last moments, whatever the volume's size.
 2. The cutover, the I/O pause: ``hold`` the source (its writes park, drain to Kafka; a
    lease, so a coordinator that dies here costs a pause, not the volume), ``catch_up``
    at the target (the log read to its end), ``release`` the source (its commit point:
@@ -137,6 +139,10 @@ def migrate(
             step(target, "target", "prepare", info=s["info"], source_image=image,
                  peer=res.source)  # fmt: skip
         elif act == "hold":
+            # the follower first reads what was written during the copy, with the source
+            # still serving: the cutover's own catch-up is then only its last moments
+            step(target, "target", "catch_up", timeout_s=max(60.0, timeout_s / 4),
+                 held=False)  # fmt: skip
             cutovers += 1
             if cutovers > attempts:
                 raise MigrationError(f"migration {mid}: {attempts} cutovers did not "
@@ -171,7 +177,7 @@ def _cutover(step: Callable[..., dict[str, Any]], source: Ask, target: Ask, res:
         lap("hold")
         res.final_ts = held["final_ts"]
         res.cutover_ms.update({f"hold.{k}": round(v, 1) for k, v in held.get("ms", {}).items()})
-        step(target, "target", "catch_up", timeout_s=lease_s / 2)
+        step(target, "target", "catch_up", timeout_s=lease_s / 2, held=True)
         lap("catch_up")
         rel = step(source, "source", "release", peer=res.target)
         lap("release")

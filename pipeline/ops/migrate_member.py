@@ -242,8 +242,11 @@ class MigrationMember:
         event(log, "migration: volume staged", volume=name, source=peer, migration=migration)
         return {"sync": sync.state.as_json()}
 
-    def catch_up(self, name: str, migration: str, timeout_s: float) -> dict[str, Any]:
-        """Wait until the stage's follower read the log to its end (high watermarks now)."""
+    def catch_up(self, name: str, migration: str, timeout_s: float,
+                 held: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Wait until the stage's follower read the log to its end (high watermarks now).
+        ``held``: the source holds the volume, so that end is final (the activation may
+        rely on it); otherwise this only shortens the cutover's own catch-up."""
         sync = self._sync(name, migration)
         end = self._log_ends()
         deadline = time.monotonic() + timeout_s
@@ -253,7 +256,8 @@ class MigrationMember:
                 raise MigrationError(f"the sync of volume {name} failed: {st.error}")
             if st.phase == "following" and all(st.positions.get(p, -1) >= o
                                                for p, o in end.items()):  # fmt: skip
-                sync.caught_up_to = end  # the source holds: nothing more of it comes
+                if held:
+                    sync.caught_up_to = end  # the source holds: nothing more of it comes
                 return {"sync": st.as_json()}
             if time.monotonic() > deadline:
                 raise MigrationError(f"volume {name}'s sync is not at the log's end after "

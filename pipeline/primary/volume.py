@@ -585,7 +585,7 @@ class ConsistencyGroup:
 
     def _load_catalog(self) -> list[tuple[VolumeInfo, Parked | None]]:
         out = []
-        for e in self.site.read_catalog():
+        for e in self.site.read_catalog(with_tombstones=True):
             mode: Mode = "sync" if e.get("mode") == "sync" else "async"
             info = VolumeInfo(e["volume_id"], e["name"], e["size"], mode, e.get("metadata"))
             out.append((info, Parked.from_entry(info, dict(e))))

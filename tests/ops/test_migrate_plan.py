@@ -157,7 +157,7 @@ class World:
             return Side("staged", MID, self.t.phase or "stopped")
         return Side(self.t.durable)
 
-    def do(self, action: str) -> None:
+    def do(self, action: str, held: bool = True) -> None:
         s, t = self.s, self.t
         if action in ("hold", "release", "reclaim", "forget") and not s.up:
             raise Crash
@@ -169,7 +169,7 @@ class World:
             if s.durable == "served":
                 s.held, s.lease = True, self.rng.randint(1, 6)
         elif action == "catch_up":
-            if not s.held or t.phase != "following":
+            if (held and not s.held) or t.phase != "following":
                 raise Crash  # the coordinator's cutover stops and asks again
         elif action == "release":
             if not s.held:
@@ -214,7 +214,7 @@ def asker(w: World, side: str) -> Ask:
                 return {"ok": True, "state": got.state, "migration": got.migration,
                         "sync": {"phase": got.phase}, "info": {}, "image": "",
                         "final_ts": 1}  # fmt: skip
-            w.do(step)
+            w.do(step, bool(req.get("held", True)))
         except Crash:
             return {"ok": False, "error": f"{side} refused {step}"}
         return {"ok": True, "final_ts": 1}

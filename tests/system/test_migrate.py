@@ -280,3 +280,34 @@ def test_a_failover_after_the_move_lands_on_the_destinations_data(two):
         proc.terminate()
         proc.wait(60)
         log.close()
+
+
+def test_an_interrupted_migration_aborted_is_served_at_the_source_with_every_write(two):
+    """The command killed after the target staged the volume, then `--abort`: the stage is
+    dropped first, the source serves the volume (it never stopped taking writes, or takes
+    them again once its hold lapsed), nothing of it is left at the target."""
+    a, b = two.nbd["primary-a"], two.nbd["primary-b"]
+    writer = PathWriter([a, b], "vol1", range(0, 128)).start()
+    src, dst = two.admin["primary-a"], two.admin["primary-b"]
+    argv = two.argv("migrate", "vol1", "--to", "primary-b", "--admin-socket", str(src),
+                    "--to-admin", str(dst), "--lease", "2")  # fmt: skip
+    cmd = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=two.env)
+    wait_until(lambda: two.states("vol1")["primary-b"] == "staged", 30, "the stage")
+    cmd.kill()
+    cmd.wait(30)
+    res = two.migrate_ok("vol1", "primary-b", "--abort")
+    assert res["outcome"] == "rolled back", res
+    assert two.states("vol1") == {"primary-a": "served", "primary-b": "absent"}
+    assert not (two.tmp / "primary-b" / "images" / "vol1.img").exists()
+    time.sleep(0.5)
+    writer.stop()
+    acked = writer.acked()
+    assert acked and all(s.path == 0 for s in writer.log if s.outcome == "ok")
+    image = subprocess.run(["nbdcopy", f"nbd://127.0.0.1:{a}/vol1", "-"], capture_output=True,
+                           timeout=60, check=True).stdout  # fmt: skip
+    for block, seq in acked.items():
+        got = decode_block(image[block * BS : (block + 1) * BS])
+        assert got == (block, seq) or (got and got[1] in writer.in_doubt().get(block, ())), (
+            block, seq, got)  # fmt: skip
+    # and the volume can still move afterwards
+    assert two.migrate_ok("vol1", "primary-b")["outcome"] == "migrated"
